@@ -1,0 +1,154 @@
+"""The KV cache: an explicit, static-capacity pytree that every cache policy transforms.
+
+Layout (L = layers, B = batch, S = slots, KV = kv heads, D = head_dim):
+
+  k, v:    [L, B, S, KV, D]  keys are stored *before* RoPE and rotated when read (see `rope_mode`).
+  pos:     [L, B, S, KV]     int32 original token position held by each slot, -1 = empty.
+  length:  [L, B]            int32 write cursor: the next token of (layer, row) is written at slot `length`.
+  scores:  [L, B, S, KV]     float32 attention statistics per slot, only for score-based policies (else None).
+  state:   the policy's own small pytree (e.g. the ladder cursor), or None.
+
+Every layer holds the same number of slots; what differs per layer (LaCache) or per KV head (H2O, SnapKV,
+KVMerger) is *which* tokens they hold, hence `pos` carries layer and kv-head axes. Occupied slots of a
+(layer, row) are [0, length); a policy that frees slots compacts the survivors to the front, so a slot
+index is also the "shifted" position that StreamingLLM and LaCache rotate keys at.
+
+Two static fields say how the cache is read and what the attention must record:
+
+  rope_mode:  "slot"      keys rotated at their slot index and queries at their own slot (StreamingLLM /
+                          LaCache position shift; identical to "original" while nothing was evicted);
+              "original"  keys rotated at their original position, queries at theirs (H2O, SnapKV, kvpress).
+  score_mode: None        no attention statistics (content-agnostic policies never pay for them);
+              "accumulate"  scores += attention received, summed over the step's queries (H2O);
+              "last"      scores = attention received from the step's last query (TOVA);
+              "window:W"  scores = attention received from the last W queries of the step (SnapKV).
+  score_agg:  how the query heads of a GQA group are reduced to their KV head: "mean", "max" or "sum".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lacax.model.config import ModelConfig
+
+ROPE_MODES = ("slot", "original")
+SCORE_AGGS = ("mean", "max", "sum")
+
+
+def validate_score_mode(score_mode: str | None) -> None:
+  if score_mode is None or score_mode in ("accumulate", "last"):
+    return
+  if score_mode.startswith("window:"):
+    width = score_mode.split(":", 1)[1]
+    if width.isdigit() and int(width) > 0:
+      return
+  raise ValueError(f"score_mode={score_mode!r} is not supported; expected None, 'accumulate', 'last' or "
+                   "'window:<positive int>'")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-capacity KV cache pytree; see the module docstring for the layout."""
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  length: jax.Array
+  scores: jax.Array | None = None
+  state: Any = None
+  rope_mode: str = flax.struct.field(pytree_node=False, default="slot")
+  score_mode: str | None = flax.struct.field(pytree_node=False, default=None)
+  score_agg: str = flax.struct.field(pytree_node=False, default="mean")
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def num_layers(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def batch_size(self) -> int:
+    return self.k.shape[1]
+
+  def valid(self) -> jax.Array:
+    """[L, B, S, KV] bool: the slot holds a token."""
+    return self.pos >= 0
+
+  def nbytes(self) -> int:
+    """Resident bytes of every array in the cache."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, rope_mode: str = "slot",
+               score_mode: str | None = None, score_agg: str = "mean", state: Any = None) -> KVCache:
+  """An empty cache of `capacity` slots per (layer, row)."""
+  if capacity <= 0:
+    raise ValueError(f"cache capacity={capacity} must be a positive number of slots")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size} must be positive")
+  if rope_mode not in ROPE_MODES:
+    raise ValueError(f"rope_mode={rope_mode!r} is not supported; expected one of {ROPE_MODES}")
+  if score_agg not in SCORE_AGGS:
+    raise ValueError(f"score_agg={score_agg!r} is not supported; expected one of {SCORE_AGGS}")
+  validate_score_mode(score_mode)
+  dtype = dtype or cfg.jnp_dtype
+  shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      pos=jnp.full(shape[:-1], -1, jnp.int32),
+      length=jnp.zeros(shape[:2], jnp.int32),
+      scores=None if score_mode is None else jnp.zeros(shape[:-1], jnp.float32),
+      state=state,
+      rope_mode=rope_mode,
+      score_mode=score_mode,
+      score_agg=score_agg,
+  )
+
+
+def write_slots(length: jax.Array, positions: jax.Array, capacity: int) -> jax.Array:
+  """Slot each new token goes to: [B, T] int32 (= capacity, i.e. dropped, for padding).
+
+  Args:
+    length: [B] write cursor of one layer.
+    positions: [B, T] original positions of the new tokens, -1 for padding. Real tokens come first in each
+      row (right padding), so the t-th real token lands at slot length + t.
+  """
+  t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
+  slots = length[:, None] + t
+  return jnp.where(positions >= 0, slots, capacity)
+
+
+def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCache:
+  """Applies a compaction plan: output slot m of (layer, row, kv head) takes source slot src[..., m, kv].
+
+  Args:
+    cache: the cache to compact.
+    src: int32 [L, B, S_out, KV] (or broadcastable, e.g. [L, 1, S_out, 1] for a plan shared by the batch and
+      the heads), -1 = leave the output slot empty. S_out may differ from the cache capacity.
+    impl: "auto" (Pallas kernel on TPU/GPU, jax.numpy on CPU), "pallas" or "reference".
+
+  Returns:
+    A cache of S_out slots with k, v, pos and scores gathered, and `length` set to the number of occupied
+    output slots (plans keep occupied slots at the front; a head with fewer survivors has empty slots
+    before the cursor, which the attention mask ignores).
+  """
+  from pallas_kernels import compaction  # pylint: disable=g-import-not-at-top
+
+  num_layers, batch, _, kv_heads, _ = cache.k.shape
+  src = jnp.broadcast_to(src, (num_layers, batch, src.shape[2], kv_heads)).astype(jnp.int32)
+  k = compaction.gather(cache.k, src, impl=impl)
+  v = compaction.gather(cache.v, src, impl=impl)
+  safe = jnp.maximum(src, 0)
+  pos = jnp.where(src >= 0, jnp.take_along_axis(cache.pos, safe, axis=2), -1)
+  scores = None
+  if cache.scores is not None:
+    scores = jnp.where(src >= 0, jnp.take_along_axis(cache.scores, safe, axis=2), 0.0)
+  length = jnp.max(jnp.sum(pos >= 0, axis=2), axis=-1).astype(jnp.int32)
+  return cache.replace(k=k, v=v, pos=pos, scores=scores, length=length)

@@ -1,0 +1,209 @@
+"""The Llama-family decoder as pure functions over a parameter pytree.
+
+`forward(params, tokens, positions, cache, cfg) -> (logits, cache)`: the decoder layers are stacked on a
+leading axis and run with `lax.scan`, so compile time does not grow with depth. New keys/values are written
+into the cache first and attention then reads the whole (static-capacity) cache through a mask built from
+the slots' original positions, so prefill, chunked prefill and decode are one code path.
+
+Parameter layout (L layers, D model width, H query heads, KV kv heads, hd head_dim, F MLP width, V vocab):
+
+  embed [V, D]; final_norm [D]; lm_head [V, D] (absent when embeddings are tied)
+  layers: attn_norm [L, D]; wq [L, D, H, hd]; wk, wv [L, D, KV, hd]; wo [L, H, hd, D];
+          bq [L, H, hd], bk, bv [L, KV, hd] (only with attention_bias); mlp_norm [L, D];
+          w_gate, w_up [L, D, F]; w_down [L, F, D]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.cache.kv_cache import KVCache, write_slots
+from lacax.model import rope as rope_lib
+from lacax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+# Finite stand-in for -inf: a fully masked row (a padding query) then gives a uniform, not NaN, distribution.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# An attention-probability hook: (probs [B, KV, G, T, S] float32, layer index) -> probs. ACT plugs in here.
+ProbsHook = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+  """The parameter pytree as `jax.ShapeDtypeStruct`s (no allocation)."""
+  L, D, H, KV, hd, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+  dt = cfg.jnp_dtype
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
+  layers = {
+      "attn_norm": s(L, D), "wq": s(L, D, H, hd), "wk": s(L, D, KV, hd), "wv": s(L, D, KV, hd),
+      "wo": s(L, H, hd, D), "mlp_norm": s(L, D), "w_gate": s(L, D, F), "w_up": s(L, D, F), "w_down": s(L, F, D),
+  }
+  if cfg.attention_bias:
+    layers.update(bq=s(L, H, hd), bk=s(L, KV, hd), bv=s(L, KV, hd))
+  params = {"embed": s(V, D), "layers": layers, "final_norm": s(D)}
+  if not cfg.tie_word_embeddings:
+    params["lm_head"] = s(V, D)
+  return params
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+  """Random parameters (normal(0, std) matrices, unit norms, zero biases), for tests and benchmarks."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, spec), k in zip(leaves, keys):
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      out.append(jnp.ones(spec.shape, spec.dtype))
+    elif name.endswith("['bq']") or name.endswith("['bk']") or name.endswith("['bv']"):
+      out.append(jnp.zeros(spec.shape, spec.dtype))
+    else:
+      out.append((std * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32 and cast back, as Hugging Face does."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight * xf.astype(x.dtype)
+
+
+def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
+  """[B, T] float32 weight of each query in the attention statistics the cache records."""
+  valid = positions >= 0
+  if score_mode == "accumulate":
+    return valid.astype(jnp.float32)
+  n_valid = jnp.sum(valid, axis=1, keepdims=True)
+  t = jnp.arange(positions.shape[1])[None, :]
+  width = 1 if score_mode == "last" else int(score_mode.split(":", 1)[1])
+  return (valid & (t >= n_valid - width)).astype(jnp.float32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              probs_hook: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+  """Grouped-query attention with an explicit softmax.
+
+  Args:
+    q: [B, T, KV, G, hd] rotated queries.
+    k, v: [B, S, KV, hd] rotated keys and values of the whole cache layer.
+    mask: [B, KV, T, S] bool, True where query t may attend slot s.
+    probs_hook: optional function of the probabilities [B, KV, G, T, S] (attention calibration).
+
+  Returns:
+    out [B, T, KV, G, hd] in v.dtype and probs [B, KV, G, T, S] float32.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if probs_hook is not None:
+    probs = probs_hook(probs)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), probs
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig, *,
+            logits_index: jax.Array | None = None, probs_hook: ProbsHook | None = None
+            ) -> tuple[jax.Array, KVCache]:
+  """Runs the decoder over new tokens, appending their keys/values to the cache.
+
+  Args:
+    params: the parameter pytree (layout in the module docstring).
+    tokens: [B, T] int32 token ids.
+    positions: [B, T] int32 original positions of the tokens, -1 for padding. Real tokens come first in each
+      row (right padding).
+    cache: the KV cache; its `rope_mode` and `score_mode` decide how keys are rotated and which attention
+      statistics are recorded.
+    cfg: the model config (static under jit).
+    logits_index: optional [B] int32: compute logits only at token index logits_index[b] of each row
+      (saves the [B, T, V] projection during prefill).
+    probs_hook: optional hook on the post-softmax attention of every layer (ACT); None leaves the
+      computation untouched.
+
+  Returns:
+    logits: [B, T, V] float32, or [B, 1, V] with `logits_index`.
+    cache: the updated cache (slots written, `length` advanced by the number of real tokens per row).
+  """
+  B, T = tokens.shape
+  S = cache.capacity
+  G = cfg.group_size
+  dtype = cfg.jnp_dtype
+  inv_freq = rope_lib.inv_frequencies(cfg)
+  x = params["embed"].astype(dtype)[tokens]
+  n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
+  rows = jnp.arange(B)[:, None]
+  score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
+
+  def layer(carry, inputs):
+    x, k_all, v_all, pos_all, length_all, scores_all = carry
+    p, i = inputs
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+    k_new = jnp.einsum("btd,dhk->bthk", h, p["wk"])
+    v_new = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+    if cfg.attention_bias:
+      q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
+
+    # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
+    length = length_all[i]
+    slots = write_slots(length, positions, S)
+    k_all = k_all.at[i, rows, slots].set(k_new.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[i, rows, slots].set(v_new.astype(v_all.dtype), mode="drop")
+    new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
+    pos_all = pos_all.at[i, rows, slots].set(new_pos, mode="drop")
+    length_all = length_all.at[i].add(n_new)
+    k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+
+    if cache.rope_mode == "slot":
+      key_rope_pos = jnp.arange(S, dtype=jnp.int32)[None, :, None]
+      query_rope_pos = slots
+    else:
+      key_rope_pos = pos_layer
+      query_rope_pos = positions
+    q = rope_lib.apply_rope(q, query_rope_pos[:, :, None], inv_freq)
+    k_layer = rope_lib.apply_rope(k_layer, key_rope_pos, inv_freq)
+
+    # [B, KV, T, S]: the slot holds a token that is not in the query's future.
+    key_pos = jnp.transpose(pos_layer, (0, 2, 1))[:, :, None, :]
+    query_pos = positions[:, None, :, None]
+    mask = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
+    q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
+    hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
+    out, probs = attention(q, k_layer, v_layer, mask, hook)
+    out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
+
+    if score_weights is not None:
+      agg = {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[cache.score_agg]
+      received = jnp.einsum("bkts,bt->bsk", agg(probs, axis=2), score_weights)
+      if cache.score_mode == "accumulate":
+        received = received + scores_all[i]
+      scores_all = scores_all.at[i].set(received)
+
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"])
+    x = x + jnp.einsum("btf,fd->btd", gate * up, p["w_down"])
+    return (x, k_all, v_all, pos_all, length_all, scores_all), None
+
+  scores = cache.scores if cache.scores is not None else jnp.zeros((), jnp.float32)
+  init = (x, cache.k, cache.v, cache.pos, cache.length, scores)
+  layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+  (x, k_all, v_all, pos_all, length_all, scores), _ = jax.lax.scan(layer, init, (params["layers"], layer_ids))
+
+  if logits_index is not None:
+    x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  unembed = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+  logits = jnp.einsum("btd,vd->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+  cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
+                        scores=scores if cache.scores is not None else None)
+  return logits, cache

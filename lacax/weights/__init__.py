@@ -1,0 +1,1 @@
+"""Weights in and out: Hugging Face checkpoints, GGUF files, orbax checkpoints."""
