@@ -1,0 +1,160 @@
+"""Logits parity with Hugging Face transformers on tiny random models, plus the model's error paths."""
+
+import json
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from lacax import generate as generation
+from lacax.cache.kv_cache import init_cache
+from lacax.cache.policy import FullPolicy
+from lacax.model import config as config_lib
+from lacax.model import llama
+from lacax.weights import hf
+from tests import hf_models
+
+_forward = jax.jit(llama.forward, static_argnames=("cfg",))
+
+
+def _load(arch):
+  path, model = hf_models.saved_model(arch)
+  cfg, params = hf.load_hf_checkpoint(path)
+  return cfg, jax.tree.map(jnp.asarray, params), model
+
+
+class ParityTest(parameterized.TestCase):
+
+  @parameterized.named_parameters((a, a) for a in hf_models.ARCHITECTURES)
+  def test_prefill_and_cached_decode_match_transformers(self, arch):
+    cfg, params, model = _load(arch)
+    tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+      ref = model(torch.tensor(tokens)).logits.numpy()
+    self.assertGreater(np.abs(ref).max(), 0.1)  # random weights large enough for a meaningful comparison
+
+    positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
+    logits, _ = _forward(params, jnp.asarray(tokens), positions, init_cache(cfg, 2, 32), cfg=cfg)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
+
+    # Prefill 10 tokens, then feed the rest one at a time through the cache.
+    cache = init_cache(cfg, 2, 32)
+    logits, cache = _forward(params, jnp.asarray(tokens[:, :10]), positions[:, :10], cache, cfg=cfg)
+    step_logits = [np.asarray(logits)]
+    for t in range(10, 24):
+      logits, cache = _forward(params, jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache, cfg=cfg)
+      step_logits.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(step_logits, axis=1), ref, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.length), 24)
+
+  @parameterized.named_parameters((a, a) for a in hf_models.ARCHITECTURES)
+  def test_greedy_generation_matches_transformers(self, arch):
+    cfg, params, model = _load(arch)
+    prompts = [[5, 17, 3, 99, 42, 7], [11, 2], [64, 8, 9, 10]]
+    result = generation.generate(params, cfg, prompts, max_new_tokens=16, bucket=8)
+    for prompt, got in zip(prompts, result.tokens):
+      with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+      self.assertEqual(got, ref[0, len(prompt):].tolist())
+
+  def test_bfloat16_close_to_float32(self):
+    cfg, params, _ = _load("llama_tied")
+    cfg16 = cfg.replace(dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (1, 16)))
+    positions = jnp.arange(16, dtype=jnp.int32)[None]
+    ref, _ = _forward(params, tokens, positions, init_cache(cfg, 1, 16), cfg=cfg)
+    got, cache = _forward(params16, tokens, positions, init_cache(cfg16, 1, 16), cfg=cfg16)
+    self.assertEqual(cache.k.dtype, jnp.bfloat16)
+    self.assertLess(float(jnp.max(jnp.abs(got - ref))), 0.05 * float(jnp.max(jnp.abs(ref))))
+
+
+class ShapesTest(absltest.TestCase):
+
+  def test_llama3_8b_eval_shape_allocates_nothing(self):
+    cfg = config_lib.LLAMA3_8B
+    shapes = llama.param_shapes(cfg)
+    n_params = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
+    self.assertEqual(n_params, cfg.num_params())
+    self.assertBetween(n_params, 8.0e9, 8.1e9)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32768))
+    logits, cache = jax.eval_shape(
+        lambda p, c: llama.forward(p, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), c, cfg),
+        shapes, cache)
+    self.assertEqual(logits.shape, (1, 1, cfg.vocab_size))
+    self.assertEqual(cache.k.shape, (32, 1, 32768, 8, 128))
+    self.assertEqual(cfg.kv_bytes_per_token(), 131072)
+
+
+class BadInputTest(absltest.TestCase):
+
+  def _copy(self, arch):
+    path, _ = hf_models.saved_model(arch)
+    dst = os.path.join(tempfile.mkdtemp(), "copy")
+    shutil.copytree(path, dst)
+    return dst
+
+  def _rewrite_tensors(self, path, edit):
+    from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+  def test_missing_tensor_is_named(self):
+    path = self._copy("mistral")
+    self._rewrite_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with self.assertRaisesRegex(hf.CheckpointError, r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+      hf.load_hf_checkpoint(path)
+
+  def test_misshaped_tensor_is_named_with_shapes(self):
+    path = self._copy("mistral")
+
+    def edit(t):
+      t["model.layers.2.mlp.up_proj.weight"] = t["model.layers.2.mlp.up_proj.weight"][:-1]
+
+    self._rewrite_tensors(path, edit)
+    with self.assertRaisesRegex(hf.CheckpointError,
+                                r"model\.layers\.2\.mlp\.up_proj\.weight.*\(95, 64\).*expected \(96, 64\)"):
+      hf.load_hf_checkpoint(path)
+
+  def test_unsupported_architecture_is_named(self):
+    path = self._copy("llama_tied")
+    with open(os.path.join(path, "config.json")) as f:
+      hf_config = json.load(f)
+    hf_config["model_type"] = "gpt_neox"
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(hf_config, f)
+    with self.assertRaisesRegex(ValueError, "model_type='gpt_neox'"):
+      hf.load_hf_checkpoint(path)
+
+  def test_prompt_longer_than_cache_is_rejected(self):
+    cfg, params, _ = _load("llama_tied")
+    with self.assertRaisesRegex(ValueError, r"prompt length 40 \+ max_new_tokens 8 = 48 .*capacity 32"):
+      generation.generate(params, cfg, [[1] * 40], max_new_tokens=8, policy=FullPolicy(capacity=32))
+
+  def test_unknown_config_field_is_named(self):
+    with self.assertRaisesRegex(ValueError, r"unknown ModelConfig field\(s\) \['num_layer'\]"):
+      config_lib.SMOLLM2_135M.replace(num_layer=3)
+
+  def test_invalid_config_values_are_named(self):
+    with self.assertRaisesRegex(ValueError, r"num_heads=9 must be a multiple of num_kv_heads=2"):
+      config_lib.SMOLLM2_135M.replace(num_kv_heads=2)
+    with self.assertRaisesRegex(ValueError, r"dtype='float8'"):
+      config_lib.SMOLLM2_135M.replace(dtype="float8")
+
+  def test_out_of_vocab_prompt_is_rejected(self):
+    cfg, params, _ = _load("llama_tied")
+    with self.assertRaisesRegex(ValueError, r"prompt token ids must be in \[0, 113\)"):
+      generation.generate(params, cfg, [[1, 500]], max_new_tokens=2)
+
+
+if __name__ == "__main__":
+  absltest.main()
