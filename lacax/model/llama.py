@@ -141,6 +141,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
   rows = jnp.arange(B)[:, None]
   score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
+  if cache.rope_mode == "slot":
+    # Slot rotations are the same in every layer: one table per forward, not one per layer.
+    slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
 
   def layer(carry, inputs):
     x, k_all, v_all, pos_all, length_all, scores_all = carry
@@ -163,13 +166,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
 
     if cache.rope_mode == "slot":
-      key_rope_pos = jnp.arange(S, dtype=jnp.int32)[None, :, None]
-      query_rope_pos = slots
+      q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
+      k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
     else:
-      key_rope_pos = pos_layer
-      query_rope_pos = positions
-    q = rope_lib.apply_rope(q, query_rope_pos[:, :, None], inv_freq)
-    k_layer = rope_lib.apply_rope(k_layer, key_rope_pos, inv_freq)
+      q = rope_lib.apply_rope(q, positions[:, :, None], inv_freq)
+      k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
 
     # [B, KV, T, S]: the slot holds a token that is not in the query's future.
     key_pos = jnp.transpose(pos_layer, (0, 2, 1))[:, :, None, :]

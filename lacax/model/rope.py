@@ -35,6 +35,21 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_table(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(cos, sin), each [*positions.shape, head_dim] float32. Negative positions (empty slots) map to 0."""
+  angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+
+
+def rotate(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+  """Applies a precomputed rotation (from `rope_table`, broadcastable to x) to x [..., head_dim]."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
   """Rotates `x` at `positions`.
 
@@ -48,12 +63,4 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> 
   Returns:
     x rotated, in x.dtype (the rotation itself runs in float32, as HF does).
   """
-  angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
-  cos = jnp.cos(angles)
-  sin = jnp.sin(angles)
-  cos = jnp.concatenate([cos, cos], axis=-1)
-  sin = jnp.concatenate([sin, sin], axis=-1)
-  xf = x.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  return (xf * cos + rotated * sin).astype(x.dtype)
+  return rotate(x, *rope_table(positions, inv_freq))

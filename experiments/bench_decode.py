@@ -1,0 +1,142 @@
+"""Decode and prefill speed of lacax vs transformers (PyTorch) on the same weights, machine and run.
+
+  python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
+
+For each context length C: a C-token prompt is prefilled, then `new_tokens` tokens are decoded greedily
+with the full cache. lacax runs its compiled prefill and its compiled decode loop (compiled once before
+timing); transformers runs the model's forward with its own KV cache (a `past_key_values` loop, which is
+what `generate` does, without its per-step logits processing). Reports tokens/s, the lacax/transformers
+ratio, and the achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
+Writes `results/bench_decode/<timestamp>.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax import generate as generation
+from lacax import results as results_lib
+from lacax.cache.policy import FullPolicy
+from lacax.weights.loader import load_model
+
+_CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Prompt lengths.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per measurement.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "lacax dtypes to measure.")
+_MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
+_TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
+_OUT = flags.DEFINE_string("out", "results/bench_decode", "Output folder.")
+
+
+def _prompt(context: int, vocab: int) -> list[int]:
+  return np.random.RandomState(context).randint(10, min(vocab, 30000), context).tolist()
+
+
+def bench_lacax(model, context: int, new_tokens: int, repeats: int) -> dict:
+  prompt = [_prompt(context, model.cfg.vocab_size)]
+  kwargs = dict(max_new_tokens=new_tokens, policy=FullPolicy(), bucket=128)
+  generation.generate(model.params, model.cfg, prompt, **kwargs)  # compile
+  best = None
+  for _ in range(repeats):
+    r = generation.generate(model.params, model.cfg, prompt, **kwargs)
+    if best is None or r.decode_seconds < best.decode_seconds:
+      best = r
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+  kv_bytes = model.cfg.kv_bytes_per_token() * (context + new_tokens / 2)
+  return {
+      "decode_tokens_per_second": best.decode_tokens_per_second,
+      "prefill_tokens_per_second": best.prefill_tokens_per_second,
+      "bandwidth_GBps": (weight_bytes + kv_bytes) * best.decode_tokens_per_second / 1e9,
+      "tokens": best.tokens[0],
+  }
+
+
+def _torch_model(path: str | None):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from lacax.weights.loader import default_model_path  # pylint: disable=g-import-not-at-top
+
+  path = path or default_model_path()
+  if os.path.isdir(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+  else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+  return model.eval()
+
+
+def bench_torch(model, context: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  prompt = torch.tensor([_prompt(context, vocab)])
+  best_decode, best_prefill, tokens = None, None, None
+  with torch.inference_mode():
+    for _ in range(repeats + 1):  # the first run warms up
+      start = time.perf_counter()
+      out = model(prompt, use_cache=True)
+      mid = time.perf_counter()
+      past, token, generated = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+      for _ in range(new_tokens - 1):
+        generated.append(int(token))
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+      generated.append(int(token))
+      end = time.perf_counter()
+      decode_s, prefill_s = end - mid, mid - start
+      if best_decode is None or decode_s < best_decode:
+        best_decode, tokens = decode_s, generated
+      best_prefill = prefill_s if best_prefill is None else min(best_prefill, prefill_s)
+  # The first generated token comes from the prefill, as in lacax's accounting.
+  return {"decode_tokens_per_second": (new_tokens - 1) / best_decode,
+          "prefill_tokens_per_second": context / best_prefill, "tokens": tokens}
+
+
+def main(argv):
+  del argv
+  contexts = [int(c) for c in _CONTEXTS.value]
+  rows, record = [], {"provenance": results_lib.provenance(), "new_tokens": _NEW_TOKENS.value, "runs": []}
+  torch_model = _torch_model(_MODEL.value or None) if _TORCH.value else None
+  for dtype in _DTYPES.value:
+    model = load_model(_MODEL.value or None, dtype=dtype)
+    record["model"] = model.cfg.name
+    for context in contexts:
+      got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value)
+      record["runs"].append({"impl": "lacax", "dtype": dtype, "context": context, **got})
+      rows.append(("lacax", dtype, context, got))
+      print(f"lacax {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+  if torch_model is not None:
+    for context in contexts:
+      got = bench_torch(torch_model, context, _NEW_TOKENS.value, _REPEATS.value, torch_model.config.vocab_size)
+      record["runs"].append({"impl": "transformers", "dtype": "float32", "context": context, **got})
+      rows.append(("transformers", "float32", context, got))
+      print(f"transformers ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+  torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
+  print(f"\n{'impl':<13}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
+        f"{'GB/s':>8}")
+  for impl, dtype, context, got in rows:
+    ratio = got["decode_tokens_per_second"] / torch_speed[context] if context in torch_speed else float("nan")
+    got["ratio_vs_transformers"] = ratio
+    bw = got.get("bandwidth_GBps", float("nan"))
+    print(f"{impl:<13}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
+          f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}")
+  for run in record["runs"]:
+    if run["impl"] == "lacax" and run["context"] in torch_speed:
+      run["ratio_vs_transformers"] = run["decode_tokens_per_second"] / torch_speed[run["context"]]
+  os.makedirs(_OUT.value, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  path = os.path.join(_OUT.value, f"{stamp}.json")
+  results_lib.write_json(path, record)
+  print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

