@@ -173,7 +173,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
                      f"[{int(tokens.min())}, {int(tokens.max())}]")
   total = int(lengths.max()) + max_new_tokens
-  decode_capacity = policy.slots(total)
+  decode_capacity = policy.slots(cfg, total)
   if isinstance(policy, FullPolicy) and policy.capacity and total > policy.capacity:
     raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {max_new_tokens} = {total} tokens "
                      f"exceed the full cache capacity {policy.capacity}")

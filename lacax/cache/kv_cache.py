@@ -142,9 +142,11 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
   from pallas_kernels import compaction  # pylint: disable=g-import-not-at-top
 
   num_layers, batch, _, kv_heads, _ = cache.k.shape
-  src = jnp.broadcast_to(src, (num_layers, batch, src.shape[2], kv_heads)).astype(jnp.int32)
-  k = compaction.gather(cache.k, src, impl=impl)
-  v = compaction.gather(cache.v, src, impl=impl)
+  # A plan shared by the heads stays [L, B, S_out, 1] for the kernel, which then moves whole [KV, D] rows.
+  plan = jnp.broadcast_to(src, (num_layers, batch, src.shape[2], src.shape[3])).astype(jnp.int32)
+  k = compaction.gather(cache.k, plan, impl=impl)
+  v = compaction.gather(cache.v, plan, impl=impl)
+  src = jnp.broadcast_to(plan, (num_layers, batch, src.shape[2], kv_heads))
   safe = jnp.maximum(src, 0)
   pos = jnp.where(src >= 0, jnp.take_along_axis(cache.pos, safe, axis=2), -1)
   scores = None

@@ -2,8 +2,10 @@
 
 A policy is a frozen, hashable dataclass (a static jit argument) with pure functions over `KVCache`:
 
-  slots(max_tokens) -> int   the static capacity a cache needs when up to `max_tokens` tokens will be fed in
-                             one forward (prefill chunk or decode step) on top of what the policy keeps;
+  slots(cfg, max_tokens) -> int
+                             the static capacity of the decode-phase cache of a run that feeds `max_tokens`
+                             tokens in all (the full cache needs them all; a compacting policy needs its
+                             budget plus one decode token);
   init(cfg, batch, capacity) -> KVCache
   compact(cache, capacity=None) -> KVCache
                              called after every forward; chooses what to keep (a no-op while within budget).
@@ -27,17 +29,22 @@ from lacax.model.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class CachePolicy:
-  """Base class: subclasses override `budget`-related methods and `compact`."""
+  """Base class: subclasses implement `slots` and `compact`.
+
+  `rope_mode`, `score_mode` and `score_agg` are plain class attributes here (not dataclass fields), so a
+  subclass may declare any of them as its own field, property or constant without shifting its positional
+  fields.
+  """
 
   rope_mode = "slot"
-  score_mode: str | None = None
+  score_mode = None
   score_agg = "mean"
 
   @property
   def name(self) -> str:
     return type(self).__name__.removesuffix("Policy").lower()
 
-  def slots(self, max_tokens: int) -> int:
+  def slots(self, cfg: ModelConfig, max_tokens: int) -> int:
     raise NotImplementedError
 
   def init_state(self, cfg: ModelConfig):
@@ -67,7 +74,8 @@ class FullPolicy(CachePolicy):
     if self.capacity < 0:
       raise ValueError(f"full cache capacity={self.capacity} must be >= 0 (0 = sized from the run)")
 
-  def slots(self, max_tokens: int) -> int:
+  def slots(self, cfg: ModelConfig, max_tokens: int) -> int:
+    del cfg
     return self.capacity or max_tokens
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
