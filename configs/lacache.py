@@ -1,0 +1,36 @@
+"""The main job: streaming perplexity of the full cache, StreamingLLM and LaCache at the same budget.
+
+  python -m experiments.run --config=configs/lacache.py
+  python -m experiments.run --config=configs/lacache.py:paper --config.model.path=/models/Meta-Llama-3-8B
+  python -m experiments.run --config=configs/lacache.py --config.cache.size=512 --config.num_tokens=4096
+
+Variants: "" (default: SmolLM2-135M on CPU, a few minutes on 2 cores), "cpu" (a quick smoke run),
+"paper" (the LaCache README's perplexity setting: cache 256, span 16, overlap 0, 1024 tokens... for 32-layer
+Llama; use --config.num_tokens=8192 and --config.cache.size=512 for the long run).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.experiment = "lacache"
+  c.results_dir = "results"
+  c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
+  # "" = English prose shipped with Python (pydoc_data.topics); or a text file, a folder of *.txt, a .jsonl.
+  c.data = ml_collections.ConfigDict(dict(path="", field="text"))
+  c.num_tokens = 2048
+  c.report_at = (256, 512, 1024, 2048, 4096, 8192)
+  c.chunk = 256
+  c.policies = ("full", "streaming", "lacache")
+  # One budget for every policy: StreamingLLM keeps start_size sinks + (size - start_size) recent tokens.
+  c.cache = ml_collections.ConfigDict(dict(
+      size=256, start_size=4, span=16, overlap=0, layer_mapping="modular", score_agg="mean", window=32))
+  if arg == "cpu":
+    c.num_tokens = 512
+    c.cache.size = 128
+  elif arg == "paper":
+    c.num_tokens = 1024
+  elif arg not in (None, ""):
+    raise ValueError(f"configs/lacache.py variant {arg!r} is unknown; expected '', 'cpu' or 'paper'")
+  return c
