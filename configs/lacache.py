@@ -4,7 +4,8 @@
   python -m experiments.run --config=configs/lacache.py:paper --config.model.path=/models/Meta-Llama-3-8B
   python -m experiments.run --config=configs/lacache.py --config.cache.size=512 --config.num_tokens=4096
 
-Variants: "" (default: SmolLM2-135M on CPU, a few minutes on 2 cores), "cpu" (a quick smoke run),
+Variants: "" (default: SmolLM2-135M, 1024 tokens, budget 256: about 4-5 minutes on 2 CPU cores), "cpu" (a quick
+smoke run),
 "paper" (the LaCache README's perplexity setting: cache 256, span 16, overlap 0, 1024 tokens... for 32-layer
 Llama; use --config.num_tokens=8192 and --config.cache.size=512 for the long run).
 """
@@ -19,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   # "" = English prose shipped with Python (pydoc_data.topics); or a text file, a folder of *.txt, a .jsonl.
   c.data = ml_collections.ConfigDict(dict(path="", field="text"))
-  c.num_tokens = 2048
+  c.num_tokens = 1024
   c.report_at = (256, 512, 1024, 2048, 4096, 8192)
   c.chunk = 256
   c.policies = ("full", "streaming", "lacache")
