@@ -7,21 +7,18 @@ slot, and after every token each layer keeps exactly the slots the reference's i
 (`ladder.reference_plan`, the literal list oracle checked against GATECH-EIC/LaCache).
 """
 
-import os
 
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 from transformers.models.llama import modeling_llama
 
 from lacax.cache import ladder as ladder_lib
 from lacax.cache.policies import LadderPolicy
 from lacax.model import llama
-from lacax.weights import loader
-from tests.test_smollm2 import english_text
+from tests.test_smollm2 import smollm2_pair
 
 _NUM_TOKENS = 160
 
@@ -72,11 +69,8 @@ class LaCacheEndToEndTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = loader.load_model()
-    path = loader.default_model_path()
-    cls.torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
-    cls.ids = cls.model.tokenizer.encode(english_text())[:_NUM_TOKENS]
+    cls.model, cls.torch_model, ids = smollm2_pair()
+    cls.ids = ids[:_NUM_TOKENS]
 
   @parameterized.named_parameters(
       ("R1_span16_overlap0", 16, 0, 48),  # B=2, A=1, R=1: one token per group, 7 startovers in 160 tokens
@@ -86,12 +80,15 @@ class LaCacheEndToEndTest(parameterized.TestCase):
     cfg, params = self.model.cfg, self.model.params
     policy = LadderPolicy(span=span, overlap=overlap, cache_size=cache_size)
     reference = TorchLaCache(self.torch_model, policy.ladder(cfg.num_layers))
-    step = jax.jit(lambda c, t, p: (lambda logits, c: (logits[0, 0], policy.compact(c)))(
-        *llama.forward(params, t, p, c, cfg)))
+    @jax.jit
+    def step(params, cache, token, position):
+      logits, cache = llama.forward(params, token, position, cache, cfg)
+      return logits[0, 0], policy.compact(cache)
+
     cache = policy.init(cfg, 1, policy.slots(cfg, _NUM_TOKENS))
     worst = 0.0
     for t, token in enumerate(self.ids):
-      got, cache = step(cache, jnp.asarray([[token]]), jnp.asarray([[t]]))
+      got, cache = step(params, cache, jnp.asarray([[token]]), jnp.asarray([[t]]))
       ref = reference.step(token)
       got = np.asarray(got)
       self.assertEqual(int(got.argmax()), int(ref.argmax()), msg=f"token {t}")

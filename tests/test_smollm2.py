@@ -1,7 +1,7 @@
 """Parity on real weights: SmolLM2-135M-Instruct loaded by lacax from the GGUF vs transformers on the same file."""
 
+import functools
 import os
-import pydoc_data.topics
 
 from absl.testing import absltest
 import jax
@@ -13,15 +13,21 @@ import transformers
 from lacax import generate as generation
 from lacax.cache.kv_cache import init_cache
 from lacax.model import config as config_lib
+from lacax.eval import texts
 from lacax.model import llama
 from lacax.weights import loader
 
 _NUM_TOKENS = 320
 
 
-def english_text() -> str:
-  """Prose every Python install has: the language reference topics shipped with pydoc."""
-  return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+@functools.lru_cache(maxsize=None)
+def smollm2_pair():
+  """(lacax model, transformers model, the ids of the default text), loaded once per test process."""
+  model = loader.load_model()
+  path = loader.default_model_path()
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
+  return model, torch_model, model.tokenizer.encode(texts.default_text())
 
 
 class SmolLM2ParityTest(absltest.TestCase):
@@ -29,11 +35,8 @@ class SmolLM2ParityTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = loader.load_model()
-    path = loader.default_model_path()
-    cls.torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
-    cls.ids = cls.model.tokenizer.encode(english_text())[:_NUM_TOKENS]
+    cls.model, cls.torch_model, ids = smollm2_pair()
+    cls.ids = ids[:_NUM_TOKENS]
 
   def test_config_is_the_embedded_default(self):
     self.assertEqual(self.model.cfg.replace(name=config_lib.SMOLLM2_135M.name), config_lib.SMOLLM2_135M)
