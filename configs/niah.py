@@ -1,0 +1,43 @@
+"""Needle in a haystack (NIAH) in real prose: full cache vs StreamingLLM vs LaCache at one budget.
+
+  python -m experiments.run --config=configs/niah.py:cpu
+  python -m experiments.run --config=configs/niah.py --config.model.path=/models/Llama-3.2-3B-Instruct \
+      --config.haystack.path=/data/paul_graham_essays/
+
+A RULER-style single needle ("The special magic number is: 1234567.") is inserted into prose at a depth measured
+in tokens (as kvpress and RULER do), the haystack continuing after it, and the model is asked for the number
+(`lacax/jobs/passkey.py`, task "niah"). The cache protocol is LaCache's `niah/pred.py`: full prefill, one
+compaction to C = int(budget * prompt tokens), greedy decode compacting after every token, pass when the number
+is in the output. LaCache uses `LadderPolicy.for_prefill(protocol="niah")` (64 sinks); StreamingLLM keeps
+`cache.start_size` (4) sinks + C - start_size recent tokens.
+
+The haystack: `haystack.path` = "" is the English prose that ships with Python (`pydoc_data.topics`, about 110k
+tokens); the usual haystack is Paul Graham's essays (a folder of .txt files, concatenated in name order) or any
+book. The haystack always starts at its beginning, so every prompt of a length shares its filler and only the
+needle's position and number change.
+
+Variants:
+  ""     the LaCache paper's NIAH setting (Llama-3.2-3B-Instruct, span 14, overlap 0, budget 0.5, 16k..128k in
+         steps of 16k, 11 depths, 50 needles per cell); the embedded SmolLM2 has an 8k context, use
+         --config.model.path for a long-context model and --config.haystack.path for a text of >= 128k tokens.
+  "cpu"  SmolLM2-135M (embedded), lengths 512 / 1024, depths 0 / 25 / 50 / 75 / 100%, 2 needles per cell.
+"""
+
+import ml_collections
+
+from configs import passkey
+from lacax.jobs import passkey as passkey_job
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = passkey.get_config(arg if arg in ("cpu",) else None)
+  if arg not in (None, "", "cpu"):
+    raise ValueError(f"configs/niah.py variant {arg!r} is unknown; expected '' or 'cpu'")
+  c.experiment = "niah"
+  c.task = "niah"
+  c.grid.depth_unit = "tokens"
+  c.grid.suffix_mode = "continue"
+  c.haystack = ml_collections.ConfigDict(dict(path="", field="text"))
+  # task_description (first line), template (the needle, with {answer}), question (last line), digits.
+  c.needle = ml_collections.ConfigDict(dict(passkey_job.NIAH_DEFAULTS))
+  return c
