@@ -5,7 +5,7 @@
 For each context length C: a C-token prompt is prefilled, then `new_tokens` tokens are decoded greedily
 with the full cache. lacax runs its compiled prefill and its compiled decode loop (compiled once before
 timing); transformers runs the model's forward with its own KV cache (a `past_key_values` loop, which is
-what `generate` does, without its per-step logits processing). Reports tokens/s, the lacax/transformers
+what `generate` does, without its per-step logits processing), in a separate process with all its threads. Reports tokens/s, the lacax/transformers
 ratio, and the achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 Writes `results/bench_decode/<timestamp>.json` and prints a table.
 """
@@ -13,13 +13,16 @@ Writes `results/bench_decode/<timestamp>.json` and prints a table.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lacax import generate as generation
@@ -34,6 +37,7 @@ _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded Smo
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
 _OUT = flags.DEFINE_string("out", "results/bench_decode", "Output folder.")
+_TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
 def _prompt(context: int, vocab: int) -> list[int]:
@@ -100,11 +104,33 @@ def bench_torch(model, context: int, new_tokens: int, repeats: int, vocab: int) 
           "prefill_tokens_per_second": context / best_prefill, "tokens": tokens}
 
 
+def _torch_runs(contexts: list[int]) -> list[dict]:
+  """transformers measurements, taken in a fresh process.
+
+  XLA's and PyTorch's CPU thread pools in one process slow each other down (torch's workers spin), which would
+  make the baseline look worse than it is; a separate process measures torch alone.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "torch.json")
+    cmd = [sys.executable, "-m", "experiments.bench_decode", f"--torch_only_json={path}",
+           f"--contexts={','.join(map(str, contexts))}", f"--new_tokens={_NEW_TOKENS.value}",
+           f"--repeats={_REPEATS.value}", f"--model={_MODEL.value}"]
+    subprocess.run(cmd, check=True)
+    with open(path) as f:
+      return json.load(f)
+
+
 def main(argv):
   del argv
   contexts = [int(c) for c in _CONTEXTS.value]
+  if _TORCH_ONLY_JSON.value:
+    torch_model = _torch_model(_MODEL.value or None)
+    runs = [{"impl": "transformers", "dtype": "float32", "context": c,
+             **bench_torch(torch_model, c, _NEW_TOKENS.value, _REPEATS.value, torch_model.config.vocab_size)}
+            for c in contexts]
+    results_lib.write_json(_TORCH_ONLY_JSON.value, runs)
+    return
   rows, record = [], {"provenance": results_lib.provenance(), "new_tokens": _NEW_TOKENS.value, "runs": []}
-  torch_model = _torch_model(_MODEL.value or None) if _TORCH.value else None
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)
     record["model"] = model.cfg.name
@@ -113,12 +139,11 @@ def main(argv):
       record["runs"].append({"impl": "lacax", "dtype": dtype, "context": context, **got})
       rows.append(("lacax", dtype, context, got))
       print(f"lacax {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
-  if torch_model is not None:
-    for context in contexts:
-      got = bench_torch(torch_model, context, _NEW_TOKENS.value, _REPEATS.value, torch_model.config.vocab_size)
-      record["runs"].append({"impl": "transformers", "dtype": "float32", "context": context, **got})
-      rows.append(("transformers", "float32", context, got))
-      print(f"transformers ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+  if _TORCH.value:
+    for run in _torch_runs(contexts):
+      record["runs"].append(run)
+      rows.append(("transformers", "float32", run["context"], run))
+      print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
   print(f"\n{'impl':<13}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}")
