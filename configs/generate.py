@@ -19,6 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.warmup = True
   c.sampling = ml_collections.ConfigDict(dict(temperature=0.0, top_k=0, top_p=1.0))
+  # Device mesh (lacax.sharding): shape () = one device; e.g. --config.mesh.shape="(1,8,1)" for FSDP over 8 chips,
+  # "(1,1,8)" for tensor parallelism, "(-1,1,1)" for data parallelism over every device. `rules` overrides the
+  # default logical-axis rules, e.g. --config.mesh.rules="batch=data,embed=".
+  c.mesh = ml_collections.ConfigDict(dict(shape=(), axes=("data", "fsdp", "tensor"), rules=""))
   if arg == "sample":
     c.sampling.temperature, c.sampling.top_k, c.sampling.top_p = 0.7, 50, 0.9
   elif arg not in (None, ""):

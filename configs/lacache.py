@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One budget for every policy: StreamingLLM keeps start_size sinks + (size - start_size) recent tokens.
   c.cache = ml_collections.ConfigDict(dict(
       size=256, start_size=4, span=16, overlap=0, layer_mapping="modular", score_agg="mean", window=32))
+  # Device mesh (lacax.sharding): shape () = one device; e.g. --config.mesh.shape="(1,8,1)" for FSDP over 8 chips,
+  # "(1,1,8)" for tensor parallelism, "(-1,1,1)" for data parallelism over every device. `rules` overrides the
+  # default logical-axis rules, e.g. --config.mesh.rules="batch=data,embed=".
+  c.mesh = ml_collections.ConfigDict(dict(shape=(), axes=("data", "fsdp", "tensor"), rules=""))
   if arg == "cpu":
     c.num_tokens = 512
     c.cache.size = 128

@@ -76,10 +76,10 @@ def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "max_new_tokens", "stop_ids",
-                                             "decode_capacity"))
+                                             "decode_capacity", "mesh_rules"))
 def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
             policy: CachePolicy, sampling: SamplingConfig, max_new_tokens: int, stop_ids: tuple[int, ...],
-            decode_capacity: int) -> DecodeState:
+            decode_capacity: int, mesh_rules=None) -> DecodeState:
   """Runs the prompts through the model and samples the first new token.
 
   Args:
@@ -87,6 +87,8 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
     tokens: [B, T] int32 right-padded prompts.
     lengths: [B] int32 prompt lengths (>= 1).
     rng: PRNG key.
+    mesh_rules: optional `lacax.sharding.MeshRules`: the cache is laid out on its mesh (and keeps the layout
+      through the decode loop).
 
   Returns:
     The decode state after one generated token.
@@ -95,8 +97,12 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
   t = jnp.arange(width, dtype=jnp.int32)[None, :]
   positions = jnp.where(t < lengths[:, None], t, -1)
   cache = policy.init(cfg, batch, max(width, decode_capacity))
+  if mesh_rules is not None:
+    cache = mesh_rules.shard_cache(cache)
   logits, cache = llama.forward(params, tokens, positions, cache, cfg, logits_index=lengths - 1)
   cache = policy.compact(cache, capacity=decode_capacity)
+  if mesh_rules is not None:  # the decode loop receives the cache in the rules' layout
+    cache = mesh_rules.constrain_cache(cache)
   rng, key = jax.random.split(rng)
   first = sample(logits[:, 0], key, sampling)
   done = _is_stop(first, stop_ids)
@@ -147,7 +153,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 64, pad_id: int 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
              policy: CachePolicy | None = None, seed: int = 0, bucket: int = 64,
-             pad_id: int = 0) -> GenerationResult:
+             pad_id: int = 0, mesh_rules=None) -> GenerationResult:
   """Generates continuations of token-id prompts.
 
   Args:
@@ -161,6 +167,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     seed: PRNG seed for sampling.
     bucket: prompts are padded to a multiple of this (fewer recompilations).
     pad_id: token written after a row has stopped (never returned).
+    mesh_rules: optional `lacax.sharding.MeshRules` (default: the one of an enclosing
+      `lacax.sharding.use_mesh_rules`): prompts split over the batch axes, the cache laid out by the rules;
+      pass parameters placed on the same mesh (`MeshRules.shard_params` or `load_model(..., mesh_rules=)`).
 
   Raises:
     ValueError: a prompt does not fit the cache, or an argument is out of range (the message names it).
@@ -179,13 +188,21 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      f"exceed the full cache capacity {policy.capacity}")
   statics = dict(cfg=cfg, policy=policy, sampling=sampling, max_new_tokens=max_new_tokens,
                  stop_ids=tuple(int(s) for s in stop_ids))
+  from lacax import sharding  # pylint: disable=g-import-not-at-top
+
+  mesh_rules = mesh_rules or sharding.current_mesh_rules()
+  tokens_in, lengths_in, rng = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
+  if mesh_rules is not None:
+    tokens_in, lengths_in = mesh_rules.put(tokens, ("batch", None)), mesh_rules.put(lengths, ("batch",))
+    rng = mesh_rules.put(np.asarray(rng), (None,))
   start = time.perf_counter()
-  state = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
-                  decode_capacity=decode_capacity, **statics)
+  state = prefill(params, tokens_in, lengths_in, rng, decode_capacity=decode_capacity, mesh_rules=mesh_rules,
+                  **statics)
   jax.block_until_ready(state)
   mid = time.perf_counter()
   state = decode(params, state, pad_id=pad_id, **statics)
-  out, counts = jax.device_get((state.out, state.num_generated))
+  # Every process of a multi-host job reads the whole result.
+  out, counts = jax.device_get(jax.tree.map(sharding.fully_replicated, (state.out, state.num_generated)))
   end = time.perf_counter()
   rows = [out[b, :counts[b]].tolist() for b in range(len(prompts))]
   return GenerationResult(tokens=rows, prefill_seconds=mid - start, decode_seconds=end - mid,

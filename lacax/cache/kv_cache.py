@@ -23,10 +23,13 @@ Two static fields say how the cache is read and what the attention must record:
               "last"      scores = attention received from the step's last query (TOVA);
               "window:W"  scores = attention received from the last W queries of the step (SnapKV).
   score_agg:  how the query heads of a GQA group are reduced to their KV head: "mean", "max" or "sum".
+  mesh_rules: the `lacax.sharding.MeshRules` the cache is laid out by (None = one device). The forward and
+              `gather_slots` read it to keep the layout and to compact shard by shard along the slot axis.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -63,6 +66,7 @@ class KVCache:
   rope_mode: str = flax.struct.field(pytree_node=False, default="slot")
   score_mode: str | None = flax.struct.field(pytree_node=False, default=None)
   score_agg: str = flax.struct.field(pytree_node=False, default="mean")
+  mesh_rules: Any = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def capacity(self) -> int:
@@ -87,7 +91,11 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, rope_mode: str = "slot",
                score_mode: str | None = None, score_agg: str = "mean", state: Any = None) -> KVCache:
-  """An empty cache of `capacity` slots per (layer, row)."""
+  """An empty cache of `capacity` slots per (layer, row).
+
+  Called outside jit inside `lacax.sharding.use_mesh_rules(...)`, the cache is placed on that mesh (inside jit,
+  place it explicitly with `MeshRules.shard_cache`).
+  """
   if capacity <= 0:
     raise ValueError(f"cache capacity={capacity} must be a positive number of slots")
   if batch_size <= 0:
@@ -99,7 +107,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
   validate_score_mode(score_mode)
   dtype = dtype or cfg.jnp_dtype
   shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(
+  build = lambda: KVCache(  # noqa: E731
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
       pos=jnp.full(shape[:-1], -1, jnp.int32),
@@ -110,6 +118,12 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
       score_mode=score_mode,
       score_agg=score_agg,
   )
+  from lacax import sharding  # pylint: disable=g-import-not-at-top
+
+  mesh_rules = sharding.current_mesh_rules()
+  if mesh_rules is not None and not isinstance(jnp.zeros(()), jax.core.Tracer):
+    return mesh_rules.create_cache(build)
+  return build()
 
 
 def write_slots(length: jax.Array, positions: jax.Array, capacity: int) -> jax.Array:
@@ -144,8 +158,11 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
   num_layers, batch, _, kv_heads, _ = cache.k.shape
   # A plan shared by the heads stays [L, B, S_out, 1] for the kernel, which then moves whole [KV, D] rows.
   plan = jnp.broadcast_to(src, (num_layers, batch, src.shape[2], src.shape[3])).astype(jnp.int32)
-  k = compaction.gather(cache.k, plan, impl=impl)
-  v = compaction.gather(cache.v, plan, impl=impl)
+  gather = lambda x, p: compaction.gather(x, p, impl=impl)  # noqa: E731
+  if cache.mesh_rules is not None:  # on a mesh: each device compacts its own (layer, row, head) blocks
+    gather = functools.partial(cache.mesh_rules.slot_local, gather)
+  k = gather(cache.k, plan)
+  v = gather(cache.v, plan)
   src = jnp.broadcast_to(plan, (num_layers, batch, src.shape[2], kv_heads))
   safe = jnp.maximum(src, 0)
   pos = jnp.where(src >= 0, jnp.take_along_axis(cache.pos, safe, axis=2), -1)
@@ -153,4 +170,5 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
   if cache.scores is not None:
     scores = jnp.where(src >= 0, jnp.take_along_axis(cache.scores, safe, axis=2), 0.0)
   length = jnp.max(jnp.sum(pos >= 0, axis=2), axis=-1).astype(jnp.int32)
-  return cache.replace(k=k, v=v, pos=pos, scores=scores, length=length)
+  out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length)
+  return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)

@@ -138,6 +138,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   dtype = cfg.jnp_dtype
   inv_freq = rope_lib.inv_frequencies(cfg)
   x = params["embed"].astype(dtype)[tokens]
+  if cache.mesh_rules is not None:  # on a mesh: batch rows split over the data axes (lacax.sharding)
+    x = cache.mesh_rules.constrain(x, ("batch", None, None))
+    cache = cache.mesh_rules.constrain_cache(cache)
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
   rows = jnp.arange(B)[:, None]
   score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
@@ -207,4 +210,6 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   logits = jnp.einsum("btd,vd->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
                         scores=scores if cache.scores is not None else None)
+  if cache.mesh_rules is not None:
+    cache = cache.mesh_rules.constrain_cache(cache)
   return logits, cache

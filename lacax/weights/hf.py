@@ -96,26 +96,44 @@ def hf_tensor_map(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tupl
   yield ("layers", "w_down"), pre + "mlp.down_proj.weight", (D, F), lambda w: w.T
 
 
+def param_reader(path: str, cfg: ModelConfig) -> Callable[[tuple[str, ...], int | None], np.ndarray]:
+  """A per-tensor reader: read(lacax path, layer) -> one layer of a stacked parameter (or, with layer None, a
+  whole unstacked one) in lacax layout and the checkpoint's dtype. `lacax.sharding.load_params` uses it to load
+  straight into shards; only the requested tensor is read.
+
+  Raises (when called):
+    CheckpointError: the tensor is missing or mis-shaped (the message names it).
+  """
+  reader = _TensorReader(_safetensors_files(path))
+  entries = {dest: (template, shape, transform) for dest, template, shape, transform in hf_tensor_map(cfg)}
+
+  def read(dest: tuple[str, ...], layer: int | None = None) -> np.ndarray:
+    template, shape, transform = entries[tuple(dest)]
+    name = template.format(i=layer) if "{i}" in template else template
+    return transform(_check(name, reader.get(name), shape))
+
+  return read
+
+
 def read_hf_params(path: str, cfg: ModelConfig, *, dtype=np.float32) -> dict:
   """Reads a Hugging Face checkpoint directory into the lacax parameter layout (numpy arrays).
 
   Raises:
     CheckpointError: a tensor is missing or mis-shaped (the message names it).
   """
-  reader = _TensorReader(_safetensors_files(path))
+  read = param_reader(path, cfg)
   params: dict = {"layers": {}}
-  for dest, template, shape, transform in hf_tensor_map(cfg):
+  for dest, template, _, _ in hf_tensor_map(cfg):
     if "{i}" in template:
       stacked = None
       for i in range(cfg.num_layers):
-        name = template.format(i=i)
-        w = transform(_check(name, reader.get(name), shape)).astype(dtype)
+        w = read(dest, i).astype(dtype)
         if stacked is None:
           stacked = np.empty((cfg.num_layers,) + w.shape, dtype)
         stacked[i] = w
       value = stacked
     else:
-      value = transform(_check(template, reader.get(template), shape)).astype(dtype)
+      value = read(dest).astype(dtype)
     target = params
     for key in dest[:-1]:
       target = target[key]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.model.config import ModelConfig
+from lacax.model.config import ModelConfig, load_hf_config
 
 
 @dataclasses.dataclass
@@ -32,11 +32,20 @@ class Model:
 
   def fingerprint(self) -> str:
     """A short hash of the config and a sample of every parameter, to identify results' model."""
+    from lacax.sharding import fully_replicated  # pylint: disable=g-import-not-at-top
+
     digest = hashlib.sha256(repr(self.cfg).encode())
     for leaf in jax.tree.leaves(self.params):
-      flat = np.asarray(leaf.reshape(-1)[:4096].astype(jnp.float32))
+      # Replicated first, so that every process of a multi-host job can read the sample of a sharded parameter.
+      flat = np.asarray(fully_replicated(leaf.reshape(-1)[:4096].astype(jnp.float32)))
       digest.update(flat.tobytes())
     return digest.hexdigest()[:16]
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def default_model_path() -> str:
@@ -46,20 +55,30 @@ def default_model_path() -> str:
   return gguf.smollm2_gguf_path()
 
 
-def load_model(path: str | None = None, *, dtype: str = "float32") -> Model:
+def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: Any = None) -> Model:
   """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
 
   Args:
     path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, or None.
     dtype: "float32" or "bfloat16".
+    mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: the
+      rules of an enclosing `lacax.sharding.use_mesh_rules`, else one device). A Hugging Face checkpoint is
+      then read tensor by tensor, and no device ever holds more than its own blocks.
   """
+  from lacax import sharding  # pylint: disable=g-import-not-at-top
   from lacax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from lacax.model import llama  # pylint: disable=g-import-not-at-top
 
+  mesh_rules = mesh_rules or sharding.current_mesh_rules()
   path = path or default_model_path()
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
-    cfg, params = hf.load_hf_checkpoint(path, dtype=dtype)
+    if mesh_rules is None:
+      cfg, params = hf.load_hf_checkpoint(path, dtype=dtype)
+    else:
+      cfg = load_hf_config(path, dtype=dtype)
+      params = sharding.load_params(llama.param_shapes(cfg), hf.param_reader(path, cfg), mesh_rules)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
   elif path.endswith(".gguf") and os.path.isfile(path):
@@ -70,5 +89,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32") -> Model:
     tokenizer = tokenizer_lib.Tokenizer.from_gguf(path)
   else:
     raise FileNotFoundError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
-  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+  if mesh_rules is None:
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+  elif not os.path.isdir(path):  # GGUF: the file is read whole on the host, then each device gets its blocks
+    host = params
+    read = lambda dest, layer: _lookup(host, dest) if layer is None else _lookup(host, dest)[layer]  # noqa: E731
+    params = sharding.load_params(llama.param_shapes(cfg), read, mesh_rules)
   return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path))
