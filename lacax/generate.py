@@ -105,9 +105,15 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
     cache = mesh_rules.constrain_cache(cache)
   rng, key = jax.random.split(rng)
   first = sample(logits[:, 0], key, sampling)
-  done = _is_stop(first, stop_ids)
+  return initial_state(cache, first, lengths, rng, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+
+
+def initial_state(cache: KVCache, first: jax.Array, lengths: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+                  stop_ids: tuple[int, ...]) -> DecodeState:
+  """The decode state once the first token [B] has been chosen from the prefill of prompts of `lengths`."""
+  batch = first.shape[0]
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  return DecodeState(cache=cache, token=first, position=lengths, step=jnp.int32(1), done=done,
+  return DecodeState(cache=cache, token=first, position=lengths, step=jnp.int32(1), done=_is_stop(first, stop_ids),
                      num_generated=jnp.ones((batch,), jnp.int32), out=out, rng=rng)
 
 

@@ -104,14 +104,10 @@ def _handoff(cache: KVCache, first: jax.Array, lengths: jax.Array, *, cfg: Model
   Mirrors the end of `lacax.generate.prefill`; the policy's own state (e.g. the ladder cursor per row) is
   attached to the shared cache first.
   """
-  batch = first.shape[0]
-  cache = cache.replace(state=policy.init(cfg, batch, 1).state)
+  cache = cache.replace(state=policy.init(cfg, first.shape[0], 1).state)
   cache = policy.compact(cache, capacity=decode_capacity)
-  done = jnp.isin(first, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else jnp.zeros((batch,), bool)
-  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  return generation.DecodeState(cache=cache, token=first, position=lengths, step=jnp.int32(1), done=done,
-                                num_generated=jnp.ones((batch,), jnp.int32), out=out,
-                                rng=jax.random.PRNGKey(0))
+  return generation.initial_state(cache, first, lengths, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
+                                  stop_ids=stop_ids)
 
 
 def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
