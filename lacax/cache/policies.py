@@ -12,6 +12,7 @@ compaction skips the gather through `lax.cond`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +23,22 @@ from lacax.cache.policy import CachePolicy, resize
 from lacax.model.config import ModelConfig
 
 
-def apply_plan(cache: KVCache, src: jax.Array, needed: jax.Array, capacity: int | None) -> KVCache:
-  """Gathers `src` ([L, B, S_out] or [L, B, S_out, KV]) when `needed`, else keeps (or resizes) the cache.
+def apply_plan(cache: KVCache, plan: jax.Array | Callable[[KVCache], jax.Array], needed: jax.Array,
+               capacity: int | None) -> KVCache:
+  """Gathers the plan ([L, B, S_out] or [L, B, S_out, KV]) when `needed`, else keeps (or resizes) the cache.
 
-  With a new `capacity` the gather always runs (the shapes differ, so there is nothing to skip).
+  `plan` may be the source-slot array or a function of the cache computing it; a function runs only in the
+  branch that gathers, so a policy whose plan is expensive (top-k sorts) pays nothing on steps that keep
+  everything. With a new `capacity` the gather always runs (the shapes differ, so there is nothing to skip).
   """
-  if src.ndim == 3:
-    src = src[..., None]
+
+  def gather(c: KVCache) -> KVCache:
+    src = plan(c) if callable(plan) else plan
+    return gather_slots(c, src[..., None] if src.ndim == 3 else src)
+
   if capacity is not None and capacity != cache.capacity:
-    return gather_slots(cache, src)
-  return jax.lax.cond(needed, lambda c: gather_slots(c, src), lambda c: c, cache)
+    return gather(cache)
+  return jax.lax.cond(needed, gather, lambda c: c, cache)
 
 
 @dataclasses.dataclass(frozen=True)

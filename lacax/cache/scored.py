@@ -269,10 +269,11 @@ class H2OPolicy(CachePolicy):
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     _require_scores("H2O", cache, self.score_mode)
-    valid = cache.valid()
-    src = topk_keep_plan(cache.scores, valid, self.heavy, recent_mask(valid, self.recent),
-                         capacity or cache.capacity)
-    return apply_plan(cache, src, jnp.any(occupancy(cache) > self.budget), capacity)
+    def plan(c: KVCache) -> jax.Array:
+      valid = c.valid()
+      return topk_keep_plan(c.scores, valid, self.heavy, recent_mask(valid, self.recent), capacity or c.capacity)
+
+    return apply_plan(cache, plan, jnp.any(occupancy(cache) > self.budget), capacity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +311,12 @@ class TOVAPolicy(CachePolicy):
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     _require_scores("TOVA", cache, self.score_mode)
     valid = jnp.any(cache.valid(), axis=-1, keepdims=True)  # [L, B, S, 1]; the heads hold the same tokens
-    scores = jnp.mean(cache.scores, axis=-1, keepdims=True)
-    src = topk_keep_plan(scores, valid, self.budget, None, capacity or cache.capacity)  # [L, B, S_out, 1]
-    return apply_plan(cache, src, jnp.any(jnp.sum(valid, axis=2) > self.budget), capacity)
+
+    def plan(c: KVCache) -> jax.Array:  # [L, B, S_out, 1]
+      scores = jnp.mean(c.scores, axis=-1, keepdims=True)
+      return topk_keep_plan(scores, valid, self.budget, None, capacity or c.capacity)
+
+    return apply_plan(cache, plan, jnp.any(jnp.sum(valid, axis=2) > self.budget), capacity)
 
 
 class _WindowScored(CachePolicy):
