@@ -87,20 +87,39 @@ def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
   return (valid & (t >= n_valid - width)).astype(jnp.float32)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array,
               probs_hook: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-  """Grouped-query attention with an explicit softmax.
+  """Grouped-query attention with an explicit softmax over the whole (static-capacity) cache layer.
+
+  A query attends the slots that hold a token (key_pos >= 0) not in its future (key_pos <= query_pos); a
+  padding query (query_pos < 0) attends nothing and gets a uniform, finite distribution.
+
+  Two formulations give the same numbers; the choice is static (by shape):
+  * slot-major (decode and short chunks, T * KV * G <= `_SLOT_MAJOR_MAX_COLUMNS`, no hook): the cache layer
+    is read as the contiguous [S, KV * hd] matrix it is stored as and multiplied by block-diagonal queries.
+    This costs KV times the (negligible, T-sized) flops of per-head products but never copies the cache into
+    a head-major layout, which on CPU costs more than the attention itself (SmolLM2 at 4k slots: 2.7x).
+  * head-major (prefill, or with a probability hook): per-head batched products over [B, KV, ...].
 
   Args:
     q: [B, T, KV, G, hd] rotated queries.
     k, v: [B, S, KV, hd] rotated keys and values of the whole cache layer.
-    mask: [B, KV, T, S] bool, True where query t may attend slot s.
+    key_pos: [B, S, KV] int32 original position held by each slot, -1 when empty.
+    query_pos: [B, T] int32 original positions of the queries, -1 for padding.
     probs_hook: optional function of the probabilities [B, KV, G, T, S] (attention calibration).
 
   Returns:
-    out [B, T, KV, G, hd] in v.dtype and probs [B, KV, G, T, S] float32.
+    out [B, T, KV, G, hd] in v.dtype and probs [B, KV, G, T, S] float32 (unused probabilities cost nothing
+    under jit: XLA drops them).
   """
-  scale = q.shape[-1] ** -0.5
+  B, T, KV, G, hd = q.shape
+  if probs_hook is None and T * KV * G <= _SLOT_MAJOR_MAX_COLUMNS:
+    return _attention_slot_major(q, k, v, key_pos, query_pos)
+  scale = hd ** -0.5
+  # [B, KV, T, S]: the slot holds a token that is not in the query's future.
+  kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, :]
+  qp = query_pos[:, None, :, None]
+  mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -108,6 +127,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     probs = probs_hook(probs)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(v.dtype), probs
+
+
+# Largest T * KV * G (columns of the block-diagonal query matrix) the slot-major formulation is used for.
+_SLOT_MAJOR_MAX_COLUMNS = 64
+
+
+def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """`attention` over the cache in its stored [B, S, KV * hd] layout (see there)."""
+  B, T, KV, G, hd = q.shape
+  S = k.shape[1]
+  n = T * KV * G
+  eye = jnp.eye(KV, dtype=q.dtype)
+  # q_bd[b, (i, d), (t, j, g)] = q[b, t, j, g, d] if i == j else 0.
+  q_bd = jnp.einsum("btjgd,ij->bidtjg", q * jnp.asarray(hd ** -0.5, q.dtype), eye).reshape(B, KV * hd, n)
+  logits = jnp.einsum("bsc,bcn->bsn", k.reshape(B, S, KV * hd), q_bd, preferred_element_type=jnp.float32)
+  logits = logits.reshape(B, S, T, KV, G)
+  kp = key_pos[:, :, None, :, None]  # [B, S, 1, KV, 1]
+  qp = query_pos[:, None, :, None, None]  # [B, 1, T, 1, 1]
+  logits = jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=1)  # over the slots
+  probs_t = jnp.transpose(probs.reshape(B, S, n), (0, 2, 1))  # [B, n, S]: the product's natural operand order
+  out = jnp.einsum("bns,bsc->bnc", probs_t.astype(v.dtype), v.reshape(B, S, KV * hd),
+                   preferred_element_type=jnp.float32)
+  # Keep the diagonal blocks: query head (j, g) with kv head i == j.
+  out = jnp.einsum("btjgid,ji->btjgd", out.reshape(B, T, KV, G, KV, hd), eye.astype(out.dtype))
+  return out.astype(v.dtype), jnp.transpose(probs, (0, 3, 4, 2, 1))
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig, *,
@@ -175,13 +221,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
       q = rope_lib.apply_rope(q, positions[:, :, None], inv_freq)
       k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
 
-    # [B, KV, T, S]: the slot holds a token that is not in the query's future.
-    key_pos = jnp.transpose(pos_layer, (0, 2, 1))[:, :, None, :]
-    query_pos = positions[:, None, :, None]
-    mask = (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
     q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
     hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-    out, probs = attention(q, k_layer, v_layer, mask, hook)
+    out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
 
