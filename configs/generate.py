@@ -18,6 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stop_at_eos = True
   c.seed = 0
   c.warmup = True
+  # How the full cache holds keys: "stored" = rotated once when written (plain generation never moves a key,
+  # and long contexts skip a rotation pass over the cache every step); "slot" = the pre-RoPE cache that the
+  # policy experiments use (same tokens, slower at long contexts on CPU).
+  c.rope_mode = "stored"
   c.sampling = ml_collections.ConfigDict(dict(temperature=0.0, top_k=0, top_p=1.0))
   # Device mesh (lacax.sharding): shape () = one device; e.g. --config.mesh.shape="(1,8,1)" for FSDP over 8 chips,
   # "(1,1,8)" for tensor parallelism, "(-1,1,1)" for data parallelism over every device. `rules` overrides the

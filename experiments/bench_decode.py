@@ -1,9 +1,11 @@
 """Decode and prefill speed of lacax vs transformers (PyTorch) on the same weights, machine and run.
 
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
+                                    [--rope_modes=slot,stored]
 
 For each context length C: a C-token prompt is prefilled, then `new_tokens` tokens are decoded greedily
-with the full cache. lacax runs its compiled prefill and its compiled decode loop (compiled once before
+with the full cache, once per key storage (`--rope_modes`: "slot" = the pre-RoPE cache of DESIGN.md,
+rotated every step; "stored" = keys cached post-RoPE, `FullPolicy(rope_mode="stored")`). lacax runs its compiled prefill and its compiled decode loop (compiled once before
 timing); transformers runs the model's forward with its own KV cache (a `past_key_values` loop, which is
 what `generate` does, without its per-step logits processing), in a separate process with all its threads. Reports tokens/s, the lacax/transformers
 ratio, and the achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
@@ -33,6 +35,7 @@ from lacax.weights.loader import load_model
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Prompt lengths.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per measurement.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "lacax dtypes to measure.")
+_ROPE_MODES = flags.DEFINE_list("rope_modes", ["slot", "stored"], "Full-cache key storage modes to measure.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
@@ -46,9 +49,9 @@ def _prompt(context: int, vocab: int) -> list[int]:
   return np.random.RandomState(context).randint(10, min(vocab, 30000), context).tolist()
 
 
-def bench_lacax(model, context: int, new_tokens: int, repeats: int) -> dict:
+def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot") -> dict:
   prompt = [_prompt(context, model.cfg.vocab_size)]
-  kwargs = dict(max_new_tokens=new_tokens, policy=FullPolicy(), bucket=128)
+  kwargs = dict(max_new_tokens=new_tokens, policy=FullPolicy(rope_mode=rope_mode), bucket=128)
   generation.generate(model.params, model.cfg, prompt, **kwargs)  # compile
   best = None
   for _ in range(repeats):
@@ -148,24 +151,26 @@ def main(argv):
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)
     record["model"] = model.cfg.name
-    for context in contexts:
-      got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value)
-      record["runs"].append({"impl": "lacax", "dtype": dtype, "context": context, **got})
-      rows.append(("lacax", dtype, context, got))
-      print(f"lacax {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+    for rope_mode in _ROPE_MODES.value:
+      for context in contexts:
+        got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
+        record["runs"].append({"impl": "lacax", "dtype": dtype, "rope_mode": rope_mode, "context": context, **got})
+        rows.append((f"lacax/{rope_mode}", dtype, context, got))
+        print(f"lacax {dtype} {rope_mode} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
+              flush=True)
   if _TORCH.value:
     for run in _torch_runs(contexts):
       record["runs"].append(run)
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
-  print(f"\n{'impl':<13}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
+  print(f"\n{'impl':<16}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}")
   for impl, dtype, context, got in rows:
     ratio = got["decode_tokens_per_second"] / torch_speed[context] if context in torch_speed else float("nan")
     got["ratio_vs_transformers"] = ratio
     bw = got.get("bandwidth_GBps", float("nan"))
-    print(f"{impl:<13}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
+    print(f"{impl:<16}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
           f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}")
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:

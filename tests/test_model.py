@@ -30,8 +30,10 @@ def _load(arch):
 
 class ParityTest(parameterized.TestCase):
 
-  @parameterized.named_parameters((a, a) for a in hf_models.ARCHITECTURES)
-  def test_prefill_and_cached_decode_match_transformers(self, arch):
+  @parameterized.named_parameters(
+      [(a, a, "slot") for a in hf_models.ARCHITECTURES]
+      + [(f"{a}_post_rope_keys", a, "stored") for a in hf_models.ARCHITECTURES])
+  def test_prefill_and_cached_decode_match_transformers(self, arch, rope_mode):
     cfg, params, model = _load(arch)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
@@ -39,11 +41,12 @@ class ParityTest(parameterized.TestCase):
     self.assertGreater(np.abs(ref).max(), 0.1)  # random weights large enough for a meaningful comparison
 
     positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
-    logits, _ = _forward(params, jnp.asarray(tokens), positions, init_cache(cfg, 2, 32), cfg=cfg)
+    logits, _ = _forward(params, jnp.asarray(tokens), positions, init_cache(cfg, 2, 32, rope_mode=rope_mode),
+                         cfg=cfg)
     np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
 
     # Prefill 10 tokens, then feed the rest one at a time through the cache.
-    cache = init_cache(cfg, 2, 32)
+    cache = init_cache(cfg, 2, 32, rope_mode=rope_mode)
     logits, cache = _forward(params, jnp.asarray(tokens[:, :10]), positions[:, :10], cache, cfg=cfg)
     step_logits = [np.asarray(logits)]
     for t in range(10, 24):
@@ -52,11 +55,13 @@ class ParityTest(parameterized.TestCase):
     np.testing.assert_allclose(np.concatenate(step_logits, axis=1), ref, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.length), 24)
 
-  @parameterized.named_parameters((a, a) for a in hf_models.ARCHITECTURES)
-  def test_greedy_generation_matches_transformers(self, arch):
+  @parameterized.named_parameters(
+      [(a, a, "slot") for a in hf_models.ARCHITECTURES] + [("llama3_rope_untied_post_rope_keys", "llama3_rope_untied", "stored")])
+  def test_greedy_generation_matches_transformers(self, arch, rope_mode):
     cfg, params, model = _load(arch)
     prompts = [[5, 17, 3, 99, 42, 7], [11, 2], [64, 8, 9, 10]]
-    result = generation.generate(params, cfg, prompts, max_new_tokens=16, bucket=8)
+    result = generation.generate(params, cfg, prompts, max_new_tokens=16, bucket=8,
+                                 policy=FullPolicy(rope_mode=rope_mode))
     for prompt, got in zip(prompts, result.tokens):
       with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0,

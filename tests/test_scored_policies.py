@@ -1,6 +1,7 @@
 """Score-based policies (H2O, TOVA, SnapKV, PyramidKV): kept sets against brute-force numpy statements of each
 rule, GQA score semantics against Hugging Face attention weights, and end-to-end generation."""
 
+import dataclasses
 import functools
 
 from absl.testing import absltest, parameterized
@@ -12,6 +13,8 @@ import transformers
 
 from lacax import generate as generation
 from lacax.cache import scored
+from lacax.cache.kvmerger import KVMergerPolicy
+from lacax.cache.policies import StreamingPolicy
 from lacax.cache.policy import FullPolicy
 from lacax.cache.scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy, TOVAPolicy
 from lacax.model import config as config_lib
@@ -518,6 +521,7 @@ POLICIES = {
 NEVER_EVICTING = {
     "h2o": H2OPolicy(40, 40),
     "h2o_slot_rope": H2OPolicy(40, 40, rope_mode="slot"),
+    "h2o_post_rope_keys": H2OPolicy(40, 40, rope_mode="stored"),
     "tova": TOVAPolicy(80),
     "snapkv": SnapKVPolicy(64, 4),
     "pyramidkv": PyramidKVPolicy(64, 4, max_new_tokens=9),
@@ -606,6 +610,25 @@ class GenerateTest(parameterized.TestCase):
     np.testing.assert_allclose(logits, full_logits, atol=1e-5, rtol=0)
     self.assertEqual(caches[-1].capacity, full_caches[-1].capacity)  # sized for the whole run, no more
     np.testing.assert_array_equal(np.asarray(caches[-1].pos), np.asarray(full_caches[-1].pos))
+
+  @parameterized.named_parameters(("h2o", H2OPolicy(5, 6, rope_mode="stored")),
+                                  ("snapkv", SnapKVPolicy(12, 4, 3, max_new_tokens=9, rope_mode="stored")))
+  def test_post_rope_keys_evict_and_read_like_original_positions(self, policy):
+    """Keys cached rotated ("stored") move through compaction with their rotation: same run as "original"."""
+    original = dataclasses.replace(policy, rope_mode="original")
+    tokens, logits, caches = greedy_run(self.params, self.cfg, self.prompts, policy, self.max_new)
+    want_tokens, want_logits, want_caches = greedy_run(self.params, self.cfg, self.prompts, original, self.max_new)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=0)
+    for got, want in zip(caches, want_caches):
+      np.testing.assert_array_equal(np.asarray(got.pos), np.asarray(want.pos))
+    self.assertLess(int(np.sum(np.asarray(caches[-1].pos) >= 0, axis=2).max()), 23 + self.max_new)  # it evicted
+
+  def test_key_merging_and_position_shifting_policies_refuse_post_rope_keys(self):
+    for make in (lambda: StreamingPolicy(4, 8, rope_mode="stored"),
+                 lambda: KVMergerPolicy(budget=8, rope_mode="stored")):
+      with self.assertRaisesRegex(ValueError, "rope_mode='stored'"):
+        make()
 
 
 if __name__ == "__main__":

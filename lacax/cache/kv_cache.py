@@ -2,7 +2,8 @@
 
 Layout (L = layers, B = batch, S = slots, KV = kv heads, D = head_dim):
 
-  k, v:    [L, B, S, KV, D]  keys are stored *before* RoPE and rotated when read (see `rope_mode`).
+  k, v:    [L, B, S, KV, D]  keys are stored *before* RoPE and rotated when read (see `rope_mode`; the opt-in
+                             "stored" mode keeps them rotated instead).
   pos:     [L, B, S, KV]     int32 original token position held by each slot, -1 = empty.
   length:  [L, B]            int32 write cursor: the next token of (layer, row) is written at slot `length`.
   scores:  [L, B, S, KV]     float32 attention statistics per slot, only for score-based policies (else None).
@@ -18,6 +19,13 @@ Two static fields say how the cache is read and what the attention must record:
   rope_mode:  "slot"      keys rotated at their slot index and queries at their own slot (StreamingLLM /
                           LaCache position shift; identical to "original" while nothing was evicted);
               "original"  keys rotated at their original position, queries at theirs (H2O, SnapKV, kvpress).
+              "stored"    opt-in departure from DESIGN.md's pre-RoPE rule, for policies that never re-position
+                          a key (full cache, H2O / TOVA / SnapKV / PyramidKV): keys are rotated once at
+                          their original position when written and stored rotated (as Hugging Face and the
+                          H2O / SnapKV references cache them). Reads give the same attention as "original"
+                          up to float rounding, without a rotation pass over the whole cache every step (on
+                          a 2-core CPU that pass costs SmolLM2-135M ~20 ms/token at 4k slots). Keys in the
+                          cache are then post-RoPE: a policy that merges or re-rotates keys cannot use it.
   score_mode: None        no attention statistics (content-agnostic policies never pay for them);
               "accumulate"  scores += attention received, summed over the step's queries (H2O);
               "last"      scores = attention received from the step's last query (TOVA);
@@ -38,7 +46,9 @@ import jax.numpy as jnp
 
 from lacax.model.config import ModelConfig
 
-ROPE_MODES = ("slot", "original")
+ROPE_MODES = ("slot", "original", "stored")
+# Modes whose cached keys are pre-RoPE (what position-shifting and key-merging policies need).
+PRE_ROPE_MODES = ("slot", "original")
 SCORE_AGGS = ("mean", "max", "sum")
 
 

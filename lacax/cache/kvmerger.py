@@ -89,7 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, ROPE_MODES, SCORE_AGGS, validate_score_mode
+from lacax.cache.kv_cache import KVCache, PRE_ROPE_MODES, SCORE_AGGS, validate_score_mode
 from lacax.cache.policy import CachePolicy
 from lacax.cache.scored import recent_mask
 from lacax.model import rope as rope_lib
@@ -337,7 +337,7 @@ class KVMergerPolicy(CachePolicy):
     if self.during_decode and self.budget is None:
       raise ValueError("KVMergerPolicy.during_decode=True needs a budget: decode steps merge only when over it")
     for name, allowed in (("granularity", GRANULARITIES), ("similarity_on", KEY_SPACES),
-                          ("merge_keys_on", KEY_SPACES), ("rope_mode", ROPE_MODES), ("score_agg", SCORE_AGGS),
+                          ("merge_keys_on", KEY_SPACES), ("rope_mode", PRE_ROPE_MODES), ("score_agg", SCORE_AGGS),
                           ("impl", IMPLS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"KVMergerPolicy.{name}={getattr(self, name)!r} must be one of {list(allowed)}")

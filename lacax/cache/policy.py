@@ -23,7 +23,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lacax.cache.kv_cache import KVCache, gather_slots, init_cache
+from lacax.cache.kv_cache import ROPE_MODES, KVCache, gather_slots, init_cache
 from lacax.model.config import ModelConfig
 
 
@@ -66,13 +66,19 @@ class FullPolicy(CachePolicy):
 
   Attributes:
     capacity: fixed slot count, or 0 to size the cache from the run (prompt + generated tokens).
+    rope_mode: "slot" (default: pre-RoPE keys rotated when read, as DESIGN.md asks; slots are positions here,
+      so "original" is the same) or "stored" (keys cached post-RoPE: no rotation pass over the cache per
+      decode step, the fast choice for long contexts; see `lacax.cache.kv_cache`).
   """
 
   capacity: int = 0
+  rope_mode: str = "slot"
 
   def __post_init__(self):
     if self.capacity < 0:
       raise ValueError(f"full cache capacity={self.capacity} must be >= 0 (0 = sized from the run)")
+    if self.rope_mode not in ROPE_MODES:
+      raise ValueError(f"FullPolicy.rope_mode={self.rope_mode!r} must be one of {list(ROPE_MODES)}")
 
   def slots(self, cfg: ModelConfig, max_tokens: int) -> int:
     del cfg

@@ -34,8 +34,7 @@ def _get(cache: Mapping[str, Any] | Any, key: str, default=None):
 
 
 def _full(cache) -> CachePolicy:
-  del cache
-  return FullPolicy()
+  return FullPolicy(rope_mode=_get(cache, "rope_mode", "slot"))
 
 
 def _streaming(cache) -> CachePolicy:
@@ -158,7 +157,7 @@ def make_prefill_policy(name: str, cache: Mapping[str, Any] | Any, cfg: ModelCon
     raise ValueError(f"cache policy {name!r} is unknown; expected one of {sorted(POLICIES)}")
   size = prefill_budget(cache, prompt_len=prompt_len, protocol=protocol, model_max_len=model_max_len)
   if name == "full":
-    return FullPolicy()
+    return _full(cache)
   if name == "lacache":
     return LadderPolicy.for_prefill(cfg, span=_get(cache, "span", 16), overlap=_get(cache, "overlap", 0),
                                     budget=_get(cache, "budget"), prompt_len=prompt_len,

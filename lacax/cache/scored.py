@@ -31,7 +31,8 @@ Common conventions (and where they differ from the references, which all run at 
   position since slots are in time order); `torch.topk` leaves the tie order unspecified.
 * **Positions.** `rope_mode="original"` (default) rotates kept keys at their original positions, as the H2O
   and SnapKV real-drop code and kvpress do (they cache post-RoPE keys); `rope_mode="slot"` re-rotates them at
-  their new slot (the StreamingLLM position shift) instead.
+  their new slot (the StreamingLLM position shift) instead; `rope_mode="stored"` caches them post-RoPE, as
+  those references do (same attention as "original", no per-step rotation of the cache).
 
 Cache sizing. `slots(cfg, max_tokens)` is the static capacity of the decode-phase cache of a run that feeds
 `max_tokens` tokens in all (prompt + generated, as `lacax.generate` calls it). H2O and TOVA never hold more

@@ -30,7 +30,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
                             top_p=config.sampling.top_p)
   stop_ids = tuple(tok.stop_ids) if config.stop_at_eos else ()
   kwargs = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                policy=FullPolicy(), seed=config.seed)
+                policy=FullPolicy(rope_mode=config.get("rope_mode", "slot")), seed=config.seed)
   if config.warmup:
     # Compile once on the same shapes so the reported speed is steady-state.
     generation.generate(model.params, model.cfg, ids, **kwargs)

@@ -203,6 +203,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     v_new = jnp.einsum("btd,dhk->bthk", h, p["wv"])
     if cfg.attention_bias:
       q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
+    if cache.rope_mode == "stored":  # keys enter the cache rotated at their original position
+      k_new = rope_lib.apply_rope(k_new, positions[:, :, None], inv_freq)
 
     # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
     length = length_all[i]
@@ -219,7 +221,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
       k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
     else:
       q = rope_lib.apply_rope(q, positions[:, :, None], inv_freq)
-      k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
+      if cache.rope_mode == "original":
+        k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
 
     q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
     hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
