@@ -80,6 +80,61 @@ class ParityTest(parameterized.TestCase):
     self.assertLess(float(jnp.max(jnp.abs(got - ref))), 0.05 * float(jnp.max(jnp.abs(ref))))
 
 
+class AttentionFormulationsTest(parameterized.TestCase):
+  """The slot-major (decode) and blocked (long prefill) formulations equal the explicit softmax."""
+
+  def _inputs(self, seed, B, T, S, KV, G, hd, held):
+    rng = np.random.RandomState(seed)
+    q = jnp.asarray(rng.randn(B, T, KV, G, hd), jnp.float32)
+    k = jnp.asarray(rng.randn(B, S, KV, hd), jnp.float32)
+    v = jnp.asarray(rng.randn(B, S, KV, hd), jnp.float32)
+    # Slots hold increasing positions with holes (evicted tokens), then empty slots; per-head sets differ.
+    key_pos = np.full((B, S, KV), -1, np.int32)
+    for b in range(B):
+      for h in range(KV):
+        key_pos[b, :held[b], h] = np.sort(rng.choice(held[b] + 40, held[b], replace=False))
+    last = key_pos.max(axis=(1, 2))
+    query_pos = np.full((B, T), -1, np.int32)
+    for b in range(B):  # the queries are the newest tokens of the row; row 1 is right-padded
+      n = T if b == 0 else T // 2
+      query_pos[b, :n] = last[b] - n + 1 + np.arange(n)
+    return q, k, v, jnp.asarray(key_pos), jnp.asarray(query_pos)
+
+  @parameterized.parameters((1, 3, 2), (1, 37, 3))
+  def test_slot_major_decode_equals_explicit(self, seed, S, KV):
+    q, k, v, key_pos, query_pos = self._inputs(seed, 2, 1, S, KV, 2, 8, held=[S, S - 1])
+    got, probs = llama._attention_slot_major(q, k, v, key_pos, query_pos)
+    want, want_probs = llama.attention(q, k, v, key_pos, query_pos, probs_hook=lambda p: p)  # explicit path
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(probs), np.asarray(want_probs), atol=1e-6)
+
+  @parameterized.parameters((0, 50, 70, 16, 32), (1, 64, 64, 16, 16), (2, 33, 90, 8, 64))
+  def test_blocked_equals_explicit_on_real_queries(self, seed, T, S, block_q, block_s):
+    q, k, v, key_pos, query_pos = self._inputs(seed, 2, T, S, 2, 3, 8, held=[S, S // 2])
+    got = llama.attention_blocked(q, k, v, key_pos, query_pos, block_q=block_q, block_s=block_s)
+    want, _ = llama.attention(q, k, v, key_pos, query_pos, probs_hook=lambda p: p)
+    real = np.asarray(query_pos) >= 0
+    self.assertTrue(np.all(np.isfinite(np.asarray(got))))
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+  def test_long_prefill_uses_blocks_and_matches_a_token_by_token_decode(self):
+    cfg = config_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+    T = 2 * llama._BLOCK_Q + 17
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (1, T)), jnp.int32)
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    logits, _ = _forward(params, tokens, positions, init_cache(cfg, 1, T + 3), cfg=cfg)
+    cache = init_cache(cfg, 1, T + 3)
+    chunk = 64  # small chunks take the explicit path
+    steps = []
+    for start in range(0, T, chunk):
+      out, cache = _forward(params, tokens[:, start:start + chunk], positions[:, start:start + chunk], cache,
+                            cfg=cfg)
+      steps.append(np.asarray(out))
+    np.testing.assert_allclose(np.asarray(logits), np.concatenate(steps, axis=1), atol=2e-4, rtol=1e-5)
+
+
 class ShapesTest(absltest.TestCase):
 
   def test_llama3_8b_eval_shape_allocates_nothing(self):

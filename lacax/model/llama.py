@@ -88,7 +88,8 @@ def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array,
-              probs_hook: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+              probs_hook: Callable[[jax.Array], jax.Array] | None = None, *, need_probs: bool = True,
+              sharded: bool = False) -> tuple[jax.Array, jax.Array | None]:
   """Grouped-query attention with an explicit softmax over the whole (static-capacity) cache layer.
 
   A query attends the slots that hold a token (key_pos >= 0) not in its future (key_pos <= query_pos); a
@@ -99,7 +100,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
     is read as the contiguous [S, KV * hd] matrix it is stored as and multiplied by block-diagonal queries.
     This costs KV times the (negligible, T-sized) flops of per-head products but never copies the cache into
     a head-major layout, which on CPU costs more than the attention itself (SmolLM2 at 4k slots: 2.7x).
-  * head-major (prefill, or with a probability hook): per-head batched products over [B, KV, ...].
+  * blocked (long prefill, T >= 2 * `_BLOCK_Q`, when neither a hook nor the probabilities are needed): an
+    online softmax over query x slot blocks that skips the blocks no query of the block can see (the future
+    half of a causal prefill, empty slots); never materialises the [B, KV, G, T, S] probabilities.
+  * head-major (otherwise: prefill, or with a probability hook): per-head batched products over [B, KV, ...].
 
   Args:
     q: [B, T, KV, G, hd] rotated queries.
@@ -107,14 +111,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
     key_pos: [B, S, KV] int32 original position held by each slot, -1 when empty.
     query_pos: [B, T] int32 original positions of the queries, -1 for padding.
     probs_hook: optional function of the probabilities [B, KV, G, T, S] (attention calibration).
+    need_probs: False lets long prefills use the blocked formulation (probs is then None).
+    sharded: the cache is laid out on a mesh (kv heads and slots split over devices): only the head-major
+      formulation keeps every device on its own shard (the others would all-gather the cache layer).
 
   Returns:
     out [B, T, KV, G, hd] in v.dtype and probs [B, KV, G, T, S] float32 (unused probabilities cost nothing
-    under jit: XLA drops them).
+    under jit: XLA drops them), or None from the blocked formulation.
   """
   B, T, KV, G, hd = q.shape
-  if probs_hook is None and T * KV * G <= _SLOT_MAJOR_MAX_COLUMNS:
+  if probs_hook is None and not sharded and T * KV * G <= _SLOT_MAJOR_MAX_COLUMNS:
     return _attention_slot_major(q, k, v, key_pos, query_pos)
+  if probs_hook is None and not sharded and not need_probs and T >= 2 * _BLOCK_Q:
+    return attention_blocked(q, k, v, key_pos, query_pos), None
   scale = hd ** -0.5
   # [B, KV, T, S]: the slot holds a token that is not in the query's future.
   kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, :]
@@ -131,6 +140,78 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
 
 # Largest T * KV * G (columns of the block-diagonal query matrix) the slot-major formulation is used for.
 _SLOT_MAJOR_MAX_COLUMNS = 64
+# Query and slot block sizes of the blocked formulation.
+_BLOCK_Q = 256
+_BLOCK_S = 512
+
+
+def attention_blocked(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array, *,
+                      block_q: int = _BLOCK_Q, block_s: int = _BLOCK_S) -> jax.Array:
+  """`attention`'s output by an online softmax over (query block, slot block) pairs, skipping invisible pairs.
+
+  A pair is computed only if some slot of the block holds a token (pos >= 0) no later than the latest query of
+  the block; the rest contribute exactly nothing to real queries, so a causal prefill does about half the
+  work of the explicit formulation and never holds more than one [B, KV, G, block_q, block_s] tile. Real
+  queries always see at least their own token, so their results equal `attention`'s up to float rounding.
+  Padding queries (query_pos < 0) get a finite value that differs from the explicit formulation's (they
+  average only the computed blocks); callers drop them.
+
+  Args: as `attention` (no hook); block sizes need not divide T or S (both are padded).
+
+  Returns:
+    out [B, T, KV, G, hd] in v.dtype.
+  """
+  B, T, KV, G, hd = q.shape
+  S = k.shape[1]
+  nq, ns = -(-T // block_q), -(-S // block_s)
+  q = jnp.pad(q, ((0, 0), (0, nq * block_q - T), (0, 0), (0, 0), (0, 0)))
+  query_pos = jnp.pad(query_pos, ((0, 0), (0, nq * block_q - T)), constant_values=-1)
+  k = jnp.pad(k, ((0, 0), (0, ns * block_s - S), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, ns * block_s - S), (0, 0), (0, 0)))
+  key_pos = jnp.pad(key_pos, ((0, 0), (0, ns * block_s - S), (0, 0)), constant_values=-1)
+  k_blocks = k.reshape(B, ns, block_s, KV, hd)
+  v_blocks = v.reshape(B, ns, block_s, KV, hd)
+  kp_blocks = key_pos.reshape(B, ns, block_s, KV)
+  # Earliest token any slot block holds, latest position any query block asks for (over the whole batch).
+  big = jnp.iinfo(jnp.int32).max
+  first_held = jnp.min(jnp.where(kp_blocks >= 0, kp_blocks, big), axis=(0, 2, 3))  # [ns]
+  last_query = jnp.max(query_pos.reshape(B, nq, block_q), axis=(0, 2))  # [nq]
+  scale = hd ** -0.5
+
+  def query_block(args):
+    qi, qp, latest = args  # [B, bq, KV, G, hd], [B, bq], scalar
+    qp5 = qp[:, None, None, :, None]  # [B, 1, 1, bq, 1]
+
+    def slot_block(j, carry):
+      def compute(carry):
+        m, l, acc = carry
+        kj = jax.lax.dynamic_index_in_dim(k_blocks, j, 1, keepdims=False)
+        vj = jax.lax.dynamic_index_in_dim(v_blocks, j, 1, keepdims=False)
+        kp = jax.lax.dynamic_index_in_dim(kp_blocks, j, 1, keepdims=False)
+        kp5 = jnp.transpose(kp, (0, 2, 1))[:, :, None, None, :]  # [B, KV, 1, 1, bs]
+        s = jnp.einsum("btkgd,bskd->bkgts", qi, kj, preferred_element_type=jnp.float32) * scale
+        s = jnp.where((kp5 >= 0) & (kp5 <= qp5) & (qp5 >= 0), s, _MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(vj.dtype), vj,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+      return jax.lax.cond(first_held[j] <= latest, compute, lambda c: c, carry)
+
+    init = (jnp.full((B, KV, G, block_q), _MASK_VALUE, jnp.float32), jnp.zeros((B, KV, G, block_q), jnp.float32),
+            jnp.zeros((B, KV, G, block_q, hd), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, ns, slot_block, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]  # [B, KV, G, bq, hd]
+    return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, bq, KV, G, hd]
+
+  q_blocks = jnp.moveaxis(q.reshape(B, nq, block_q, KV, G, hd), 1, 0)
+  qp_blocks = jnp.moveaxis(query_pos.reshape(B, nq, block_q), 1, 0)
+  out = jax.lax.map(query_block, (q_blocks, qp_blocks, last_query))  # [nq, B, bq, KV, G, hd]
+  out = jnp.moveaxis(out, 0, 1).reshape(B, nq * block_q, KV, G, hd)[:, :T]
+  return out.astype(v.dtype)
 
 
 def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array
@@ -226,7 +307,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
 
     q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
     hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-    out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook)
+    out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook, need_probs=score_weights is not None,
+                           sharded=cache.mesh_rules is not None)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
 
