@@ -90,12 +90,12 @@ def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array,
               probs_hook: Callable[[jax.Array], jax.Array] | None = None, *, need_probs: bool = True,
               sharded: bool = False) -> tuple[jax.Array, jax.Array | None]:
-  """Grouped-query attention with an explicit softmax over the whole (static-capacity) cache layer.
+  """Grouped-query attention over the whole (static-capacity) cache layer.
 
   A query attends the slots that hold a token (key_pos >= 0) not in its future (key_pos <= query_pos); a
-  padding query (query_pos < 0) attends nothing and gets a uniform, finite distribution.
+  padding query (query_pos < 0) attends nothing and gets a uniform, finite distribution (blocked: finite).
 
-  Two formulations give the same numbers; the choice is static (by shape):
+  Three formulations give the same numbers for real queries (up to float rounding); the choice is static:
   * slot-major (decode and short chunks, T * KV * G <= `_SLOT_MAJOR_MAX_COLUMNS`, no hook): the cache layer
     is read as the contiguous [S, KV * hd] matrix it is stored as and multiplied by block-diagonal queries.
     This costs KV times the (negligible, T-sized) flops of per-head products but never copies the cache into
@@ -103,7 +103,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
   * blocked (long prefill, T >= 2 * `_BLOCK_Q`, when neither a hook nor the probabilities are needed): an
     online softmax over query x slot blocks that skips the blocks no query of the block can see (the future
     half of a causal prefill, empty slots); never materialises the [B, KV, G, T, S] probabilities.
-  * head-major (otherwise: prefill, or with a probability hook): per-head batched products over [B, KV, ...].
+  * head-major (otherwise: short prefills, a probability hook, recorded scores, a sharded cache): per-head
+    batched products over [B, KV, ...] with an explicit softmax.
 
   Args:
     q: [B, T, KV, G, hd] rotated queries.
