@@ -87,6 +87,11 @@ def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
   return (valid & (t >= n_valid - width)).astype(jnp.float32)
 
 
+def _visible(key_pos: jax.Array, query_pos: jax.Array) -> jax.Array:
+  """Broadcast bool: the slot holds a token (pos >= 0) that is not in the (real) query's future."""
+  return (key_pos >= 0) & (key_pos <= query_pos) & (query_pos >= 0)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, query_pos: jax.Array,
               probs_hook: Callable[[jax.Array], jax.Array] | None = None, *, need_probs: bool = True,
               sharded: bool = False) -> tuple[jax.Array, jax.Array | None]:
@@ -126,10 +131,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
   if probs_hook is None and not sharded and not need_probs and T >= 2 * _BLOCK_Q:
     return attention_blocked(q, k, v, key_pos, query_pos), None
   scale = hd ** -0.5
-  # [B, KV, T, S]: the slot holds a token that is not in the query's future.
+  # [B, KV, T, S] mask.
   kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, :]
   qp = query_pos[:, None, :, None]
-  mask = (kp >= 0) & (kp <= qp) & (qp >= 0)
+  mask = _visible(kp, qp)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -191,7 +196,7 @@ def attention_blocked(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Arr
         kp = jax.lax.dynamic_index_in_dim(kp_blocks, j, 1, keepdims=False)
         kp5 = jnp.transpose(kp, (0, 2, 1))[:, :, None, None, :]  # [B, KV, 1, 1, bs]
         s = jnp.einsum("btkgd,bskd->bkgts", qi, kj, preferred_element_type=jnp.float32) * scale
-        s = jnp.where((kp5 >= 0) & (kp5 <= qp5) & (qp5 >= 0), s, _MASK_VALUE)
+        s = jnp.where(_visible(kp5, qp5), s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
@@ -228,7 +233,7 @@ def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax
   logits = logits.reshape(B, S, T, KV, G)
   kp = key_pos[:, :, None, :, None]  # [B, S, 1, KV, 1]
   qp = query_pos[:, None, :, None, None]  # [B, 1, T, 1, 1]
-  logits = jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), logits, _MASK_VALUE)
+  logits = jnp.where(_visible(kp, qp), logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=1)  # over the slots
   probs_t = jnp.transpose(probs.reshape(B, S, n), (0, 2, 1))  # [B, n, S]: the product's natural operand order
   out = jnp.einsum("bns,bsc->bnc", probs_t.astype(v.dtype), v.reshape(B, S, KV * hd),
