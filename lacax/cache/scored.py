@@ -243,7 +243,7 @@ class H2OPolicy(CachePolicy):
     heavy: heavy-hitter budget (>= 0).
     recent: recent-window budget (>= 0); heavy + recent >= 1.
     score_agg: GQA group reduction of the recorded attention: "mean", "max" or "sum".
-    rope_mode: "original" (default, as the reference) or "slot".
+    rope_mode: "original" (default, as the reference), "slot" or "stored" (post-RoPE keys).
   """
 
   heavy: int
@@ -292,7 +292,7 @@ class TOVAPolicy(CachePolicy):
   Attributes:
     budget: keys kept per layer (>= 1).
     score_agg: GQA group reduction before the mean over KV heads ("mean" reproduces the reference).
-    rope_mode: "original" (default: kept keys keep their positions) or "slot".
+    rope_mode: "original" (default: kept keys keep their positions), "slot" or "stored".
   """
 
   budget: int
@@ -396,7 +396,7 @@ class SnapKVPolicy(_WindowScored):
     kernel: odd pooling width (SnapKV's default is 5; 7 is KVCache-Factory's).
     pooling: "avg" (SnapKV's default) or "max".
     score_agg: GQA group reduction: "mean", "max" or "sum".
-    rope_mode: "original" (default, as the reference's post-RoPE cache) or "slot".
+    rope_mode: "original" (default, as the reference's post-RoPE cache), "slot" or "stored".
     max_new_tokens: decode tokens the cache must leave room for (see `slots`); None sizes the decode cache
       for the whole run. Set it to at least the run's max_new_tokens: the forward drops (silently, being
       jitted) the keys of tokens written past the last slot.

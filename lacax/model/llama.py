@@ -277,9 +277,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
   rows = jnp.arange(B)[:, None]
   score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
-  if cache.rope_mode == "slot":
-    # Slot rotations are the same in every layer: one table per forward, not one per layer.
+  # Rotation tables are the same in every layer: built once per forward, not once per layer.
+  if cache.rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
+  else:  # the new tokens' own positions (queries; keys too when stored rotated)
+    new_cos, new_sin = rope_lib.rope_table(positions[:, :, None], inv_freq)
 
   def layer(carry, inputs):
     x, k_all, v_all, pos_all, length_all, scores_all = carry
@@ -291,7 +293,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     if cfg.attention_bias:
       q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
     if cache.rope_mode == "stored":  # keys enter the cache rotated at their original position
-      k_new = rope_lib.apply_rope(k_new, positions[:, :, None], inv_freq)
+      k_new = rope_lib.rotate(k_new, new_cos, new_sin)
 
     # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
     length = length_all[i]
@@ -307,7 +309,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
       q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
       k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
     else:
-      q = rope_lib.apply_rope(q, positions[:, :, None], inv_freq)
+      q = rope_lib.rotate(q, new_cos, new_sin)
       if cache.rope_mode == "original":
         k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
 
