@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import KVCache, write_slots
+from lacax.model import cpu_attention
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -110,6 +111,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
     half of a causal prefill, empty slots); never materialises the [B, KV, G, T, S] probabilities.
   * head-major (otherwise: short prefills, a probability hook, recorded scores, a sharded cache): per-head
     batched products over [B, KV, ...] with an explicit softmax.
+  On XLA:CPU, `forward` hands float32 decode attention to a custom call instead (lacax.model.cpu_attention),
+  which computes the slot-major numbers straight from the stacked cache; this function is its reference.
 
   Args:
     q: [B, T, KV, G, hd] rotated queries.
@@ -243,6 +246,17 @@ def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax
   return out.astype(v.dtype), jnp.transpose(probs, (0, 3, 4, 2, 1))
 
 
+def _cached_layer_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: jax.Array,
+                            query_pos: jax.Array, layer: jax.Array, slot_cos: jax.Array | None,
+                            slot_sin: jax.Array | None) -> jax.Array:
+  """`attention` over layer `layer` of the stacked cache, keys rotated at their slots when tables are given:
+  the pure-JAX definition of what the CPU decode kernel computes (lacax.model.cpu_attention)."""
+  k = k_all[layer]
+  if slot_cos is not None:
+    k = rope_lib.rotate(k, slot_cos[None, :, None, :], slot_sin[None, :, None, :])
+  return attention(q, k, v_all[layer], pos_all[layer], query_pos, need_probs=False)[0]
+
+
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig, *,
             logits_index: jax.Array | None = None, probs_hook: ProbsHook | None = None
             ) -> tuple[jax.Array, KVCache]:
@@ -277,6 +291,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
   rows = jnp.arange(B)[:, None]
   score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
+  use_cpu_kernel = (probs_hook is None and score_weights is None and cache.mesh_rules is None
+                    and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
+                                               cache.rope_mode)
+                    and cpu_attention.available())
   # Rotation tables are the same in every layer: built once per forward, not once per layer.
   if cache.rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
@@ -303,20 +321,26 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
     pos_all = pos_all.at[i, rows, slots].set(new_pos, mode="drop")
     length_all = length_all.at[i].add(n_new)
-    k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
-
     if cache.rope_mode == "slot":
       q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
-      k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
     else:
       q = rope_lib.rotate(q, new_cos, new_sin)
-      if cache.rope_mode == "original":
-        k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
-
     q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
-    hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-    out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook, need_probs=score_weights is not None,
-                           sharded=cache.mesh_rules is not None)
+
+    if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
+      tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if cache.rope_mode == "slot" else ()
+      out = cpu_attention.decode_attention(q, k_all, v_all, pos_all, positions, i, _cached_layer_attention,
+                                           *tables)
+      probs = None
+    else:
+      k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+      if cache.rope_mode == "slot":
+        k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
+      elif cache.rope_mode == "original":
+        k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
+      hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
+      out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook, need_probs=score_weights is not None,
+                             sharded=cache.mesh_rules is not None)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
 

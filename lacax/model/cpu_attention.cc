@@ -1,0 +1,310 @@
+// Fused decode attention over one layer of a stacked KV cache, for XLA:CPU (an XLA FFI custom call).
+//
+// Why this exists: inside the decoder's `lax.scan`, XLA:CPU copies every layer's slice of the stacked cache
+// before its dot products can read it, and the skinny (T * heads)-column products run far below memory
+// bandwidth. This kernel reads the layer straight out of the stacked cache buffer (layer index as an
+// operand), once, with an online softmax, split over slot ranges on XLA's intra-op thread pool. The
+// pure-JAX formulation in llama.py stays the reference and the path on every other backend.
+//
+// Semantics (same as `lacax.model.llama.attention` for real queries, float32):
+//   a query (t, kv head j, group member g) at original position qp attends slot s of head j iff
+//   pos[s, j] >= 0 and pos[s, j] <= qp and qp >= 0, with logits q . k / sqrt(hd); a query that sees no slot
+//   gets the uniform distribution over all S slots (what the masked reference softmax gives).
+//   rotate != 0: keys are stored before RoPE and rotated here at their slot index with the tables
+//   cos/sin [S, hd] (rope_mode "slot"); rotate == 0: keys are used as stored.
+//
+// Operands: q [B, T, KV, G, hd] f32; k_all, v_all [L, B, S, KV, hd] f32; pos_all [L, B, S, KV] s32;
+// query_pos [B, T] s32; layer [] s32; cos, sin [S, hd] f32 (ignored unless rotate). Result: [B, T, KV, G, hd].
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 Load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float HorizontalSum(v16 v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// exp(x) for x <= 0 (softmax weights), relative error ~1e-7; branch- and call-free so loops vectorise.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr int64_t kBlock = 64;   // slots per softmax block (logits of a block stay in L1)
+constexpr int64_t kChunk = 256;  // slots per work item handed to a thread
+
+struct Shapes {
+  int64_t B, T, KV, G, S, n;  // n = T * G queries per kv head
+};
+
+// Online-softmax partial result of one (batch row, slot chunk): per query row r = j * n + t * G + g,
+// the running max m, the running sum l and the unnormalised output acc[hd].
+template <int HD>
+void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, const float* qs, const float* K,
+                 const float* V, const int32_t* P, const int32_t* QP, const float* cos_t, const float* sin_t,
+                 bool rotate, float* m, float* l, float* acc) {
+  constexpr int NV = HD / 16, HV = NV / 2;
+  const int64_t rows = sh.KV * sh.n, KV = sh.KV, n = sh.n, G = sh.G;
+  float logits[64 * kBlock];  // rows <= 64 (checked by the caller)
+  for (int64_t r = 0; r < rows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  std::fill(acc, acc + rows * HD, 0.0f);
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlock) {
+    const int64_t sb = std::min(kBlock, s_end - s0);
+    // Logits, slot-major so each slot's KV * HD keys are read contiguously.
+    for (int64_t ds = 0; ds < sb; ++ds) {
+      const int64_t s = s0 + ds;
+      for (int64_t j = 0; j < KV; ++j) {
+        const float* kr = K + (s * KV + j) * HD;
+        v16 k[NV];
+        for (int c = 0; c < NV; ++c) k[c] = Load16(kr + c * 16);
+        if (rotate) {
+          const float* cs = cos_t + s * HD;
+          const float* sn = sin_t + s * HD;
+          for (int c = 0; c < HV; ++c) {
+            const v16 x1 = k[c], x2 = k[c + HV];
+            k[c] = x1 * Load16(cs + c * 16) - x2 * Load16(sn + c * 16);
+            k[c + HV] = x2 * Load16(cs + (c + HV) * 16) + x1 * Load16(sn + (c + HV) * 16);
+          }
+        }
+        const int32_t kp = P[s * KV + j];
+        for (int64_t a = 0; a < n; ++a) {
+          const float* qa = qs + (j * n + a) * HD;
+          v16 sum = Load16(qa) * k[0];
+          for (int c = 1; c < NV; ++c) sum += Load16(qa + c * 16) * k[c];
+          const int32_t qp = QP[a / G];
+          const bool visible = kp >= 0 && qp >= 0 && kp <= qp;
+          logits[(j * n + a) * kBlock + ds] = visible ? HorizontalSum(sum) : -INFINITY;
+        }
+      }
+    }
+    // Online softmax update: logits become weights relative to the new running max.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* x = logits + r * kBlock;
+      float block_max = -INFINITY;
+      for (int64_t ds = 0; ds < sb; ++ds) block_max = std::max(block_max, x[ds]);
+      if (block_max == -INFINITY) {
+        std::fill(x, x + sb, 0.0f);
+        continue;
+      }
+      const float new_max = std::max(m[r], block_max);
+      const float correction = m[r] == -INFINITY ? 0.0f : ExpNonPositive(m[r] - new_max);
+      m[r] = new_max;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t ds = 0; ds < sb; ++ds) {
+        const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
+        const float p = ExpNonPositive(x[ds] - new_max) * keep;
+        x[ds] = p;
+        sum += p;
+      }
+      l[r] = l[r] * correction + sum;
+      if (correction != 1.0f) {
+        for (int64_t d = 0; d < HD; ++d) acc[r * HD + d] *= correction;
+      }
+    }
+    // Weights x values, slot-major like the logits.
+    for (int64_t ds = 0; ds < sb; ++ds) {
+      for (int64_t j = 0; j < KV; ++j) {
+        const float* vr = V + ((s0 + ds) * KV + j) * HD;
+        v16 v[NV];
+        for (int c = 0; c < NV; ++c) v[c] = Load16(vr + c * 16);
+        for (int64_t a = 0; a < n; ++a) {
+          const float p = logits[(j * n + a) * kBlock + ds];
+          float* ac = acc + (j * n + a) * HD;
+          for (int c = 0; c < NV; ++c) Store16(ac + c * 16, Load16(ac + c * 16) + p * v[c]);
+        }
+      }
+    }
+  }
+}
+
+// Runs fn(0..total-1) on the calling thread and on up to (pool threads - 1) helpers. Items are claimed
+// from an atomic counter, so the caller never waits for a helper that has not started (no deadlock when
+// the pool is busy or has one thread); it waits only for items a helper has claimed.
+struct WorkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename F>
+void Drain(WorkQueue& queue, int64_t total, const F& fn) {
+  for (int64_t i = queue.next.fetch_add(1); i < total; i = queue.next.fetch_add(1)) {
+    fn(i);
+    queue.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Runs fn(0..total-1) on the calling thread and on up to (pool threads - 1) helpers. Items are claimed
+// from an atomic counter, so the caller never waits for a helper that has not started (no deadlock when
+// the pool is busy or has a single thread), only for items a helper has claimed. A helper that starts
+// after every item is claimed touches only the queue, which its shared_ptr keeps alive.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, const F& fn) {
+  auto queue = std::make_shared<WorkQueue>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([queue, total, &fn]() { Drain(*queue, total, fn); });
+  }
+  Drain(*queue, total, fn);
+  while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+template <int HD>
+void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float* q, const float* k_all,
+            const float* v_all, const int32_t* pos_all, const int32_t* query_pos, const float* cos_t,
+            const float* sin_t, bool rotate, float* out) {
+  const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S, n = sh.n, rows = KV * n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+  // Scaled queries regrouped per kv head: qs[b][j * n + t * G + g][d].
+  std::vector<float> qs(B * rows * HD);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < KV; ++j)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < HD; ++d)
+            qs[(b * rows + j * n + t * G + g) * HD + d] = q[(((b * T + t) * KV + j) * G + g) * HD + d] * scale;
+  const int64_t chunks = (S + kChunk - 1) / kChunk;
+  const int64_t stride = rows * (HD + 2);  // per (b, chunk): m[rows], l[rows], acc[rows * HD]
+  std::vector<float> partial(B * chunks * stride);
+  auto layer_offset = [&](int64_t b) { return (layer * B + b) * S; };
+  ParallelFor(pool, B * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks, c = item % chunks;
+    float* p = partial.data() + item * stride;
+    AttendChunk<HD>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), qs.data() + b * rows * HD,
+                    k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
+                    pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
+                    p + 2 * rows);
+  });
+  // Merge the chunks' partial softmaxes.
+  for (int64_t b = 0; b < B; ++b) {
+    const float* V = v_all + layer_offset(b) * KV * HD;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < KV; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = j * n + t * G + g;
+          float* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
+          float total_max = -INFINITY;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const float* p = partial.data() + (b * chunks + c) * stride;
+            if (p[rows + r] > 0.0f) total_max = std::max(total_max, p[r]);
+          }
+          if (total_max == -INFINITY) {  // sees no slot: the reference's uniform distribution over all slots
+            for (int64_t d = 0; d < HD; ++d) {
+              float sum = 0.0f;
+              for (int64_t s = 0; s < S; ++s) sum += V[(s * KV + j) * HD + d];
+              dst[d] = sum / static_cast<float>(S);
+            }
+            continue;
+          }
+          float denom = 0.0f;
+          float numer[HD] = {};
+          for (int64_t c = 0; c < chunks; ++c) {
+            const float* p = partial.data() + (b * chunks + c) * stride;
+            if (!(p[rows + r] > 0.0f)) continue;
+            const float w = ExpNonPositive(p[r] - total_max);
+            denom += w * p[rows + r];
+            const float* ac = p + 2 * rows + r * HD;
+            for (int64_t d = 0; d < HD; ++d) numer[d] += w * ac[d];
+          }
+          const float inv = 1.0f / denom;
+          for (int64_t d = 0; d < HD; ++d) dst[d] = numer[d] * inv;
+        }
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all,
+                           ffi::Buffer<ffi::F32> v_all, ffi::Buffer<ffi::S32> pos_all,
+                           ffi::Buffer<ffi::S32> query_pos, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
+                           ffi::ResultBuffer<ffi::F32> out, int64_t rotate) {
+  const auto qd = q.dimensions();
+  const auto kd = k_all.dimensions();
+  if (qd.size() != 5 || kd.size() != 5) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and the cache must be rank 5");
+  }
+  const Shapes sh{qd[0], qd[1], qd[2], qd[3], kd[2], qd[1] * qd[3]};
+  const int64_t hd = qd[4], L = kd[0];
+  if (kd[1] != sh.B || kd[3] != sh.KV || kd[4] != hd || sh.KV * sh.n > 64) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cache/query shapes do not match (or > 64 query rows)");
+  }
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "layer index out of range");
+  const bool rot = rotate != 0;
+  if (rot && (cos_t.dimensions()[0] != sh.S || cos_t.dimensions()[1] != hd)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rotation tables must be [S, head_dim]");
+  }
+  switch (hd) {
+    case 32:
+      Attend<32>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
+                 query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      break;
+    case 64:
+      Attend<64>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
+                 query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      break;
+    case 128:
+      Attend<128>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
+                  query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      break;
+    default:
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_all
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_all
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos_all
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Attr<int64_t>("rotate"));

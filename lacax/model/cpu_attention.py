@@ -1,0 +1,169 @@
+"""Decode attention as an XLA:CPU custom call (`cpu_attention.cc`), built on first use.
+
+Inside the decoder's `lax.scan`, XLA:CPU copies each layer's slice of the stacked KV cache before its dot
+products read it, and the few-column products of decode run well below memory bandwidth: at 4k slots the
+attention of SmolLM2-135M cost about as much as all its weights. The kernel in `cpu_attention.cc` reads the
+layer straight from the stacked cache (the layer index is an operand), once, with an online softmax split
+over slot ranges on XLA's intra-op thread pool, rotating pre-RoPE keys on the fly (rope_mode "slot").
+
+It is an implementation detail of `lacax.model.llama.forward`, used only where it computes exactly what the
+pure-JAX formulation computes (`llama.attention` is the reference, and the path everywhere else):
+  * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call), float32 cache and queries;
+  * few query rows (decode: T * KV * G <= 64), head_dim 32, 64 or 128;
+  * no probability hook (ACT), no recorded attention scores (H2O, TOVA, SnapKV, PyramidKV), no mesh;
+  * rope_mode "slot" (keys rotated at their slot) or "stored" (keys cached rotated); "original" is not.
+Differentiation goes through the reference (a custom JVP), so gradients never need the kernel.
+
+Building needs a C++17 compiler (`$CXX`, else `c++`/`g++`/`clang++`) and the XLA FFI headers that jaxlib
+ships (`jax.ffi.include_dir()`). The shared library is compiled with `-O3 -march=native` into
+`$LACAX_CACHE_DIR` (default `~/.cache/lacax`)/kernels, keyed by a hash of the source, the flags, the
+compiler, jaxlib and the CPU, and written atomically. Without a compiler, or if the build fails, lacax logs
+one warning and uses the pure-JAX path. `LACAX_CPU_KERNELS=0` turns the kernel off; `set_enabled` does the
+same from Python (call `jax.clear_caches()` afterwards: the choice is made when a function is traced).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+_TARGET = "lacax_decode_attention"
+_SYMBOL = "LacaxDecodeAttention"
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers that reject -march=native
+HEAD_DIMS = (32, 64, 128)
+MAX_QUERY_ROWS = 64  # T * KV * G
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"enabled": os.environ.get("LACAX_CPU_KERNELS", "1") != "0", "built": None}
+
+
+def set_enabled(enabled: bool) -> None:
+  """Turns the kernel on or off for functions traced from now on (see the module docstring)."""
+  _state["enabled"] = bool(enabled)
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_fingerprint() -> str:
+  """What -march=native depends on: the CPU model and its feature flags."""
+  try:
+    info = Path("/proc/cpuinfo").read_text()
+    lines = [l for l in info.splitlines() if l.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get("LACAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lacax")
+  return Path(root) / "kernels"
+
+
+def _build() -> Path:
+  """Compiles cpu_attention.cc (once per source/compiler/CPU) and returns the shared library's path."""
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+  include = jax.ffi.include_dir()
+  source = _SOURCE.read_bytes()
+  errors = []
+  for flags in _FLAG_SETS:
+    args = [*flags, "-std=c++17", "-shared", "-fPIC", "-I", include, str(_SOURCE)]
+    key = hashlib.sha256(b"\0".join([source, " ".join(args).encode(), version.encode(), jax.__version__.encode(),
+                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_attention-{key}.so"
+    if path.exists():
+      return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    cmd = [cxx, *args, "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+      os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
+      return path
+    os.unlink(tmp)
+    errors.append(f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+  raise RuntimeError("compiling the CPU attention kernel failed:\n" + "\n".join(errors))
+
+
+def available() -> bool:
+  """Whether the kernel is enabled and built and registered (builds it on the first call)."""
+  if not _state["enabled"]:
+    return False
+  with _lock:
+    if _state["built"] is None:
+      try:
+        library = ctypes.CDLL(str(_build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu")
+        _state["library"] = library  # keep it loaded
+        _state["built"] = True
+      except Exception as e:  # any failure means: use the pure-JAX path
+        logging.warning("lacax: CPU decode-attention kernel unavailable, using the pure-JAX path (%s)", e)
+        _state["built"] = False
+    return bool(_state["built"])
+
+
+def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mode: str) -> bool:
+  """Static check: can the kernel compute this attention (T new tokens, KV kv heads of G queries each)?"""
+  return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(cache_dtype) == jnp.float32 and head_dim in HEAD_DIMS
+          and T * KV * G <= MAX_QUERY_ROWS and rope_mode in ("slot", "stored"))
+
+
+def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool):
+  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
+      q, k_all, v_all, pos_all, query_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32), cos, sin,
+      rotate=np.int64(rotate))
+
+
+def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: jax.Array, query_pos: jax.Array,
+                     layer: jax.Array, reference, slot_cos: jax.Array | None = None,
+                     slot_sin: jax.Array | None = None) -> jax.Array:
+  """Attention of q over layer `layer` of the stacked cache: the kernel on CPU, `reference` elsewhere.
+
+  Args:
+    q: [B, T, KV, G, hd] float32 rotated queries.
+    k_all, v_all: [L, B, S, KV, hd] the stacked cache (keys pre-RoPE when slot tables are given).
+    pos_all: [L, B, S, KV] int32 original positions (-1 empty).
+    query_pos: [B, T] int32 (-1 padding).
+    layer: int32 scalar layer index.
+    reference: the pure-JAX equivalent, a function of the same arguments (used on other backends and for
+      derivatives).
+    slot_cos, slot_sin: [S, hd] rotation tables at the slot indices (rope_mode "slot"), or None.
+  """
+  rotate = slot_cos is not None
+  if not rotate:
+    slot_cos = slot_sin = jnp.zeros((1, q.shape[-1]), jnp.float32)
+
+  @jax.custom_jvp
+  def kernel(q, k_all, v_all, pos_all, query_pos, layer, cos, sin):
+    return _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate)
+
+  @kernel.defjvp
+  def _jvp(primals, tangents):
+    return jax.jvp(lambda *args: _reference(*args), primals, tangents)
+
+  def _reference(q, k_all, v_all, pos_all, query_pos, layer, cos, sin):
+    return reference(q, k_all, v_all, pos_all, query_pos, layer, *((cos, sin) if rotate else (None, None)))
+
+  args = (q, k_all, v_all, pos_all, query_pos, layer, slot_cos, slot_sin)
+  return jax.lax.platform_dependent(*args, cpu=kernel, default=_reference)

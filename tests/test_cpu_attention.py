@@ -1,0 +1,138 @@
+"""The XLA:CPU decode-attention kernel (lacax/model/cpu_attention.cc) against its pure-JAX reference."""
+
+import shutil
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.cache.kv_cache import init_cache
+from lacax.model import config as config_lib
+from lacax.model import cpu_attention
+from lacax.model import llama
+from lacax.model import rope as rope_lib
+
+_HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def _stacked_inputs(seed, L, B, T, S, KV, G, hd, held):
+  """A stacked cache with holes, empty slots and keys in the queries' future; row 1 has a padding query."""
+  rng = np.random.RandomState(seed)
+  q = jnp.asarray(rng.randn(B, T, KV, G, hd), jnp.float32)
+  k_all = jnp.asarray(rng.randn(L, B, S, KV, hd), jnp.float32)
+  v_all = jnp.asarray(rng.randn(L, B, S, KV, hd), jnp.float32)
+  pos = np.full((L, B, S, KV), -1, np.int32)
+  for l in range(L):
+    for b in range(B):
+      for h in range(KV):
+        pos[l, b, :held[b], h] = np.sort(rng.choice(held[b] + 40, held[b], replace=False))
+  last = pos.max(axis=(0, 2, 3))
+  query_pos = np.full((B, T), -1, np.int32)
+  for b in range(B):
+    n = T if b == 0 else max(T - 1, 0)
+    query_pos[b, :n] = last[b] - 5 - n + 1 + np.arange(n)  # some kept keys lie in the queries' future
+  return q, k_all, v_all, jnp.asarray(pos), jnp.asarray(query_pos)
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the pure-JAX path")
+class CpuAttentionKernelTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    cpu_attention.set_enabled(True)
+    self.assertTrue(cpu_attention.available(), "a compiler is present, so the kernel must build")
+
+  @parameterized.parameters(
+      # seed, B, T, S, KV, G, hd, rotate
+      (0, 1, 1, 4224, 3, 3, 64, False),
+      (1, 1, 1, 4224, 3, 3, 64, True),
+      (2, 2, 1, 300, 2, 4, 32, True),
+      (3, 2, 2, 77, 1, 8, 128, False),
+      (4, 2, 3, 513, 4, 2, 64, True),
+      (5, 1, 1, 5, 2, 2, 64, False),
+  )
+  def test_kernel_equals_reference(self, seed, B, T, S, KV, G, hd, rotate):
+    L = 3
+    q, k_all, v_all, pos, query_pos = _stacked_inputs(seed, L, B, T, S, KV, G, hd, held=[S - 3, S // 2])
+    tables = ()
+    if rotate:
+      inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+      cos, sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32), inv_freq)  # [S, hd]
+      tables = (cos, sin)
+    for layer in range(L):
+      layer = jnp.int32(layer)
+      got = jax.jit(lambda *a: cpu_attention._call(*a, rotate=rotate))(
+          q, k_all, v_all, pos, query_pos, layer, *(tables or (jnp.zeros((1, hd)),) * 2))
+      want = llama._cached_layer_attention(q, k_all, v_all, pos, query_pos, layer, *(tables or (None, None)))
+      # Every query, padding included (both give the uniform distribution over all slots).
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+  def test_decode_attention_dispatch_has_the_reference_gradient(self):
+    q, k_all, v_all, pos, query_pos = _stacked_inputs(0, 2, 1, 1, 40, 2, 2, 32, held=[35])
+
+    def loss(q, k_all, fn):
+      return jnp.sum(jnp.sin(fn(q, k_all, v_all, pos, query_pos, jnp.int32(1))))
+
+    kernel = lambda *a: cpu_attention.decode_attention(*a, reference=llama._cached_layer_attention)
+    reference = lambda *a: llama._cached_layer_attention(*a, None, None)
+    got = jax.grad(loss, argnums=(0, 1))(q, k_all, kernel)
+    want = jax.grad(loss, argnums=(0, 1))(q, k_all, reference)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+    self.assertAlmostEqual(float(loss(q, k_all, kernel)), float(loss(q, k_all, reference)), places=4)
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the pure-JAX path")
+class CpuAttentionInForwardTest(parameterized.TestCase):
+  """forward() picks the kernel for decode and gives the pure-JAX numbers."""
+
+  def tearDown(self):
+    cpu_attention.set_enabled(True)
+    jax.clear_caches()
+    super().tearDown()
+
+  def _run(self, cfg, params, rope_mode, enabled):
+    cpu_attention.set_enabled(enabled)
+    jax.clear_caches()
+    fwd = jax.jit(llama.forward, static_argnames="cfg")
+    rng = np.random.RandomState(0)
+    prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    positions = jnp.asarray(np.where(np.arange(12)[None] < np.array([[12], [9]]), np.arange(12)[None], -1),
+                            jnp.int32)
+    cache = init_cache(cfg, 2, 40, rope_mode=rope_mode)
+    logits, cache = fwd(params, prompt, positions, cache, cfg=cfg)
+    steps = [np.asarray(logits)]
+    next_pos = jnp.asarray([[12], [9]], jnp.int32)
+    for step in range(6):
+      token = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 1)), jnp.int32)
+      logits, cache = fwd(params, token, next_pos + step, cache, cfg=cfg)
+      steps.append(np.asarray(logits))
+    text = fwd.lower(params, token, next_pos, cache, cfg=cfg).as_text()
+    return steps, "lacax_decode_attention" in text
+
+  @parameterized.parameters("slot", "stored")
+  def test_decode_logits_match_the_pure_jax_path(self, rope_mode):
+    cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=3, num_heads=4,
+                                 num_kv_heads=2, head_dim=64)
+    params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
+    got, used = self._run(cfg, params, rope_mode, enabled=True)
+    want, used_without = self._run(cfg, params, rope_mode, enabled=False)
+    self.assertTrue(used)
+    self.assertFalse(used_without)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+
+  def test_not_used_where_it_does_not_apply(self):
+    cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=16)  # head_dim 16: not compiled
+    params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
+    _, used = self._run(cfg, params, "stored", enabled=True)
+    self.assertFalse(used)
+    self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
+    self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.bfloat16, jnp.bfloat16, "slot"))
+    self.assertFalse(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))
+
+
+if __name__ == "__main__":
+  absltest.main()
