@@ -1,14 +1,17 @@
 """Decode and prefill speed of lacax vs transformers (PyTorch) on the same weights, machine and run.
 
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
-                                    [--rope_modes=slot,stored]
+                                    [--rope_modes=slot,stored] [--cpu_kernel=on,off]
 
 For each context length C: a C-token prompt is prefilled, then `new_tokens` tokens are decoded greedily
 with the full cache, once per key storage (`--rope_modes`: "slot" = the pre-RoPE cache of DESIGN.md,
-rotated every step; "stored" = keys cached post-RoPE, `FullPolicy(rope_mode="stored")`). lacax runs its compiled prefill and its compiled decode loop (compiled once before
-timing); transformers runs the model's forward with its own KV cache (a `past_key_values` loop, which is
-what `generate` does, without its per-step logits processing), in a separate process with all its threads. Reports tokens/s, the lacax/transformers
-ratio, and the achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
+rotated every step; "stored" = keys cached post-RoPE, `FullPolicy(rope_mode="stored")`) and, with
+`--cpu_kernel=on,off`, with and without the XLA:CPU decode-attention kernel (rows marked "/jnp" use the
+pure-JAX attention; bfloat16 always does). lacax runs its compiled prefill and its compiled decode loop
+(compiled once before timing); transformers runs the model's forward with its own KV cache (a
+`past_key_values` loop, which is what `generate` does, without its per-step logits processing), in a separate
+process, with the faster of `--torch_threads`. Reports tokens/s, the lacax/transformers ratio, and the
+achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 Writes `results/bench_decode/<timestamp>.json` and prints a table.
 """
 
@@ -30,12 +33,16 @@ import numpy as np
 from lacax import generate as generation
 from lacax import results as results_lib
 from lacax.cache.policy import FullPolicy
+from lacax.model import cpu_attention
 from lacax.weights.loader import load_model
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Prompt lengths.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per measurement.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "lacax dtypes to measure.")
 _ROPE_MODES = flags.DEFINE_list("rope_modes", ["slot", "stored"], "Full-cache key storage modes to measure.")
+_CPU_KERNEL = flags.DEFINE_list(
+    "cpu_kernel", ["on"], "on: decode attention through the XLA:CPU kernel where it applies (float32); off: the "
+    "pure-JAX formulation (lacax.model.cpu_attention). Both: one row each.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
@@ -151,26 +158,34 @@ def main(argv):
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)
     record["model"] = model.cfg.name
-    for rope_mode in _ROPE_MODES.value:
-      for context in contexts:
-        got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
-        record["runs"].append({"impl": "lacax", "dtype": dtype, "rope_mode": rope_mode, "context": context, **got})
-        rows.append((f"lacax/{rope_mode}", dtype, context, got))
-        print(f"lacax {dtype} {rope_mode} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
-              flush=True)
+    for kernel in _CPU_KERNEL.value:
+      if kernel not in ("on", "off"):
+        raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
+      cpu_attention.set_enabled(kernel == "on")
+      jax.clear_caches()  # the choice is made at trace time
+      used = kernel == "on" and dtype == "float32" and cpu_attention.available()
+      for rope_mode in _ROPE_MODES.value:
+        for context in contexts:
+          got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
+          record["runs"].append({"impl": "lacax", "dtype": dtype, "rope_mode": rope_mode, "cpu_kernel": used,
+                                 "context": context, **got})
+          label = f"lacax/{rope_mode}" + ("" if used else "/jnp")
+          rows.append((label, dtype, context, got))
+          print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+    cpu_attention.set_enabled(True)
   if _TORCH.value:
     for run in _torch_runs(contexts):
       record["runs"].append(run)
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
-  print(f"\n{'impl':<16}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
+  print(f"\n{'impl':<20}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}")
   for impl, dtype, context, got in rows:
     ratio = got["decode_tokens_per_second"] / torch_speed[context] if context in torch_speed else float("nan")
     got["ratio_vs_transformers"] = ratio
     bw = got.get("bandwidth_GBps", float("nan"))
-    print(f"{impl:<16}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
+    print(f"{impl:<20}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
           f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}")
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:
