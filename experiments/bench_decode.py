@@ -7,7 +7,7 @@ For each context length C: a C-token prompt is prefilled, then `new_tokens` toke
 with the full cache, once per key storage (`--rope_modes`: "slot" = the pre-RoPE cache of DESIGN.md,
 rotated every step; "stored" = keys cached post-RoPE, `FullPolicy(rope_mode="stored")`) and, with
 `--cpu_kernel=on,off`, with and without the XLA:CPU decode-attention kernel (rows marked "/jnp" use the
-pure-JAX attention; bfloat16 always does). lacax runs its compiled prefill and its compiled decode loop
+pure-JAX attention). lacax runs its compiled prefill and its compiled decode loop
 (compiled once before timing); transformers runs the model's forward with its own KV cache (a
 `past_key_values` loop, which is what `generate` does, without its per-step logits processing), in a separate
 process, with the faster of `--torch_threads`. Reports tokens/s, the lacax/transformers ratio, and the
@@ -41,7 +41,7 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens decoded per measure
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "lacax dtypes to measure.")
 _ROPE_MODES = flags.DEFINE_list("rope_modes", ["slot", "stored"], "Full-cache key storage modes to measure.")
 _CPU_KERNEL = flags.DEFINE_list(
-    "cpu_kernel", ["on"], "on: decode attention through the XLA:CPU kernel where it applies (float32); off: the "
+    "cpu_kernel", ["on"], "on: decode attention through the XLA:CPU kernel where it applies; off: the "
     "pure-JAX formulation (lacax.model.cpu_attention). Both: one row each.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
@@ -163,7 +163,7 @@ def main(argv):
         raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
       cpu_attention.set_enabled(kernel == "on")
       jax.clear_caches()  # the choice is made at trace time
-      used = kernel == "on" and dtype == "float32" and cpu_attention.available()
+      used = kernel == "on" and cpu_attention.available()
       for rope_mode in _ROPE_MODES.value:
         for context in contexts:
           got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)

@@ -44,17 +44,21 @@ class CpuAttentionKernelTest(parameterized.TestCase):
     self.assertTrue(cpu_attention.available(), "a compiler is present, so the kernel must build")
 
   @parameterized.parameters(
-      # seed, B, T, S, KV, G, hd, rotate
-      (0, 1, 1, 4224, 3, 3, 64, False),
-      (1, 1, 1, 4224, 3, 3, 64, True),
-      (2, 2, 1, 300, 2, 4, 32, True),
-      (3, 2, 2, 77, 1, 8, 128, False),
-      (4, 2, 3, 513, 4, 2, 64, True),
-      (5, 1, 1, 5, 2, 2, 64, False),
+      # seed, B, T, S, KV, G, hd, rotate, query dtype, cache dtype
+      (0, 1, 1, 4224, 3, 3, 64, False, "float32", "float32"),
+      (1, 1, 1, 4224, 3, 3, 64, True, "float32", "float32"),
+      (2, 2, 1, 300, 2, 4, 32, True, "float32", "float32"),
+      (3, 2, 2, 77, 1, 8, 128, False, "float32", "float32"),
+      (4, 2, 3, 513, 4, 2, 64, True, "float32", "float32"),
+      (5, 1, 1, 5, 2, 2, 64, False, "float32", "float32"),
+      (6, 2, 1, 700, 3, 3, 64, True, "bfloat16", "bfloat16"),
+      (7, 1, 2, 300, 2, 2, 128, False, "float32", "bfloat16"),
+      (8, 2, 1, 65, 2, 2, 32, True, "bfloat16", "float32"),
   )
-  def test_kernel_equals_reference(self, seed, B, T, S, KV, G, hd, rotate):
+  def test_kernel_equals_reference(self, seed, B, T, S, KV, G, hd, rotate, q_dtype, cache_dtype):
     L = 3
     q, k_all, v_all, pos, query_pos = _stacked_inputs(seed, L, B, T, S, KV, G, hd, held=[S - 3, S // 2])
+    q, k_all, v_all = q.astype(q_dtype), k_all.astype(cache_dtype), v_all.astype(cache_dtype)
     tables = ()
     if rotate:
       inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
@@ -64,9 +68,16 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       layer = jnp.int32(layer)
       got = jax.jit(lambda *a: cpu_attention._call(*a, rotate=rotate))(
           q, k_all, v_all, pos, query_pos, layer, *(tables or (jnp.zeros((1, hd)),) * 2))
-      want = llama._cached_layer_attention(q, k_all, v_all, pos, query_pos, layer, *(tables or (None, None)))
+      # The reference in float32 on the same (possibly bfloat16-rounded) values: the kernel's arithmetic.
+      f32 = lambda x: x.astype(jnp.float32)
+      want = llama._cached_layer_attention(f32(q), f32(k_all), f32(v_all), pos, query_pos, layer,
+                                           *(tables or (None, None)))
+      self.assertEqual(got.dtype, v_all.dtype)
       # Every query, padding included (both give the uniform distribution over all slots).
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+      if cache_dtype == "float32":
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+      else:  # the result is rounded to bfloat16 (8 significant bits)
+        np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=1e-3, rtol=2 ** -8)
 
   def test_decode_attention_dispatch_has_the_reference_gradient(self):
     q, k_all, v_all, pos, query_pos = _stacked_inputs(0, 2, 1, 1, 40, 2, 2, 32, held=[35])
@@ -111,17 +122,20 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     text = fwd.lower(params, token, next_pos, cache, cfg=cfg).as_text()
     return steps, "lacax_decode_attention" in text
 
-  @parameterized.parameters("slot", "stored")
-  def test_decode_logits_match_the_pure_jax_path(self, rope_mode):
+  @parameterized.parameters(("slot", "float32"), ("stored", "float32"), ("slot", "bfloat16"))
+  def test_decode_logits_match_the_pure_jax_path(self, rope_mode, dtype):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=3, num_heads=4,
-                                 num_kv_heads=2, head_dim=64)
+                                 num_kv_heads=2, head_dim=64, dtype=dtype)
     params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
     got, used = self._run(cfg, params, rope_mode, enabled=True)
     want, used_without = self._run(cfg, params, rope_mode, enabled=False)
     self.assertTrue(used)
     self.assertFalse(used_without)
     for g, w in zip(got, want):
-      np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+      if dtype == "float32":
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+      else:  # bfloat16 activations: the two paths round at different points
+        np.testing.assert_allclose(g, w, atol=0.05 * np.abs(w).max())
 
   def test_not_used_where_it_does_not_apply(self):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -130,7 +144,7 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     _, used = self._run(cfg, params, "stored", enabled=True)
     self.assertFalse(used)
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
-    self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.bfloat16, jnp.bfloat16, "slot"))
+    self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float16, jnp.float16, "slot"))
     self.assertFalse(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))
 
 

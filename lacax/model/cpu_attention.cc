@@ -6,15 +6,17 @@
 // operand), once, with an online softmax, split over slot ranges on XLA's intra-op thread pool. The
 // pure-JAX formulation in llama.py stays the reference and the path on every other backend.
 //
-// Semantics (same as `lacax.model.llama.attention` for real queries, float32):
+// Semantics (as `lacax.model.llama.attention`; float32 arithmetic, float32 or bfloat16 storage):
 //   a query (t, kv head j, group member g) at original position qp attends slot s of head j iff
 //   pos[s, j] >= 0 and pos[s, j] <= qp and qp >= 0, with logits q . k / sqrt(hd); a query that sees no slot
 //   gets the uniform distribution over all S slots (what the masked reference softmax gives).
 //   rotate != 0: keys are stored before RoPE and rotated here at their slot index with the tables
 //   cos/sin [S, hd] (rope_mode "slot"); rotate == 0: keys are used as stored.
 //
-// Operands: q [B, T, KV, G, hd] f32; k_all, v_all [L, B, S, KV, hd] f32; pos_all [L, B, S, KV] s32;
-// query_pos [B, T] s32; layer [] s32; cos, sin [S, hd] f32 (ignored unless rotate). Result: [B, T, KV, G, hd].
+// Operands: q [B, T, KV, G, hd] f32/bf16; k_all, v_all [L, B, S, KV, hd] f32/bf16; pos_all [L, B, S, KV] s32;
+// query_pos [B, T] s32; layer [] s32; cos, sin [S, hd] f32 (ignored unless rotate).
+// Result: [B, T, KV, G, hd] in the cache's dtype. With bfloat16 the reference rounds the rotated keys and the
+// probabilities to bfloat16 before their products; this kernel keeps them in float32 (closer to exact).
 
 #include <algorithm>
 #include <atomic>
@@ -40,6 +42,39 @@ inline v16 Load16(const float* p) {
 }
 
 inline void Store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// bfloat16 is stored as uint16_t (the top half of a float32).
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline v16 Load16(const uint16_t* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t x) {
+  const uint32_t w = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline void FromFloat(float x, float* out) { *out = x; }
+inline void FromFloat(float x, uint16_t* out) {  // round to nearest even, as XLA's convert does
+  uint32_t w;
+  std::memcpy(&w, &x, sizeof(w));
+  if ((w & 0x7fffffffu) > 0x7f800000u) {
+    *out = static_cast<uint16_t>((w >> 16) | 0x40);  // NaN stays NaN
+    return;
+  }
+  w += 0x7fffu + ((w >> 16) & 1u);
+  *out = static_cast<uint16_t>(w >> 16);
+}
 
 inline float HorizontalSum(v16 v) {
   v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -77,9 +112,9 @@ struct Shapes {
 
 // Online-softmax partial result of one (batch row, slot chunk): per query row r = j * n + t * G + g,
 // the running max m, the running sum l and the unnormalised output acc[hd].
-template <int HD>
-void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, const float* qs, const float* K,
-                 const float* V, const int32_t* P, const int32_t* QP, const float* cos_t, const float* sin_t,
+template <int HD, typename KT>
+void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, const float* qs, const KT* K,
+                 const KT* V, const int32_t* P, const int32_t* QP, const float* cos_t, const float* sin_t,
                  bool rotate, float* m, float* l, float* acc) {
   constexpr int NV = HD / 16, HV = NV / 2;
   const int64_t rows = sh.KV * sh.n, KV = sh.KV, n = sh.n, G = sh.G;
@@ -95,7 +130,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
     for (int64_t ds = 0; ds < sb; ++ds) {
       const int64_t s = s0 + ds;
       for (int64_t j = 0; j < KV; ++j) {
-        const float* kr = K + (s * KV + j) * HD;
+        const KT* kr = K + (s * KV + j) * HD;
         v16 k[NV];
         for (int c = 0; c < NV; ++c) k[c] = Load16(kr + c * 16);
         if (rotate) {
@@ -146,7 +181,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
     // Weights x values, slot-major like the logits.
     for (int64_t ds = 0; ds < sb; ++ds) {
       for (int64_t j = 0; j < KV; ++j) {
-        const float* vr = V + ((s0 + ds) * KV + j) * HD;
+        const KT* vr = V + ((s0 + ds) * KV + j) * HD;
         v16 v[NV];
         for (int c = 0; c < NV; ++c) v[c] = Load16(vr + c * 16);
         for (int64_t a = 0; a < n; ++a) {
@@ -190,10 +225,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const F& fn) {
   while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-template <int HD>
-void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float* q, const float* k_all,
-            const float* v_all, const int32_t* pos_all, const int32_t* query_pos, const float* cos_t,
-            const float* sin_t, bool rotate, float* out) {
+template <int HD, typename QT, typename KT>
+void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const QT* q, const KT* k_all,
+            const KT* v_all, const int32_t* pos_all, const int32_t* query_pos, const float* cos_t,
+            const float* sin_t, bool rotate, KT* out) {
   const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S, n = sh.n, rows = KV * n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   // Scaled queries regrouped per kv head: qs[b][j * n + t * G + g][d].
@@ -203,7 +238,8 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float*
       for (int64_t j = 0; j < KV; ++j)
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < HD; ++d)
-            qs[(b * rows + j * n + t * G + g) * HD + d] = q[(((b * T + t) * KV + j) * G + g) * HD + d] * scale;
+            qs[(b * rows + j * n + t * G + g) * HD + d] =
+                ToFloat(q[(((b * T + t) * KV + j) * G + g) * HD + d]) * scale;
   const int64_t chunks = (S + kChunk - 1) / kChunk;
   const int64_t stride = rows * (HD + 2);  // per (b, chunk): m[rows], l[rows], acc[rows * HD]
   std::vector<float> partial(B * chunks * stride);
@@ -211,19 +247,19 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float*
   ParallelFor(pool, B * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
     float* p = partial.data() + item * stride;
-    AttendChunk<HD>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), qs.data() + b * rows * HD,
+    AttendChunk<HD, KT>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), qs.data() + b * rows * HD,
                     k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
                     pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
                     p + 2 * rows);
   });
   // Merge the chunks' partial softmaxes.
   for (int64_t b = 0; b < B; ++b) {
-    const float* V = v_all + layer_offset(b) * KV * HD;
+    const KT* V = v_all + layer_offset(b) * KV * HD;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < KV; ++j)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = j * n + t * G + g;
-          float* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
+          KT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
           float total_max = -INFINITY;
           for (int64_t c = 0; c < chunks; ++c) {
             const float* p = partial.data() + (b * chunks + c) * stride;
@@ -232,8 +268,8 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float*
           if (total_max == -INFINITY) {  // sees no slot: the reference's uniform distribution over all slots
             for (int64_t d = 0; d < HD; ++d) {
               float sum = 0.0f;
-              for (int64_t s = 0; s < S; ++s) sum += V[(s * KV + j) * HD + d];
-              dst[d] = sum / static_cast<float>(S);
+              for (int64_t s = 0; s < S; ++s) sum += ToFloat(V[(s * KV + j) * HD + d]);
+              FromFloat(sum / static_cast<float>(S), dst + d);
             }
             continue;
           }
@@ -248,20 +284,52 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const float*
             for (int64_t d = 0; d < HD; ++d) numer[d] += w * ac[d];
           }
           const float inv = 1.0f / denom;
-          for (int64_t d = 0; d < HD; ++d) dst[d] = numer[d] * inv;
+          for (int64_t d = 0; d < HD; ++d) FromFloat(numer[d] * inv, dst + d);
         }
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all,
-                           ffi::Buffer<ffi::F32> v_all, ffi::Buffer<ffi::S32> pos_all,
-                           ffi::Buffer<ffi::S32> query_pos, ffi::Buffer<ffi::S32> layer,
-                           ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
-                           ffi::ResultBuffer<ffi::F32> out, int64_t rotate) {
+template <int HD, typename QT, typename KT>
+void Dispatch(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, ffi::AnyBuffer q, ffi::AnyBuffer k_all,
+              ffi::AnyBuffer v_all, ffi::Buffer<ffi::S32> pos_all, ffi::Buffer<ffi::S32> query_pos,
+              ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t, bool rotate, ffi::AnyBuffer out) {
+  Attend<HD, QT, KT>(pool, sh, layer, static_cast<const QT*>(q.untyped_data()),
+                     static_cast<const KT*>(k_all.untyped_data()), static_cast<const KT*>(v_all.untyped_data()),
+                     pos_all.typed_data(), query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rotate,
+                     static_cast<KT*>(out.untyped_data()));
+}
+
+template <int HD>
+void DispatchTypes(bool q_bf16, bool kv_bf16, ffi::ThreadPool& pool, const Shapes& sh, int64_t layer,
+                   ffi::AnyBuffer q, ffi::AnyBuffer k_all, ffi::AnyBuffer v_all, ffi::Buffer<ffi::S32> pos_all,
+                   ffi::Buffer<ffi::S32> query_pos, ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
+                   bool rotate, ffi::AnyBuffer out) {
+  if (q_bf16 && kv_bf16) {
+    Dispatch<HD, uint16_t, uint16_t>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
+  } else if (q_bf16) {
+    Dispatch<HD, uint16_t, float>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
+  } else if (kv_bf16) {
+    Dispatch<HD, float, uint16_t>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
+  } else {
+    Dispatch<HD, float, float>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
+  }
+}
+
+bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_all, ffi::AnyBuffer v_all,
+                           ffi::Buffer<ffi::S32> pos_all, ffi::Buffer<ffi::S32> query_pos,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
+                           ffi::Result<ffi::AnyBuffer> out, int64_t rotate) {
   const auto qd = q.dimensions();
   const auto kd = k_all.dimensions();
   if (qd.size() != 5 || kd.size() != 5) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and the cache must be rank 5");
+  }
+  if (!IsFloat(q.element_type()) || !IsFloat(k_all.element_type()) ||
+      v_all.element_type() != k_all.element_type() || out->element_type() != k_all.element_type()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "q and the cache must be float32 or bfloat16, v and the result of the cache's dtype");
   }
   const Shapes sh{qd[0], qd[1], qd[2], qd[3], kd[2], qd[1] * qd[3]};
   const int64_t hd = qd[4], L = kd[0];
@@ -274,18 +342,18 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (rot && (cos_t.dimensions()[0] != sh.S || cos_t.dimensions()[1] != hd)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rotation tables must be [S, head_dim]");
   }
+  const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
+  const bool kv_bf16 = k_all.element_type() == ffi::DataType::BF16;
   switch (hd) {
     case 32:
-      Attend<32>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
-                 query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      DispatchTypes<32>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot, *out);
       break;
     case 64:
-      Attend<64>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
-                 query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      DispatchTypes<64>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot, *out);
       break;
     case 128:
-      Attend<128>(pool, sh, li, q.typed_data(), k_all.typed_data(), v_all.typed_data(), pos_all.typed_data(),
-                  query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->typed_data());
+      DispatchTypes<128>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot,
+                         *out);
       break;
     default:
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
@@ -298,13 +366,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_all
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_all
+                                  .Arg<ffi::AnyBuffer>()         // q
+                                  .Arg<ffi::AnyBuffer>()         // k_all
+                                  .Arg<ffi::AnyBuffer>()         // v_all
                                   .Arg<ffi::Buffer<ffi::S32>>()  // pos_all
                                   .Arg<ffi::Buffer<ffi::S32>>()  // query_pos
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::AnyBuffer>()         // out
                                   .Attr<int64_t>("rotate"));

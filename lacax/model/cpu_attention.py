@@ -8,7 +8,9 @@ over slot ranges on XLA's intra-op thread pool, rotating pre-RoPE keys on the fl
 
 It is an implementation detail of `lacax.model.llama.forward`, used only where it computes exactly what the
 pure-JAX formulation computes (`llama.attention` is the reference, and the path everywhere else):
-  * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call), float32 cache and queries;
+  * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call), float32 or bfloat16
+    queries and cache (arithmetic in float32: with bfloat16 the reference rounds rotated keys and
+    probabilities to bfloat16 first, the kernel does not);
   * few query rows (decode: T * KV * G <= 64), head_dim 32, 64 or 128;
   * no probability hook (ACT), no recorded attention scores (H2O, TOVA, SnapKV, PyramidKV), no mesh;
   * rope_mode "slot" (keys rotated at their slot) or "stored" (keys cached rotated); "original" is not.
@@ -125,12 +127,13 @@ def available() -> bool:
 
 def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mode: str) -> bool:
   """Static check: can the kernel compute this attention (T new tokens, KV kv heads of G queries each)?"""
-  return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(cache_dtype) == jnp.float32 and head_dim in HEAD_DIMS
+  floats = (jnp.float32, jnp.bfloat16)
+  return (jnp.dtype(dtype) in floats and jnp.dtype(cache_dtype) in floats and head_dim in HEAD_DIMS
           and T * KV * G <= MAX_QUERY_ROWS and rope_mode in ("slot", "stored"))
 
 
 def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool):
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")(
+  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, v_all.dtype), vmap_method="sequential")(
       q, k_all, v_all, pos_all, query_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32), cos, sin,
       rotate=np.int64(rotate))
 
@@ -141,8 +144,9 @@ def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: 
   """Attention of q over layer `layer` of the stacked cache: the kernel on CPU, `reference` elsewhere.
 
   Args:
-    q: [B, T, KV, G, hd] float32 rotated queries.
-    k_all, v_all: [L, B, S, KV, hd] the stacked cache (keys pre-RoPE when slot tables are given).
+    q: [B, T, KV, G, hd] rotated queries (float32 or bfloat16).
+    k_all, v_all: [L, B, S, KV, hd] the stacked cache (keys pre-RoPE when slot tables are given); the result
+      has their dtype.
     pos_all: [L, B, S, KV] int32 original positions (-1 empty).
     query_pos: [B, T] int32 (-1 padding).
     layer: int32 scalar layer index.

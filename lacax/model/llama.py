@@ -111,7 +111,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
     half of a causal prefill, empty slots); never materialises the [B, KV, G, T, S] probabilities.
   * head-major (otherwise: short prefills, a probability hook, recorded scores, a sharded cache): per-head
     batched products over [B, KV, ...] with an explicit softmax.
-  On XLA:CPU, `forward` hands float32 decode attention to a custom call instead (lacax.model.cpu_attention),
+  On XLA:CPU, `forward` hands decode attention to a custom call instead (lacax.model.cpu_attention),
   which computes the slot-major numbers straight from the stacked cache; this function is its reference.
 
   Args:
