@@ -79,6 +79,20 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       else:  # the result is rounded to bfloat16 (8 significant bits)
         np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=1e-3, rtol=2 ** -8)
 
+  @parameterized.parameters("bfloat16", "float16", "float32")
+  def test_cache_write_equals_the_scatter(self, dtype):
+    rng = np.random.RandomState(0)
+    L, B, S, KV, hd, T = 3, 2, 50, 2, 32, 3
+    cache = jnp.asarray(rng.randn(L, B, S, KV, hd), dtype)
+    update = jnp.asarray(rng.randn(B, T, KV, hd), jnp.float32)
+    slots = jnp.asarray([[4, 5, 6], [7, 8, S]], jnp.int32)  # slot S: a padding token, dropped
+    write = jax.jit(lambda c, u, l, s: cpu_attention.cache_write(c, u, l, s, llama._write_layer))
+    got = write(cache, update, jnp.int32(1), slots)
+    want = llama._write_layer(cache, update.astype(dtype), jnp.int32(1), slots)
+    self.assertEqual(got.dtype, cache.dtype)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    self.assertIn("lacax_cache_write", write.lower(cache, update, jnp.int32(1), slots).as_text())
+
   def test_decode_attention_dispatch_has_the_reference_gradient(self):
     q, k_all, v_all, pos, query_pos = _stacked_inputs(0, 2, 1, 1, 40, 2, 2, 32, held=[35])
 

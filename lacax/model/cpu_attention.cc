@@ -361,7 +361,45 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// Writes new keys or values into one layer of the stacked cache, in place (the result aliases `cache`).
+// XLA:CPU upcasts a bfloat16 dynamic-update-slice to float32 over the whole operand (its float
+// normalisation), which made every bfloat16 decode step convert the entire stacked cache twice per layer.
+// Operands: cache [L, B, S, KV, hd]; update [B, T, KV, hd] of the cache's dtype; layer [] s32;
+// slots [B, T] s32 (slot of each new token; out of range = dropped, as for padding).
+ffi::Error CacheWrite(ffi::AnyBuffer cache, ffi::AnyBuffer update, ffi::Buffer<ffi::S32> layer,
+                      ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::AnyBuffer> out) {
+  const auto cd = cache.dimensions();
+  const auto ud = update.dimensions();
+  if (cd.size() != 5 || ud.size() != 4 || update.element_type() != cache.element_type() ||
+      ud[0] != cd[1] || ud[2] != cd[3] || ud[3] != cd[4]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cache write: shapes or dtypes do not match");
+  }
+  const int64_t L = cd[0], B = cd[1], S = cd[2], T = ud[1];
+  const size_t row = cd[3] * cd[4] * ffi::ByteWidth(cache.element_type());
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "layer index out of range");
+  const char* src = static_cast<const char*>(update.untyped_data());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s = slots.typed_data()[b * T + t];
+      if (s < 0 || s >= S) continue;
+      std::memcpy(dst + ((li * B + b) * S + s) * row, src + (b * T + t) * row, row);
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxCacheWrite, CacheWrite,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // cache
+                                  .Arg<ffi::AnyBuffer>()         // update
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
+                                  .Ret<ffi::AnyBuffer>());       // cache, updated (aliased)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

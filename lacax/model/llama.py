@@ -246,6 +246,12 @@ def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax
   return out.astype(v.dtype), jnp.transpose(probs, (0, 3, 4, 2, 1))
 
 
+def _write_layer(cache: jax.Array, update: jax.Array, layer: jax.Array, slots: jax.Array) -> jax.Array:
+  """cache[layer, b, slots[b, t]] = update[b, t]; slots out of range (padding) are dropped."""
+  rows = jnp.arange(cache.shape[1])[:, None]
+  return cache.at[layer, rows, slots].set(update, mode="drop")
+
+
 def _cached_layer_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: jax.Array,
                             query_pos: jax.Array, layer: jax.Array, slot_cos: jax.Array | None,
                             slot_sin: jax.Array | None) -> jax.Array:
@@ -295,6 +301,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
                     and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
                                                cache.rope_mode)
                     and cpu_attention.available())
+  use_cpu_write = (cache.mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES
+                   and cpu_attention.available())
   # Rotation tables are the same in every layer: built once per forward, not once per layer.
   if cache.rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
@@ -316,8 +324,12 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
     length = length_all[i]
     slots = write_slots(length, positions, S)
-    k_all = k_all.at[i, rows, slots].set(k_new.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows, slots].set(v_new.astype(v_all.dtype), mode="drop")
+    if use_cpu_write:
+      k_all = cpu_attention.cache_write(k_all, k_new, i, slots, _write_layer)
+      v_all = cpu_attention.cache_write(v_all, v_new, i, slots, _write_layer)
+    else:
+      k_all = _write_layer(k_all, k_new.astype(k_all.dtype), i, slots)
+      v_all = _write_layer(v_all, v_new.astype(v_all.dtype), i, slots)
     new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
     pos_all = pos_all.at[i, rows, slots].set(new_pos, mode="drop")
     length_all = length_all.at[i].add(n_new)
