@@ -113,8 +113,9 @@ def _build() -> Path:
 
 
 def available() -> bool:
-  """Whether the kernel is enabled and built and registered (builds it on the first call)."""
-  if not _state["enabled"]:
+  """Whether the kernel is enabled, built and registered (builds it on the first call). False unless the
+  default backend is the CPU: no build, and no warning, on GPU/TPU hosts."""
+  if not _state["enabled"] or jax.default_backend() != "cpu":
     return False
   with _lock:
     if _state["built"] is None:

@@ -15,6 +15,7 @@ Parameter layout (L layers, D model width, H query heads, KV kv heads, hd head_d
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -301,8 +302,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
                     and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
                                                cache.rope_mode)
                     and cpu_attention.available())
-  use_cpu_write = (cache.mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES
-                   and cpu_attention.available())
+  if cache.mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES and cpu_attention.available():
+    write = functools.partial(cpu_attention.cache_write, reference=_write_layer)  # in place on CPU
+  else:
+    write = _write_layer
   # Rotation tables are the same in every layer: built once per forward, not once per layer.
   if cache.rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
@@ -324,12 +327,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
     length = length_all[i]
     slots = write_slots(length, positions, S)
-    if use_cpu_write:
-      k_all = cpu_attention.cache_write(k_all, k_new, i, slots, _write_layer)
-      v_all = cpu_attention.cache_write(v_all, v_new, i, slots, _write_layer)
-    else:
-      k_all = _write_layer(k_all, k_new.astype(k_all.dtype), i, slots)
-      v_all = _write_layer(v_all, v_new.astype(v_all.dtype), i, slots)
+    k_all = write(k_all, k_new.astype(k_all.dtype), i, slots)
+    v_all = write(v_all, v_new.astype(v_all.dtype), i, slots)
     new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
     pos_all = pos_all.at[i, rows, slots].set(new_pos, mode="drop")
     length_all = length_all.at[i].add(n_new)
