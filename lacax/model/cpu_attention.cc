@@ -166,7 +166,6 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
       const float correction = m[r] == -INFINITY ? 0.0f : ExpNonPositive(m[r] - new_max);
       m[r] = new_max;
       float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
       for (int64_t ds = 0; ds < sb; ++ds) {
         const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
         const float p = ExpNonPositive(x[ds] - new_max) * keep;
@@ -225,10 +224,28 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, const F& fn) {
   while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
+// The custom call's operands, typed by the Attend instantiation that reads them.
+struct Operands {
+  const void* q;
+  const void* k_all;
+  const void* v_all;
+  const int32_t* pos_all;
+  const int32_t* query_pos;
+  const float* cos_t;
+  const float* sin_t;
+  bool rotate;
+  void* out;
+};
+
 template <int HD, typename QT, typename KT>
-void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const QT* q, const KT* k_all,
-            const KT* v_all, const int32_t* pos_all, const int32_t* query_pos, const float* cos_t,
-            const float* sin_t, bool rotate, KT* out) {
+void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operands& op) {
+  const QT* q = static_cast<const QT*>(op.q);
+  const KT* k_all = static_cast<const KT*>(op.k_all);
+  const KT* v_all = static_cast<const KT*>(op.v_all);
+  const int32_t *pos_all = op.pos_all, *query_pos = op.query_pos;
+  const float *cos_t = op.cos_t, *sin_t = op.sin_t;
+  const bool rotate = op.rotate;
+  KT* out = static_cast<KT*>(op.out);
   const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S, n = sh.n, rows = KV * n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
   // Scaled queries regrouped per kv head: qs[b][j * n + t * G + g][d].
@@ -289,30 +306,13 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const QT* q,
   }
 }
 
-template <int HD, typename QT, typename KT>
-void Dispatch(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, ffi::AnyBuffer q, ffi::AnyBuffer k_all,
-              ffi::AnyBuffer v_all, ffi::Buffer<ffi::S32> pos_all, ffi::Buffer<ffi::S32> query_pos,
-              ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t, bool rotate, ffi::AnyBuffer out) {
-  Attend<HD, QT, KT>(pool, sh, layer, static_cast<const QT*>(q.untyped_data()),
-                     static_cast<const KT*>(k_all.untyped_data()), static_cast<const KT*>(v_all.untyped_data()),
-                     pos_all.typed_data(), query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rotate,
-                     static_cast<KT*>(out.untyped_data()));
-}
+using AttendFn = void (*)(ffi::ThreadPool&, const Shapes&, int64_t, const Operands&);
 
+// The instantiation for (head_dim, query dtype, cache dtype); uint16_t holds bfloat16.
 template <int HD>
-void DispatchTypes(bool q_bf16, bool kv_bf16, ffi::ThreadPool& pool, const Shapes& sh, int64_t layer,
-                   ffi::AnyBuffer q, ffi::AnyBuffer k_all, ffi::AnyBuffer v_all, ffi::Buffer<ffi::S32> pos_all,
-                   ffi::Buffer<ffi::S32> query_pos, ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
-                   bool rotate, ffi::AnyBuffer out) {
-  if (q_bf16 && kv_bf16) {
-    Dispatch<HD, uint16_t, uint16_t>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
-  } else if (q_bf16) {
-    Dispatch<HD, uint16_t, float>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
-  } else if (kv_bf16) {
-    Dispatch<HD, float, uint16_t>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
-  } else {
-    Dispatch<HD, float, float>(pool, sh, layer, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rotate, out);
-  }
+AttendFn Pick(bool q_bf16, bool kv_bf16) {
+  if (q_bf16) return kv_bf16 ? &Attend<HD, uint16_t, uint16_t> : &Attend<HD, uint16_t, float>;
+  return kv_bf16 ? &Attend<HD, float, uint16_t> : &Attend<HD, float, float>;
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
@@ -344,20 +344,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   }
   const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
   const bool kv_bf16 = k_all.element_type() == ffi::DataType::BF16;
-  switch (hd) {
-    case 32:
-      DispatchTypes<32>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot, *out);
-      break;
-    case 64:
-      DispatchTypes<64>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot, *out);
-      break;
-    case 128:
-      DispatchTypes<128>(q_bf16, kv_bf16, pool, sh, li, q, k_all, v_all, pos_all, query_pos, cos_t, sin_t, rot,
-                         *out);
-      break;
-    default:
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
-  }
+  AttendFn attend = hd == 32 ? Pick<32>(q_bf16, kv_bf16)
+                    : hd == 64 ? Pick<64>(q_bf16, kv_bf16)
+                    : hd == 128 ? Pick<128>(q_bf16, kv_bf16) : nullptr;
+  if (attend == nullptr) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
+  attend(pool, sh, li,
+         Operands{q.untyped_data(), k_all.untyped_data(), v_all.untyped_data(), pos_all.typed_data(),
+                  query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->untyped_data()});
   return ffi::Error::Success();
 }
 

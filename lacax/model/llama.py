@@ -248,7 +248,8 @@ def _attention_slot_major(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax
 
 
 def _write_layer(cache: jax.Array, update: jax.Array, layer: jax.Array, slots: jax.Array) -> jax.Array:
-  """cache[layer, b, slots[b, t]] = update[b, t]; slots out of range (padding) are dropped."""
+  """cache[layer, b, slots[b, t]] = update[b, t] (keys, values or positions); slots out of range (padding)
+  are dropped."""
   rows = jnp.arange(cache.shape[1])[:, None]
   return cache.at[layer, rows, slots].set(update, mode="drop")
 
@@ -296,7 +297,6 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     x = cache.mesh_rules.constrain(x, ("batch", None, None))
     cache = cache.mesh_rules.constrain_cache(cache)
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
-  rows = jnp.arange(B)[:, None]
   score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
   use_cpu_kernel = (probs_hook is None and score_weights is None and cache.mesh_rules is None
                     and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
@@ -330,7 +330,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     k_all = write(k_all, k_new.astype(k_all.dtype), i, slots)
     v_all = write(v_all, v_new.astype(v_all.dtype), i, slots)
     new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
-    pos_all = pos_all.at[i, rows, slots].set(new_pos, mode="drop")
+    pos_all = _write_layer(pos_all, new_pos, i, slots)
     length_all = length_all.at[i].add(n_new)
     if cache.rope_mode == "slot":
       q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
