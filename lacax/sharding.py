@@ -117,6 +117,8 @@ LAYER_PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_gate": ("layers", "embed", "mlp"),
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
+    "bo": ("layers", "embed"),
+    "b_down": ("layers", "embed"),
 }
 # Logical axes of the cache's array fields (the policy `state`: see `cache_axes`).
 CACHE_AXES: dict[str, tuple[str, ...]] = {
@@ -233,6 +235,8 @@ def param_axes(path: Sequence[Any]) -> tuple[str, ...]:
     KeyError: a parameter lacax has no axis names for (so it is never silently replicated).
   """
   names = tuple(_key_name(k) for k in path)
+  if len(names) == 3 and names[0] == "layers" and isinstance(path[1], jax.tree_util.SequenceKey):
+    names = (names[0], names[2])  # a segment of heterogeneous layers (lacax.model.llama)
   if len(names) == 2 and names[0] == "layers" and names[1] in LAYER_PARAM_AXES:
     return LAYER_PARAM_AXES[names[1]]
   if len(names) == 1 and names[0] in PARAM_AXES:

@@ -57,6 +57,11 @@ class ModelConfig:
     attention_bias: q/k/v projections carry a bias (Qwen2).
     dtype: compute and parameter dtype name: "float32" or "bfloat16" (or "float16").
     name: a free-form label (e.g. the checkpoint name), used in results.
+    layer_shapes: heterogeneous layers (a physically sliced subnet): a tuple of segments
+      (num_layers, num_heads, num_kv_heads, intermediate_size), in depth order, whose layer counts sum to
+      `num_layers`; `params["layers"]` is then a list with one stacked dict per segment. Every segment's sizes
+      are at most the model-wide fields, which stay the widest (the KV cache keeps `num_kv_heads` heads per
+      layer, width masks are [num_heads] / [intermediate_size]). None: every layer has the model-wide sizes.
   """
 
   vocab_size: int
@@ -74,6 +79,7 @@ class ModelConfig:
   attention_bias: bool = False
   dtype: str = "float32"
   name: str = "llama"
+  layer_shapes: tuple[tuple[int, int, int, int], ...] | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -99,6 +105,36 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} must be > 0")
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if self.layer_shapes is not None:
+      self._check_layer_shapes()
+
+  def _check_layer_shapes(self):
+    try:
+      shapes = tuple(tuple(int(v) for v in seg) for seg in self.layer_shapes)
+    except (TypeError, ValueError):
+      shapes = None
+    if not shapes or any(len(seg) != 4 for seg in shapes):
+      raise ValueError(f"ModelConfig.layer_shapes={self.layer_shapes!r} must be a non-empty sequence of "
+                       "(num_layers, num_heads, num_kv_heads, intermediate_size) segments")
+    object.__setattr__(self, "layer_shapes", shapes)
+    for i, (n, h, kv, f) in enumerate(shapes):
+      if min(n, h, kv, f) <= 0 or h % kv:
+        raise ValueError(f"ModelConfig.layer_shapes[{i}]={shapes[i]}: sizes must be positive and num_heads a "
+                         "multiple of num_kv_heads")
+      if h > self.num_heads or kv > self.num_kv_heads or f > self.intermediate_size:
+        raise ValueError(f"ModelConfig.layer_shapes[{i}]={shapes[i]} exceeds the model-wide num_heads="
+                         f"{self.num_heads}, num_kv_heads={self.num_kv_heads}, intermediate_size="
+                         f"{self.intermediate_size}")
+    if sum(seg[0] for seg in shapes) != self.num_layers:
+      raise ValueError(f"ModelConfig.layer_shapes={shapes} holds {sum(seg[0] for seg in shapes)} layers; "
+                       f"num_layers={self.num_layers}")
+
+  @property
+  def segments(self) -> tuple[tuple[int, int, int, int], ...]:
+    """(num_layers, num_heads, num_kv_heads, intermediate_size) of each layer segment (one if homogeneous)."""
+    if self.layer_shapes is not None:
+      return self.layer_shapes
+    return ((self.num_layers, self.num_heads, self.num_kv_heads, self.intermediate_size),)
 
   @property
   def jnp_dtype(self):
@@ -119,12 +155,13 @@ class ModelConfig:
 
   def num_params(self) -> int:
     """Parameter count (tied embeddings counted once)."""
-    d, f, h, kv, hd, v = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
-                          self.head_dim, self.vocab_size)
-    per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
-    if self.attention_bias:
-      per_layer += hd * (h + 2 * kv)
-    total = self.num_layers * per_layer + v * d + d
+    d, hd, v = self.hidden_size, self.head_dim, self.vocab_size
+    total = v * d + d
+    for n, h, kv, f in self.segments:
+      per_layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
+      if self.attention_bias:
+        per_layer += hd * (h + 2 * kv)
+      total += n * per_layer
     if not self.tie_word_embeddings:
       total += v * d
     return total

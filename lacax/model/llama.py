@@ -79,18 +79,24 @@ ProbsHook = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
-  """The parameter pytree as `jax.ShapeDtypeStruct`s (no allocation)."""
-  L, D, H, KV, hd, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.vocab_size)
+  """The parameter pytree as `jax.ShapeDtypeStruct`s (no allocation); `params["layers"]` is a list of
+  segments when `cfg.layer_shapes` declares heterogeneous layers."""
+  D, hd, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
   dt = cfg.jnp_dtype
-  s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
-  layers = {
-      "attn_norm": s(L, D), "wq": s(L, D, H, hd), "wk": s(L, D, KV, hd), "wv": s(L, D, KV, hd),
-      "wo": s(L, H, hd, D), "mlp_norm": s(L, D), "w_gate": s(L, D, F), "w_up": s(L, D, F), "w_down": s(L, F, D),
-  }
-  if cfg.attention_bias:
-    layers.update(bq=s(L, H, hd), bk=s(L, KV, hd), bv=s(L, KV, hd))
-  params = {"embed": s(V, D), "layers": layers, "final_norm": s(D)}
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+
+  def segment(L, H, KV, F):
+    layers = {
+        "attn_norm": s(L, D), "wq": s(L, D, H, hd), "wk": s(L, D, KV, hd), "wv": s(L, D, KV, hd),
+        "wo": s(L, H, hd, D), "mlp_norm": s(L, D), "w_gate": s(L, D, F), "w_up": s(L, D, F), "w_down": s(L, F, D),
+    }
+    if cfg.attention_bias:
+      layers.update(bq=s(L, H, hd), bk=s(L, KV, hd), bv=s(L, KV, hd))
+    return layers
+
+  segments = [segment(*seg) for seg in cfg.segments]
+  params = {"embed": s(V, D), "layers": segments if cfg.layer_shapes is not None else segments[0],
+            "final_norm": s(D)}
   if not cfg.tie_word_embeddings:
     params["lm_head"] = s(V, D)
   return params
@@ -479,6 +485,11 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
   num_layers = sum(_num_stacked(s) for s in segments)
   if num_layers != cfg.num_layers:
     raise ValueError(f"params hold {num_layers} layers but ModelConfig.num_layers={cfg.num_layers}")
+  if cfg.layer_shapes is not None:
+    got = tuple((_num_stacked(seg), int(seg["wq"].shape[-2]), int(seg["wk"].shape[-2]), int(seg["w_gate"].shape[-1]))
+                for seg in segments)
+    if got != cfg.layer_shapes:
+      raise ValueError(f"params hold layer segments {got}; ModelConfig.layer_shapes={cfg.layer_shapes}")
   _check_options(options, cfg, num_layers)
   inv_freq = rope_lib.inv_frequencies(cfg)
   x = params["embed"].astype(dtype)[tokens]

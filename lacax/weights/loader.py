@@ -71,6 +71,20 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
 
   mesh_rules = mesh_rules or sharding.current_mesh_rules()
   path = path or default_model_path()
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "lacax_model_config.json")):
+    from lacax.weights import checkpoint  # pylint: disable=g-import-not-at-top
+
+    # A lacax (orbax) checkpoint, e.g. an exported subnet with heterogeneous layers.
+    cfg = checkpoint.load_config(path).replace(dtype=dtype)
+    target = llama.param_shapes(cfg)
+    if mesh_rules is not None:
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target,
+                            mesh_rules.param_shardings(target))
+    params = checkpoint.restore_params(path, cfg, target=target)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
+    return Model(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=tokenizer,
+                 source=os.path.abspath(path))
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
