@@ -180,7 +180,7 @@ class RegistryTest(parameterized.TestCase):
       self.assertEqual(getattr(policy, f.name), want, f"{name}.{f.name}")
     for config_field, policy_field in spec.fields.items():
       self.assertEqual(defaults[config_field], getattr(policy, policy_field), f"cache.{config_field}")
-    # A config field the policy reads changes the policy.
+    # Every config field maps to a field of the policy.
     for config_field, policy_field in spec.fields.items():
       self.assertIn(policy_field, {f.name for f in dataclasses.fields(policy)})
 

@@ -94,6 +94,19 @@ class CachePolicy:
     raise NotImplementedError
 
 
+class BudgetPolicy(CachePolicy):
+  """A policy that holds at most `budget` tokens per (row, kv head) after every compaction (StreamingLLM, H2O,
+  TOVA): its decode cache needs the budget plus the token of the current step. `budget` is a field or property
+  of the subclass."""
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    del cfg
+    return min(max_tokens, self.budget + 1)
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    return np.full(cfg.num_layers, min(seen, self.budget))
+
+
 def resize(cache: KVCache, capacity: int | None) -> KVCache:
   """The cache with `capacity` slots, keeping slots [0, capacity) (no-op when capacity is None or unchanged)."""
   if capacity is None or capacity == cache.capacity:

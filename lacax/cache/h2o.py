@@ -10,16 +10,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy
+from lacax.cache.base import BudgetPolicy
 from lacax.cache.kv_cache import KVCache
-from lacax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class H2OPolicy(CachePolicy):
+class H2OPolicy(BudgetPolicy):
   """H2O (heavy-hitter oracle): the `recent` newest tokens + the `heavy` tokens with most accumulated attention.
 
   Reference FMInference/H2O `h2o_hf/utils_real_drop/modify_llama.py::H2OKVCache_LayerWise`: after every forward
@@ -55,13 +53,6 @@ class H2OPolicy(CachePolicy):
   @property
   def budget(self) -> int:
     return self.heavy + self.recent
-
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    del cfg
-    return min(max_tokens, self.budget + 1)
-
-  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
-    return np.full(cfg.num_layers, min(seen, self.budget))
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     plans.require_scores("H2O", cache, self.score_mode)

@@ -70,7 +70,7 @@ Shapes (L = layers, B = batch, S = cache slots, S_out = output slots, KV = kv he
 run_len) pair per output slot plus a weight per source slot, all static-shape integer arithmetic (cumsum,
 cummax/cummin, sorts, segment sums), so `compact` is jit- and `lax.while_loop`-compatible.
 
-Memory: like the paper (which bounds neither prefill memory nor the tensor size), `slots()` sizes the decode
+Memory: like the paper (which bounds neither prefill memory nor the tensor size), `decode_capacity()` sizes the decode
 cache for the whole run and merging never increases the occupied count, so nothing can overflow. The budget
 bounds the *occupied* slots, not the array: a bounded array (budget + 1 slots, as H2O) would be unsafe here,
 because the skipped layers keep every token and a threshold (or an unreachable exact budget) can leave more

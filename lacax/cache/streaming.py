@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy
+from lacax.cache.base import BudgetPolicy
 from lacax.cache.kv_cache import KVCache
-from lacax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingPolicy(CachePolicy):
+class StreamingPolicy(BudgetPolicy):
   """StreamingLLM: the first `start_size` tokens (attention sinks) + the most recent `recent_size` tokens.
 
   Reference: mit-han-lab/streaming-llm `streaming_llm/kv_cache.py::StartRecentKVCache` (evict after every
@@ -45,16 +43,9 @@ class StreamingPolicy(CachePolicy):
   def budget(self) -> int:
     return self.start_size + self.recent_size
 
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    del cfg
-    return min(max_tokens, self.budget + 1)
-
   @property
   def sink_tokens(self) -> int:
     return self.start_size
-
-  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
-    return np.full(cfg.num_layers, min(seen, self.budget))
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     out = capacity or cache.capacity

@@ -9,16 +9,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy
+from lacax.cache.base import BudgetPolicy
 from lacax.cache.kv_cache import KVCache
-from lacax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class TOVAPolicy(CachePolicy):
+class TOVAPolicy(BudgetPolicy):
   """TOVA (token omission via attention): keep the `budget` keys the newest query attends to most.
 
   Reference schwartz-lab-NLP/TOVA `src/tova_cache.py::TOVACache.reduce`: after every forward, if the layer holds
@@ -44,13 +42,6 @@ class TOVAPolicy(CachePolicy):
   def __post_init__(self):
     plans.check_int("TOVA", "budget", self.budget, 1)
     plans.check_rope_and_agg("TOVA", self)
-
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    del cfg
-    return min(max_tokens, self.budget + 1)
-
-  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
-    return np.full(cfg.num_layers, min(seen, self.budget))
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     plans.require_scores("TOVA", cache, self.score_mode)
