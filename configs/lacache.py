@@ -12,6 +12,8 @@ Llama; use --config.num_tokens=8192 and --config.cache.size=512 for the long run
 
 import ml_collections
 
+from lacax.cache import registry
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -24,9 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.report_at = (256, 512, 1024, 2048, 4096, 8192)
   c.chunk = 256
   c.policies = ("full", "streaming", "lacache")
-  # One budget for every policy: StreamingLLM keeps start_size sinks + (size - start_size) recent tokens.
-  c.cache = ml_collections.ConfigDict(dict(
-      size=256, start_size=4, span=16, overlap=0, layer_mapping="modular", score_agg="mean", window=32))
+  # One budget for every policy: StreamingLLM keeps start_size sinks + (size - start_size) recent tokens. The
+  # other fields (start_size, span, overlap, layer_mapping, score_agg, window, ...) take the policies' own
+  # defaults, read from their dataclasses by the registry.
+  c.cache = ml_collections.ConfigDict(dict(size=256, **registry.cache_defaults()))
   # Device mesh (lacax.sharding): shape () = one device; e.g. --config.mesh.shape="(1,8,1)" for FSDP over 8 chips,
   # "(1,1,8)" for tensor parallelism, "(-1,1,1)" for data parallelism over every device. `rules` overrides the
   # default logical-axis rules, e.g. --config.mesh.rules="batch=data,embed=".

@@ -28,6 +28,8 @@ Variants:
 
 import ml_collections
 
+from lacax.cache import registry
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -43,9 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 1
   c.policies = ("full", "streaming", "lacache")
   # budget: fraction of max_length every compacting policy keeps; the other fields as in configs/lacache.py.
-  c.cache = ml_collections.ConfigDict(dict(
-      budget=0.5, start_size=4, span=16, overlap=0, layer_mapping="modular", score_agg="mean", window=32,
-      merge_threshold=0.75, exact_budget=True))
+  c.cache = ml_collections.ConfigDict(dict(budget=0.5, **registry.cache_defaults()))
   if arg == "budget25":
     c.cache.budget, c.cache.span, c.cache.overlap = 0.25, 9, 3
   elif arg == "smollm2":

@@ -32,6 +32,8 @@ Variants:
 
 import ml_collections
 
+from lacax.cache import registry
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -52,9 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 1  # prompts of one length are batched; the prefill attention is [batch, heads, L, L]
   c.policies = ("full", "streaming", "lacache")
   # budget: fraction of the prompt every compacting policy keeps; the other fields as in configs/lacache.py.
-  c.cache = ml_collections.ConfigDict(dict(
-      budget=0.5, start_size=4, span=14, overlap=0, layer_mapping="modular", score_agg="mean", window=32,
-      merge_threshold=0.75, exact_budget=True))
+  c.cache = ml_collections.ConfigDict(dict(budget=0.5, **{**registry.cache_defaults(), "span": 14}))
   if arg == "cpu":
     c.grid.lengths = (512, 1024)
     c.grid.depths = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -33,8 +33,10 @@ import numpy as np
 from lacax import results as results_lib
 from lacax.cache import ladder as ladder_lib
 from lacax.cache.kv_cache import KVCache
-from lacax.cache.policies import LadderPolicy, StreamingPolicy
-from lacax.cache.policy import CachePolicy, FullPolicy
+from lacax.cache.ladder import LadderPolicy
+from lacax.cache.streaming import StreamingPolicy
+from lacax.cache.base import CachePolicy
+from lacax.cache.full import FullPolicy
 from lacax.eval import perplexity
 from lacax.weights.loader import load_model
 
@@ -69,7 +71,7 @@ def positions_after(policy: CachePolicy, num_layers: int, streamed: int) -> tupl
 def cache_after(policy: CachePolicy, cfg, streamed: int, extra: int, key) -> KVCache:
   """A batch-1 cache in the state it has after `streamed` tokens, with room for `extra` more."""
   kept, state = positions_after(policy, cfg.num_layers, streamed)
-  capacity = policy.slots(cfg, streamed + extra)
+  capacity = policy.decode_capacity(cfg, streamed + extra)
   cache = policy.init(cfg, 1, capacity)
   length = kept.shape[1]
   pos = np.full((cfg.num_layers, 1, capacity, cfg.num_kv_heads), -1, np.int32)

@@ -2,6 +2,8 @@
 
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
                                     [--rope_modes=slot,stored] [--cpu_kernel=on,off]
+  python -m experiments.bench_decode --contexts=512,4096,8192 --dtypes=float32 --rope_modes=slot \
+      --new_tokens=2 --repeats=3                 # prefill speed (both sides: the best of 3, every time kept)
 
 For each context length C: a C-token prompt is prefilled, then `new_tokens` tokens are decoded greedily
 with the full cache, once per key storage (`--rope_modes`: "slot" = the pre-RoPE cache of DESIGN.md,
@@ -32,7 +34,7 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax import results as results_lib
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import cpu_attention
 from lacax.weights.loader import load_model
 
@@ -52,6 +54,14 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
+  except OSError:
+    return "unknown"
+
+
 def _prompt(context: int, vocab: int) -> list[int]:
   return np.random.RandomState(context).randint(10, min(vocab, 30000), context).tolist()
 
@@ -60,16 +70,19 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
   prompt = [_prompt(context, model.cfg.vocab_size)]
   kwargs = dict(max_new_tokens=new_tokens, policy=FullPolicy(rope_mode=rope_mode), bucket=128)
   generation.generate(model.params, model.cfg, prompt, **kwargs)  # compile
-  best = None
+  best, prefill_seconds = None, []
   for _ in range(repeats):
     r = generation.generate(model.params, model.cfg, prompt, **kwargs)
+    prefill_seconds.append(r.prefill_seconds)
     if best is None or r.decode_seconds < best.decode_seconds:
       best = r
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
   kv_bytes = model.cfg.kv_bytes_per_token() * (context + new_tokens / 2)
   return {
       "decode_tokens_per_second": best.decode_tokens_per_second,
-      "prefill_tokens_per_second": best.prefill_tokens_per_second,
+      # The best prefill of the repeats, as for transformers (each repeat's time is kept: the spread).
+      "prefill_tokens_per_second": context / min(prefill_seconds),
+      "prefill_seconds": prefill_seconds,
       "bandwidth_GBps": (weight_bytes + kv_bytes) * best.decode_tokens_per_second / 1e9,
       "tokens": best.tokens[0],
   }
@@ -94,7 +107,7 @@ def bench_torch(model, context: int, new_tokens: int, repeats: int, vocab: int) 
   import torch  # pylint: disable=g-import-not-at-top
 
   prompt = torch.tensor([_prompt(context, vocab)])
-  best_decode, best_prefill, tokens = None, None, None
+  best_decode, prefill_seconds, tokens = None, [], None
   with torch.inference_mode():
     for _ in range(repeats + 1):  # the first run warms up
       start = time.perf_counter()
@@ -110,10 +123,12 @@ def bench_torch(model, context: int, new_tokens: int, repeats: int, vocab: int) 
       decode_s, prefill_s = end - mid, mid - start
       if best_decode is None or decode_s < best_decode:
         best_decode, tokens = decode_s, generated
-      best_prefill = prefill_s if best_prefill is None else min(best_prefill, prefill_s)
+      prefill_seconds.append(prefill_s)
+  prefill_seconds = prefill_seconds[1:]  # the warm-up run is not timed
   # The first generated token comes from the prefill, as in lacax's accounting.
   return {"decode_tokens_per_second": (new_tokens - 1) / best_decode,
-          "prefill_tokens_per_second": context / best_prefill, "tokens": tokens}
+          "prefill_tokens_per_second": context / min(prefill_seconds), "prefill_seconds": prefill_seconds,
+          "tokens": tokens}
 
 
 def _torch_runs(contexts: list[int]) -> list[dict]:
@@ -154,7 +169,8 @@ def main(argv):
             for c in contexts]
     results_lib.write_json(_TORCH_ONLY_JSON.value, runs)
     return
-  rows, record = [], {"provenance": results_lib.provenance(), "new_tokens": _NEW_TOKENS.value, "runs": []}
+  rows, record = [], {"provenance": results_lib.provenance(), "cpu_model": _cpu_model(),
+                      "load_average_start": os.getloadavg(), "new_tokens": _NEW_TOKENS.value, "runs": []}
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)
     record["model"] = model.cfg.name
@@ -190,6 +206,7 @@ def main(argv):
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:
       run["ratio_vs_transformers"] = run["decode_tokens_per_second"] / torch_speed[run["context"]]
+  record["load_average_end"] = os.getloadavg()  # a shared machine makes every ratio noisy: say how busy it was
   os.makedirs(_OUT.value, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
   path = os.path.join(_OUT.value, f"{stamp}.json")

@@ -24,8 +24,8 @@ import jax
 
 from lacax import results as results_lib
 from lacax import sharding
-from lacax.cache.policies import LadderPolicy
-from lacax.cache.policy import FullPolicy
+from lacax.cache.ladder import LadderPolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import llama
 from lacax.model.config import LLAMA3_8B, ModelConfig
 
@@ -62,7 +62,7 @@ def memory_rows(cfg: ModelConfig, context: int, budget: int, span: int, batches:
       row = {"layout": label, "mesh": dict(zip(sharding.MESH_AXES, shape)), "rules": overrides, "batch": batch,
              "params_gib": param_bytes / GIB}
       for name, policy in policies.items():
-        slots = policy.slots(cfg, context)
+        slots = policy.decode_capacity(cfg, context)
         cache = jax.eval_shape(lambda p=policy, s=slots: p.init(cfg, batch, s))
         row[f"{name}_slots"] = slots
         row[f"{name}_cache_gib"] = rules.cache_bytes(cache) / GIB

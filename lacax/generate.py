@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import KVCache
-from lacax.cache.policy import CachePolicy, FullPolicy
+from lacax.cache.base import CachePolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import llama
 from lacax.model.config import ModelConfig
 from lacax.sampling import SamplingConfig, sample
@@ -205,7 +206,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
                      f"[{int(tokens.min())}, {int(tokens.max())}]")
   total = int(lengths.max()) + max_new_tokens
-  decode_capacity = policy.slots(cfg, total)
+  decode_capacity = policy.decode_capacity(cfg, total)
   if isinstance(policy, FullPolicy) and policy.capacity and total > policy.capacity:
     raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {max_new_tokens} = {total} tokens "
                      f"exceed the full cache capacity {policy.capacity}")

@@ -1,6 +1,14 @@
 """The XLA:CPU decode-attention kernel (lacax/model/cpu_attention.cc) against its pure-JAX reference."""
 
+import ctypes
+import os
+from pathlib import Path
 import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
 
 from absl.testing import absltest, parameterized
 import jax
@@ -13,6 +21,7 @@ from lacax.model import cpu_attention
 from lacax.model import llama
 from lacax.model import rope as rope_lib
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
@@ -160,6 +169,130 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float16, jnp.float16, "slot"))
     self.assertFalse(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))
+
+
+_FAKE_COMPILER = """#!/bin/sh
+# A stand-in C++ compiler for the kernel-cache tests: `--version` prints a fixed line; a build copies the
+# library that the real compiler built ($GOOD_LIBRARY) to the -o path, in two halves with $PAUSE seconds
+# between them, so that a test can kill the build half-way.
+if [ "$1" = "--version" ]; then echo "fake c++ 1.0"; exit 0; fi
+while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then out="$2"; fi; shift; done
+size=$(wc -c < "$GOOD_LIBRARY")
+head -c $((size / 2)) "$GOOD_LIBRARY" > "$out"
+sleep "${PAUSE:-0}"
+cat "$GOOD_LIBRARY" > "$out"
+"""
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the pure-JAX path")
+class KernelCacheTest(absltest.TestCase):
+  """A truncated, corrupt or half-built cached kernel is rebuilt (or bypassed with the documented warning)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cpu_attention.set_enabled(True)
+    cls.good = cpu_attention._build()  # the real build in the default cache (a hit after the tests above)
+    cls.good_bytes = cls.good.read_bytes()
+
+  def setUp(self):
+    super().setUp()
+    self.root = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+    compiler = os.path.join(self.root, "fakecxx")
+    with open(compiler, "w") as f:
+      f.write(_FAKE_COMPILER)
+    os.chmod(compiler, 0o755)
+    self.enter_context(mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": self.root, "CXX": compiler,
+                                                    "GOOD_LIBRARY": str(self.good), "PAUSE": "0"}))
+    self.kernels = Path(self.root) / "kernels"
+
+  def build_dirs(self):
+    return sorted(p.name for p in self.kernels.iterdir())
+
+  def assert_working(self, library: Path, load: bool = True):
+    self.assertEqual(library.read_bytes(), self.good_bytes)
+    if not load:  # a library this process has mapped must not be corrupted in place afterwards
+      return
+    loaded = ctypes.CDLL(str(library))
+    for symbol in ("LacaxDecodeAttention", "LacaxCacheWrite"):
+      self.assertTrue(hasattr(loaded, symbol), symbol)
+
+  def corrupt_and_rebuild(self, corrupt):
+    first = cpu_attention._build()
+    self.assert_working(first, load=False)
+    corrupt(first)
+    with self.assertLogs(level="WARNING") as logs:
+      again = cpu_attention._build()
+    self.assertEqual(again, first)
+    self.assertLen(logs.output, 1)
+    self.assertIn("lacax: cached CPU kernel is corrupt, rebuilding it", logs.output[0])
+    self.assertIn(str(first.parent), logs.output[0])
+    self.assert_working(again)
+    self.assertEqual([d for d in self.build_dirs() if not d.startswith("cpu_attention-")], [])
+    return logs.output[0]
+
+  def test_truncated_kernel_is_rebuilt(self):
+    message = self.corrupt_and_rebuild(lambda lib: os.truncate(lib, lib.stat().st_size // 3))
+    self.assertIn(f"has {len(self.good_bytes) // 3} bytes, its manifest records {len(self.good_bytes)}", message)
+
+  def test_corrupt_bytes_are_rebuilt(self):
+    def flip(lib):
+      data = bytearray(lib.read_bytes())
+      data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+      lib.write_bytes(bytes(data))
+
+    message = self.corrupt_and_rebuild(flip)
+    self.assertIn("does not match the SHA-256", message)
+
+  def test_missing_manifest_is_rebuilt(self):
+    message = self.corrupt_and_rebuild(lambda lib: (lib.parent / "manifest.json").unlink())
+    self.assertIn("unreadable or incomplete", message)
+
+  def test_a_build_killed_half_way_leaves_nothing_that_is_used(self):
+    env = dict(os.environ, PAUSE="60")
+    child = subprocess.Popen([sys.executable, "-c", "from lacax.model import cpu_attention as c; c._build()"],
+                             env=env, cwd=_REPO)
+    try:
+      deadline = time.time() + 120
+      half = None
+      while time.time() < deadline and half is None:  # wait until the compiler wrote its first half
+        time.sleep(0.2)
+        found = list(self.kernels.glob(".partial-*/lib.so")) if self.kernels.exists() else []
+        if found and found[0].stat().st_size > 0:
+          half = found[0]
+    finally:
+      child.kill()
+      child.wait()
+    self.assertIsNotNone(half, "the child build never started")
+    self.assertLess(half.stat().st_size, len(self.good_bytes))
+    self.assertEqual([d for d in self.build_dirs() if d.startswith("cpu_attention-")], [])
+    # The next build ignores the leftover (it may belong to a running build) and builds afresh...
+    library = cpu_attention._build()
+    self.assert_working(library, load=False)
+    self.assertTrue(half.exists())
+    # ... and once the leftover is an hour old, a build deletes it.
+    old = time.time() - 2 * 3600
+    os.utime(half.parent, (old, old))
+    shutil.rmtree(library.parent)
+    self.assert_working(cpu_attention._build())
+    self.assertFalse(half.parent.exists())
+
+  def test_corrupt_kernel_without_a_compiler_falls_back_with_one_warning(self):
+    first = cpu_attention._build()
+    os.truncate(first, 100)
+    state = dict(cpu_attention._state)
+    cpu_attention._state.update(built=None)
+    try:
+      with mock.patch.object(cpu_attention, "_compiler", return_value=None), \
+          self.assertLogs(level="WARNING") as logs:
+        self.assertFalse(cpu_attention.available())
+    finally:
+      cpu_attention._state.clear()
+      cpu_attention._state.update(state)
+    self.assertLen(logs.output, 1)
+    self.assertIn("lacax: CPU decode-attention kernel unavailable, using the pure-JAX path (no C++ compiler",
+                  logs.output[0])
 
 
 if __name__ == "__main__":

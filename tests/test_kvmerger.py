@@ -1,8 +1,8 @@
-"""KVMerger policy: parity with a plain numpy statement of the method, the spec's invariants (§7), generation.
+"""KVMerger policy: parity with a plain numpy statement of the method, its invariants, generation.
 
-The numpy oracle below restates `shared/research/kv_cache_methods.md` §2 with loops: protection, the
-backward scan that grows a set while neighbours are similar (closing it at `max_run` members), exact budgets
-by adding the most similar pairs one at a time, pivot, Gaussian weights and the merged key/value.
+The numpy oracle below restates the method (arXiv 2407.08454, as `lacax.cache.kvmerger` reads it) with loops:
+protection, the backward scan that grows a set while neighbours are similar (closing it at `max_run` members),
+exact budgets by adding the most similar pairs one at a time, pivot, Gaussian weights and the merged key/value.
 """
 
 import functools
@@ -16,7 +16,7 @@ from absl.testing import parameterized
 
 from lacax import generate as generate_lib
 from lacax.cache.kvmerger import KVMergerPolicy
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import llama
 from lacax.model.config import ModelConfig
 from lacax.sampling import SamplingConfig
@@ -378,8 +378,9 @@ class KVMergerGenerateTest(absltest.TestCase):
     tokens, lengths = generate_lib.pad_prompts(self.prompts, bucket=32)
     max_new = 5
     statics = dict(cfg=self.cfg, policy=policy, sampling=SamplingConfig(), max_new_tokens=max_new, stop_ids=())
+    capacity = policy.decode_capacity(self.cfg, int(lengths.max()) + max_new)
     state = generate_lib.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
-                                 decode_capacity=policy.slots(self.cfg, int(lengths.max()) + max_new), **statics)
+                                 decode_capacity=capacity, **statics)
     counts = np.asarray(jnp.sum(state.cache.pos >= 0, axis=2))  # [L, B, KV]
     np.testing.assert_array_equal(counts[2], 8, err_msg="merged layer holds the budget")
     for layer in (0, 1, 3):

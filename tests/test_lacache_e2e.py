@@ -16,7 +16,7 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from lacax.cache import ladder as ladder_lib
-from lacax.cache.policies import LadderPolicy
+from lacax.cache.ladder import LadderPolicy
 from lacax.model import llama
 from tests.test_smollm2 import smollm2_pair
 
@@ -85,7 +85,7 @@ class LaCacheEndToEndTest(parameterized.TestCase):
       logits, cache = llama.forward(params, token, position, cache, cfg)
       return logits[0, 0], policy.compact(cache)
 
-    cache = policy.init(cfg, 1, policy.slots(cfg, _NUM_TOKENS))
+    cache = policy.init(cfg, 1, policy.decode_capacity(cfg, _NUM_TOKENS))
     worst = 0.0
     for t, token in enumerate(self.ids):
       got, cache = step(params, cache, jnp.asarray([[token]]), jnp.asarray([[t]]))

@@ -1,8 +1,9 @@
-"""LaCache ladder planner: reference parity (golden + literal oracle), config validation and the spec's invariants.
+"""LaCache ladder planner: reference parity (golden + literal oracle), config validation and invariants.
 
-Golden data (`tests/golden/lacache/`) was produced by running the index arithmetic of GATECH-EIC/LaCache@0f27c33
-outside this repository; see its README. Numbers asserted below are what that reference produces; where the spec
-(`shared/research/kv_cache_methods.md` §1, §7) states something else, the test says so.
+Golden data (`tests/golden/lacache/`) comes from the index arithmetic of GATECH-EIC/LaCache@0f27c33, run by
+`tests/golden/lacache/generate.py` with the reference checked out by path; see its README. Numbers asserted
+below are what that reference produces; where a second-hand description of LaCache (a paper summary, or a
+hand restatement of the reference's arithmetic) states something else, the test says so.
 """
 
 import collections
@@ -58,7 +59,7 @@ def _modular_phase(cfg):
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      # Spec §1.1 table: (N, S, O) -> (B, A, R).
+      # (N, S, O) -> (B, A, R) from the reference's formulas.
       (32, 16, 0, 2, 1, 1),
       (32, 9, 3, 5, 2, 3),
       (24, 9, 7, 9, 5, 4),
@@ -163,8 +164,8 @@ class GoldenTest(parameterized.TestCase):
                        dict(cursor=checkpoint["cursor"], compacted=checkpoint["compacted"],
                             cache_size=checkpoint["cache_size_state"]), msg=f"{name} @ {tokens}")
 
-  def test_spec_worked_example_o0(self):
-    # Spec §1.2, N=8, S=4, O=0, C=16, s=4 ("after token t" = t + 1 tokens). Even layers agree, odd layers agree.
+  def test_worked_example_o0(self):
+    # Worked example N=8, S=4, O=0, C=16, s=4 ("after token t" = t + 1 tokens). Even layers agree, odd layers agree.
     table = {
         16: (5, [4, *range(6, 17)], [5, *range(6, 17)]),
         19: (8, [4, 6, 8, 10, *range(12, 20)], [5, 7, 9, 11, *range(12, 20)]),
@@ -180,7 +181,7 @@ class GoldenTest(parameterized.TestCase):
       for layer in range(8):
         np.testing.assert_array_equal(kept[layer], [0, 1, 2, 3] + (odd if layer % 2 else even))
 
-  def test_spec_worked_example_o2(self):
+  def test_worked_example_o2(self):
     kept = _trace("spec_1_2_N8_S4_O2_C24").kept[28]
     even = [*range(6), 7, 8, 10, 11, 13, 14, *range(16, 28)]
     odd = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, *range(16, 28)]
@@ -226,7 +227,7 @@ class LiteralReferenceParityTest(parameterized.TestCase):
       np.testing.assert_array_equal(positions[:, :len(sinks)], np.tile(sinks, (n, 1)))  # sinks are always kept
       if prefill == 1 and oracle_state["compacted"]:
         # Streaming keeps the last N slots as a reserve: the cursor never passes C' - N. The length dips up to
-        # R - 1 below C', so the newest N - R + 1 tokens (not N, as spec §7 says; that needs R = 1) stay in
+        # R - 1 below C', so the newest N - R + 1 tokens (not N, as a hand restatement says; that needs R = 1) stay in
         # order at the end of every layer.
         self.assertLessEqual(oracle_state["cursor"], oracle_state["cache_size"] - n)
         newest = np.arange(positions[0, -1] - (n - cfg.R), positions[0, -1] + 1)
@@ -269,7 +270,7 @@ class LiteralReferenceParityTest(parameterized.TestCase):
 
 
 class InvariantTest(parameterized.TestCase):
-  """Spec §7 facts, checked on the jnp planner's traces of the golden configurations."""
+  """Invariants of the reference's arithmetic, checked on the jnp planner's traces of the golden configurations."""
 
   @parameterized.named_parameters((c["name"], c["name"]) for c in _GOLDEN["streaming"])
   def test_length_band_after_first_compaction(self, name):
@@ -282,7 +283,7 @@ class InvariantTest(parameterized.TestCase):
       np.testing.assert_array_equal(lengths, cfg.cache_size)
 
   def test_s8_o4_length_statistics(self):
-    # Spec §1.1 says 254-257 with mean 254.0; the reference (N=32) gives 254-258 with mean 256.0: the compensation
+    # A hand restatement says 254-257 with mean 254.0; the reference (N=32) gives 254-258 with mean 256.0: the compensation
     # floor(5/2) = 2 centres the band (C'-R, C'] = (253, 258] on the nominal C = 256.
     lengths = _trace("N32_S8_O4_C256_s4").lengths[256:]
     self.assertEqual((lengths.min(), lengths.max()), (254, 258))
@@ -319,7 +320,7 @@ class InvariantTest(parameterized.TestCase):
     self.assertTrue(np.all(final[~phase0, cfg.start_size] > cfg.start_size), msg=name)
 
   def test_longbench_half_budget(self):
-    # P=3500, C=1750, s=128, N=32, S=16, O=0. The spec calls this a T > 1 startover; the reference takes a single
+    # P=3500, C=1750, s=128, N=32, S=16, O=0. A hand restatement calls this a T > 1 startover; the reference takes a single
     # pass (T = 1: 160 tokens left after the first pass, one pass removes 1590), cursor 128 + 160.
     case = _CASES["longbench_llama2_b0.5_S16_O0"]
     self.assertEqual(case["prefill_passes"], 1)

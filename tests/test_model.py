@@ -13,7 +13,7 @@ import torch
 
 from lacax import generate as generation
 from lacax.cache.kv_cache import init_cache
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.weights import hf

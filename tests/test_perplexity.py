@@ -7,7 +7,7 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.eval import perplexity
 from lacax.eval import texts
 from tests.test_policies import tiny_model

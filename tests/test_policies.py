@@ -11,8 +11,9 @@ import numpy as np
 from lacax import generate as generation
 from lacax.cache import ladder as ladder_lib
 from lacax.cache.kv_cache import init_cache
-from lacax.cache.policies import LadderPolicy, StreamingPolicy
-from lacax.cache.policy import FullPolicy
+from lacax.cache.ladder import LadderPolicy
+from lacax.cache.streaming import StreamingPolicy
+from lacax.cache.full import FullPolicy
 from lacax.eval import perplexity
 from lacax.model import config as config_lib
 from lacax.model import llama
@@ -76,7 +77,7 @@ class LadderPolicyTest(parameterized.TestCase):
     policy = LadderPolicy(span=run["span"], overlap=run["overlap"], cache_size=run["cache_size"],
                           start_size=run["start_size"])
     step = jax.jit(lambda c, t, p: policy.compact(llama.forward(params, t, p, c, cfg)[1]))
-    cache = policy.init(cfg, 1, policy.slots(cfg, run["num_tokens"]))
+    cache = policy.init(cfg, 1, policy.decode_capacity(cfg, run["num_tokens"]))
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, run["num_tokens"])
     for t in range(run["num_tokens"]):
       cache = step(cache, jnp.asarray([[tokens[t]]]), jnp.asarray([[t]]))
@@ -102,7 +103,7 @@ class LadderPolicyTest(parameterized.TestCase):
     prompts = [list(range(1, 41)), list(range(1, 27))]
     batched = generation.prefill(params, *map(jnp.asarray, generation.pad_prompts(prompts, 8)),
                                  jax.random.PRNGKey(0), cfg=cfg, policy=policy, sampling=generation.SamplingConfig(),
-                                 max_new_tokens=4, stop_ids=(), decode_capacity=policy.slots(cfg, 44))
+                                 max_new_tokens=4, stop_ids=(), decode_capacity=policy.decode_capacity(cfg, 44))
     for row, prompt in enumerate(prompts):
       expected = ladder_lib.kept_positions_oneshot(policy.ladder(cfg.num_layers), len(prompt))
       for layer, got in enumerate(cache_positions(batched.cache, row)):
@@ -117,7 +118,7 @@ class LadderPolicyTest(parameterized.TestCase):
     self.assertLen(result.tokens[0], 8)
     state = generation.prefill(params, *map(jnp.asarray, generation.pad_prompts([prompt], 8)),
                                jax.random.PRNGKey(0), cfg=cfg, policy=policy, sampling=generation.SamplingConfig(),
-                               max_new_tokens=8, stop_ids=(), decode_capacity=policy.slots(cfg, 248))
+                               max_new_tokens=8, stop_ids=(), decode_capacity=policy.decode_capacity(cfg, 248))
     expected = ladder_lib.kept_positions_oneshot(policy.ladder(cfg.num_layers), 240)
     for layer, got in enumerate(cache_positions(state.cache)):
       np.testing.assert_array_equal(got, expected[layer])
@@ -147,15 +148,15 @@ class StreamingMemoryTest(parameterized.TestCase):
     cfg, params = tiny_model(8)
     sizes = []
     for num_tokens in (1_000, 32_000):
-      cache = policy.init(cfg, 1, policy.slots(cfg, num_tokens))
+      cache = policy.init(cfg, 1, policy.decode_capacity(cfg, num_tokens))
       feed = jnp.zeros((1, 16), jnp.int32)
       compiled = perplexity.stream_chunk.lower(params, cache, feed, feed, feed, cfg=cfg, policy=policy).compile()
       stats = compiled.memory_analysis()
       sizes.append((cache.nbytes(), stats.argument_size_in_bytes, stats.output_size_in_bytes,
                     stats.temp_size_in_bytes))
     self.assertEqual(sizes[0], sizes[1])
-    full_small = FullPolicy().init(cfg, 1, FullPolicy().slots(cfg, 1_000)).nbytes()
-    full_big = FullPolicy().init(cfg, 1, FullPolicy().slots(cfg, 32_000)).nbytes()
+    full_small = FullPolicy().init(cfg, 1, FullPolicy().decode_capacity(cfg, 1_000)).nbytes()
+    full_big = FullPolicy().init(cfg, 1, FullPolicy().decode_capacity(cfg, 32_000)).nbytes()
     self.assertGreater(full_big, 30 * full_small)  # the full cache does grow
 
 

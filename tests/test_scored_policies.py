@@ -12,11 +12,14 @@ import torch
 import transformers
 
 from lacax import generate as generation
-from lacax.cache import scored
+from lacax.cache import plans
+from lacax.cache.full import FullPolicy
+from lacax.cache.h2o import H2OPolicy
 from lacax.cache.kvmerger import KVMergerPolicy
-from lacax.cache.policies import StreamingPolicy
-from lacax.cache.policy import FullPolicy
-from lacax.cache.scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy, TOVAPolicy
+from lacax.cache.pyramidkv import PyramidKVPolicy, pyramid_budgets
+from lacax.cache.snapkv import SnapKVPolicy
+from lacax.cache.streaming import StreamingPolicy
+from lacax.cache.tova import TOVAPolicy
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.weights import hf
@@ -173,7 +176,7 @@ class TopkKeepPlanTest(parameterized.TestCase):
       expected[(l, b, h)] = sorted(set(chosen) | set(always))
     # "tight": exactly as many output slots as the fullest head keeps; "wide": more than the input has.
     out = max(len(k) for k in expected.values()) if out_kind == "tight" else slots + 3
-    src = np.asarray(scored.topk_keep_plan(jnp.asarray(scores), jnp.asarray(valid), keep_count,
+    src = np.asarray(plans.topk_keep_plan(jnp.asarray(scores), jnp.asarray(valid), keep_count,
                                            jnp.asarray(protected), out))
     self.assertEqual(src.shape, (num_layers, batch, out, kv))
     for (l, b, h), keep in expected.items():
@@ -182,14 +185,14 @@ class TopkKeepPlanTest(parameterized.TestCase):
   def test_ties_go_to_the_older_token(self):
     scores = jnp.ones((1, 1, 6, 1))
     valid = jnp.ones((1, 1, 6, 1), bool)
-    src = scored.topk_keep_plan(scores, valid, 2, None, 6)
+    src = plans.topk_keep_plan(scores, valid, 2, None, 6)
     np.testing.assert_array_equal(np.asarray(src)[0, 0, :, 0], [0, 1, -1, -1, -1, -1])
 
   def test_recent_mask_marks_the_newest_occupied_slots(self):
     valid = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 0], bool)[None, None, :, None]
-    np.testing.assert_array_equal(np.asarray(scored.recent_mask(valid, 3))[0, 0, :, 0],
+    np.testing.assert_array_equal(np.asarray(plans.recent_mask(valid, 3))[0, 0, :, 0],
                                   [0, 0, 0, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(scored.recent_mask(valid, 0)).sum(), 0)
+    np.testing.assert_array_equal(np.asarray(plans.recent_mask(valid, 0)).sum(), 0)
 
 
 class SyntheticRulesTest(parameterized.TestCase):
@@ -223,7 +226,7 @@ class SyntheticRulesTest(parameterized.TestCase):
     out = policy.compact(cache, capacity)
     self.assertEqual(out.capacity, capacity or slots)
     self.assert_cache_moved_with_pos(cache, out, rule_h2o(pos, np.asarray(cache.scores), heavy, recent))
-    self.assertLessEqual(int(np.max(scored.occupancy(out))), policy.budget)
+    self.assertLessEqual(int(np.max(plans.occupancy(out))), policy.budget)
 
   @parameterized.parameters((True, 1), (False, 4), (True, 9))
   def test_tova_keeps_one_set_per_layer(self, ties, budget):
@@ -282,7 +285,7 @@ class SyntheticRulesTest(parameterized.TestCase):
     budget = lambda l, q: reference_pyramid_budget(l, cfg.num_layers, capacity, window, beta, q)
     expected = rule_snapkv(pos, np.asarray(cache.scores), capacity, window, kernel, pooling, budget)
     self.assert_cache_moved_with_pos(cache, out, expected)
-    held = np.asarray(scored.occupancy(out))[:, 0, 0]  # row 0: the pyramid, layer 0 largest
+    held = np.asarray(plans.occupancy(out))[:, 0, 0]  # row 0: the pyramid, layer 0 largest
     self.assertEqual(held.tolist(), [budget(l, 30) + window for l in range(cfg.num_layers)])
     self.assertTrue(np.all(np.asarray(out.pos)[1:, 0, held[0]:] == -1))  # smaller layers leave empty slots
 
@@ -296,7 +299,7 @@ class PyramidBudgetTest(parameterized.TestCase):
     c = capacity - window
     prompt_lens = sorted({1, window, capacity - 1, capacity, capacity + 1, 2 * c - 1, 2 * c, 2 * c + window,
                           3 * c, 10 * capacity})
-    got = np.asarray(scored.pyramid_budgets(num_layers, capacity, window, beta, np.asarray(prompt_lens)))
+    got = np.asarray(pyramid_budgets(num_layers, capacity, window, beta, np.asarray(prompt_lens)))
     for j, q_len in enumerate(prompt_lens):
       ref = [reference_pyramid_budget(l, num_layers, capacity, window, beta, q_len) for l in range(num_layers)]
       if ref[0] is None:
@@ -316,12 +319,12 @@ class PyramidBudgetTest(parameterized.TestCase):
     cfg = tiny_cfg()
     policy = PyramidKVPolicy(64, 8, max_new_tokens=10)
     self.assertEqual(policy.max_kept(), 110 + 8)
-    self.assertEqual(policy.slots(cfg, 1000), 128)
-    self.assertEqual(policy.slots(cfg, 50), 50)
-    self.assertEqual(SnapKVPolicy(64, 8, max_new_tokens=10).slots(cfg, 1000), 74)
-    self.assertEqual(SnapKVPolicy(64, 8).slots(cfg, 1000), 1000)
-    self.assertEqual(H2OPolicy(4, 8).slots(cfg, 1000), 13)
-    self.assertEqual(TOVAPolicy(16).slots(cfg, 10), 10)
+    self.assertEqual(policy.decode_capacity(cfg, 1000), 128)
+    self.assertEqual(policy.decode_capacity(cfg, 50), 50)
+    self.assertEqual(SnapKVPolicy(64, 8, max_new_tokens=10).decode_capacity(cfg, 1000), 74)
+    self.assertEqual(SnapKVPolicy(64, 8).decode_capacity(cfg, 1000), 1000)
+    self.assertEqual(H2OPolicy(4, 8).decode_capacity(cfg, 1000), 13)
+    self.assertEqual(TOVAPolicy(16).decode_capacity(cfg, 10), 10)
 
 
 class H2OAccumulationTest(absltest.TestCase):
@@ -535,7 +538,7 @@ def greedy_run(params, cfg, prompts, policy, max_new_tokens):
   statics = dict(cfg=cfg, policy=policy, sampling=generation.SamplingConfig(), max_new_tokens=max_new_tokens,
                  stop_ids=())
   state = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
-                             decode_capacity=policy.slots(cfg, total), **statics)
+                             decode_capacity=policy.decode_capacity(cfg, total), **statics)
 
   cache, token, position = state.cache, state.token, state.position
   out, logits, caches = [token], [], [cache]
@@ -557,7 +560,7 @@ def stepped_generate(params, cfg, prompts, policy, max_new_tokens):
   tokens, lengths = generation.pad_prompts(prompts, bucket=8)
   statics = dict(cfg=cfg, policy=policy, sampling=generation.SamplingConfig(), max_new_tokens=max_new_tokens,
                  stop_ids=())
-  decode_capacity = policy.slots(cfg, int(lengths.max()) + max_new_tokens)
+  decode_capacity = policy.decode_capacity(cfg, int(lengths.max()) + max_new_tokens)
   state = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
                              decode_capacity=decode_capacity, **statics)
   out, pos = [np.array(state.token)], [np.array(state.cache.pos)]

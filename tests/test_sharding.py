@@ -13,12 +13,11 @@ Every check also reads the compiled program (a compilation-cache hit of the one 
 out as the rules say (sharded, not replicated), and no cache array moved between devices (HLO collectives with a
 slot axis). KVMerger is the one exception checked more loosely: its planner's segment reductions over flattened
 (layer, row, head, run) ids make XLA all-gather its [L, B, S, KV] plan arrays; its keys and values stay local.
-Score-based and merging policies are checked when their modules are present.
+The policies are every registered one (`tests/cache_policies.py`), so a new registry entry is checked here too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -42,14 +41,14 @@ import numpy as np  # noqa: E402
 from lacax import sharding as sh  # noqa: E402
 from lacax.model import config as config_lib  # noqa: E402
 from lacax.model import llama  # noqa: E402
+from tests import cache_policies  # noqa: E402
 
 MESHES = (((8, 1), ("data", "tensor")), ((4, 2), ("fsdp", "tensor")), ((2, 4), ("data", "tensor")),
           ((1, 8), ("fsdp", "tensor")))
-_HAVE_SCORED = importlib.util.find_spec("lacax.cache.scored") is not None
-_HAVE_KVMERGER = importlib.util.find_spec("lacax.cache.kvmerger") is not None
-STREAM_POLICIES = ("full", "streaming", "lacache") + (("h2o", "tova") if _HAVE_SCORED else ())
-PREFILL_POLICIES = (("lacache",) + (("snapkv", "pyramidkv") if _HAVE_SCORED else ())
-                    + (("kvmerger",) if _HAVE_KVMERGER else ()))
+# Every registered policy (tests/cache_policies.py): streamed if it compacts in decode, generated (prefill
+# hand-off + decode) if it compresses the prompt or has a one-shot set-up.
+STREAM_POLICIES = cache_policies.streaming_names()
+PREFILL_POLICIES = cache_policies.prefill_names()
 BATCH = 8
 STREAM_TOKENS = 41  # 40 streamed steps in two chunks of 20: the second call reuses the compiled chunk
 CHUNK = 20
@@ -67,28 +66,8 @@ def mesh_name(shape, axes) -> str:
 
 
 def make_policy(name: str):
-  """The policy `name` at budget 16 (tiny model: 4 layers, so the ladder's span is 2)."""
-  from lacax.cache.policies import LadderPolicy, StreamingPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.policy import FullPolicy  # pylint: disable=g-import-not-at-top
-
-  if name == "kvmerger":
-    from lacax.cache.kvmerger import KVMergerPolicy  # pylint: disable=g-import-not-at-top
-
-    return KVMergerPolicy(eps=0.0, recent=2, protected_top=2, skip_layers=(0,))
-  if name in ("h2o", "tova", "snapkv", "pyramidkv"):
-    from lacax.cache import scored  # pylint: disable=g-import-not-at-top
-
-    return {
-        "h2o": lambda: scored.H2OPolicy(heavy=8, recent=8),
-        "tova": lambda: scored.TOVAPolicy(budget=16),
-        "snapkv": lambda: scored.SnapKVPolicy(capacity=16, window=4, kernel=3, max_new_tokens=MAX_NEW),
-        "pyramidkv": lambda: scored.PyramidKVPolicy(capacity=16, window=4, kernel=3, max_new_tokens=MAX_NEW),
-    }[name]()
-  return {
-      "full": FullPolicy(),
-      "streaming": StreamingPolicy(start_size=2, recent_size=14),
-      "lacache": LadderPolicy(span=2, overlap=0, cache_size=16, start_size=2),
-  }[name]
+  """The registered policy `name` at budget 16 (tiny model: 4 layers, so the ladder's span is 2)."""
+  return cache_policies.tiny_policy(name, max_new_tokens=MAX_NEW)
 
 
 def check_names() -> list[str]:
@@ -223,7 +202,7 @@ def check_stream(ctx: _Child, policy_name: str, name: str) -> None:
   params = mr.shard_params(ctx.params)
   with sh.use_mesh_rules(mr):
     result = perplexity.streaming_nll(params, cfg, ctx.stream_tokens, policy, chunk=CHUNK)
-    fresh = policy.init(cfg, BATCH, policy.slots(cfg, STREAM_TOKENS - 1))
+    fresh = policy.init(cfg, BATCH, policy.decode_capacity(cfg, STREAM_TOKENS - 1))
   assert_laid_out(jax.tree.map(lambda x: x.sharding, result.cache), mr, _cache_axes, result.cache, "cache")
   np.testing.assert_allclose(result.nll, ref.nll, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(result.cache.pos), np.asarray(ref.cache.pos))  # same kept positions
@@ -244,7 +223,7 @@ def _generation(params, cfg, prompts, policy, mesh_rules):
   tokens, lengths = generation.pad_prompts(prompts, bucket=8)
   statics = dict(cfg=cfg, policy=policy, sampling=SamplingConfig(), max_new_tokens=MAX_NEW, stop_ids=())
   decode_statics = dict(statics, pad_id=0)  # as `generate` passes them, so that its calls hit the same programs
-  decode_capacity = policy.slots(cfg, int(lengths.max()) + MAX_NEW)
+  decode_capacity = policy.decode_capacity(cfg, int(lengths.max()) + MAX_NEW)
   tokens_in, lengths_in, rng = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0)
   if mesh_rules is not None:
     tokens_in, lengths_in = mesh_rules.put(tokens, ("batch", None)), mesh_rules.put(lengths, ("batch",))

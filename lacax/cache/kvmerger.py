@@ -5,7 +5,7 @@ of consecutive tokens whose adjacent keys are cosine-similar. Each set collapses
 member with the most accumulated attention) anchors Gaussian-kernel weights, and the slot holds the weighted
 keys and (scaled) values. Unmerged tokens stay as they are; the survivors are front-packed in time order.
 
-No official code exists (spec `shared/research/kv_cache_methods.md` §2). Every point the paper leaves open is
+No official code exists. Every point the paper leaves open is
 an option of `KVMergerPolicy`, with the paper's reading (or, where the paper is silent, the most faithful one)
 as the default:
 
@@ -23,7 +23,7 @@ as the default:
                    cos(k_i, k_{i+1}) > `eps` (0.75) and neither is protected: sets are maximal runs of
                    slot-adjacent, valid, unprotected keys linked by similar neighbours. The paper does not
                    say whether a newcomer is compared with its neighbour or with the whole set; lacax reads
-                   "neighbour" (adjacent chaining), as the spec does. Runs never cross a protected token or an
+                   "neighbour" (adjacent chaining). Runs never cross a protected token or an
                    empty slot.
   granularity      "kv_head" (every re-implementation; default) or "layer" (the paper's wording): the heads
                    of a layer share their sets, built from the head-mean cosine and protected by the head-mean
@@ -70,7 +70,7 @@ Shapes (L = layers, B = batch, S = cache slots, S_out = output slots, KV = kv he
 run_len) pair per output slot plus a weight per source slot, all static-shape integer arithmetic (cumsum,
 cummax/cummin, sorts, segment sums), so `compact` is jit- and `lax.while_loop`-compatible.
 
-Memory: like the paper (which bounds neither prefill memory nor the tensor size), `slots()` sizes the decode
+Memory: like the paper (which bounds neither prefill memory nor the tensor size), `decode_capacity()` sizes the decode
 cache for the whole run and merging never increases the occupied count, so nothing can overflow. The budget
 bounds the *occupied* slots, not the array: a bounded array (budget + 1 slots, as H2O) would be unsafe here,
 because the skipped layers keep every token and a threshold (or an unreachable exact budget) can leave more
@@ -90,8 +90,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import KVCache, PRE_ROPE_MODES, SCORE_AGGS, validate_score_mode
-from lacax.cache.policy import CachePolicy
-from lacax.cache.scored import recent_mask
+from lacax.cache import plans
+from lacax.cache.base import CachePolicy
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -183,16 +183,6 @@ def _adjacent_cosine(keys: jax.Array) -> jax.Array:
   return jnp.pad(cos, ((0, 0), (0, 0), (0, 1), (0, 0)), constant_values=-jnp.inf)
 
 
-def _descending_rank(values: jax.Array, eligible: jax.Array) -> jax.Array:
-  """[..., S, H] int32 rank of each eligible slot by `values`, largest first (ties: lower slot first).
-
-  Ineligible slots rank after every eligible one. Two stable sorts along axis 2.
-  """
-  key = jnp.where(eligible, -values, jnp.inf)
-  order = jnp.argsort(key, axis=2, stable=True)
-  return jnp.argsort(order, axis=2, stable=True).astype(jnp.int32)
-
-
 def _protected_mask(valid: jax.Array, scores: jax.Array, recent: jax.Array, top: jax.Array) -> jax.Array:
   """[L, B, S, H] bool: the `recent` newest valid slots and the `top` best-scored other valid slots.
 
@@ -201,9 +191,9 @@ def _protected_mask(valid: jax.Array, scores: jax.Array, recent: jax.Array, top:
     scores: [L, B, S, H] float32 accumulated attention.
     recent, top: [1, B] int32 counts per row.
   """
-  is_recent = recent_mask(valid, recent)
+  is_recent = plans.recent_mask(valid, recent)
   candidates = valid & ~is_recent
-  is_top = candidates & (_descending_rank(scores, candidates) < top[..., None, None])
+  is_top = candidates & (plans.descending_rank(scores, candidates) < top[..., None, None])
   return is_recent | is_top
 
 
@@ -251,7 +241,7 @@ def _exact_budget_links(pair_ok: jax.Array, sim: jax.Array, valid: jax.Array, ta
     [L, B, S, H] bool links (already split at `max_run`).
   """
   slots = pair_ok.shape[2]
-  rank = _descending_rank(sim, pair_ok)
+  rank = plans.descending_rank(sim, pair_ok)
   n_valid = jnp.sum(valid, axis=2, keepdims=True, dtype=jnp.int32)
 
   def links_for(k):
@@ -366,10 +356,28 @@ class KVMergerPolicy(CachePolicy):
   # CachePolicy interface.
   # ------------------------------------------------------------------------------------------------------
 
-  def slots(self, cfg: ModelConfig, max_tokens: int) -> int:
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
     """The whole run (see the module docstring): merging never increases the occupied count."""
     del cfg
     return max_tokens
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return self.during_decode
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    """`seen` in skipped layers; in merging layers with `exact_budget`, the budget unless the protected tokens
+    and the `max_run` split leave more sets: at most recent + top singletons, plus the unprotected stretches
+    between them (at most top + 1) cut into runs of `max_run`."""
+    held = np.full(cfg.num_layers, seen)
+    if not self.exact_budget:
+      return held
+    amount = lambda a: math.ceil(np.float32(a) * np.float32(seen)) if isinstance(a, float) else a  # noqa: E731
+    budget, recent, top = amount(self.budget), amount(self.recent), amount(self.protected_top)
+    protected = min(seen, recent + top)
+    floor = protected + min(top + 1, seen - protected) + math.ceil((seen - protected) / self.max_run)
+    held[self._layer_mask(cfg.num_layers)] = min(seen, max(budget, floor))
+    return held
 
   def init_state(self, cfg: ModelConfig) -> KVMergerState:
     return KVMergerState(inv_freq=jnp.asarray(rope_lib.inv_frequencies(cfg), jnp.float32))

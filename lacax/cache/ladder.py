@@ -1,12 +1,13 @@
-"""LaCache ladder index planner (arXiv 2507.14204), reproducing GATECH-EIC/LaCache@0f27c33 exactly.
+"""LaCache (arXiv 2507.14204): the ladder index planner, reproducing GATECH-EIC/LaCache@0f27c33 exactly, and
+`LadderPolicy`, the cache policy that applies it.
 
 LaCache keeps, in every layer, the same number of KV slots but a different subset of the old tokens: token
 groups of width B are "laddered" so that each layer keeps A consecutive tokens of each group at a layer-dependent
 offset (its *phase*). Deeper and shallower layers therefore remember different tokens, and across the layers a
-long stretch of history stays covered. This module only decides *which slots to keep*; the cache gather that
-applies the plan lives with the cache.
+long stretch of history stays covered. The planner (`ladder_plan`) only decides *which slots to keep*;
+`LadderPolicy` applies its plan to the cache with the shared gather (`lacax.cache.plans.apply_plan`).
 
-Notation (spec `shared/research/kv_cache_methods.md` §1.1; reference `*/lacache/kv_cache.py`, class `LaCache`):
+Notation (the reference's `*/lacache/kv_cache.py`, class `LaCache`):
 
   N = num_layers, S = span, O = overlap, C = cache_size, s = start_size (sinks), L = cached length (the same in
   every layer), c = ladder cursor (persistent, starts at s).
@@ -63,6 +64,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lacax.cache import plans
+from lacax.cache.base import CachePolicy
+from lacax.cache.kv_cache import KVCache
+from lacax.model.config import ModelConfig
 
 LAYER_MAPPINGS = ("modular", "contiguous")
 PREFILL_PROTOCOLS = ("longbench", "niah")
@@ -496,3 +502,100 @@ def kept_positions(cfg: LadderConfig, stream_len: int) -> np.ndarray:
 def kept_positions_oneshot(cfg: LadderConfig, prompt_len: int) -> np.ndarray:
   """int32 [num_layers, length]: the token positions each layer holds after a prefill and one compaction."""
   return simulate_ladder(cfg, prompt_len, (prompt_len,), prefill_len=prompt_len).kept[prompt_len]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache policy: the planner applied to a `KVCache`.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LadderPolicy(CachePolicy):
+  """LaCache: the ladder-shaped KV cache with iterative compaction (arXiv 2507.14204).
+
+  The plan comes from `lacax.cache.ladder.ladder_plan`, which reproduces GATECH-EIC/LaCache's index arithmetic
+  exactly (modular layer phase, first-compaction size compensation, startovers). The same policy serves both
+  protocols of the reference:
+
+    * token-by-token streaming (`ppl/`): `compact` after every step;
+    * one-shot (`LongBench/`, `niah/`): a long prompt is prefilled into a large cache, one `compact` (usually a
+      multi-pass startover) shrinks it to the decode capacity, then decode compacts after every token. Build
+      such a policy with `LadderPolicy.for_prefill`, which derives cache_size and start_size as the reference
+      drivers do.
+
+  The reference assumes batch 1; lacax keeps one planner state per batch row, so padded rows of different
+  lengths are laddered independently.
+
+  Attributes:
+    span, overlap: S and O; with N layers they fix the ladder (B, A, R). Requires S < N and O < S.
+    cache_size: C, the nominal budget in tokens per layer.
+    start_size: s, attention sinks (4 in the reference's perplexity driver).
+    layer_mapping: "modular" (the reference code, default) or "contiguous" (the paper's layer blocks).
+    rope_mode: "slot" (the reference's position shift, default) or "original".
+  """
+
+  span: int = 16
+  overlap: int = 0
+  cache_size: int = 256
+  start_size: int = 4
+  layer_mapping: str = "modular"
+  rope_mode: str = "slot"
+
+  def __post_init__(self):
+    # What needs no layer count is checked here; span < layers and the budget are checked by `ladder()` as soon
+    # as the model is known (`init`), before anything is compiled.
+    for name in ("span", "cache_size", "start_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ladder {name}={getattr(self, name)} must be positive")
+    if not 0 <= self.overlap < self.span:
+      raise ValueError(f"ladder overlap={self.overlap} must be in [0, span={self.span})")
+    if self.layer_mapping not in LAYER_MAPPINGS:
+      raise ValueError(f"ladder layer_mapping={self.layer_mapping!r} must be one of {list(LAYER_MAPPINGS)}")
+    if self.rope_mode not in ("slot", "original"):
+      raise ValueError(f"ladder rope_mode={self.rope_mode!r} must be 'slot' or 'original'")
+
+  @classmethod
+  def for_prefill(cls, cfg: ModelConfig, *, span: int, overlap: int, budget: float, prompt_len: int,
+                  model_max_len: int | None = None, protocol: str = "longbench", **kwargs) -> "LadderPolicy":
+    """The one-shot setup of the reference drivers (see `LadderConfig.for_prefill`)."""
+    ladder = LadderConfig.for_prefill(cfg.num_layers, span, overlap, budget, prompt_len,
+                                                 model_max_len=model_max_len, protocol=protocol,
+                                                 layer_mapping=kwargs.get("layer_mapping", "modular"))
+    return cls(span=span, overlap=overlap, cache_size=ladder.cache_size, start_size=ladder.start_size, **kwargs)
+
+  def ladder(self, num_layers: int) -> LadderConfig:
+    """The planner's config for a model of `num_layers` layers (validates span < layers and the budget)."""
+    return LadderConfig(num_layers=num_layers, span=self.span, overlap=self.overlap,
+                                   cache_size=self.cache_size, start_size=self.start_size,
+                                   layer_mapping=self.layer_mapping)
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    # The longest a layer gets right after an append: C + floor(R/2) + 1.
+    return min(max_tokens, self.ladder(cfg.num_layers).stream_capacity)
+
+  @property
+  def sink_tokens(self) -> int:
+    return self.start_size
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    # A compaction leaves at most the (first-compaction compensated) cache size C + floor(R/2).
+    ladder = self.ladder(cfg.num_layers)
+    return np.full(cfg.num_layers, min(seen, ladder.cache_size + ladder.compensation))
+
+  def init_state(self, cfg: ModelConfig) -> LadderState:
+    return init_ladder_state(self.ladder(cfg.num_layers))
+
+  def init(self, cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None) -> KVCache:
+    cache = super().init(cfg, batch_size, capacity, dtype=dtype)
+    # One planner state per batch row.
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape), cache.state)
+    return cache.replace(state=state)
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    ladder = self.ladder(cache.num_layers)
+    out = capacity or cache.capacity
+    length = cache.length[0]  # [B]; the ladder keeps every layer at the same length
+    src, _, state = jax.vmap(lambda s, n: ladder_plan(ladder, s, n, out))(cache.state, length)
+    src = jnp.transpose(src, (1, 0, 2))  # [B, N, out] -> [N, B, out]
+    needed = jnp.any(length > cache.state.cache_size)
+    return plans.apply_plan(cache, src, needed, capacity).replace(state=state)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import KVCache
-from lacax.cache.policy import CachePolicy
+from lacax.cache.base import CachePolicy
 from lacax.model import llama
 from lacax.model.config import ModelConfig
 
@@ -106,7 +106,7 @@ def streaming_nll(params, cfg: ModelConfig, tokens: np.ndarray, policy: CachePol
   feed[:, :steps], targets[:, :steps] = tokens[:, :-1], tokens[:, 1:]
   positions[:, :steps] = np.arange(steps, dtype=np.int32)
 
-  cache = policy.init(cfg, batch, policy.slots(cfg, steps))
+  cache = policy.init(cfg, batch, policy.decode_capacity(cfg, steps))
   compile_start = time.perf_counter()
   compiled = stream_chunk.lower(params, cache, feed[:, :chunk], targets[:, :chunk], positions[:, :chunk],
                                 cfg=cfg, policy=policy).compile()

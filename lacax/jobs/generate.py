@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 
 from lacax import generate as generation
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.sampling import SamplingConfig
 from lacax.weights.loader import load_model
 

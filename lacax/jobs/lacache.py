@@ -73,7 +73,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
                                       progress=_progress_bar(config.num_tokens, name))
     curve = result.running_ppl()
     marks = {int(t): float(curve[t - 1]) for t in config.report_at if t <= curve.size}
-    label = name if name == "full" else f"{name} ({policy.slots(model.cfg, config.num_tokens)} slots)"
+    label = name if name == "full" else f"{name} ({policy.decode_capacity(model.cfg, config.num_tokens)} slots)"
     curves[label] = curve
     figures[name] = {
         "ppl": result.ppl, "ppl_at": marks, "tokens_per_second": result.tokens_per_second,

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from lacax.cache import registry
-from lacax.cache.policy import CachePolicy
+from lacax.cache.base import CachePolicy
 from lacax.eval import longbench as lb
 from lacax.jobs.passkey import (batches_by_policy, input_ids_fn, oneshot_generate, progress_bar,
                                 validate_oneshot_fields)

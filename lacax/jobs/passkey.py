@@ -47,7 +47,7 @@ import numpy as np
 from lacax import generate as generation
 from lacax.cache import registry
 from lacax.cache.kv_cache import KVCache, init_cache
-from lacax.cache.policy import CachePolicy
+from lacax.cache.base import CachePolicy
 from lacax.eval import passkey as pk
 from lacax.model import llama
 from lacax.model.config import ModelConfig
@@ -116,8 +116,8 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   """Greedy generation of every prompt under every policy, prefilling once per prefill signature.
 
   For each policy this is `lacax.generate.generate(..., policy=policy)`: full-attention prefill, one
-  `policy.compact(cache, capacity=policy.slots(...))`, then the compiled decode loop with compaction after
-  every token. The prefill forward depends only on how the cache is read and scored (`rope_mode`,
+  `policy.compact(cache, capacity=policy.decode_capacity(...))`, then the compiled decode loop with compaction
+  after every token. The prefill forward depends only on how the cache is read and scored (`rope_mode`,
   `score_mode`, `score_agg`), so policies that agree on those (full, StreamingLLM and LaCache; H2O and
   KVMerger) share it: on a CPU the prefill dominates, and this divides the job's time by the number of policies.
 
@@ -151,7 +151,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   decode_seconds: dict[str, float] = {}
   prefill_seconds = 0.0
   for (rope_mode, score_mode, score_agg), names in groups.items():
-    capacities = {name: policies[name].slots(cfg, total) for name in names}
+    capacities = {name: policies[name].decode_capacity(cfg, total) for name in names}
     capacity = max(tokens.shape[1], *capacities.values())
     start = time.perf_counter()
     first, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, capacity=capacity,

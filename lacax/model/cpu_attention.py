@@ -24,8 +24,13 @@ operand, i.e. of the entire stacked cache, twice per layer and step (SmolLM2 bfl
 Building needs a C++17 compiler (`$CXX`, else `c++`/`g++`/`clang++`) and the XLA FFI headers that jaxlib
 ships (`jax.ffi.include_dir()`). The shared library is compiled with `-O3 -march=native` into
 `$LACAX_CACHE_DIR` (default `~/.cache/lacax`)/kernels, keyed by a hash of the source, the flags, the
-compiler, jaxlib and the CPU, and written atomically. Without a compiler, or if the build fails, lacax logs
-one warning and uses the pure-JAX path. `LACAX_CPU_KERNELS=0` turns the kernel off; `set_enabled` does the
+compiler, jaxlib and the CPU. Each build is a directory renamed into place whole, with a manifest of the
+library's size and SHA-256; the library is checked against it before it is loaded, so a truncated or
+corrupt cached kernel is never mapped (no SIGBUS): it is deleted and rebuilt, with the warning
+"lacax: cached CPU kernel is corrupt, rebuilding it: <file and what is wrong>". An interrupted build leaves
+a `.partial-*` directory that no lookup reads and a later build deletes. Without a compiler, or if the
+build fails, lacax logs one warning, "lacax: CPU decode-attention kernel unavailable, using the pure-JAX
+path (<why>)", and uses the pure-JAX path. `LACAX_CPU_KERNELS=0` turns the kernel off; `set_enabled` does the
 same from Python (call `jax.clear_caches()` afterwards: the choice is made when a function is traced).
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -40,6 +46,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -83,32 +90,120 @@ def _cache_dir() -> Path:
   return Path(root) / "kernels"
 
 
+# The cache holds one directory per build, `cpu_attention-<key>/` with `lib.so` and `manifest.json` (the
+# library's size and SHA-256). A build happens in `.partial-<key>-<random>/` and is renamed into place
+# whole, so an interrupted build leaves only a `.partial-*` directory, which no lookup reads and a later
+# build sweeps away once it is an hour old (a younger one may belong to a build still running).
+_LIBRARY = "lib.so"
+_MANIFEST = "manifest.json"
+_CACHE_FORMAT = b"lacax-kernel-cache-2"
+_STALE_SECONDS = 3600.0
+
+
+def _digest(path: Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verify(build_dir: Path) -> Path | None:
+  """The library of a finished build directory if its size and checksum match its manifest; else None
+  (a corrupt build is moved aside and deleted, with a warning, so that it is rebuilt)."""
+  if not build_dir.exists():
+    return None
+  library = build_dir / _LIBRARY
+  try:
+    manifest = json.loads((build_dir / _MANIFEST).read_text())
+    size, sha = int(manifest["size"]), str(manifest["sha256"])
+    actual = library.stat().st_size
+    if actual != size:
+      problem = f"{library} has {actual} bytes, its manifest records {size}"
+    elif _digest(library) != sha:
+      problem = f"{library} does not match the SHA-256 its manifest records"
+    else:
+      return library
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    problem = f"{build_dir} is unreadable or incomplete ({type(e).__name__}: {e})"
+  logging.warning("lacax: cached CPU kernel is corrupt, rebuilding it: %s", problem)
+  _discard(build_dir)
+  return None
+
+
+def _discard(path: Path) -> None:
+  """Removes a directory of the cache: renamed aside first (atomic), so no lookup sees it half-deleted.
+  A process that has the library loaded keeps its mapping (unlinking never truncates the file)."""
+  aside = path.with_name(f".discard-{path.name}-{os.getpid()}-{threading.get_ident()}")
+  try:
+    os.rename(path, aside)
+  except OSError:
+    return  # already moved or removed by another process
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sweep(root: Path) -> None:
+  """Deletes what interrupted builds left: `.discard-*` at once, `.partial-*` (and the temporary files of
+  older lacax versions) once they are an hour old."""
+  now = time.time()
+  for entry in root.iterdir():
+    stale = entry.name.startswith(".discard-")
+    if entry.name.startswith(".partial-") or (entry.name.startswith("tmp") and entry.suffix == ".so"):
+      try:
+        stale = now - entry.stat().st_mtime > _STALE_SECONDS
+      except OSError:
+        continue
+    if stale:
+      shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def _build() -> Path:
-  """Compiles cpu_attention.cc (once per source/compiler/CPU) and returns the shared library's path."""
+  """Compiles cpu_attention.cc (once per source/compiler/CPU) and returns the verified shared library."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
   include = jax.ffi.include_dir()
   source = _SOURCE.read_bytes()
+  root = _cache_dir()
+  root.mkdir(parents=True, exist_ok=True)
+  _sweep(root)
   errors = []
   for flags in _FLAG_SETS:
     args = [*flags, "-std=c++17", "-shared", "-fPIC", "-I", include, str(_SOURCE)]
-    key = hashlib.sha256(b"\0".join([source, " ".join(args).encode(), version.encode(), jax.__version__.encode(),
-                                     _cpu_fingerprint().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_attention-{key}.so"
-    if path.exists():
-      return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    cmd = [cxx, *args, "-o", tmp]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode == 0:
-      os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
-      return path
-    os.unlink(tmp)
-    errors.append(f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+    key = hashlib.sha256(b"\0".join([_CACHE_FORMAT, source, " ".join(args).encode(), version.encode(),
+                                     jax.__version__.encode(), _cpu_fingerprint().encode()])).hexdigest()[:16]
+    final = root / f"cpu_attention-{key}"
+    library = _verify(final)
+    if library is not None:
+      return library
+    partial = Path(tempfile.mkdtemp(prefix=f".partial-{key}-", dir=root))
+    os.chmod(partial, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+      cmd = [cxx, *args, "-o", str(partial / _LIBRARY)]
+      result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if result.returncode != 0:
+        errors.append(f"{' '.join(cmd)}\n{result.stderr[-2000:]}")
+        continue
+      built = partial / _LIBRARY
+      _fsync(built)
+      manifest = {"size": built.stat().st_size, "sha256": _digest(built), "compiler": cxx, "flags": flags}
+      (partial / _MANIFEST).write_text(json.dumps(manifest))
+      _fsync(partial / _MANIFEST)
+      try:
+        os.rename(partial, final)  # atomic; fails if a concurrent build got there first
+      except OSError:
+        pass
+      library = _verify(final)
+      if library is not None:
+        return library
+      errors.append(f"the build in {final} did not verify")
+    finally:
+      shutil.rmtree(partial, ignore_errors=True)  # a no-op once renamed
   raise RuntimeError("compiling the CPU attention kernel failed:\n" + "\n".join(errors))
 
 

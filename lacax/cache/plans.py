@@ -1,0 +1,201 @@
+"""The plan helpers every cache policy shares: one home for building and applying keep plans.
+
+A compaction is a *plan* (for every output slot of every (layer, row, kv head), the source slot it takes, -1 =
+empty) applied with one gather over the stacked cache (`lacax.cache.kv_cache.gather_slots`, which picks the
+Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and attention scores:
+
+  apply_plan         gathers a plan when needed (`lax.cond` skips steps that keep everything);
+  topk_keep_plan     protected tokens + the top-k others by score, kept in slot order (ties: the older token);
+  descending_rank    the rank of every eligible slot by a score, largest first (ties: the older token);
+  recent_mask        the `count` newest occupied slots;
+  pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
+  occupancy          tokens held per (layer, row, kv head);
+
+and the validation helpers the policies' `__post_init__` use, so that every message names the policy, the
+field, the value and the constraint.
+
+Shapes: L = layers, B = batch, S = slots, KV = kv heads (a plan shared by the heads may use KV = 1).
+
+Conventions of the score-based policies built on these helpers (H2O, TOVA, SnapKV, PyramidKV, KVMerger), and
+where they differ from the references, which all run at batch 1 on MHA caches:
+
+* **GQA.** The references score query heads (they `repeat_kv` the cache). lacax scores KV heads: the forward
+  reduces the G query heads of a group with `score_agg` ("mean" by default, as NVIDIA/kvpress and
+  KVCache-Factory's `--kv_cache_granularity kv_head --gqa_score_agg mean`). For "mean" and "sum" this is the
+  reference statistic reduced over the group. For "max" the forward reduces the group *per query* and then
+  sums over queries (sum_t max_g); KVCache-Factory's kv_head mode sums over the window first (max_g sum_t).
+* **Batch.** Every (layer, row, KV head) is planned independently, so right-padded rows of different prompt
+  lengths are handled exactly as separate batch-1 runs (the H2O reference sums scores over the batch axis).
+* **Order.** Kept tokens stay in their original slot order, so occupied slots remain front-packed and in time
+  order. The references concatenate top-k indices in top-k order (TOVA, SnapKV, PyramidKV) or sorted (H2O);
+  with keys at their original positions attention does not depend on the slot order, so this changes nothing
+  but makes "the most recent r tokens" simply the last r occupied slots.
+* **Ties** in a top-k are broken toward the **older** token (the smaller slot index, i.e. the smaller original
+  position since slots are in time order); `torch.topk` leaves the tie order unspecified.
+* **Positions.** `rope_mode="original"` (default) rotates kept keys at their original positions, as the H2O
+  and SnapKV real-drop code and kvpress do (they cache post-RoPE keys); `rope_mode="slot"` re-rotates them at
+  their new slot (the StreamingLLM position shift) instead; `rope_mode="stored"` caches them post-RoPE, as
+  those references do (same attention as "original", no per-step rotation of the cache).
+
+Cache sizing. `decode_capacity(cfg, max_tokens)` is the static capacity of the decode-phase cache of a run that feeds
+`max_tokens` tokens in all (prompt + generated, as `lacax.generate` calls it). H2O and TOVA never hold more
+than budget + 1 tokens (the budget plus the token of the current step). SnapKV and PyramidKV only compress the
+prompt and let the decode cache grow, so their decode cache must also hold every generated token: set
+`max_new_tokens` on the policy to size it as (kept prompt tokens) + max_new_tokens; left at None it is sized
+for the whole run (always enough, but as large as the full cache).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.cache.kv_cache import ROPE_MODES, SCORE_AGGS, KVCache, gather_slots
+
+POOLINGS = ("avg", "max")
+
+
+def apply_plan(cache: KVCache, plan: jax.Array | Callable[[KVCache], jax.Array], needed: jax.Array,
+               capacity: int | None) -> KVCache:
+  """Gathers the plan ([L, B, S_out] or [L, B, S_out, KV]) when `needed`, else keeps (or resizes) the cache.
+
+  `plan` may be the source-slot array or a function of the cache computing it; a function runs only in the
+  branch that gathers, so a policy whose plan is expensive (top-k sorts) pays nothing on steps that keep
+  everything. With a new `capacity` the gather always runs (the shapes differ, so there is nothing to skip).
+  """
+
+  def gather(c: KVCache) -> KVCache:
+    src = plan(c) if callable(plan) else plan
+    return gather_slots(c, src[..., None] if src.ndim == 3 else src)
+
+  if capacity is not None and capacity != cache.capacity:
+    return gather(cache)
+  return jax.lax.cond(needed, gather, lambda c: c, cache)
+
+
+def descending_rank(values: jax.Array, eligible: jax.Array) -> jax.Array:
+  """[..., S, H] int32 rank of each eligible slot by `values` along axis 2, largest first (ties: lower slot).
+
+  Ineligible slots rank after every eligible one. Two stable sorts along axis 2.
+  """
+  key = jnp.where(eligible, -values, jnp.inf)
+  order = jnp.argsort(key, axis=2, stable=True)
+  return jnp.argsort(order, axis=2, stable=True).astype(jnp.int32)
+
+
+def per_plane(count, ndim: int = 4):
+  """A count given as a Python int, [L] or [L, B] array, shaped to broadcast against [L, B, S, KV]."""
+  if isinstance(count, (int, np.integer)):
+    return int(count)
+  count = jnp.asarray(count, jnp.int32)
+  if count.ndim > 2:
+    raise ValueError(f"a keep count must be an int, [layers] or [layers, batch]; got shape {count.shape}")
+  return count.reshape(count.shape + (1,) * (ndim - count.ndim))
+
+
+def recent_mask(valid: jax.Array, count) -> jax.Array:
+  """The `count` most recent occupied slots of every (layer, row, kv head).
+
+  Slots hold tokens in time order, so these are the last `count` occupied slots (holes allowed).
+
+  Args:
+    valid: [L, B, S, KV] bool, the slot holds a token.
+    count: int, [L] or [L, B] int: how many to mark.
+
+  Returns:
+    [L, B, S, KV] bool.
+  """
+  # Occupied slots at index >= s; a slot is among the `count` newest iff at most `count` of them remain.
+  at_or_after = jnp.flip(jnp.cumsum(jnp.flip(valid, axis=2), axis=2, dtype=jnp.int32), axis=2)
+  return valid & (at_or_after <= per_plane(count))
+
+
+def topk_keep_plan(scores: jax.Array, valid: jax.Array, keep_count, protected: jax.Array | None,
+                   out_capacity: int) -> jax.Array:
+  """Keep plan: every protected token plus the `keep_count` best-scored other tokens, in slot order.
+
+  Args:
+    scores: [L, B, S, KV] float, higher = more worth keeping (any KV may be 1 for a plan shared by the heads).
+    valid: [L, B, S, KV] bool, the slot holds a token.
+    keep_count: how many unprotected tokens to keep by score: a static int, or an int array of shape [L]
+      (per-layer budgets) or [L, B] (per layer and row). Fewer are kept where fewer exist.
+    protected: [L, B, S, KV] bool or None: tokens kept regardless of score (the recent window); only where
+      valid.
+    out_capacity: static number of output slots; must be >= the number of kept tokens (the newest kept tokens
+      would be cut off otherwise).
+
+  Returns:
+    src: [L, B, out_capacity, KV] int32 for `gather_slots`: the kept source slots in increasing slot order
+    (occupied slots stay front-packed and in time order), then -1. Ties in score are broken toward the older
+    token (the smaller slot index). Cost: two argsorts and one sort over S per (layer, row, head).
+  """
+  num_slots = scores.shape[2]
+  protected = valid & protected if protected is not None else jnp.zeros_like(valid)
+  candidate = valid & ~protected
+  rank = descending_rank(scores.astype(jnp.float32), candidate)
+  keep = protected | (candidate & (rank < per_plane(keep_count)))
+  slot = jnp.arange(num_slots, dtype=jnp.int32)[None, None, :, None]
+  packed = jnp.sort(jnp.where(keep, slot, num_slots), axis=2)  # kept slots ascending, then num_slots
+  if out_capacity <= num_slots:
+    packed = packed[:, :, :out_capacity]
+  else:
+    pad = [(0, 0), (0, 0), (0, out_capacity - num_slots), (0, 0)]
+    packed = jnp.pad(packed, pad, constant_values=num_slots)
+  return jnp.where(packed < num_slots, packed, -1).astype(jnp.int32)
+
+
+def pool_scores(scores: jax.Array, mask: jax.Array, kernel: int, pooling: str) -> jax.Array:
+  """SnapKV's 1-D pooling of scores over the slot axis, restricted to the slots in `mask`.
+
+  Equals `F.avg_pool1d(x, kernel, padding=kernel // 2, stride=1)` (zero padding counted in the mean) or
+  `F.max_pool1d(...)` (padding never wins) applied to the masked run of slots alone: slots outside `mask` act
+  as the reference's padding. For the contiguous prefix [0, n - window) of a prefilled row this is exactly the
+  reference, which pools `attn[..., :-window]`.
+
+  Args:
+    scores: [L, B, S, KV] float32.
+    mask: [L, B, S, KV] bool, the slots being pooled.
+    kernel: odd window width.
+    pooling: "avg" or "max".
+
+  Returns:
+    [L, B, S, KV] float32 (meaningful at the masked slots only).
+  """
+  pad = [(0, 0), (0, 0), (kernel // 2, kernel // 2), (0, 0)]
+  window, strides = (1, 1, kernel, 1), (1, 1, 1, 1)
+  if pooling == "avg":
+    x = jnp.where(mask, scores, 0.0)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad) / kernel
+  x = jnp.where(mask, scores, -jnp.inf)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pad)
+
+
+def occupancy(cache: KVCache) -> jax.Array:
+  """[L, B, KV] int32 number of tokens each (layer, row, kv head) holds."""
+  return jnp.sum(cache.valid(), axis=2, dtype=jnp.int32)
+
+
+def check_int(owner: str, name: str, value, minimum: int) -> None:
+  """`owner name=value` is an integer >= minimum."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+    raise ValueError(f"{owner} {name}={value!r} must be an integer")
+  if value < minimum:
+    raise ValueError(f"{owner} {name}={value} must be >= {minimum}")
+
+
+def check_rope_and_agg(owner: str, policy) -> None:
+  """The policy's `score_agg` and `rope_mode` are supported values (the message names the owner)."""
+  if policy.score_agg not in SCORE_AGGS:
+    raise ValueError(f"{owner} score_agg={policy.score_agg!r} must be one of {list(SCORE_AGGS)}")
+  if policy.rope_mode not in ROPE_MODES:
+    raise ValueError(f"{owner} rope_mode={policy.rope_mode!r} must be one of {list(ROPE_MODES)}")
+
+
+def require_scores(owner: str, cache: KVCache, score_mode: str) -> None:
+  """The cache records the statistic `score_mode` (it was built by the policy's `init`)."""
+  if cache.scores is None or cache.score_mode != score_mode:
+    raise ValueError(f"{owner} needs a cache recording score_mode={score_mode!r}, got "
+                     f"score_mode={cache.score_mode!r}; build the cache with the policy's init()")
