@@ -12,7 +12,7 @@ process runs this same command: `jax.distributed.initialize()` comes first, all 
 compute together), and only process 0 logs, prints and writes the run directory. Orbax checkpoints are
 collective saves (every process calls them, orbax writes each array once), so jobs call them on all processes.
 
-Reliability (`lacax.runs`): before anything is loaded the job's `validate_config(config)` checks every field,
+Reliability (`lacax.runs`): before anything is loaded the job's `validate(config)` checks every field,
 data file and output path and reports all problems at once; a misspelled `--config.` field is one line with
 the suggestion. The run's state (running / failed with the error / done) is kept in `status.json`; jobs write
 each finished unit as it completes, so a run that was killed, interrupted or ran out of disk is finished by
@@ -114,7 +114,7 @@ def _validate(config, job) -> None:
         pass
     except OSError as e:
       problems.add(f"results_dir={config.results_dir!r} cannot be written ({e.strerror or e})")
-  validate = getattr(job, "validate_config", None)
+  validate = getattr(job, "validate", None) or getattr(job, "validate_config", None)
   if validate is not None:
     try:
       validate(config)

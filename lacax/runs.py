@@ -23,6 +23,7 @@ atomically. A disk that fills up fails the write of the current unit only; every
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import re
@@ -141,7 +142,10 @@ class RunDir:
   def _unit_path(self, key: str) -> str:
     if not key:
       raise ValueError("a unit key must be a non-empty string")
-    return os.path.join(self.path, UNITS_DIR, _UNSAFE.sub("_", key) + ".json")
+    name = _UNSAFE.sub("_", key)
+    if len(name) > 120 or name != key:  # keep file names short and distinct keys in distinct files
+      name = name[:100] + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    return os.path.join(self.path, UNITS_DIR, name + ".json")
 
   def load_unit(self, key: str) -> Any | None:
     """The stored value of unit `key`, or None when it is not finished (a corrupt unit file counts as not

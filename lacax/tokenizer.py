@@ -296,6 +296,21 @@ class Tokenizer:
             f"has_chat_template={self.has_chat_template})")
 
 
+def prompt_encoder(tokenizer: Tokenizer, chat: bool):
+  """Text -> the ids fed to the model: the raw prompt (with the tokenizer's BOS rule), or wrapped as one user
+  turn of the chat template (`chat=True`; the template's own BOS text is kept, no second BOS is added)."""
+  if not chat:
+    return tokenizer.encode
+  if not tokenizer.has_chat_template:
+    raise ValueError("chat=True but the model's tokenizer has no chat template; set chat=False")
+
+  def encode(text: str) -> list[int]:
+    wrapped = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(wrapped, add_bos=False)
+
+  return encode
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """A `Tokenizer` from a Hugging Face tokenizer/checkpoint directory or a `.gguf` file.
 

@@ -107,11 +107,9 @@ def one_hot(heads: Iterable[Head], shape: tuple[int, int]) -> np.ndarray:
 
 
 def _progress(items: Sequence[Any], enabled: bool, desc: str):
-  if not enabled:
-    return items
-  import tqdm  # pylint: disable=g-import-not-at-top
+  from lacax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
 
-  return tqdm.tqdm(items, desc=desc, leave=False)
+  return ProgressBar.wrap(items, desc, enabled=enabled, unit="head")
 
 
 def sweep_single_heads(evaluate: Evaluate, shape: tuple[int, int], candidates: Sequence[Head], *,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import random
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lacax import io as lacax_io
 from lacax.act.calibration import ACTConfig, make_probs_hook, make_traced_probs_hook, visibility_from_positions
 from lacax.cache.kv_cache import init_cache
 from lacax.model import llama
@@ -271,16 +271,8 @@ MULTIPLE_CHOICE_FORMATS: dict[str, MultipleChoiceFormat] = {f.name: f for f in (
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Records of a JSONL file (blank lines skipped); errors name the file and line."""
-  records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-  return records
+  """Records of a JSONL file (blank lines skipped); errors (`lacax.errors.DataError`) name the file and line."""
+  return [record for _, record in lacax_io.iter_jsonl(path)]
 
 
 def reference_example(name: str, record: Mapping[str, Any], *, scoring: str | None = None,

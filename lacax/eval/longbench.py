@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
-import json
 import math
 import os
 import re
@@ -38,6 +37,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from lacax import io as lacax_io
+from lacax.errors import DataError
 
 # --------------------------------------------------------------------------------------------------------------
 # Task tables (facts from THUDM/LongBench `config/*.json` and `pred.py`, identical in GATECH-EIC/LaCache).
@@ -246,14 +248,15 @@ def uses_chat_template(task: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class LongBenchFormatError(ValueError):
-  """A JSONL record that cannot be read; the message names the file, the 1-based line and the field."""
+class LongBenchFormatError(DataError):
+  """A JSONL record that cannot be read; the message names the file, the 1-based line and the field (or the byte
+  offset of text that is not UTF-8)."""
 
-  def __init__(self, path: str | os.PathLike[str], line: int, message: str, field: str | None = None):
-    self.path = os.fspath(path)
+  def __init__(self, path: str | os.PathLike[str], line: int | None, message: str, field: str | None = None,
+               where: str | None = None):
     self.line = line
     self.field = field
-    super().__init__(f"{self.path}, line {line}: {message}")
+    super().__init__(path, message, where=where or f"line {line}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,19 +307,14 @@ _PREDICTION_FIELDS = ("pred", "answers", "all_classes")
 
 
 def _iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-  """Yields (1-based line number, JSON object) for each non-blank line of a UTF-8 JSONL file."""
-  with open(path, "r", encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise LongBenchFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise LongBenchFormatError(
-            path, line_number, f"expected a JSON object, got {type(record).__name__}")
-      yield line_number, record
+  """Yields (1-based line number, JSON object) for each non-blank line of a UTF-8 JSONL file (`lacax.io`)."""
+  try:
+    yield from lacax_io.iter_jsonl(os.fspath(path))
+  except DataError as e:
+    if isinstance(e, LongBenchFormatError):
+      raise
+    line = int(e.where.split()[1]) if e.where and e.where.startswith("line ") else None
+    raise LongBenchFormatError(path, line, e.problem, where=e.where) from None
 
 
 def _require(record: Mapping[str, Any], fields: Sequence[str], path: str | os.PathLike[str], line: int) -> None:

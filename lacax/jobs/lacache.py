@@ -31,8 +31,9 @@ from lacax.weights import loader
 from lacax.weights.loader import load_model
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Every problem of the fields the job reads, the data file and the model path, in one `ValidationError`."""
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every problem of the fields the job reads, the data file, the model path and each policy against the
+  model's shape, in one `ValidationError`, before the model is loaded."""
   problems = errors.Problems()
   problems.check(isinstance(config.num_tokens, int) and config.num_tokens >= 2,
                  f"num_tokens={config.num_tokens!r} must be an int >= 2")
@@ -112,7 +113,7 @@ def plot_running_ppl(curves: dict[str, np.ndarray], path: str, title: str) -> No
 
 def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[str, Any]:
   """Streams the text under every policy of `config.policies`; one unit per policy in `run_dir`."""
-  validate_config(config)
+  validate(config)
   run_dir = runs.as_run_dir(run_dir)
   model = load_model(config.model.path or None, dtype=config.model.dtype)
   if model.tokenizer is None:
