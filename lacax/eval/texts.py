@@ -17,17 +17,20 @@ def default_text() -> str:
   return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
-  return [io.require_text(record, field, path, line, option="data.field") for line, record in io.iter_jsonl(path)]
+def _read_jsonl(path: str, field: str, encoding: str, option: str) -> list[str]:
+  return [io.require_text(record, field, path, line, option=f"{option}.field")
+          for line, record in io.iter_jsonl(path, encoding=encoding, option=f"{option}.encoding")]
 
 
-def load_text(path: str = "", field: str = "text") -> str:
+def load_text(path: str = "", field: str = "text", *, encoding: str = "utf-8", option: str = "data") -> str:
   """The evaluation text.
 
   Args:
     path: "" for the embedded default; a text file; a folder (its *.txt files, sorted, concatenated, as the
       LaCache driver concatenates PG19 books); or a .jsonl file (the `field` of every record, concatenated).
     field: the text field of JSONL records.
+    encoding: the files' text encoding.
+    option: the config section that holds `path` (named in errors: "data.encoding", "haystack.field", ...).
 
   Raises:
     FileNotFoundError: `path` does not exist, or is a folder without *.txt files.
@@ -40,25 +43,25 @@ def load_text(path: str = "", field: str = "text") -> str:
     files = sorted(glob.glob(os.path.join(path, "*.txt")))
     if not files:
       raise FileNotFoundError(f"data.path={path!r} is a folder without *.txt files")
-    return "\n\n".join(io.read_text(f) for f in files)
+    return "\n\n".join(io.read_text(f, encoding=encoding, option=f"{option}.encoding") for f in files)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.path={path!r} does not exist (expected a text file, a folder or a .jsonl file)")
   if path.endswith(".jsonl"):
-    return "\n\n".join(_read_jsonl(path, field))
-  return io.read_text(path)
+    return "\n\n".join(_read_jsonl(path, field, encoding, option))
+  return io.read_text(path, encoding=encoding, option=f"{option}.encoding")
 
 
-def text_problems(path: str, field: str = "text", option: str = "data.path") -> list[str]:
-  """What `load_text(path, field)` would fail on, as messages (for validation before any work); [] if none."""
+def text_problems(path: str, field: str = "text", *, encoding: str = "utf-8", option: str = "data") -> list[str]:
+  """What `load_text(path, field, encoding=...)` would fail on, as messages (for validation before any work)."""
   if not path:
     return []
   if os.path.isdir(path):
-    return [] if glob.glob(os.path.join(path, "*.txt")) else [f"{option}={path!r} is a folder without *.txt files"]
-  problem = io.check_readable(path, option)
+    return [] if glob.glob(os.path.join(path, "*.txt")) else [f"{option}.path={path!r} is a folder without *.txt files"]
+  problem = io.check_readable(path, f"{option}.path")
   if problem:
     return [problem]
   try:
-    text = load_text(path, field)
-  except (DataError, OSError) as e:
+    text = load_text(path, field, encoding=encoding, option=option)
+  except (DataError, FileNotFoundError) as e:
     return [str(e)]
-  return [] if text.strip() else [f"{option}={path!r} holds no text"]
+  return [] if text.strip() else [f"{option}.path={path!r} holds no text"]

@@ -48,7 +48,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  f"report_at={tuple(config.report_at)!r} must be positive token counts")
   problems.check(isinstance(config.cache.size, int) and config.cache.size > 0,
                  f"cache.size={config.cache.size!r} must be a positive number of slots")
-  problems.extend(text_problems(config.data.path, config.data.field, "data.path"))
+  problems.extend(text_problems(config.data.path, config.data.field, encoding=config.data.get("encoding", "utf-8"),
+                                option="data"))
   model_problems = loader.model_path_problems(config.model.path, "model.path")
   problems.extend(model_problems)
   if not model_problems and not problems:  # every policy against the model's shape (e.g. span < layers)
@@ -118,7 +119,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[s
   model = load_model(config.model.path or None, dtype=config.model.dtype)
   if model.tokenizer is None:
     raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the streaming job needs one")
-  ids = model.tokenizer.encode(load_text(config.data.path, config.data.field))
+  ids = model.tokenizer.encode(load_text(config.data.path, config.data.field,
+                                         encoding=config.data.get("encoding", "utf-8"), option="data"))
   if len(ids) < config.num_tokens + 1:
     raise errors.ConfigError(f"the text (data.path={config.data.path!r}) has {len(ids)} tokens; "
                              f"num_tokens={config.num_tokens} needs {config.num_tokens + 1}")

@@ -96,7 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems = errors.Problems()
   problems.extend(_field_problems(config))
   if config.task == "niah":
-    problems.extend(text_problems(config.haystack.path, config.haystack.field, "haystack.path"))
+    problems.extend(text_problems(config.haystack.path, config.haystack.field,
+                                  encoding=config.haystack.get("encoding", "utf-8"), option="haystack"))
   model_problems = loader.model_path_problems(config.model.path, "model.path")
   problems.extend(model_problems)
   if not problems:
@@ -174,7 +175,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
   needle, haystack = None, None
   if config.task == "niah":
     needle = config.needle.to_dict()
-    haystack = load_text(config.haystack.path, config.haystack.field)
+    haystack = load_text(config.haystack.path, config.haystack.field,
+                         encoding=config.haystack.get("encoding", "utf-8"), option="haystack")
   start = time.perf_counter()
   grid = ng.build_grid(tokenize, task=config.task, lengths=lengths, depths=depths,
                        samples_per_cell=config.grid.samples_per_cell, seed=config.grid.seed,
