@@ -35,9 +35,8 @@ def _safe_open(file: str):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   size = os.path.getsize(file)
-  try:
-    with open(file, "rb") as f:
-      header = f.read(8)
+  with open(file, "rb") as f:
+    header = f.read(8)
     if len(header) < 8:
       raise CheckpointError(f"truncated safetensors file: {size} bytes, not even the 8-byte header length",
                             path=file)
@@ -45,20 +44,19 @@ def _safe_open(file: str):
     if 8 + header_len > size:
       raise CheckpointError(f"truncated safetensors file: the header claims {header_len} bytes but the file has "
                             f"{size}", path=file)
-    handle = safe_open(file, framework="np")
-  except CheckpointError:
-    raise
+    try:
+      meta = json.loads(f.read(header_len))
+      # The header lists every tensor's byte range: a file cut short ends before the last one.
+      end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+      raise CheckpointError(f"corrupt safetensors header ({type(e).__name__}: {e})", path=file) from None
+  if 8 + header_len + end > size:
+    raise CheckpointError(f"truncated safetensors file: its tensors need {8 + header_len + end} bytes but the file "
+                          f"has {size}", path=file)
+  try:
+    return safe_open(file, framework="np")
   except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own SafetensorError)
     raise CheckpointError(f"not a readable safetensors file ({type(e).__name__}: {e})", path=file) from None
-  # The header lists every tensor's byte range: a file cut short ends before the last one.
-  with open(file, "rb") as f:
-    f.seek(8)
-    meta = json.loads(f.read(header_len))
-  end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-  if 8 + header_len + end > size:
-    raise CheckpointError(f"truncated safetensors file: the tensors need {8 + header_len + end} bytes but the file "
-                          f"has {size}", path=file)
-  return handle
 
 
 def _safetensors_files(path: str) -> dict[str, str]:
