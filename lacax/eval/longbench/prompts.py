@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lacax.eval.longbench.tasks import FIRST_LINE_TASKS, PROMPT_TEMPLATES, check_task, uses_chat_template
+from lacax.eval.longbench.tasks import PROMPT_TEMPLATES, check_task
 from lacax.eval.longbench.data import LongBenchExample
 
 
