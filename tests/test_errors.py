@@ -87,6 +87,28 @@ class NamedFileErrorsTest(absltest.TestCase):
     self.assertIn(f"{path}, byte offset 14: not valid utf-8", str(ctx.exception))
 
 
+class ValidationTest(absltest.TestCase):
+
+  def test_empty_longbench_task_file_is_reported_with_the_other_problems(self):
+    from configs import longbench as longbench_config  # pylint: disable=g-import-not-at-top
+    from lacax.jobs import longbench as longbench_job  # pylint: disable=g-import-not-at-top
+
+    data = tempfile.mkdtemp()
+    open(os.path.join(data, "trec.jsonl"), "w").close()
+    with open(os.path.join(data, "hotpotqa.jsonl"), "w") as f:
+      f.write(json.dumps(dict(input="q", context="c", answers=["a"], length=1, dataset="hotpotqa", language="en",
+                              all_classes=None, _id="0")) + "\n")
+    config = longbench_config.get_config("cpu")
+    config.data.path, config.tasks, config.batch_size = data, ("hotpotqa", "trec"), 0
+    config.model.path = os.path.join(data, "missing.gguf")
+    with self.assertRaises(errors.ValidationError) as ctx:
+      longbench_job.validate(config)
+    self.assertEqual(ctx.exception.problems, [
+        "batch_size=0 must be an int >= 1",
+        f"the trec file in data.path={data!r} holds no examples",
+        f"model.path={config.model.path!r} does not exist (expected a checkpoint directory or a .gguf file)"])
+
+
 class MemoryTest(absltest.TestCase):
 
   def test_cache_bytes_are_exact_and_an_oversized_request_is_refused_up_front(self):
