@@ -122,7 +122,7 @@ class RunDir:
   def check_config(self, config: Mapping[str, Any]) -> list[str]:
     """The fields (dotted names) whose values differ between `config` and the saved config.json."""
     saved = io.read_json(os.path.join(self.path, CONFIG_FILE))
-    now = io.to_jsonable(dict(config), tagged=True)
+    now = io.to_jsonable(dict(config))
     differences: list[str] = []
 
     def compare(a: Any, b: Any, where: str) -> None:

@@ -33,6 +33,7 @@ from lacax import runs
 from lacax.act import calibration
 from lacax.act import search as search_lib
 from lacax.act import tasks as tasks_lib
+from lacax.eval import zero_shot
 from lacax.weights import loader
 from lacax.weights.loader import load_model
 
@@ -223,7 +224,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[s
   settings = calibration.ACTConfig(beta=a.beta, threshold_mode=a.threshold_mode, threshold=a.threshold,
                                    alpha=a.alpha, first_row=a.first_row)
   tasks = build_tasks(config)
-  encode = lambda examples: tasks_lib.encode_split(examples, tok, batch_size=config.batch_size,
+  encode = lambda examples: zero_shot.encode_split(examples, tok, batch_size=config.batch_size,
                                                    bucket=config.bucket)
   calibration_splits = [encode(t.calibration) for t in tasks]
   evaluation_splits = [encode(t.evaluation) for t in tasks]
@@ -275,14 +276,14 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[s
   for task, split in zip(tasks, evaluation_splits):
     if not split.examples:
       continue
-    base = tasks_lib.correct(params, cfg, split)
+    base = zero_shot.correct(params, cfg, split)
     pooled["base"].append(base)
     entry = {"kind": task.kind, "scoring": split.examples[0].scoring, "chance": task.chance,
              "num_calibration": len(task.calibration), "num_evaluation": len(split.examples),
              "accuracy": float(base.mean())}
     for label, (heads, _) in selections.items():
       act = settings.replace(heads=heads)
-      calibrated = tasks_lib.correct(params, cfg, split, act=act) if heads else base
+      calibrated = zero_shot.correct(params, cfg, split, act=act) if heads else base
       pooled[label].append(calibrated)
       entry[label] = _compare(base, calibrated)
     per_task[task.name] = entry
