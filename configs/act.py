@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "act"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   # Calibration settings; heads_path = a heads_<mode>.json from an earlier run (skips the search).
   c.act = ml_collections.ConfigDict(dict(beta=0.4, threshold_mode="absolute", threshold=0.1, alpha=5.0,

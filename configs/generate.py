@@ -11,6 +11,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "generate"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.prompt = "What is a KV cache in a transformer? Answer in two sentences."
   c.chat = True

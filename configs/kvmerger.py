@@ -54,5 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/kvmerger.py variant {arg!r} is unknown; expected '', 'budget35', 'longbench' or "
                      "'cpu'")
   c.results_dir = "results/kvmerger"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.policies = ("full", "h2o", "kvmerger")
   return c

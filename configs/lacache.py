@@ -19,9 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "lacache"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   # "" = English prose shipped with Python (pydoc_data.topics); or a text file, a folder of *.txt, a .jsonl.
-  c.data = ml_collections.ConfigDict(dict(path="", field="text"))
+  c.data = ml_collections.ConfigDict(dict(path="", field="text", encoding="utf-8"))
   c.num_tokens = 1024
   c.report_at = (256, 512, 1024, 2048, 4096, 8192)
   c.chunk = 256

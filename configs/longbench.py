@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "longbench"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   # path: a folder of <task>.jsonl files (or one file); longbench_e: read <task>_e.jsonl, score by length bucket.
   c.data = ml_collections.ConfigDict(dict(path="", longbench_e=False))

@@ -26,7 +26,7 @@ Variants:
 import ml_collections
 
 from configs import passkey
-from lacax.jobs import passkey as passkey_job
+from lacax.eval import needle_grid
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "niah"
   c.grid.depth_unit = "tokens"
   c.grid.suffix_mode = "continue"
-  c.haystack = ml_collections.ConfigDict(dict(path="", field="text"))
+  c.haystack = ml_collections.ConfigDict(dict(path="", field="text", encoding="utf-8"))
   # task_description (first line), template (the needle, with {answer}), question (last line), digits.
-  c.needle = ml_collections.ConfigDict(dict(passkey_job.NIAH_DEFAULTS))
+  c.needle = ml_collections.ConfigDict(dict(needle_grid.NIAH_DEFAULTS))
   return c

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment = "passkey"
   c.task = "passkey"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.grid = ml_collections.ConfigDict(dict(
       lengths=tuple(16384 * k for k in range(1, 9)),

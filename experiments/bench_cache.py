@@ -19,9 +19,7 @@ Writes `results/bench_cache/<timestamp>.json` and prints a table.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
 import time
 
 from absl import app
@@ -157,8 +155,7 @@ def main(argv):
   record = {"provenance": results_lib.provenance(model.fingerprint()), "model": model.cfg.name,
             "dtype": _DTYPE.value, "cache_size": size, "span": _SPAN.value, "overlap": _OVERLAP.value,
             "steps": _STEPS.value, "runs": runs, "summary": summary}
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + ".json")
+  path = results_lib.timestamped_path(_OUT.value)
   results_lib.write_json(path, record)
   print(f"written: {path}")
 

@@ -19,7 +19,6 @@ Writes `results/bench_decode/<timestamp>.json` and prints a table.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
@@ -207,9 +206,7 @@ def main(argv):
     if run["impl"] == "lacax" and run["context"] in torch_speed:
       run["ratio_vs_transformers"] = run["decode_tokens_per_second"] / torch_speed[run["context"]]
   record["load_average_end"] = os.getloadavg()  # a shared machine makes every ratio noisy: say how busy it was
-  os.makedirs(_OUT.value, exist_ok=True)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-  path = os.path.join(_OUT.value, f"{stamp}.json")
+  path = results_lib.timestamped_path(_OUT.value)
   results_lib.write_json(path, record)
   print(f"\nwritten: {path}")
 

@@ -22,7 +22,6 @@ Output: results/bench_kernels/<UTC timestamp>.json and a table on stdout.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import os
 import statistics
@@ -203,10 +202,7 @@ def main(argv):
       "warmup": _WARMUP.value, "iters": _ITERS.value, "rows": rows,
   }
   out.update(results_lib.provenance())
-  out_dir = os.path.join(_RESULTS_DIR.value, "bench_kernels")
-  os.makedirs(out_dir, exist_ok=True)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-  path = os.path.join(out_dir, f"{stamp}.json")
+  path = results_lib.timestamped_path(os.path.join(_RESULTS_DIR.value, "bench_kernels"))
   results_lib.write_json(path, out)
 
   print()

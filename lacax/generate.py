@@ -8,17 +8,18 @@ tokens and the cache policy's compaction all run inside the compiled loop.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache
+from lacax.cache.kv_cache import KVCache, init_cache
 from lacax.cache.base import CachePolicy
 from lacax.cache.full import FullPolicy
 from lacax.model import llama
@@ -76,6 +77,15 @@ def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
   return jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
 
 
+def prefill_forward(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, cfg: ModelConfig, *,
+                    options: llama.ForwardOptions | None = None) -> tuple[jax.Array, KVCache]:
+  """The prompt forward: right-padded prompts [B, T] of `lengths` into `cache`; (logits [B, 1, V] at each row's
+  last prompt token, the filled cache). Padding takes position -1 and is never written."""
+  t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  positions = jnp.where(t < lengths[:, None], t, -1)
+  return llama.forward(params, tokens, positions, cache, cfg, logits_index=lengths - 1, options=options)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "max_new_tokens", "stop_ids",
                                              "decode_capacity", "mesh_rules"))
 def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
@@ -97,12 +107,10 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
     The decode state after one generated token.
   """
   batch, width = tokens.shape
-  t = jnp.arange(width, dtype=jnp.int32)[None, :]
-  positions = jnp.where(t < lengths[:, None], t, -1)
   cache = policy.init(cfg, batch, max(width, decode_capacity))
   if mesh_rules is not None:
     cache = mesh_rules.shard_cache(cache)
-  logits, cache = llama.forward(params, tokens, positions, cache, cfg, logits_index=lengths - 1, options=options)
+  logits, cache = prefill_forward(params, tokens, lengths, cache, cfg, options=options)
   cache = policy.compact(cache, capacity=decode_capacity)
   if mesh_rules is not None:  # the decode loop receives the cache in the rules' layout
     cache = mesh_rules.constrain_cache(cache)
@@ -197,6 +205,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
 
   Raises:
     ValueError: a prompt does not fit the cache, or an argument is out of range (the message names it).
+    lacax.errors.ResourceError: the cache cannot fit in the device's free memory (the message gives the bytes).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -218,9 +227,13 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
       if options is not None and options.probs_hook is not None:
         raise ValueError("generate: act and options.probs_hook both set an attention-probability hook; pass one")
       options = (options or llama.ForwardOptions()).replace(probs_hook=hook)
+  from lacax import memory  # pylint: disable=g-import-not-at-top
   from lacax import sharding  # pylint: disable=g-import-not-at-top
 
   mesh_rules = mesh_rules or sharding.current_mesh_rules()
+  if mesh_rules is None:  # a sharded cache is split over the mesh; one device holds only its blocks
+    memory.require_cache_fits(policy, cfg, len(prompts), max(tokens.shape[1], decode_capacity),
+                              what=f"generation of {len(prompts)} prompt(s) of up to {total} tokens")
   tokens_in, lengths_in, rng = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed)
   if mesh_rules is not None:
     tokens_in, lengths_in = mesh_rules.put(tokens, ("batch", None)), mesh_rules.put(lengths, ("batch",))
@@ -237,3 +250,145 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   rows = [out[b, :counts[b]].tolist() for b in range(len(prompts))]
   return GenerationResult(tokens=rows, prefill_seconds=mid - start, decode_seconds=end - mid,
                           prompt_tokens=int(lengths.sum()), generated_tokens=int(counts.sum()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One prefill, many policies (the one-shot evaluation protocol).
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OneShotResult:
+  """Greedy outputs of one batch of prompts under several policies.
+
+  Attributes:
+    tokens: {policy name: one list of generated ids per prompt (stop token included, padding removed)}.
+    policies: {policy name: the policy that ran}.
+    prefill_seconds: wall time of the prefill forwards (compilation included on first use of a shape).
+    decode_seconds: {policy name: compaction hand-off + decode loop wall time}.
+    prompt_tokens: real prompt tokens in the batch.
+  """
+
+  tokens: dict[str, list[list[int]]]
+  policies: dict[str, CachePolicy]
+  prefill_seconds: float
+  decode_seconds: dict[str, float]
+  prompt_tokens: int
+
+
+def prefill_signature(policy: CachePolicy) -> tuple[str, str | None, str]:
+  """Policies with equal signatures read and record the prefill cache alike, so they can share one prefill."""
+  return (policy.rope_mode, policy.score_mode, policy.score_agg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "rope_mode", "score_mode", "score_agg"))
+def shared_prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, capacity: int,
+                   rope_mode: str, score_mode: str | None, score_agg: str) -> tuple[jax.Array, KVCache]:
+  """`prefill_forward` into a policy-neutral cache of `capacity`: (greedy first token [B], the cache)."""
+  cache = init_cache(cfg, tokens.shape[0], capacity, rope_mode=rope_mode, score_mode=score_mode,
+                     score_agg=score_agg)
+  logits, cache = prefill_forward(params, tokens, lengths, cache, cfg)
+  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "decode_capacity", "max_new_tokens", "stop_ids"))
+def _handoff(cache: KVCache, first: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, policy: CachePolicy,
+             decode_capacity: int, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeState:
+  """The policy's one compaction of the shared prefilled cache, and the decode state after the first token.
+
+  The end of `prefill`; the policy's own state (e.g. the ladder cursor per row) is attached to the shared cache
+  first.
+  """
+  cache = cache.replace(state=policy.init(cfg, first.shape[0], 1).state)
+  cache = policy.compact(cache, capacity=decode_capacity)
+  return initial_state(cache, first, lengths, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
+                       stop_ids=stop_ids)
+
+
+def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                     policies: Mapping[str, CachePolicy], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                     bucket: int = 64, pad_id: int = 0) -> OneShotResult:
+  """Greedy generation of every prompt under every policy, prefilling once per prefill signature.
+
+  For each policy this is `generate(..., policy=policy)`: full-attention prefill, one
+  `policy.compact(cache, capacity=policy.decode_capacity(...))`, then the compiled decode loop with compaction after
+  every token. The prefill forward depends only on how the cache is read and scored (`rope_mode`,
+  `score_mode`, `score_agg`), so policies that agree on those (full, StreamingLLM and LaCache; H2O and
+  KVMerger) share it: on a CPU the prefill dominates, and this divides the job's time by the number of policies.
+
+  Args:
+    params, cfg: the model.
+    prompts: token-id lists (right-padded into one batch).
+    policies: {name: policy}.
+    max_new_tokens: tokens generated per row at most (the stop token counts).
+    stop_ids: a row stops after producing one of these.
+    bucket: the padded width is a multiple of this (fewer compilations).
+    pad_id: written after a row stops (never returned).
+
+  Raises:
+    ValueError: no policies, max_new_tokens < 1, or token ids outside the vocabulary.
+    lacax.errors.ResourceError: the shared cache does not fit in the device's free memory (the bytes it needs).
+  """
+  from lacax import memory  # pylint: disable=g-import-not-at-top
+
+  if not policies:
+    raise ValueError("oneshot_generate: policies is empty")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  tokens, lengths = pad_prompts(prompts, bucket, pad_id)
+  if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+    raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
+                     f"[{int(tokens.min())}, {int(tokens.max())}]")
+  total = int(lengths.max()) + max_new_tokens
+  stops = tuple(int(s) for s in stop_ids)
+  groups: dict[tuple, list[str]] = collections.defaultdict(list)
+  for name, policy in policies.items():
+    groups[prefill_signature(policy)].append(name)
+
+  out: dict[str, list[list[int]]] = {}
+  decode_seconds: dict[str, float] = {}
+  prefill_seconds = 0.0
+  for (rope_mode, score_mode, score_agg), names in groups.items():
+    capacities = {name: policies[name].decode_capacity(cfg, total) for name in names}
+    capacity = max(tokens.shape[1], *capacities.values())
+    # The shared cache, plus one compacted copy alive at a time.
+    memory.require_cache_fits(policies[names[0]], cfg, len(prompts), capacity, copies=2,
+                              what=f"one-shot generation of {len(prompts)} prompt(s) of up to {total} tokens")
+    start = time.perf_counter()
+    first, cache = shared_prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, capacity=capacity,
+                                  rope_mode=rope_mode, score_mode=score_mode, score_agg=score_agg)
+    jax.block_until_ready(first)
+    prefill_seconds += time.perf_counter() - start
+    for name in names:
+      start = time.perf_counter()
+      statics = dict(cfg=cfg, policy=policies[name], max_new_tokens=max_new_tokens, stop_ids=stops)
+      state = _handoff(cache, first, jnp.asarray(lengths), decode_capacity=capacities[name], **statics)
+      state = decode(params, state, sampling=SamplingConfig(), pad_id=pad_id, **statics)
+      generated, counts = jax.device_get((state.out, state.num_generated))
+      decode_seconds[name] = time.perf_counter() - start
+      out[name] = [generated[b, :counts[b]].tolist() for b in range(len(prompts))]
+  return OneShotResult(tokens={name: out[name] for name in policies}, policies=dict(policies),
+                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                       prompt_tokens=int(lengths.sum()))
+
+
+def batches_by_policy(items: Sequence[Any], policies_for: Callable[[Any], Mapping[str, CachePolicy]],
+                      batch_size: int) -> list[tuple[list[Any], dict[str, CachePolicy]]]:
+  """Splits `items` into batches of at most `batch_size` whose items all get the same policies.
+
+  Policies built from a prompt's length (e.g. LaCache's cache_size = budget * prompt tokens) differ between
+  prompts of different lengths; a batch shares one static policy per name, so items are grouped by their
+  policies first (in order of first appearance), then chunked.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  groups: dict[tuple, tuple[dict[str, CachePolicy], list[Any]]] = {}
+  for item in items:
+    policies = dict(policies_for(item))
+    key = tuple(sorted(policies.items()))
+    groups.setdefault(key, (policies, []))[1].append(item)
+  batches = []
+  for policies, members in groups.values():
+    for begin in range(0, len(members), batch_size):
+      batches.append((members[begin:begin + batch_size], policies))
+  return batches

@@ -1,19 +1,20 @@
-"""Where experiments write what they measured: `results/<experiment>/<timestamp>/`.
+"""Where experiments write what they measured: `results/<experiment>/<timestamp>/`, and their provenance.
 
-Every run directory holds `config.json` (the full config), `results.json` (every figure, plus the lacax
-version, the git commit and the model fingerprint), and whatever plots the job makes. Files are written to a
-temporary name and renamed, so a crash never leaves a truncated results file.
+Every run directory holds `config.json` (the full config), `status.json`, the finished units of work,
+`results.json` (every figure, plus the lacax version, the git commit and the model fingerprint), and whatever
+plots the job makes: see `lacax.runs` (the run directory, units and resume) and `lacax.io` (atomic writes,
+standard JSON). Benchmarks write one timestamped JSON file (`timestamped_path`).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import subprocess
 from typing import Any
 
 import lacax
+from lacax import io as lacax_io
 
 
 def git_commit() -> str | None:
@@ -30,19 +31,22 @@ def git_commit() -> str | None:
 
 
 def write_json(path: str, data: Any) -> None:
-  """Writes JSON atomically (temp file + rename)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  """Writes standard JSON atomically (write + fsync + rename; non-finite floats encoded, see `lacax.io`)."""
+  lacax_io.write_json(path, data)
 
 
 def new_run_dir(root: str, experiment: str) -> str:
-  """Creates `root/experiment/<UTC timestamp>/` and returns it."""
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-  path = os.path.join(root, experiment, stamp)
-  os.makedirs(path, exist_ok=False)
-  return path
+  """Creates `root/experiment/<UTC timestamp>/` and returns it (`lacax.runs.RunDir.create`)."""
+  from lacax import runs  # pylint: disable=g-import-not-at-top
+
+  return runs.RunDir.create(root, experiment).path
+
+
+def timestamped_path(directory: str, suffix: str = ".json") -> str:
+  """`directory/<UTC timestamp><suffix>` (the directory created): where a benchmark writes its record."""
+  os.makedirs(directory, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  return os.path.join(directory, stamp + suffix)
 
 
 def provenance(model_fingerprint: str | None = None) -> dict[str, Any]:

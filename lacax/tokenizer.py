@@ -27,6 +27,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from lacax import io
+from lacax.errors import DataError
+
 # Tokens that end an assistant turn in common chat formats; those present in a vocabulary join `stop_ids`.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>",
                        "</s>", "<|eom_id|>")
@@ -158,7 +161,11 @@ class Tokenizer:
     tokenizer_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
       raise FileNotFoundError(f"no tokenizer.json in tokenizer directory {path!r}")
-    backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+    io.read_json(tokenizer_file, what="tokenizer.json")  # invalid text / JSON: an error naming the file
+    try:
+      backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
+      raise DataError(tokenizer_file, f"not a tokenizer the tokenizers library can load ({e})") from None
     config = _read_json(os.path.join(path, "tokenizer_config.json"))
     special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
     generation = _read_json(os.path.join(path, "generation_config.json"))
@@ -289,6 +296,21 @@ class Tokenizer:
             f"has_chat_template={self.has_chat_template})")
 
 
+def prompt_encoder(tokenizer: Tokenizer, chat: bool):
+  """Text -> the ids fed to the model: the raw prompt (with the tokenizer's BOS rule), or wrapped as one user
+  turn of the chat template (`chat=True`; the template's own BOS text is kept, no second BOS is added)."""
+  if not chat:
+    return tokenizer.encode
+  if not tokenizer.has_chat_template:
+    raise ValueError("chat=True but the model's tokenizer has no chat template; set chat=False")
+
+  def encode(text: str) -> list[int]:
+    wrapped = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(wrapped, add_bos=False)
+
+  return encode
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """A `Tokenizer` from a Hugging Face tokenizer/checkpoint directory or a `.gguf` file.
 
@@ -313,8 +335,10 @@ def load_tokenizer(path: str) -> Tokenizer:
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  value = io.read_json(path)
+  if not isinstance(value, dict):
+    raise DataError(path, f"expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def _token_content(token: Any) -> str | None:
@@ -328,8 +352,7 @@ def _hf_chat_template(path: str, config: Mapping[str, Any]) -> str | None:
   """The default chat template: chat_template.jinja, chat_template.json, or tokenizer_config.json's field."""
   jinja_file = os.path.join(path, "chat_template.jinja")
   if os.path.isfile(jinja_file):
-    with open(jinja_file, encoding="utf-8") as f:
-      return f.read()
+    return io.read_text(jinja_file)
   template = _read_json(os.path.join(path, "chat_template.json")).get("chat_template") or config.get("chat_template")
   if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}

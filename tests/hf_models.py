@@ -33,3 +33,32 @@ def saved_model(arch: str, seed: int = 0) -> tuple[str, torch.nn.Module]:
   path = os.path.join(tempfile.mkdtemp(prefix=f"lacax_{arch}_"), "model")
   model.save_pretrained(path)
   return path, model
+
+
+@functools.lru_cache(maxsize=None)
+def saved_model_with_tokenizer(seed: int = 0, vocab_size: int = 384, num_layers: int = 2) -> str:
+  """A checkpoint directory that `lacax.weights.loader.load_model` loads whole: a tiny random Llama and a
+  byte-level BPE tokenizer trained on the embedded default text (tokenizer.json), for end-to-end job runs.
+
+  Training is deterministic, so the same arguments give the same files in every process.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
+  from lacax.eval.texts import default_text  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(tempfile.mkdtemp(prefix="lacax_tiny_job_model_"), "model")
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([default_text()[:100_000]], trainer=trainer)
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2,
+      rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_id=0, bos_token_id=None)
+  transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  return path

@@ -427,7 +427,7 @@ class ReferenceLoaderTest(parameterized.TestCase):
     path = os.path.join(tempfile.mkdtemp(), "bad.jsonl")
     with open(path, "w") as f:
       f.write('{"a": 1}\n{oops\n')
-    with self.assertRaisesRegex(ValueError, "bad.jsonl:2"):
+    with self.assertRaisesRegex(ValueError, "bad.jsonl, line 2: invalid JSON"):
       tasks.read_jsonl(path)
 
   def test_trailing_space_option(self):

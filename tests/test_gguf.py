@@ -12,6 +12,7 @@ from absl.testing import absltest
 import gguf
 import numpy as np
 
+from lacax import errors
 from lacax.model.config import SMOLLM2_135M, RopeScaling
 from lacax.tokenizer import Tokenizer, load_tokenizer
 from lacax.weights import gguf as gguf_weights
@@ -381,6 +382,21 @@ class SyntheticGGUFTest(absltest.TestCase):
     self.assertIn("'blk.1.attn_k.weight'", message)
     self.assertIn(f"shape ({_KV * _HD - 2}, {_D})", message)
     self.assertIn(f"expected ({_KV * _HD}, {_D})", message)
+
+  def test_truncated_file_is_named_as_such(self):
+    _write_gguf(self._path(), _hf_weights(self.rng, tied=True, bias=False))
+    with open(self._path(), "rb") as f:
+      data = f.read()
+    for cut, problem in ((len(data) - 100, "truncated or corrupt GGUF file"),
+                         (len(data) // 2, "truncated or corrupt GGUF file"),
+                         (40, "truncated or corrupt GGUF file"), (2, "not a GGUF file")):
+      with open(self._path("cut.gguf"), "wb") as f:
+        f.write(data[:cut])
+      with self.assertRaises(errors.CheckpointError) as ctx:
+        read_gguf(self._path("cut.gguf"))
+      self.assertIn(self._path("cut.gguf"), str(ctx.exception))
+      self.assertIn(problem, str(ctx.exception))
+      self.assertEqual(ctx.exception.path, self._path("cut.gguf"))
 
   def test_unsupported_architecture_is_named(self):
     _write_gguf(self._path(), _hf_weights(self.rng, tied=True, bias=False), arch="gemma2", permute=False)

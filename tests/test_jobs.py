@@ -19,7 +19,9 @@ from ml_collections import config_flags
 
 from lacax import generate as generation
 from lacax.cache import registry
+from lacax import errors
 from lacax.eval import longbench as lb
+from lacax.eval import needle_grid
 from lacax.eval import passkey as pk
 from lacax.eval.texts import default_text
 from lacax.jobs import longbench as longbench_job
@@ -75,7 +77,7 @@ class GridTest(parameterized.TestCase):
 
   def test_passkey_grid_places_the_needle_where_it_says(self):
     lengths, depths = (160, 300), (0.0, 0.5, 1.0)
-    grid = passkey_job.build_grid(self.tok.encode, task="passkey", lengths=lengths, depths=depths,
+    grid = needle_grid.build_grid(self.tok.encode, task="passkey", lengths=lengths, depths=depths,
                                   samples_per_cell=2, seed=3, extra_new_tokens=1,
                                   answer_tokenize=lambda s: self.tok.encode(s, add_bos=False))
     self.assertLen(grid, 2 * 3 * 2)
@@ -104,8 +106,8 @@ class GridTest(parameterized.TestCase):
 
   def test_niah_grid_depth_in_tokens_and_contiguous_haystack(self):
     haystack = default_text()[:30000]
-    needle = dict(passkey_job.NIAH_DEFAULTS)
-    grid = passkey_job.build_grid(self.tok.encode, task="niah", lengths=(256,), depths=(0.25, 0.75),
+    needle = dict(needle_grid.NIAH_DEFAULTS)
+    grid = needle_grid.build_grid(self.tok.encode, task="niah", lengths=(256,), depths=(0.25, 0.75),
                                   samples_per_cell=1, seed=5, depth_unit="tokens", suffix_mode="continue",
                                   haystack=haystack, needle=needle)
     for g in grid:
@@ -122,12 +124,12 @@ class GridTest(parameterized.TestCase):
 
   def test_length_below_an_empty_prompt_is_rejected_naming_the_field(self):
     with self.assertRaisesRegex(ValueError, r"grid\.lengths contains 20"):
-      passkey_job.build_grid(self.tok.encode, task="passkey", lengths=(20,), depths=(0.5,), samples_per_cell=1)
+      needle_grid.build_grid(self.tok.encode, task="passkey", lengths=(20,), depths=(0.5,), samples_per_cell=1)
 
   def test_completion_is_cut_to_the_answer_budget(self):
     tokens = self.tok.encode(" 12345 and more", add_bos=False)
-    self.assertEqual(passkey_job.completion_text(self.tok, tokens, 6), "12345")
-    self.assertEqual(passkey_job.completion_text(self.tok, tokens, 3), "12")
+    self.assertEqual(needle_grid.completion_text(self.tok, tokens, 6), "12345")
+    self.assertEqual(needle_grid.completion_text(self.tok, tokens, 3), "12")
 
 
 class ScoringTest(absltest.TestCase):
@@ -135,24 +137,24 @@ class ScoringTest(absltest.TestCase):
   def _sample(self, length, depth):
     sample = pk.NeedleSample(prompt="", answer="1", needle="", needle_offset=0, depth=depth, depth_unit="chars",
                              prefix_chars=0, filler_chars=0)
-    return passkey_job.GridSample(length=length, depth=depth, seed=0, sample=sample, ids=(1,), new_tokens=1)
+    return needle_grid.GridSample(length=length, depth=depth, seed=0, sample=sample, ids=(1,), new_tokens=1)
 
   def test_pass_rate_grid_counts_per_cell(self):
     lengths, depths = (100, 200), (0.0, 0.5, 1.0)
     grid = [self._sample(100, 0.0), self._sample(100, 0.0), self._sample(200, 0.0), self._sample(100, 0.5),
             self._sample(200, 1.0), self._sample(200, 1.0), self._sample(200, 1.0)]
     correct = [True, False, True, False, True, True, False]
-    rates = passkey_job.pass_rate_grid(grid, correct, lengths, depths)
+    rates = needle_grid.pass_rate_grid(grid, correct, lengths, depths)
     expected = np.array([[0.5, 1.0], [0.0, np.nan], [np.nan, 2 / 3]])
     np.testing.assert_array_equal(np.isnan(rates), np.isnan(expected))
     np.testing.assert_allclose(np.nan_to_num(rates), np.nan_to_num(expected))
-    table = passkey_job.format_grid("lacache", rates, lengths, depths)
+    table = needle_grid.format_grid("lacache", rates, lengths, depths)
     self.assertIn("lacache: mean pass rate 54.2%", table)  # mean of the four filled cells
     with self.assertRaisesRegex(ValueError, "7 samples but 2 scores"):
-      passkey_job.pass_rate_grid(grid, correct[:2], lengths, depths)
+      needle_grid.pass_rate_grid(grid, correct[:2], lengths, depths)
 
   def test_length_labels(self):
-    self.assertEqual([passkey_job.length_label(n) for n in (512, 1024, 1500, 131072)], ["512", "1k", "1500", "128k"])
+    self.assertEqual([needle_grid.length_label(n) for n in (512, 1024, 1500, 131072)], ["512", "1k", "1500", "128k"])
 
 
 class OneShotTest(absltest.TestCase):
@@ -167,7 +169,7 @@ class OneShotTest(absltest.TestCase):
     cache = dict(budget=0.5, start_size=2, span=2, overlap=0, window=8)
     names = ("full", "lacache", "h2o")  # two prefill groups: (slot, no scores) and (original, accumulate)
     policies = {n: registry.make_prefill_policy(n, cache, cfg, prompt_len=180) for n in names}
-    result = passkey_job.oneshot_generate(params, cfg, prompts, policies, max_new_tokens=10)
+    result = generation.oneshot_generate(params, cfg, prompts, policies, max_new_tokens=10)
     for name, policy in policies.items():
       expected = generation.generate(params, cfg, prompts, max_new_tokens=10, policy=policy)
       self.assertEqual(result.tokens[name], expected.tokens, name)
@@ -177,10 +179,10 @@ class OneShotTest(absltest.TestCase):
 
   def test_batches_share_policies(self):
     lengths = {0: 10, 1: 20, 2: 10, 3: 10, 4: 20}
-    batches = passkey_job.batches_by_policy(list(lengths), lambda i: {"s": ("size", lengths[i])}, batch_size=2)
+    batches = generation.batches_by_policy(list(lengths), lambda i: {"s": ("size", lengths[i])}, batch_size=2)
     self.assertEqual([(members, p["s"][1]) for members, p in batches], [([0, 2], 10), ([3], 10), ([1, 4], 20)])
     with self.assertRaisesRegex(ValueError, "batch_size=0"):
-      passkey_job.batches_by_policy([1], lambda i: {}, batch_size=0)
+      generation.batches_by_policy([1], lambda i: {}, batch_size=0)
 
 
 class PasskeyJobTest(absltest.TestCase):
@@ -292,7 +294,8 @@ class LongBenchJobTest(absltest.TestCase):
   def test_default_data_path_explains_where_longbench_comes_from(self):
     from configs import longbench as longbench_config  # pylint: disable=g-import-not-at-top
 
-    with self.assertRaisesRegex(FileNotFoundError, r"data\.path is empty.*THUDM/LongBench.*--config\.data\.path"):
+    with self.assertRaisesRegex(errors.ValidationError,
+                                r"data\.path is empty.*THUDM/LongBench.*--config\.data\.path"):
       longbench_job.run(longbench_config.get_config("cpu"), tempfile.mkdtemp(prefix="lacax_run_"))
 
 

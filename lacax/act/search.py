@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.act import tasks as tasks_lib
+from lacax.eval import zero_shot
 from lacax.act.calibration import ACTConfig, freed_mass, record_attention
 from lacax.model.config import ModelConfig
 
@@ -107,11 +107,9 @@ def one_hot(heads: Iterable[Head], shape: tuple[int, int]) -> np.ndarray:
 
 
 def _progress(items: Sequence[Any], enabled: bool, desc: str):
-  if not enabled:
-    return items
-  import tqdm  # pylint: disable=g-import-not-at-top
+  from lacax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
 
-  return tqdm.tqdm(items, desc=desc, leave=False)
+  return ProgressBar.wrap(items, desc, enabled=enabled, unit="head")
 
 
 def sweep_single_heads(evaluate: Evaluate, shape: tuple[int, int], candidates: Sequence[Head], *,
@@ -194,18 +192,18 @@ def search_heads(evaluate: Evaluate, shape: tuple[int, int], candidates: Sequenc
 # --- the model side: evaluate and activity on encoded task splits -------------------------------------------------
 
 
-def model_evaluator(params: Any, cfg: ModelConfig, splits: Sequence[tasks_lib.EncodedSplit],
+def model_evaluator(params: Any, cfg: ModelConfig, splits: Sequence[zero_shot.EncodedSplit],
                     act: ACTConfig) -> Evaluate:
   """evaluate(select) = correct examples over all `splits`, ACT (act's settings) on the selected heads."""
   act = act.replace(heads=frozenset())  # the traced select decides; keep one static config for one compile
 
   def evaluate(select: np.ndarray) -> int:
-    return int(sum(tasks_lib.correct(params, cfg, split, act=act, select=select).sum() for split in splits))
+    return int(sum(zero_shot.correct(params, cfg, split, act=act, select=select).sum() for split in splits))
 
   return evaluate
 
 
-def head_activity(params: Any, cfg: ModelConfig, splits: Sequence[tasks_lib.EncodedSplit], act: ACTConfig
+def head_activity(params: Any, cfg: ModelConfig, splits: Sequence[zero_shot.EncodedSplit], act: ACTConfig
                   ) -> np.ndarray:
   """[layers, heads] mean attention mass per real query that ACT would move off hidden sinks (uncalibrated pass).
 
@@ -226,7 +224,7 @@ def head_activity(params: Any, cfg: ModelConfig, splits: Sequence[tasks_lib.Enco
 
   @jax.jit
   def run(params, tokens, lengths):
-    return jnp.argmax(tasks_lib.prefill_last_logits(params, tokens, lengths, cfg, make_hook), axis=-1)
+    return jnp.argmax(zero_shot.prefill_last_logits(params, tokens, lengths, cfg, make_hook), axis=-1)
 
   queries = 0
   for split in splits:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
+
+from lacax import io
+from lacax.errors import DataError
 
 
 def default_text() -> str:
@@ -15,29 +17,25 @@ def default_text() -> str:
   return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
-  texts = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or field not in record:
-        raise ValueError(f"{path}, line {line_no}: missing field {field!r} (set data.field to the text field)")
-      texts.append(str(record[field]))
-  return texts
+def _read_jsonl(path: str, field: str, encoding: str, option: str) -> list[str]:
+  return [io.require_text(record, field, path, line, option=f"{option}.field")
+          for line, record in io.iter_jsonl(path, encoding=encoding, option=f"{option}.encoding")]
 
 
-def load_text(path: str = "", field: str = "text") -> str:
+def load_text(path: str = "", field: str = "text", *, encoding: str = "utf-8", option: str = "data") -> str:
   """The evaluation text.
 
   Args:
     path: "" for the embedded default; a text file; a folder (its *.txt files, sorted, concatenated, as the
       LaCache driver concatenates PG19 books); or a .jsonl file (the `field` of every record, concatenated).
     field: the text field of JSONL records.
+    encoding: the files' text encoding.
+    option: the config section that holds `path` (named in errors: "data.encoding", "haystack.field", ...).
+
+  Raises:
+    FileNotFoundError: `path` does not exist, or is a folder without *.txt files.
+    lacax.errors.DataError: a file is not UTF-8 (file and byte offset), a JSONL line is not a JSON object, or
+      its `field` is missing or null (file and line).
   """
   if not path:
     return default_text()
@@ -45,10 +43,25 @@ def load_text(path: str = "", field: str = "text") -> str:
     files = sorted(glob.glob(os.path.join(path, "*.txt")))
     if not files:
       raise FileNotFoundError(f"data.path={path!r} is a folder without *.txt files")
-    return "\n\n".join(open(f, encoding="utf-8").read() for f in files)
+    return "\n\n".join(io.read_text(f, encoding=encoding, option=f"{option}.encoding") for f in files)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.path={path!r} does not exist (expected a text file, a folder or a .jsonl file)")
   if path.endswith(".jsonl"):
-    return "\n\n".join(_read_jsonl(path, field))
-  with open(path, encoding="utf-8") as f:
-    return f.read()
+    return "\n\n".join(_read_jsonl(path, field, encoding, option))
+  return io.read_text(path, encoding=encoding, option=f"{option}.encoding")
+
+
+def text_problems(path: str, field: str = "text", *, encoding: str = "utf-8", option: str = "data") -> list[str]:
+  """What `load_text(path, field, encoding=...)` would fail on, as messages (for validation before any work)."""
+  if not path:
+    return []
+  if os.path.isdir(path):
+    return [] if glob.glob(os.path.join(path, "*.txt")) else [f"{option}.path={path!r} is a folder without *.txt files"]
+  problem = io.check_readable(path, f"{option}.path")
+  if problem:
+    return [problem]
+  try:
+    text = load_text(path, field, encoding=encoding, option=option)
+  except (DataError, FileNotFoundError) as e:
+    return [str(e)]
+  return [] if text.strip() else [f"{option}.path={path!r} holds no text"]

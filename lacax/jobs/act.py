@@ -11,6 +11,9 @@
    path), with an exact McNemar test on the paired outcomes. Table on stdout, everything in results.json.
 4. Plots: the attention map of a calibrated head before / after calibration with the sink scores
    (`attention_<layer>_<head>.png`), and the single-head sweep (`sweep.png`).
+
+Every head-set evaluation of the search (each candidate head, each greedy step) is a unit of the run directory
+(`lacax.runs`): a resumed search re-reads the evaluations already done and computes only the rest.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from lacax import errors
+from lacax import io as lacax_io
+from lacax import runs
 from lacax.act import calibration
 from lacax.act import search as search_lib
 from lacax.act import tasks as tasks_lib
+from lacax.eval import zero_shot
+from lacax.weights import loader
 from lacax.weights.loader import load_model
 
 
@@ -156,8 +164,57 @@ def _plot_sweep(path: str, result: search_lib.SearchResult, shape: tuple[int, in
   plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
+def stored_evaluator(evaluate: search_lib.Evaluate, run_dir: runs.RunDir) -> search_lib.Evaluate:
+  """`evaluate` whose result for each head set is a unit of `run_dir` (computed once, across resumes)."""
+
+  def stored(select: np.ndarray) -> int:
+    heads = sorted((int(l), int(h)) for l, h in np.argwhere(np.asarray(select) > 0))
+    key = "act-eval-" + ("none" if not heads else "+".join(f"{l}.{h}" for l, h in heads))
+    return int(run_dir.unit(key, lambda: int(evaluate(select))))
+
+  return stored
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Task names, reference data files, search fields, the heads file and the model path: every problem in one
+  `ValidationError`, before the model is loaded."""
+  problems = errors.Problems()
+  c = config.tasks
+  names = _names(c.names)
+  problems.check(bool(names), "tasks.names is empty")
+  for name in names:
+    if name in tasks_lib.OFFLINE_TASKS:
+      continue
+    fmt = tasks_lib.CLASSIFICATION_FORMATS.get(name) or tasks_lib.MULTIPLE_CHOICE_FORMATS.get(name)
+    if fmt is None:
+      problems.add(f"tasks.names has unknown task {name!r}; offline: {sorted(tasks_lib.OFFLINE_TASKS)}, reference: "
+                   f"{sorted(tasks_lib.CLASSIFICATION_FORMATS)} + {sorted(tasks_lib.MULTIPLE_CHOICE_FORMATS)}")
+    elif not c.data_dir:
+      problems.add(f"tasks.names has reference data set {name!r} but tasks.data_dir is empty")
+    else:
+      for split in ("train", fmt.evaluation_split):
+        problem = lacax_io.check_readable(os.path.join(c.data_dir, name, f"{split}.jsonl"), f"{name} {split} file")
+        problems.check(problem is None, problem or "")
+  if not config.act.heads_path:
+    problems.check(config.search.mode in (*search_lib.MODES, "both"),
+                   f"search.mode={config.search.mode!r} is not supported; expected one of {search_lib.MODES} or "
+                   "'both'")
+    for field in ("layers", "heads"):
+      try:
+        _indices(config.search[field], f"search.{field}")
+      except ValueError as e:
+        problems.add(str(e))
+  else:
+    problem = lacax_io.check_readable(config.act.heads_path, "act.heads_path")
+    problems.check(problem is None, problem or "")
+  problems.extend(loader.model_path_problems(config.model.path, "model.path"))
+  problems.raise_if_any("act config")
+
+
+def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[str, Any]:
   start = time.perf_counter()
+  validate(config)
+  run_dir = runs.as_run_dir(run_dir)
   model = load_model(config.model.path or None, dtype=config.model.dtype)
   if model.tokenizer is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the act job needs one")
@@ -167,7 +224,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   settings = calibration.ACTConfig(beta=a.beta, threshold_mode=a.threshold_mode, threshold=a.threshold,
                                    alpha=a.alpha, first_row=a.first_row)
   tasks = build_tasks(config)
-  encode = lambda examples: tasks_lib.encode_split(examples, tok, batch_size=config.batch_size,
+  encode = lambda examples: zero_shot.encode_split(examples, tok, batch_size=config.batch_size,
                                                    bucket=config.bucket)
   calibration_splits = [encode(t.calibration) for t in tasks]
   evaluation_splits = [encode(t.evaluation) for t in tasks]
@@ -190,7 +247,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     activity = None
     if s.prune or s.max_candidates:
       activity = search_lib.head_activity(params, cfg, calibration_splits, settings)
-    evaluate = search_lib.model_evaluator(params, cfg, calibration_splits, settings)
+    evaluate = stored_evaluator(search_lib.model_evaluator(params, cfg, calibration_splits, settings), run_dir)
     sweep_start = time.perf_counter()
     result = search_lib.search_heads(evaluate, shape, candidates, total=total_calibration,
                                      mode="independent" if s.mode == "both" else s.mode, min_gain=s.min_gain,
@@ -208,7 +265,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     if activity is not None:
       search_json["activity"] = np.round(activity, 5).tolist()
   for label, (heads, combined) in selections.items():
-    calibration.save_heads(os.path.join(run_dir, f"heads_{label}.json"), heads, *shape,
+    calibration.save_heads(run_dir.file(f"heads_{label}.json"), heads, *shape,
                            act=_settings_json(settings), selection=label, calibration_correct=combined,
                            calibration_baseline=None if result is None else result.baseline,
                            calibration_total=total_calibration)
@@ -219,14 +276,14 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   for task, split in zip(tasks, evaluation_splits):
     if not split.examples:
       continue
-    base = tasks_lib.correct(params, cfg, split)
+    base = zero_shot.correct(params, cfg, split)
     pooled["base"].append(base)
     entry = {"kind": task.kind, "scoring": split.examples[0].scoring, "chance": task.chance,
              "num_calibration": len(task.calibration), "num_evaluation": len(split.examples),
              "accuracy": float(base.mean())}
     for label, (heads, _) in selections.items():
       act = settings.replace(heads=heads)
-      calibrated = tasks_lib.correct(params, cfg, split, act=act) if heads else base
+      calibrated = zero_shot.correct(params, cfg, split, act=act) if heads else base
       pooled[label].append(calibrated)
       entry[label] = _compare(base, calibrated)
     per_task[task.name] = entry
@@ -263,8 +320,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   plots = []
   if config.plot.enabled:
     if result is not None and result.single:
-      _plot_sweep(os.path.join(run_dir, "sweep.png"), result, shape)
-      plots.append("sweep.png")
+      if runs.safe_plot("sweep.png", _plot_sweep, run_dir.file("sweep.png"), result, shape) is None:
+        plots.append("sweep.png")
     task_index = next((i for i, t in enumerate(tasks) if t.name == config.plot.task), 0)
     examples = tasks[task_index].evaluation or tasks[task_index].calibration
     if examples:
@@ -281,9 +338,9 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
         layer, head = np.unravel_index(np.argmax(moved), moved.shape)
       labels = [tok.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
       name = f"attention_{layer}_{head}.png"
-      _plot_attention(os.path.join(run_dir, name), maps[layer, head], settings, labels,
-                      f"layer {layer} head {head}")
-      plots.append(name)
+      if runs.safe_plot(name, _plot_attention, run_dir.file(name), maps[layer, head], settings, labels,
+                        f"layer {layer} head {head}") is None:
+        plots.append(name)
 
   return {
       "table": table, "summary": summary, "tasks": per_task,

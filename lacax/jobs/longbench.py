@@ -20,22 +20,30 @@ Writes the table (tasks x policies), `results.json`, and the predictions in the 
 (`pred/<policy>/<task>.jsonl`: pred, answers, all_classes, length) so the official `eval.py` can re-score them.
 
 LongBench data is not bundled: `data.path` must point at the official JSONL files (see `load_data`).
+
+Each (task, policy) is a unit of the run directory (`lacax.runs`): its predictions are written when the task
+finishes, and a resumed run generates only the (task, policy) pairs that are missing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import ml_collections
 
+from lacax import errors
+from lacax import io as lacax_io
+from lacax import runs
 from lacax.cache import registry
 from lacax.cache.base import CachePolicy
 from lacax.eval import longbench as lb
-from lacax.jobs.passkey import (batches_by_policy, input_ids_fn, oneshot_generate, progress_bar,
-                                validate_oneshot_fields)
+from lacax.eval import oneshot
+from lacax.progress import ProgressBar
+from lacax.tokenizer import prompt_encoder
+from lacax.weights import loader
 
 DATA_HELP = ("LongBench data is not bundled with lacax and cannot be fetched offline. Download the official "
              "data.zip (https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip), unzip it (it holds "
@@ -44,25 +52,53 @@ DATA_HELP = ("LongBench data is not bundled with lacax and cannot be fetched off
              "--config.data.path=/path/to/data (the folder, or one <task>.jsonl file).")
 
 
-def _check(condition: bool, message: str) -> None:
-  if not condition:
-    raise ValueError(message)
+def _field_problems(config: ml_collections.ConfigDict) -> list[str]:
+  problems = errors.Problems()
+  problems.check(isinstance(config.max_length, int) and config.max_length >= 2,
+                 f"max_length={config.max_length!r} must be an int >= 2 (the model's model2maxlen entry, e.g. 3500)")
+  for task in config.tasks:
+    problems.check(task in lb.MAX_NEW_TOKENS, f"tasks contains {task!r}; expected LongBench tasks from {list(lb.TASKS)}")
+  if config.data.longbench_e:
+    for task in config.tasks:
+      problems.check(task in lb.LONGBENCH_E_TASKS,
+                     f"tasks contains {task!r}, which LongBench-E (data.longbench_e=True) does not have; expected "
+                     f"one of {list(lb.LONGBENCH_E_TASKS)}")
+  problems.check(isinstance(config.max_examples, int) and config.max_examples >= 0,
+                 f"max_examples={config.max_examples!r} must be an int >= 0 (0 = every example)")
+  problems.extend(oneshot.oneshot_field_problems(config, budget_of="max_length"))
+  return problems.messages
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields the job reads (not the data path, which `load_data` checks); messages name the field."""
-  _check(isinstance(config.max_length, int) and config.max_length >= 2,
-         f"max_length={config.max_length!r} must be an int >= 2 (the model's model2maxlen entry, e.g. 3500)")
-  for task in config.tasks:
-    _check(task in lb.MAX_NEW_TOKENS, f"tasks contains {task!r}; expected LongBench tasks from {list(lb.TASKS)}")
-  if config.data.longbench_e:
-    for task in config.tasks:
-      _check(task in lb.LONGBENCH_E_TASKS,
-             f"tasks contains {task!r}, which LongBench-E (data.longbench_e=True) does not have; expected one of "
-             f"{list(lb.LONGBENCH_E_TASKS)}")
-  _check(isinstance(config.max_examples, int) and config.max_examples >= 0,
-         f"max_examples={config.max_examples!r} must be an int >= 0 (0 = every example)")
-  validate_oneshot_fields(config, budget_of="max_length")
+  """Checks the fields the job reads (not the data, which `validate` checks); one error lists every problem."""
+  problems = errors.Problems()
+  problems.extend(_field_problems(config))
+  problems.raise_if_any("longbench config")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """`validate_config`, plus every task file (present, readable, well-formed, not empty), the model path,
+  max_length against the model's context and every policy against the model: before the model is loaded."""
+  problems = errors.Problems()
+  problems.extend(_field_problems(config))
+  try:
+    data = load_data(config)
+  except (FileNotFoundError, ValueError) as e:  # lb.LongBenchFormatError is a ValueError
+    problems.add(str(e))
+  else:
+    for task, examples in data.items():
+      problems.check(len(examples) > 0, f"the {task} file in data.path={config.data.path!r} holds no examples")
+  model_problems = loader.model_path_problems(config.model.path, "model.path")
+  problems.extend(model_problems)
+  if not problems:
+    cfg = loader.read_model_config(config.model.path or None, dtype=config.model.dtype)
+    longest = config.max_length + max(lb.MAX_NEW_TOKENS[t] for t in data)
+    problems.check(longest <= cfg.max_position_embeddings,
+                   f"max_length={config.max_length} + up to {longest - config.max_length} new tokens exceeds the "
+                   f"context of {cfg.name} (max_position_embeddings={cfg.max_position_embeddings})")
+    problems.extend(oneshot.policy_problems(config, cfg, [config.max_length], protocol="longbench",
+                                            model_max_len=config.max_length))
+  problems.raise_if_any("longbench config")
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, list[lb.LongBenchExample]]:
@@ -87,7 +123,7 @@ def build_input(task: str, example: lb.LongBenchExample, tokenizer, *, max_lengt
   prompt = lb.build_prompt(task, example)
   prompt = lb.truncate_prompt(prompt, max_length, tokenizer.encode,
                               lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-  return input_ids_fn(tokenizer, chat and lb.uses_chat_template(task))(prompt)
+  return prompt_encoder(tokenizer, chat and lb.uses_chat_template(task))(prompt)
 
 
 def stop_ids_for(task: str, tokenizer) -> tuple[int, ...]:
@@ -116,58 +152,76 @@ def _format_table(scores: dict[str, dict[str, Any]], policies: Sequence[str], lo
   return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str, *, model=None) -> dict[str, Any]:
+def _unit_key(task: str, policy: str) -> str:
+  return f"longbench-{task}-{policy}"
+
+
+def _generate_task(model, task: str, examples, config, policies: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """Predictions of every example of `task` under `policies` (one shared prefill per batch): one unit each."""
+  tok = model.tokenizer
+  inputs = [build_input(task, ex, tok, max_length=config.max_length, chat=config.chat) for ex in examples]
+
+  def policies_for(i: int) -> dict[str, CachePolicy]:
+    return {name: registry.make_prefill_policy(name, config.cache, model.cfg, prompt_len=len(inputs[i]),
+                                               protocol="longbench", model_max_len=config.max_length)
+            for name in policies}
+
+  group = oneshot.generate_group(model, inputs, policies_for, batch_size=config.batch_size,
+                                 max_new_tokens=lambda rows: lb.MAX_NEW_TOKENS[task],
+                                 stop_ids=stop_ids_for(task, tok), names=tuple(policies))
+  stamp = f"{time.time():.6f}"  # identifies the units that shared this prefill
+  return {name: {"preds": [tok.decode(ids, skip_special_tokens=True).strip() for ids in group["outputs"][name]],
+                 "decode_seconds": group["decode_seconds"][name], "prefill_seconds": group["prefill_seconds"],
+                 "prompt_tokens": group["prompt_tokens"], "prefill_group": stamp} for name in policies}
+
+
+def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=None) -> dict[str, Any]:
   """Predicts and scores every task for every policy; prints the table and returns the figures.
 
   Args:
     config: a `configs/longbench.py` config.
-    run_dir: where `pred/<policy>/<task>.jsonl` go (the launcher writes config.json and results.json there).
+    run_dir: the run directory: units, `pred/<policy>/<task>.jsonl` (the launcher writes config.json and
+      results.json there).
     model: an already loaded `lacax.weights.loader.Model` (tests); default `load_model(config.model.path)`.
   """
-  from lacax.weights.loader import load_model  # pylint: disable=g-import-not-at-top
-
-  validate_config(config)
+  if model is None:
+    validate(config)
+  else:
+    validate_config(config)
+  run_dir = runs.as_run_dir(run_dir)
   data = load_data(config)
-  model = model or load_model(config.model.path or None, dtype=config.model.dtype)
+  model = model or loader.load_model(config.model.path or None, dtype=config.model.dtype)
   tok = model.tokenizer
   if tok is None:
-    raise ValueError(f"model.path={config.model.path!r} ships no tokenizer; the LongBench job needs one")
+    raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the LongBench job needs one")
   if config.max_length > model.cfg.max_position_embeddings:
     logging.warning("max_length=%d exceeds the model's trained context %d", config.max_length,
                     model.cfg.max_position_embeddings)
   policies = tuple(config.policies)
   records: dict[str, dict[str, list[lb.PredictionRecord]]] = {p: {} for p in policies}
   seconds = {p: 0.0 for p in policies}
-  prefill_seconds, prompt_tokens = 0.0, 0
-  bar = progress_bar(sum(len(v) for v in data.values()), f"longbench ({len(policies)} policies)", unit="example")
-  for task, examples in data.items():
-    inputs = [build_input(task, ex, tok, max_length=config.max_length, chat=config.chat) for ex in examples]
-
-    def policies_for(i: int, task=task, inputs=inputs) -> dict[str, CachePolicy]:
-      del task
-      return {name: registry.make_prefill_policy(name, config.cache, model.cfg, prompt_len=len(inputs[i]),
-                                                 protocol="longbench", model_max_len=config.max_length)
-              for name in policies}
-
-    preds: dict[str, dict[int, str]] = {p: {} for p in policies}
-    for members, batch_policies in batches_by_policy(range(len(examples)), policies_for, config.batch_size):
-      result = oneshot_generate(model.params, model.cfg, [inputs[i] for i in members], batch_policies,
-                                max_new_tokens=lb.MAX_NEW_TOKENS[task], stop_ids=stop_ids_for(task, tok))
-      prefill_seconds += result.prefill_seconds
-      prompt_tokens += result.prompt_tokens
+  prefill: dict[str, tuple[float, int]] = {}
+  with ProgressBar(sum(len(v) for v in data.values()), f"longbench ({len(policies)} policies)",
+                   unit="example") as bar:
+    for task, examples in data.items():
+      units = {name: run_dir.load_unit(_unit_key(task, name)) for name in policies}
+      missing = [name for name in policies if units[name] is None]
+      if missing:
+        for name, unit in _generate_task(model, task, examples, config, missing).items():
+          run_dir.save_unit(_unit_key(task, name), unit)
+          units[name] = run_dir.load_unit(_unit_key(task, name))
       for name in policies:
-        seconds[name] += result.decode_seconds[name]
-        for row, i in enumerate(members):
-          preds[name][i] = tok.decode(result.tokens[name][row], skip_special_tokens=True).strip()
-      if bar is not None:
-        bar.update(len(members))
-        bar.set_postfix_str(f"{task}, prefill {prompt_tokens / max(prefill_seconds, 1e-9):.0f} tok/s")
-    for name in policies:
-      records[name][task] = [lb.PredictionRecord(pred=preds[name][i], answers=ex.answers, all_classes=ex.all_classes,
-                                                 length=ex.length) for i, ex in enumerate(examples)]
-      _write_predictions(os.path.join(run_dir, "pred", name, f"{task}.jsonl"), records[name][task])
-  if bar is not None:
-    bar.close()
+        unit = units[name]
+        seconds[name] += unit["decode_seconds"]
+        prefill[unit["prefill_group"]] = (unit["prefill_seconds"], unit["prompt_tokens"])
+        records[name][task] = [lb.PredictionRecord(pred=pred, answers=ex.answers, all_classes=ex.all_classes,
+                                                   length=ex.length) for pred, ex in zip(unit["preds"], examples)]
+        _write_predictions(run_dir.file("pred", name, f"{task}.jsonl"), records[name][task])
+      prefill_seconds = sum(s for s, _ in prefill.values())
+      prompt_tokens = sum(n for _, n in prefill.values())
+      bar.advance(len(examples), postfix=f"{task}, prefill {prompt_tokens / max(prefill_seconds, 1e-9):.0f} tok/s")
+  prefill_seconds = sum(s for s, _ in prefill.values())
+  prompt_tokens = sum(n for _, n in prefill.values())
 
   longbench_e = bool(config.data.longbench_e)
   scores = {name: lb.score_longbench(records[name], longbench_e=longbench_e) for name in policies}
@@ -185,11 +239,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str, *, model=None) -> dict[
 
 
 def _write_predictions(path: str, records: Sequence[lb.PredictionRecord]) -> None:
-  """One official-format prediction file (pred, answers, all_classes, length per line)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      json.dump({"pred": r.pred, "answers": list(r.answers),
-                 "all_classes": None if r.all_classes is None else list(r.all_classes), "length": r.length},
-                f, ensure_ascii=False)
-      f.write("\n")
+  """One official-format prediction file (pred, answers, all_classes, length per line), written atomically."""
+  lines = [lacax_io.dumps({"pred": r.pred, "answers": list(r.answers),
+                           "all_classes": None if r.all_classes is None else list(r.all_classes),
+                           "length": r.length}, indent=None) for r in records]
+  lacax_io.atomic_write_text(path, "".join(line + "\n" for line in lines))

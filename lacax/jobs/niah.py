@@ -4,6 +4,6 @@ The same job as `lacax.jobs.passkey` (`config.task = "niah"`), under its own nam
 `results/niah/<timestamp>/`. See `configs/niah.py` for the set-up.
 """
 
-from lacax.jobs.passkey import run, validate_config
+from lacax.jobs.passkey import run, validate, validate_config
 
-__all__ = ["run", "validate_config"]
+__all__ = ["run", "validate", "validate_config"]

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from lacax.model.config import ModelConfig, RopeScaling
-from lacax.weights.hf import CheckpointError, hf_tensor_map
+from lacax.errors import CheckpointError
+from lacax.weights.hf import hf_tensor_map
 
 # `general.architecture` values whose blocks are the Llama decoder, and whether llama.cpp permuted their Q/K rows.
 # Mistral and Mixtral checkpoints are written as "llama" by llama.cpp's converter.
@@ -104,7 +105,23 @@ def _open(path_or_reader: Any):
   path = os.fspath(path_or_reader)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-  return gguf.GGUFReader(path)
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise CheckpointError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", path=path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # pylint: disable=broad-except  (the reader fails on a cut header with numpy errors)
+    raise CheckpointError(f"truncated or corrupt GGUF file ({size} bytes): the header cannot be read "
+                          f"({type(e).__name__}: {e})", path=path) from None
+  # The header gives every tensor's byte range; a file cut short ends before the last one.
+  end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+  if end > size:
+    last = max(reader.tensors, key=lambda t: int(t.data_offset) + int(t.n_bytes))
+    raise CheckpointError(f"truncated GGUF file: {size} bytes, but its tensors need {end} (tensor {last.name!r} "
+                          "ends past the end of the file)", path=path)
+  return reader
 
 
 def read_gguf_metadata(path_or_reader: Any) -> dict[str, Any]:
@@ -269,6 +286,21 @@ def _check(name: str, array: np.ndarray, expected: tuple[int, ...]) -> np.ndarra
   return array
 
 
+def read_gguf_config(path: str, *, dtype: str = "float32", name: str | None = None) -> ModelConfig:
+  """The `ModelConfig` of a GGUF file, from its header (memory-mapped; no tensor is dequantized but
+  rope_freqs)."""
+  reader = _open(path)
+  tensors = _GGUFTensors(reader)
+  rope_freqs = tensors.get("rope_freqs.weight") if "rope_freqs.weight" in tensors.names() else None
+  return config_from_gguf(read_gguf_metadata(reader), tensors.names(), rope_freqs=rope_freqs, dtype=dtype,
+                          name=name or _default_name(path))
+
+
+def _default_name(path: str) -> str:
+  name = os.path.basename(os.fspath(path))
+  return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
 def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None) -> tuple[ModelConfig, dict]:
   """Reads a GGUF file into a `ModelConfig` and dequantized float32 numpy parameters in the lacax layout.
 
@@ -293,8 +325,7 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None) -> 
   tensors = _GGUFTensors(reader)
   rope_freqs = tensors.get("rope_freqs.weight") if "rope_freqs.weight" in tensors.names() else None
   if name is None:
-    name = os.path.basename(os.fspath(path))
-    name = name[:-len(".gguf")] if name.endswith(".gguf") else name
+    name = _default_name(path)
   cfg = config_from_gguf(metadata, tensors.names(), rope_freqs=rope_freqs, dtype=dtype, name=name)
   unpermute = _ARCHITECTURES[arch]
   qk_heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}

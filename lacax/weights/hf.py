@@ -2,7 +2,8 @@
 
 Tensors are read one at a time with `safetensors.safe_open` (numpy framework, bf16 via ml_dtypes), so peak host
 memory is one stacked parameter, not the whole checkpoint twice. Every tensor is checked against the shape the
-config implies; errors name the tensor, the shape found and the shape expected.
+config implies; errors name the tensor, the shape found and the shape expected. A truncated or corrupt file, an
+invalid config.json or index raise `lacax.errors.CheckpointError` / `DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -13,28 +14,65 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from lacax import io
+from lacax.errors import CheckpointError
 from lacax.model.config import ModelConfig, load_hf_config
 
+__all__ = ["CheckpointError", "hf_tensor_map", "load_hf_checkpoint", "param_reader", "read_hf_config",
+           "read_hf_params"]
 
-class CheckpointError(ValueError):
-  """A checkpoint does not match the model its config describes."""
+
+def read_hf_config(path: str, *, dtype: str = "float32") -> ModelConfig:
+  """`<path>/config.json` as a `ModelConfig`; invalid JSON raises `DataError` naming the file, line, column."""
+  config_path = os.path.join(path, "config.json")
+  if os.path.isfile(config_path):
+    io.read_json(config_path, what="config.json")  # named error before the model config parses it
+  return load_hf_config(path, dtype=dtype)
+
+
+def _safe_open(file: str):
+  """`safetensors.safe_open`, a truncated or corrupt file raising `CheckpointError` naming it."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    header = f.read(8)
+    if len(header) < 8:
+      raise CheckpointError(f"truncated safetensors file: {size} bytes, not even the 8-byte header length",
+                            path=file)
+    header_len = int.from_bytes(header, "little")
+    if 8 + header_len > size:
+      raise CheckpointError(f"truncated safetensors file: the header claims {header_len} bytes but the file has "
+                            f"{size}", path=file)
+    try:
+      meta = json.loads(f.read(header_len))
+      # The header lists every tensor's byte range: a file cut short ends before the last one.
+      end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+      raise CheckpointError(f"corrupt safetensors header ({type(e).__name__}: {e})", path=file) from None
+  if 8 + header_len + end > size:
+    raise CheckpointError(f"truncated safetensors file: its tensors need {8 + header_len + end} bytes but the file "
+                          f"has {size}", path=file)
+  try:
+    return safe_open(file, framework="np")
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own SafetensorError)
+    raise CheckpointError(f"not a readable safetensors file ({type(e).__name__}: {e})", path=file) from None
 
 
 def _safetensors_files(path: str) -> dict[str, str]:
   """Maps every tensor name to the safetensors file that holds it."""
   index_path = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
-    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    index = io.read_json(index_path, what="safetensors index")
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+      raise CheckpointError("the index has no 'weight_map' object", path=index_path)
+    return {name: os.path.join(path, file) for name, file in index["weight_map"].items()}
   files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no *.safetensors files (and no model.safetensors.index.json) in {path!r}")
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
   names = {}
   for file in files:
-    with safe_open(os.path.join(path, file), framework="np") as f:
+    with _safe_open(os.path.join(path, file)) as f:
       for name in f.keys():
         names[name] = os.path.join(path, file)
   return names
@@ -55,10 +93,14 @@ class _TensorReader:
       raise CheckpointError(f"checkpoint is missing the tensor {name!r}")
     file = self._files[name]
     if file not in self._open:
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-      self._open[file] = safe_open(file, framework="np")
-    return self._open[file].get_tensor(name)
+      if not os.path.isfile(file):
+        raise CheckpointError(f"the index lists {os.path.basename(file)!r} for tensor {name!r}, which is missing",
+                              path=os.path.dirname(file))
+      self._open[file] = _safe_open(file)
+    try:
+      return self._open[file].get_tensor(name)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"tensor {name!r} cannot be read ({type(e).__name__}: {e})", path=file) from None
 
 
 def _check(name: str, array: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
@@ -145,5 +187,5 @@ def load_hf_checkpoint(path: str, *, dtype: str = "float32") -> tuple[ModelConfi
   """(config, numpy params) from a Hugging Face checkpoint directory."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-  cfg = load_hf_config(path, dtype=dtype)
+  cfg = read_hf_config(path, dtype=dtype)
   return cfg, read_hf_params(path, cfg)

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.model.config import ModelConfig, load_hf_config
+from lacax import io
+from lacax.errors import CheckpointError, DataError
+from lacax.model.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -55,6 +57,44 @@ def default_model_path() -> str:
   return gguf.smollm2_gguf_path()
 
 
+def read_model_config(path: str | None = None, *, dtype: str = "float32") -> ModelConfig:
+  """The `ModelConfig` of what `load_model(path)` would load, without reading the weights (for validation)."""
+  path = path or default_model_path()
+  if os.path.isdir(path):
+    from lacax.weights import hf  # pylint: disable=g-import-not-at-top
+
+    return hf.read_hf_config(path, dtype=dtype)
+  from lacax.weights import gguf  # pylint: disable=g-import-not-at-top
+
+  return gguf.read_gguf_config(path, dtype=dtype)
+
+
+def model_path_problems(path: str, option: str = "model.path") -> list[str]:
+  """What would stop `load_model(path)` before the weights are read, as messages; [] when nothing does."""
+  if not path:
+    return []
+  if os.path.isdir(path):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+      return [f"{option}={path!r} is a directory without config.json (expected a Hugging Face checkpoint)"]
+    try:
+      io.read_json(config_path, what="config.json")
+    except DataError as e:
+      return [str(e)]
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+      return [f"{option}={path!r} has no *.safetensors files"]
+    return []
+  if not os.path.isfile(path):
+    return [f"{option}={path!r} does not exist (expected a checkpoint directory or a .gguf file)"]
+  if not path.endswith(".gguf"):
+    return [f"{option}={path!r} is neither a checkpoint directory nor a .gguf file"]
+  try:
+    read_model_config(path)
+  except (CheckpointError, DataError, ValueError) as e:
+    return [str(e)]
+  return []
+
+
 def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: Any = None) -> Model:
   """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
 
@@ -91,7 +131,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     if mesh_rules is None:
       cfg, params = hf.load_hf_checkpoint(path, dtype=dtype)
     else:
-      cfg = load_hf_config(path, dtype=dtype)
+      cfg = hf.read_hf_config(path, dtype=dtype)
       params = sharding.load_params(llama.param_shapes(cfg), hf.param_reader(path, cfg), mesh_rules)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None

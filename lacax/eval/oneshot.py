@@ -1,0 +1,81 @@
+"""What the one-shot evaluations (passkey / NIAH, LongBench) share besides `lacax.generate.oneshot_generate`:
+the config checks of their policy fields, and the generation of a group of prompts under every policy.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from lacax import generate as generation
+from lacax.cache import registry
+from lacax.cache.base import CachePolicy
+
+
+def oneshot_field_problems(config: ml_collections.ConfigDict, budget_of: str) -> list[str]:
+  """Problems of `batch_size`, `policies` and `cache.budget` (a fraction of `budget_of`); [] when none."""
+  problems = []
+  if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+    problems.append(f"batch_size={config.batch_size!r} must be an int >= 1")
+  if not config.policies:
+    problems.append("policies is empty: expected names such as ('full', 'streaming', 'lacache')")
+  for name in config.policies:
+    if name not in registry.POLICIES:
+      problems.append(f"policies contains {name!r}; expected names from {sorted(registry.POLICIES)}")
+  if len(set(config.policies)) != len(config.policies):
+    problems.append(f"policies={tuple(config.policies)!r} has duplicates")
+  budget = config.cache.budget
+  if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
+    problems.append(f"cache.budget={budget!r} must be a positive fraction of {budget_of} (0.5 in the LaCache paper)")
+  return problems
+
+
+def policy_problems(config: ml_collections.ConfigDict, cfg, prompt_lengths: Sequence[int], **kwargs: Any
+                    ) -> list[str]:
+  """Every policy of `config.policies` built for each prompt length against the model config `cfg`; the
+  failures as messages (e.g. a ladder span not below the model's layer count)."""
+  problems = []
+  for name in config.policies:
+    for length in sorted(set(prompt_lengths)):
+      try:
+        registry.make_prefill_policy(name, config.cache, cfg, prompt_len=length, **kwargs).decode_capacity(cfg, length + 1)
+      except ValueError as e:
+        problems.append(f"policy {name!r} for a {length}-token prompt on {cfg.name} ({cfg.num_layers} layers): {e}")
+        break
+  return problems
+
+
+def generate_group(model, prompts: Sequence[Sequence[int]], policies_for: Callable[[int], Mapping[str, CachePolicy]],
+                   *, batch_size: int, max_new_tokens: Callable[[Sequence[int]], int], stop_ids: Sequence[int],
+                   names: Sequence[str]) -> dict[str, Any]:
+  """Greedy outputs of `prompts` under every policy, batching prompts that get the same policies.
+
+  Args:
+    model: a `lacax.weights.loader.Model`.
+    prompts: token ids per prompt.
+    policies_for: prompt index -> {name: policy}.
+    batch_size: prompts per batch at most.
+    max_new_tokens: the indices of a batch -> its decode length.
+    stop_ids: a row stops after one of these.
+    names: the policy names, in output order.
+
+  Returns:
+    {"outputs": {name: generated ids per prompt}, "prefill_seconds", "prompt_tokens", "decode_seconds": {name}}.
+  """
+  outputs: dict[str, list[list[int]]] = {name: [[] for _ in prompts] for name in names}
+  prefill_seconds, prompt_tokens = 0.0, 0
+  decode_seconds = collections.Counter()
+  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))  # equal lengths batch together
+  for members, policies in generation.batches_by_policy(order, policies_for, batch_size):
+    result = generation.oneshot_generate(model.params, model.cfg, [prompts[i] for i in members], policies,
+                                         max_new_tokens=max_new_tokens(members), stop_ids=stop_ids)
+    prefill_seconds += result.prefill_seconds
+    prompt_tokens += result.prompt_tokens
+    decode_seconds.update(result.decode_seconds)
+    for name in names:
+      for row, i in enumerate(members):
+        outputs[name][i] = result.tokens[name][row]
+  return {"outputs": outputs, "prefill_seconds": prefill_seconds, "prompt_tokens": prompt_tokens,
+          "decode_seconds": {name: float(decode_seconds[name]) for name in names}}

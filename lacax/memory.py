@@ -1,0 +1,65 @@
+"""Up-front memory checks: a request whose KV cache cannot fit is refused before anything is allocated.
+
+The cache's size is exact: `jax.eval_shape` of the policy's own `init` (keys, values, positions, scores and the
+policy's state), so every policy is covered without a formula per policy. The memory available is the device's
+free memory (`memory_stats()` on accelerators) or, on CPU, the host's MemAvailable; `LACAX_MEMORY_LIMIT_BYTES`
+overrides both (to rehearse a smaller machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from lacax.errors import ResourceError, format_bytes
+
+LIMIT_ENV = "LACAX_MEMORY_LIMIT_BYTES"
+
+
+def available_bytes(device: jax.Device | None = None) -> int | None:
+  """Free memory of `device` (default the first local device) in bytes, or None when it cannot be told."""
+  if os.environ.get(LIMIT_ENV):
+    return int(os.environ[LIMIT_ENV])
+  device = device or jax.local_devices()[0]
+  if device.platform != "cpu":
+    try:
+      stats = device.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except  (backends without memory_stats)
+      stats = {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def cache_bytes(policy, cfg, batch: int, capacity: int) -> int:
+  """Bytes of `policy.init(cfg, batch, capacity)`, computed without allocating it."""
+  shapes = jax.eval_shape(lambda: policy.init(cfg, batch, capacity))
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+
+
+def require_cache_fits(policy, cfg, batch: int, capacity: int, *, copies: int = 1, what: str = "the request",
+                       device: jax.Device | None = None) -> int:
+  """Raises `ResourceError` (with the bytes needed and available) when `copies` caches of `capacity` slots for
+  `batch` rows cannot fit in the device's free memory. Returns the bytes one cache needs."""
+  need = cache_bytes(policy, cfg, batch, capacity)
+  have = available_bytes(device)
+  if have is not None and need * copies > have:
+    raise ResourceError(
+        f"{what} needs a KV cache of {need * copies} bytes ({format_bytes(need * copies)}: {copies} x batch {batch}"
+        f" x {capacity} slots x {cfg.num_layers} layers x {cfg.num_kv_heads} kv heads x {cfg.head_dim} dims, "
+        f"{cfg.dtype}) but only {have} bytes ({format_bytes(have)}) are free; lower the batch, the budget or "
+        "the length", needed=need * copies, available=have)
+  return need
