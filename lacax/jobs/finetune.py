@@ -24,7 +24,7 @@ import numpy as np
 
 from lacax import sharding
 from lacax import train
-from lacax.weights import checkpoint as params_ckpt
+from lacax.train import lm
 from lacax.weights.loader import load_model
 
 # Config sections that do not change what a run computes (so they do not change its checkpoint directory).
@@ -81,24 +81,17 @@ def _patterns(spec: Any):
   return tuple(p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip())
 
 
-def setup_full(config, model):
-  """(params, labels, loss_fn, export) for full fine-tuning (optionally a pattern subset / a layer window)."""
-  params = model.params
-  labels = train.make_labels(params, _patterns(config.train.trainable), layer_window=_window(config.train.layer_window))
-  cfg = model.cfg.replace(dtype=config.train.compute_dtype or model.cfg.dtype)
-  loss_fn = train.llama_loss_fn(cfg)
-
-  def export(state, run_dir):
-    return {"params": params_ckpt.save_params(os.path.join(run_dir, "params"), state.params, model.cfg)}
-
-  return params, labels, loss_fn, export
-
-
-def setup_lora(config, model):
-  """(params, labels, loss_fn, export) for LoRA: {"base": frozen weights, "lora": adapters}."""
-  from lacax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
-
-  return lora_lib.finetune_setup(config, model)  # placeholder until the LoRA module lands
+def lm_setup(config, model) -> lm.LMSetup:
+  """The run's parameters, labels, loss and export, from the config's mode."""
+  if config.mode == "full":
+    return lm.full_setup(model, compute_dtype=config.train.compute_dtype, trainable=_patterns(config.train.trainable),
+                         layer_window=_window(config.train.layer_window))
+  lc = config.lora
+  targets = tuple(t.strip() for t in lc.targets.split(",") if t.strip()) if isinstance(lc.targets, str) else tuple(
+      lc.targets)
+  return lm.lora_setup(model, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=targets, seed=lc.seed,
+                       compute_dtype=config.train.compute_dtype, layer_window=_window(config.train.layer_window),
+                       export_merged=config.export.merged)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -114,8 +107,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   if model.tokenizer is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the finetune job needs one")
   train_ds, held, kind = build_data(config, model.tokenizer)
-  setup = setup_full if config.mode == "full" else setup_lora
-  params, labels, loss_fn, export = setup(config, model)
+  setup = lm_setup(config, model)
+  params, labels, loss_fn, export = setup.params, setup.labels, setup.loss_fn, setup.export
 
   steps = config.train.steps
   tcfg = train.train_config_from(config.train)
@@ -130,6 +123,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     home = os.path.join(config.results_dir, config.experiment, "runs", config_hash(config))
   os.makedirs(home, exist_ok=True)
   ckpt_dir = config.train.checkpoint_dir or os.path.join(home, "checkpoints")
+  resumed_from = train.Checkpointer(ckpt_dir).latest_step() if os.path.isdir(ckpt_dir) else None
   placed = trainer.place(state)
   before = trainer.evaluate(placed, eval_batches)
   t0 = time.perf_counter()
@@ -149,7 +143,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   figures = {
       "mode": config.mode, "data_kind": kind, "train_rows": train_ds.num_rows, "eval_rows": held.num_rows,
       "seq_len": train_ds.seq_len, "batch_size": train_ds.batch_size, "steps": steps,
-      "resumed_from_step": int(step_records[0]["step"]) - 1 if records and step_records else None,
+      "resumed_from_step": resumed_from,
       "trainable_params": trainable_count, "total_params": total_count,
       "eval_loss_before": before.get("loss"), "eval_loss_after": after.get("loss"),
       "eval_ppl_before": math.exp(before["loss"]) if before else None,
