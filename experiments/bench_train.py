@@ -180,8 +180,11 @@ def _worker(spec: str) -> None:
 
 def _run_case(framework: str, mode: str, argv: list[str]) -> dict:
   out = os.path.join(tempfile.mkdtemp(prefix="lacax_bench_train_"), "case.json")
-  flags_ = [a for a in argv[1:] if not a.startswith("--worker")]
-  cmd = [sys.executable, "-m", "experiments.bench_train", f"--worker={framework}:{mode}:{out}", *flags_]
+  del argv
+  forwarded = [f"--{f.name}={f.value}" for f in (_BATCH, _SEQ_LEN, _STEPS, _WARMUP, _LORA_RANK, _COMPUTE_DTYPE,
+                                                  _TORCH_THREADS)]
+  forwarded.append(f"--lora_targets={','.join(_LORA_TARGETS.value)}")
+  cmd = [sys.executable, "-m", "experiments.bench_train", f"--worker={framework}:{mode}:{out}", *forwarded]
   t = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0 or not os.path.exists(out):

@@ -115,7 +115,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   opt, schedule = train.make_optimizer(train.optimizer_config_from(config.optimizer), steps)
   state = train.create_train_state(params, opt, labels=labels, seed=config.train.seed)
   trainable_count, total_count = train.count_params(state.trainable), train.count_params(state.params)
-  trainer = train.Trainer(loss_fn, opt, tcfg, schedule=schedule, labels=labels, mesh_rules=mesh_rules)
+  trainer = train.Trainer(loss_fn, opt, tcfg, schedule=schedule, labels=labels, mesh_rules=mesh_rules,
+                          param_sharding=lm.param_sharding(mesh_rules) if mesh_rules is not None else None)
   eval_batches = held.eval_batches(config.train.eval_batches)
 
   home = config.train.checkpoint_dir and os.path.dirname(os.path.abspath(config.train.checkpoint_dir))

@@ -29,6 +29,7 @@ class LMSetup:
     loss_fn: the loss of the `lacax.train.loop` contract.
     export: (state, directory) -> {name: path} of what it wrote.
     cfg: the model config the loss runs (its dtype = the compute dtype).
+    lora_config: the `lacax.model.lora.LoraConfig` of a LoRA run (None for full fine-tuning).
   """
 
   params: Any
@@ -36,6 +37,7 @@ class LMSetup:
   loss_fn: Callable
   export: Callable[[Any, str], dict[str, str]]
   cfg: Any
+  lora_config: Any = None
 
 
 def _save(directory: str, params: Any, cfg: Any) -> str:
@@ -55,3 +57,71 @@ def full_setup(model: Any, *, compute_dtype: str = "", trainable: Any = "all",
     return {"params": _save(os.path.join(directory, "params"), state.params, model.cfg)}
 
   return LMSetup(params, labels, losses.llama_loss_fn(cfg), export, cfg)
+
+
+def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: tuple[str, ...] = ("q", "v"), seed: int = 0, compute_dtype: str = "",
+               layer_window: tuple[int, int] | None = None, export_merged: bool = True) -> LMSetup:
+  """LoRA on `model`: the base weights frozen, adapters (`lacax.model.lora`) on `targets` trained.
+
+  Args:
+    rank, alpha, dropout: the adapters' rank r, scale numerator (scale alpha / r) and input dropout (training).
+    targets: projections, by short name (q, k, v, o, gate, up, down) or lacax name (wq, ..., w_down).
+    seed: seeds the adapters' A matrices (B starts at zero: the fresh model equals the base model).
+    compute_dtype: "" (the model's dtype) or "bfloat16".
+    layer_window: (start, stop): adapters train only in those layers (the others stay zero, bit-identical).
+    export_merged: `export` also writes the base weights with the adapters merged in.
+
+  The parameter pytree is {"params": base weights, "lora": adapters}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from lacax.model import llama  # pylint: disable=g-import-not-at-top
+  from lacax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+
+  names = tuple(LORA_SHORT_NAMES.get(t, t) for t in targets)
+  lcfg = lora_lib.LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=names)
+  adapters = lora_lib.init_lora(lcfg, model.params, jax.random.PRNGKey(seed))
+  params = {"params": model.params, "lora": adapters}
+  # Adapters are stacked over layers on axis 0 like the base layers: a window selects their rows.
+  labels = st.make_labels(params, ("^lora/",), layer_window=layer_window, layers_key="lora")
+  cfg = model.cfg.replace(dtype=compute_dtype or model.cfg.dtype)
+
+  def logits_fn(trainable, frozen, batch, rng):
+    p = st.combine(trainable, frozen)
+    out = llama.run(p["params"], batch["tokens"], batch["positions"], None, cfg,
+                    options=lora_lib.options(lcfg, p["lora"], rng))
+    return out.logits
+
+  def export(state, directory):
+    p = state.params
+    written = {"lora": _save(os.path.join(directory, "lora"), jax.device_get(p["lora"]), None)}
+    if export_merged:
+      merged = lora_lib.merge(p["params"], p["lora"], lcfg)
+      written["merged"] = _save(os.path.join(directory, "merged"), merged, model.cfg)
+    return written
+
+  return LMSetup(params, labels, losses.lm_loss_fn(logits_fn), export, cfg, lcfg)
+
+
+# Short projection names (config files, peft-like) -> lacax parameter names.
+LORA_SHORT_NAMES = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+
+
+def param_sharding(mesh_rules: Any) -> Callable[[Any], Any]:
+  """params -> shardings for the loop's `param_sharding`: Llama weights (also under "params") by the mesh
+  rules, anything else (adapters: a few MB) replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  replicated = NamedSharding(mesh_rules.mesh, PartitionSpec())
+
+  def shardings(tree):
+    if isinstance(tree, dict) and "lora" in tree:
+      import jax  # pylint: disable=g-import-not-at-top
+      out = {k: jax.tree_util.tree_map(lambda _: replicated, v) for k, v in tree.items() if k != "params"}
+      if tree.get("params") is not None:
+        out["params"] = mesh_rules.param_shardings(tree["params"])
+      return out
+    return mesh_rules.param_shardings(tree)
+
+  return shardings
