@@ -16,6 +16,7 @@ since on a shared machine the figures move with the neighbours.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -95,6 +96,9 @@ def measure_lacax(mode: str) -> dict:
   opt, schedule = train.make_optimizer(train.OptimizerConfig(learning_rate=_LR, schedule="constant",
                                                              clip_norm=1.0), total)
   state = train.create_train_state(setup.params, opt, labels=setup.labels)
+  # The state holds its own copy of the trained weights: drop the loader's (a full fine-tune's peak RSS would
+  # otherwise count the model twice).
+  setup = dataclasses.replace(setup, params=None)
   del model
   trainer = train.Trainer(setup.loss_fn, opt, train.TrainConfig(steps=total, compute_dtype=_COMPUTE_DTYPE.value,
                                                                 progress=False),
