@@ -76,7 +76,6 @@ def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from lacax.model import llama  # pylint: disable=g-import-not-at-top
   from lacax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
 
   names = tuple(LORA_SHORT_NAMES.get(t, t) for t in targets)
@@ -87,11 +86,11 @@ def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float
   labels = st.make_labels(params, ("^lora/",), layer_window=layer_window, layers_key="lora")
   cfg = model.cfg.replace(dtype=compute_dtype or model.cfg.dtype)
 
-  def logits_fn(trainable, frozen, batch, rng):
-    p = st.combine(trainable, frozen)
-    out = llama.run(p["params"], batch["tokens"], batch["positions"], None, cfg,
-                    options=lora_lib.options(lcfg, p["lora"], rng))
-    return out.logits
+  def forward_kwargs(trainable, frozen, rng):
+    return {"options": lora_lib.options(lcfg, st.combine(trainable, frozen)["lora"], rng)}
+
+  loss_fn = losses.llama_loss_fn(cfg, params_fn=lambda tr, fr: st.combine(tr, fr)["params"],
+                                 forward_kwargs=forward_kwargs)
 
   def export(state, directory):
     p = state.params
@@ -101,7 +100,7 @@ def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float
       written["merged"] = _save(os.path.join(directory, "merged"), merged, model.cfg)
     return written
 
-  return LMSetup(params, labels, losses.lm_loss_fn(logits_fn), export, cfg, lcfg)
+  return LMSetup(params, labels, loss_fn, export, cfg, lcfg)
 
 
 # Short projection names (config files, peft-like) -> lacax parameter names.
