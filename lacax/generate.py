@@ -267,8 +267,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
                     stop_ids: Sequence[int] = (), policy: CachePolicy | None = None,
                     seeds: Sequence[int] | None = None, seed: int = 0, bucket: int = 64, pad_id: int = 0,
                     chunk: int = 8, return_logprobs: bool = False,
-                    stop_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None
-                    ) -> Iterator[StreamChunk]:
+                    stop_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+                    loop_tokens: int | None = None) -> Iterator[StreamChunk]:
   """`generate`, returning to the host every `chunk` decode steps: for streaming, and for stops the compiled loop
   cannot see (stop strings).
 
@@ -285,6 +285,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
     return_logprobs: also return each generated token's log-probability (log-softmax of the raw logits).
     stop_rows: called with the tokens so far after every chunk; rows it answers True for are marked done (their
       later tokens are neither computed further nor returned).
+    loop_tokens: the compiled loop's token bound (static; default the largest `max_new_tokens`). A rounded-up
+      value lets calls with different limits share one compilation; the loop still ends once every row is done.
 
   Yields:
     a `StreamChunk` after the first token and after every chunk; the last one has every row done.
@@ -306,6 +308,10 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
     raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
                      f"[{int(tokens.min())}, {int(tokens.max())}]")
   longest = int(limits.max())
+  if loop_tokens is not None:
+    if loop_tokens < longest:
+      raise ValueError(f"loop_tokens={loop_tokens} must be >= the largest max_new_tokens {longest}")
+    longest = int(loop_tokens)
   total = int(lengths.max()) + longest
   if isinstance(policy, FullPolicy) and policy.capacity and total > policy.capacity:
     raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {longest} = {total} tokens "

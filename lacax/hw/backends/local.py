@@ -115,20 +115,27 @@ class LocalBackend:
     bucket: prompt padding multiple (fewer compilations).
     max_batch: rows per batched generate; more rows are split into consecutive batches.
     context_length: prompt + max_tokens must fit (default the model's max_position_embeddings).
+    token_bucket: the compiled decode loop's bound is the largest max_tokens rounded up to a multiple of this
+      (each row still stops at its own limit), so requests with different limits share compilations.
+    pad_batch: pad a batch's rows to a power of two with one-token dummy rows (fewer compilations when the
+      number of rows varies, as in a server; the dummy rows stop after their first token).
   """
 
   capabilities = frozenset({"raw_prefix", "logprobs", "embeddings"})
 
   def __init__(self, model, *, policy: CachePolicy | None = None, chunk: int = 8, bucket: int = 64,
-               max_batch: int = 64, context_length: int | None = None):
+               max_batch: int = 64, context_length: int | None = None, token_bucket: int = 32,
+               pad_batch: bool = True):
     if model.tokenizer is None:
       raise ValueError(f"model {model.source!r} has no tokenizer; LocalBackend needs one to read text prompts")
-    for name, value in (("chunk", chunk), ("bucket", bucket), ("max_batch", max_batch)):
+    for name, value in (("chunk", chunk), ("bucket", bucket), ("max_batch", max_batch),
+                        ("token_bucket", token_bucket)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
     self.model = model
     self.policy = policy or FullPolicy()
     self.chunk, self.bucket, self.max_batch = chunk, bucket, max_batch
+    self.token_bucket, self.pad_batch = token_bucket, bool(pad_batch)
     self.context_length = int(context_length or model.cfg.max_position_embeddings)
     if isinstance(self.policy, FullPolicy) and self.policy.capacity:
       self.context_length = min(self.context_length, int(self.policy.capacity))
@@ -216,27 +223,35 @@ class LocalBackend:
     results: list[Completion] = []
     for start in range(0, len(rows), self.max_batch):
       batch = list(rows[start:start + self.max_batch])
+      real = len(batch)
+      if self.pad_batch:
+        width = min(1 << (real - 1).bit_length(), max(self.max_batch, real))
+        batch += [Row(ids=batch[0].ids[:1], max_tokens=1)] * (width - real)
       texts = [RowText(self.tokenizer, row.stop, self.tokenizer.stop_ids) for row in batch]
 
       def stop_rows(tokens, texts=texts):
         return [text.stopped_by_string(t) for text, t in zip(texts, tokens)]
 
+      longest_prompt = max(len(row.ids) for row in batch)
+      longest_new = max(row.max_tokens for row in batch)
+      loop_tokens = -(-longest_new // self.token_bucket) * self.token_bucket
+      loop_tokens = max(longest_new, min(loop_tokens, self.context_length - longest_prompt))
       last = None
       for last in generation.generate_stream(
           self.model.params, self.model.cfg, [row.ids for row in batch],
           max_new_tokens=[row.max_tokens for row in batch], sampling=sampling,
           stop_ids=self.tokenizer.stop_ids, policy=self.policy, seeds=[row.seed for row in batch],
-          bucket=self.bucket, chunk=self.chunk, return_logprobs=logprobs,
+          bucket=self.bucket, chunk=self.chunk, return_logprobs=logprobs, loop_tokens=loop_tokens,
           stop_rows=stop_rows if any(row.stop for row in batch) else None):
         deltas = [text.update(t, bool(d)) for text, t, d in zip(texts, last.tokens, last.done)]
         if on_chunk is not None:
           all_deltas = [""] * len(rows)
           all_done = np.zeros(len(rows), bool)
           all_done[:start] = True
-          all_deltas[start:start + len(batch)] = deltas
-          all_done[start:start + len(batch)] = last.done
+          all_deltas[start:start + real] = deltas[:real]
+          all_done[start:start + real] = last.done[:real]
           on_chunk(all_deltas, all_done)
-      for b, text in enumerate(texts):
+      for b, text in enumerate(texts[:real]):
         kept = last.tokens[b][:text.num_tokens]
         lps = None if last.logprobs is None else tuple(float(x) for x in last.logprobs[b][:text.num_tokens])
         results.append(Completion(text=text.text, finish_reason=text.finish_reason, tokens=tuple(kept),
