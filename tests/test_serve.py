@@ -38,7 +38,7 @@ class ServeTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.model = test_backends.tiny_model()
-    cls.backend = local.LocalBackend(cls.model, chunk=4, bucket=64)
+    cls.backend = local.LocalBackend(cls.model, **test_backends.BACKEND_ARGS)
     # A wide gathering window, so that the concurrent requests below land in one batch on a busy machine.
     cls.service = Service(cls.backend, model_name=MODEL, batch_window_s=0.25, max_batch=16).start()
     cls.client = openai.OpenAI(base_url=cls.service.base_url, api_key="unused", max_retries=0, timeout=120)
@@ -182,7 +182,7 @@ class HttpBackendAgainstServerTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.model = test_backends.tiny_model()
-    cls.local = local.LocalBackend(cls.model, chunk=4, bucket=64)
+    cls.local = local.LocalBackend(cls.model, **test_backends.BACKEND_ARGS)
     cls.faults = {"fail": 0, "stall": 0.0, "seen": 0}
     cls.service = Service(cls.local, model_name=MODEL, batch_window_s=0.05)
 

@@ -112,10 +112,15 @@ def _message_text(content, index: int) -> str:
 
 
 class Server:
-  """The request handling of the API, independent of the web framework (see `create_app`)."""
+  """The request handling of the API, independent of the web framework (see `create_app`).
 
-  def __init__(self, engine: Engine, model_name: str):
+  Without max_tokens, a completion gets 16 tokens (the completions API's default) and a chat answer
+  `chat_max_tokens`, at most what the context length leaves.
+  """
+
+  def __init__(self, engine: Engine, model_name: str, chat_max_tokens: int = 512):
     self.engine = engine
+    self.chat_max_tokens = chat_max_tokens
     self.backend: LocalBackend = engine.backend
     self.model_name = model_name
     self.created = int(time.time())
@@ -186,7 +191,7 @@ class Server:
       max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
       max_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
       logprobs = _boolean(body, "logprobs")
-      default_max = None
+      default_max = self.chat_max_tokens
     else:
       max_tokens, max_name = body.get("max_tokens"), "max_tokens"
       logprobs = _integer(body, "logprobs", None, 0, 5) is not None
@@ -196,7 +201,7 @@ class Server:
     n = _integer(body, "n", 1, 1, 128)
     if max_tokens is None:
       longest = max(len(p) for p in prompts)
-      max_tokens = default_max or max(1, self.backend.context_length - longest)
+      max_tokens = max(1, min(default_max, self.backend.context_length - longest))
     else:
       max_tokens = _integer({max_name: max_tokens}, max_name, None, 1)
     options = dict(
@@ -296,6 +301,11 @@ def create_app(engine: Engine, model_name: str):
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return error_response(APIError(exc.status_code, message, type_=type_, code=str(exc.status_code)))
+
+  @app.exception_handler(Exception)
+  async def _internal_error(request, exc):  # anything else: a 500 with OpenAI's body, never a bare trace
+    message = f"{request.method} {request.url.path}: internal error: {type(exc).__name__}: {exc}"
+    return error_response(APIError(500, message, type_="server_error"))
 
   @app.get("/health")
   async def health():

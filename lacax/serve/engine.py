@@ -105,6 +105,8 @@ class Engine:
   def _gather(self) -> list[Job]:
     """Waits for work, gathers for the window, and returns the next batch's jobs (empty when stopping)."""
     if not self._waiting:
+      if self._stopping.is_set():
+        return []
       job = self._queue.get()
       if job is None:
         return []
@@ -136,7 +138,12 @@ class Engine:
       jobs = self._gather()
       if not jobs:
         if self._stopping.is_set():
-          for job in self._waiting:
+          left = list(self._waiting)
+          while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+              left.append(job)
+          for job in left:
             job.on_finish(RuntimeError("the server is shutting down"))
           return
         continue

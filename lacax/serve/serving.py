@@ -103,6 +103,8 @@ def build_parser(prog: str = "lacax serve") -> argparse.ArgumentParser:
                       "lacache, h2o, tova, snapkv, pyramidkv, kvmerger")
   parser.add_argument("--cache-size", type=int, default=0, help="KV budget in tokens (every policy but full)")
   parser.add_argument("--cache-start-size", type=int, default=4, help="attention sinks (streaming, lacache)")
+  parser.add_argument("--rope-mode", default="stored", choices=("stored", "slot"), help="full cache only: keys "
+                      "stored rotated (faster plain generation) or pre-RoPE (as the policy experiments)")
   parser.add_argument("--context-length", type=int, default=0, help="prompt + max_tokens limit (default: the "
                       "model's max_position_embeddings)")
   parser.add_argument("--max-batch", type=int, default=32, help="rows per batch")
@@ -115,7 +117,7 @@ def build_parser(prog: str = "lacax serve") -> argparse.ArgumentParser:
 
 
 def backend_from_args(args: argparse.Namespace) -> LocalBackend:
-  cache = {"size": args.cache_size or None, "start_size": args.cache_start_size}
+  cache = {"size": args.cache_size or None, "start_size": args.cache_start_size, "rope_mode": args.rope_mode}
   return LocalBackend.load(args.model or None, dtype=args.dtype, cache_policy=args.cache_policy, cache=cache,
                            chunk=args.chunk, max_batch=args.max_batch, context_length=args.context_length or None)
 

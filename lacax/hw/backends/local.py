@@ -119,23 +119,24 @@ class LocalBackend:
       (each row still stops at its own limit), so requests with different limits share compilations.
     pad_batch: pad a batch's rows to a power of two with one-token dummy rows (fewer compilations when the
       number of rows varies, as in a server; the dummy rows stop after their first token).
+    min_batch: pad every batch to at least this many rows (with `max_batch`, one batch shape for every call).
   """
 
   capabilities = frozenset({"raw_prefix", "logprobs", "embeddings"})
 
   def __init__(self, model, *, policy: CachePolicy | None = None, chunk: int = 8, bucket: int = 64,
                max_batch: int = 64, context_length: int | None = None, token_bucket: int = 32,
-               pad_batch: bool = True):
+               pad_batch: bool = True, min_batch: int = 1):
     if model.tokenizer is None:
       raise ValueError(f"model {model.source!r} has no tokenizer; LocalBackend needs one to read text prompts")
     for name, value in (("chunk", chunk), ("bucket", bucket), ("max_batch", max_batch),
-                        ("token_bucket", token_bucket)):
+                        ("token_bucket", token_bucket), ("min_batch", min_batch)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
     self.model = model
     self.policy = policy or FullPolicy()
     self.chunk, self.bucket, self.max_batch = chunk, bucket, max_batch
-    self.token_bucket, self.pad_batch = token_bucket, bool(pad_batch)
+    self.token_bucket, self.pad_batch, self.min_batch = token_bucket, bool(pad_batch), min(min_batch, max_batch)
     self.context_length = int(context_length or model.cfg.max_position_embeddings)
     if isinstance(self.policy, FullPolicy) and self.policy.capacity:
       self.context_length = min(self.context_length, int(self.policy.capacity))
@@ -224,9 +225,11 @@ class LocalBackend:
     for start in range(0, len(rows), self.max_batch):
       batch = list(rows[start:start + self.max_batch])
       real = len(batch)
+      width = real
       if self.pad_batch:
         width = min(1 << (real - 1).bit_length(), max(self.max_batch, real))
-        batch += [Row(ids=batch[0].ids[:1], max_tokens=1)] * (width - real)
+      width = max(width, self.min_batch)
+      batch += [Row(ids=batch[0].ids[:1], max_tokens=1)] * (width - real)
       texts = [RowText(self.tokenizer, row.stop, self.tokenizer.stop_ids) for row in batch]
 
       def stop_rows(tokens, texts=texts):
