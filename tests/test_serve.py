@@ -255,6 +255,74 @@ class HttpBackendAgainstServerTest(absltest.TestCase):
     self.assertLess(time.perf_counter() - start, 1.4)
 
 
+class _RecordingBackend:
+  """Stands in for the model in scheduler tests: records each batch's rows and answers at once."""
+
+  def __init__(self):
+    self.batches: list[list[local.Row]] = []
+    self.release = threading.Event()
+    self.release.set()
+
+  def run_rows(self, rows, sampling, *, logprobs=False, on_chunk=None):
+    del sampling, logprobs
+    self.release.wait(30)
+    self.batches.append(list(rows))
+    if on_chunk is not None:
+      on_chunk(["t"] * len(rows), [True] * len(rows))
+    return [base.Completion(text=f"{row.ids[0]}", tokens=(1,)) for row in rows]
+
+
+class EngineTest(absltest.TestCase):
+  """The batching policy of `lacax.serve.engine` (which requests share a batch), on a recording backend."""
+
+  def _submit(self, engine, first_id: int, rows: int, temperature: float, done: list):
+    from lacax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+    from lacax.serve import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+    job = engine_lib.Job(rows=[local.Row(ids=(first_id + i,), max_tokens=4) for i in range(rows)],
+                         sampling=SamplingConfig(temperature=temperature), logprobs=False,
+                         on_progress=lambda deltas, d: None, on_finish=done.append)
+    engine.submit(job)
+
+  def test_same_sampling_shares_a_batch_oldest_first_within_max_batch(self):
+    from lacax.serve import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+    backend = _RecordingBackend()
+    engine = engine_lib.Engine(backend, batch_window_s=0.3, max_batch=4).start()
+    self.addCleanup(engine.stop)
+    done: list = []
+    self._submit(engine, 10, 1, 0.0, done)
+    self._submit(engine, 20, 2, 1.0, done)
+    self._submit(engine, 30, 2, 0.0, done)
+    self._submit(engine, 40, 2, 0.0, done)  # would exceed max_batch=4 with the two greedy jobs before it
+    deadline = time.monotonic() + 30
+    while len(done) < 4 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    self.assertLen(done, 4)
+    firsts = [[row.ids[0] for row in batch] for batch in backend.batches]
+    self.assertEqual(firsts, [[10, 30, 31], [20, 21], [40, 41]])
+    self.assertEqual(engine.stats.batch_requests, [2, 1, 1])
+    self.assertEqual([c.text for c in done[0]], ["10"])
+
+  def test_stop_fails_waiting_requests(self):
+    from lacax.serve import engine as engine_lib  # pylint: disable=g-import-not-at-top
+
+    backend = _RecordingBackend()
+    backend.release.clear()  # the first batch blocks until released
+    engine = engine_lib.Engine(backend, batch_window_s=0.0, max_batch=1).start()
+    done: list = []
+    self._submit(engine, 1, 1, 0.0, done)
+    time.sleep(0.2)
+    self._submit(engine, 2, 1, 0.0, done)
+    threading.Timer(0.3, backend.release.set).start()
+    engine.stop()
+    self.assertLen(done, 2)
+    self.assertEqual(done[0][0].text, "1")
+    self.assertIsInstance(done[1], RuntimeError)
+    with self.assertRaisesRegex(RuntimeError, "stopped"):
+      self._submit(engine, 3, 1, 0.0, done)
+
+
 def _free_port() -> int:
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
