@@ -32,7 +32,7 @@ _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "4", "16"], "Concurrent re
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "max_tokens of every request.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per path (the best is reported).")
 _CHUNK = flags.DEFINE_integer("chunk", 8, "The server's decode steps between host checks.")
-_WINDOW_MS = flags.DEFINE_float("batch_window_ms", 10.0, "The server's gathering window.")
+_WINDOW_MS = flags.DEFINE_float("batch_window_ms", 50.0, "The server's gathering window.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _OUT = flags.DEFINE_string("out", "results/bench_serve", "Output folder.")
 

@@ -39,7 +39,7 @@ class Service:
   """
 
   def __init__(self, backend: LocalBackend, *, model_name: str = "lacax", host: str = "127.0.0.1", port: int = 0,
-               batch_window_s: float = 0.01, max_batch: int = 32):
+               batch_window_s: float = 0.05, max_batch: int = 32):
     self.engine = Engine(backend, batch_window_s=batch_window_s, max_batch=max_batch)
     self.model_name = model_name
     self.app = create_app(self.engine, model_name)
@@ -108,7 +108,7 @@ def build_parser(prog: str = "lacax serve") -> argparse.ArgumentParser:
   parser.add_argument("--context-length", type=int, default=0, help="prompt + max_tokens limit (default: the "
                       "model's max_position_embeddings)")
   parser.add_argument("--max-batch", type=int, default=32, help="rows per batch")
-  parser.add_argument("--batch-window-ms", type=float, default=10.0, help="how long the scheduler gathers "
+  parser.add_argument("--batch-window-ms", type=float, default=50.0, help="how long the scheduler gathers "
                       "requests after the first one of a batch")
   parser.add_argument("--chunk", type=int, default=8, help="decode steps between host checks (stop strings, "
                       "streaming granularity)")
