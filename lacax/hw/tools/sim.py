@@ -164,6 +164,10 @@ def classify_run(res: sandbox.RunResult, verdict: Verdict) -> tuple[str, str]:
     return "runtime_error", "no verdict from the testbench"
   if verdict.passed:
     return "pass", ""
+  if verdict.samples == 0:
+    return "runtime_error", "the testbench compared no samples" + (f" (exit {res.returncode})" if res.returncode else "")
+  if res.returncode != 0:
+    return "runtime_error", f"exit {res.returncode}: {_first_error(res.stderr + res.stdout)}"
   if verdict.mismatches is not None and verdict.samples is not None:
     outs = f" (outputs: {', '.join(verdict.outputs)})" if verdict.outputs else ""
     return "mismatch", f"{verdict.mismatches} of {verdict.samples} samples{outs}"
