@@ -48,6 +48,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 _CLONE_NEWNS = 0x00020000
@@ -76,6 +77,10 @@ _PATTERNS = {
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# With JAX loaded, every fork warns that JAX's threads cannot survive it. The sandbox's child only runs
+# `_child_setup` (already-imported modules, libc calls, no locks another thread could hold) and then execs.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
 @dataclasses.dataclass(frozen=True)

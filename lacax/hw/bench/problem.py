@@ -120,13 +120,16 @@ def extract_code(text: str) -> str:
 
 def assemble(problem: Problem, answer: str) -> str:
   """The design file for `answer`: extracted code; in "body" mode prefixed with the interface unless the
-  answer defines the module itself; cut after the last `endmodule` (models run on)."""
+  answer defines the module itself; cut after the last `endmodule` (models run on), or closed with one when
+  generation stopped at an "endmodule" stop string (which backends cut from the text)."""
   code = extract_code(answer)
   if problem.answer_mode == "body" and not re.search(rf"\bmodule\s+{re.escape(problem.top)}\b", code):
     code = problem.interface.rstrip() + "\n" + code
   ends = [m.end() for m in re.finditer(r"\bendmodule\b", code)]
   if ends:
     code = code[:ends[-1]] + "\n"
+  elif re.search(r"\bmodule\b", code):  # generation stopped at the "endmodule" stop string, which is cut
+    code = code.rstrip() + "\nendmodule\n"
   return code
 
 
