@@ -139,7 +139,7 @@ PROMPT_STYLES = ("chat", "raw")
 def render_prompt(problem: Problem, style: str = "chat", system: str | None = None):
   """The prompt a backend gets for `problem`.
 
-  "chat": [system, user] messages: the description, then the instruction to answer with module `top` (or its
+  "chat": [system, user] messages (just [user] when `system` is ""): the description, then the instruction to answer with module `top` (or its
   body after the given interface) in a ```verilog block (the VerilogEval v2 spec-to-rtl setup, with a fence
   instead of [BEGIN]/[END]). "raw": text to continue, for base models: the description as Verilog comments,
   then the interface, so the continuation is the module body.
@@ -152,7 +152,8 @@ def render_prompt(problem: Problem, style: str = "chat", system: str | None = No
              f"block.\n\n{problem.interface}\n")
     else:
       ask = f"\n\nAnswer with the complete Verilog module {problem.top} in one ```verilog block."
-    return ({"role": "system", "content": sys_text}, {"role": "user", "content": problem.description + ask})
+    user = {"role": "user", "content": problem.description + ask}
+    return ({"role": "system", "content": sys_text}, user) if sys_text else (user,)
   if style == "raw":
     comment = "\n".join("// " + line if line.strip() else "//" for line in problem.description.splitlines())
     return f"{comment}\n\n{problem.interface.rstrip()}\n"
