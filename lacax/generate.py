@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -37,7 +37,10 @@ class DecodeState:
     done: [B] bool the row has produced a stop token.
     num_generated: [B] int32 tokens generated per row, the stop token included.
     out: [B, max_new_tokens] int32 generated tokens (pad_id after a row is done).
-    rng: PRNG key.
+    rng: PRNG key, or [B, 2] one key per row (`generate_stream(seeds=...)`: a row's samples then depend on its
+      own seed only, not on the batch it shares).
+    logprobs: None, or [B, max_new_tokens] float32 log-probability of each generated token under the model
+      (log-softmax of the raw logits, before temperature / top-k / top-p).
   """
 
   cache: KVCache
@@ -48,6 +51,7 @@ class DecodeState:
   num_generated: jax.Array
   out: jax.Array
   rng: jax.Array
+  logprobs: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -69,6 +73,21 @@ class GenerationResult:
     return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
 
 
+def _sample_step(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(tokens [B] int32, next rng, log-probs [B] of the chosen tokens) from [B, V] logits; `rng` is one key or
+  [B, 2] keys, one per row."""
+  if rng.ndim == 2:
+    keys = jax.vmap(jax.random.split)(rng)
+    rng, key = keys[:, 0], keys[:, 1]
+    token = jax.vmap(lambda row, k: sample(row[None], k, sampling)[0])(logits, key)
+  else:
+    rng, key = jax.random.split(rng)
+    token = sample(logits, key, sampling)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], axis=-1)
+  return token, rng, logprob[:, 0]
+
+
 def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
   if not stop_ids:
     return jnp.zeros(token.shape, bool)
@@ -76,19 +95,20 @@ def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "max_new_tokens", "stop_ids",
-                                             "decode_capacity", "mesh_rules"))
+                                             "decode_capacity", "mesh_rules", "return_logprobs"))
 def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
             policy: CachePolicy, sampling: SamplingConfig, max_new_tokens: int, stop_ids: tuple[int, ...],
-            decode_capacity: int, mesh_rules=None) -> DecodeState:
+            decode_capacity: int, mesh_rules=None, return_logprobs: bool = False) -> DecodeState:
   """Runs the prompts through the model and samples the first new token.
 
   Args:
     params: model parameters.
     tokens: [B, T] int32 right-padded prompts.
     lengths: [B] int32 prompt lengths (>= 1).
-    rng: PRNG key.
+    rng: PRNG key, or [B, 2] one key per row.
     mesh_rules: optional `lacax.sharding.MeshRules`: the cache is laid out on its mesh (and keeps the layout
       through the decode loop).
+    return_logprobs: also record the log-probability of every generated token (`DecodeState.logprobs`).
 
   Returns:
     The decode state after one generated token.
@@ -103,40 +123,52 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
   cache = policy.compact(cache, capacity=decode_capacity)
   if mesh_rules is not None:  # the decode loop receives the cache in the rules' layout
     cache = mesh_rules.constrain_cache(cache)
-  rng, key = jax.random.split(rng)
-  first = sample(logits[:, 0], key, sampling)
-  return initial_state(cache, first, lengths, rng, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+  first, rng, first_logprob = _sample_step(logits[:, 0], rng, sampling)
+  return initial_state(cache, first, lengths, rng, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                       first_logprob=first_logprob if return_logprobs else None)
 
 
 def initial_state(cache: KVCache, first: jax.Array, lengths: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-                  stop_ids: tuple[int, ...]) -> DecodeState:
-  """The decode state once the first token [B] has been chosen from the prefill of prompts of `lengths`."""
+                  stop_ids: tuple[int, ...], first_logprob: jax.Array | None = None) -> DecodeState:
+  """The decode state once the first token [B] has been chosen from the prefill of prompts of `lengths`
+  (`first_logprob` [B]: its log-probabilities, to record those of every generated token)."""
   batch = first.shape[0]
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+  logprobs = None
+  if first_logprob is not None:
+    logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob)
   return DecodeState(cache=cache, token=first, position=lengths, step=jnp.int32(1), done=_is_stop(first, stop_ids),
-                     num_generated=jnp.ones((batch,), jnp.int32), out=out, rng=rng)
+                     num_generated=jnp.ones((batch,), jnp.int32), out=out, rng=rng, logprobs=logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "max_new_tokens", "stop_ids",
                                              "pad_id"), donate_argnames=("state",))
 def decode(params, state: DecodeState, *, cfg: ModelConfig, policy: CachePolicy, sampling: SamplingConfig,
-           max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int = 0) -> DecodeState:
-  """Generates until every row has stopped or `max_new_tokens` tokens exist, in one compiled loop."""
+           max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int = 0,
+           until: jax.Array | None = None) -> DecodeState:
+  """Generates until every row has stopped or `max_new_tokens` tokens exist, in one compiled loop.
+
+  `until` (an int32 scalar, traced: no recompilation) pauses the loop once `state.step` reaches it, so that the
+  host can look at the tokens so far (stop strings, streaming) and call `decode` again on the returned state.
+  """
 
   def cond(s: DecodeState):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+    running = (s.step < max_new_tokens) & ~jnp.all(s.done)
+    return running if until is None else running & (s.step < until)
 
   def body(s: DecodeState):
     logits, cache = llama.forward(params, s.token[:, None], s.position[:, None], s.cache, cfg)
     cache = policy.compact(cache)
-    rng, key = jax.random.split(s.rng)
-    token = sample(logits[:, -1], key, sampling)
+    token, rng, logprob = _sample_step(logits[:, -1], s.rng, sampling)
     token = jnp.where(s.done, pad_id, token)
     out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
+    logprobs = s.logprobs
+    if logprobs is not None:
+      logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(s.done, 0.0, logprob)[:, None], (0, s.step))
     num_generated = s.num_generated + (~s.done).astype(jnp.int32)
     done = s.done | _is_stop(token, stop_ids)
     return DecodeState(cache=cache, token=token, position=s.position + 1, step=s.step + 1, done=done,
-                       num_generated=num_generated, out=out, rng=rng)
+                       num_generated=num_generated, out=out, rng=rng, logprobs=logprobs)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -213,3 +245,99 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   rows = [out[b, :counts[b]].tolist() for b in range(len(prompts))]
   return GenerationResult(tokens=rows, prefill_seconds=mid - start, decode_seconds=end - mid,
                           prompt_tokens=int(lengths.sum()), generated_tokens=int(counts.sum()))
+
+
+@dataclasses.dataclass
+class StreamChunk:
+  """The generation so far, after one chunk of decode steps of `generate_stream`.
+
+  Attributes:
+    tokens: per row, the generated ids so far (a stop token included; nothing after the row stopped).
+    logprobs: per row, the log-probability of each of those tokens under the model, or None unless asked.
+    done: [B] bool: the row has stopped (a stop token, its `max_new_tokens`, or `stop_rows`).
+  """
+
+  tokens: list[list[int]]
+  logprobs: list[list[float]] | None
+  done: np.ndarray
+
+
+def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
+                    stop_ids: Sequence[int] = (), policy: CachePolicy | None = None,
+                    seeds: Sequence[int] | None = None, seed: int = 0, bucket: int = 64, pad_id: int = 0,
+                    chunk: int = 8, return_logprobs: bool = False,
+                    stop_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+                    loop_tokens: int | None = None) -> Iterator[StreamChunk]:
+  """`generate`, returning to the host every `chunk` decode steps: for streaming, and for stops the compiled loop
+  cannot see (stop strings).
+
+  The same compiled prefill and decode loop as `generate` (one batch, one cache); `decode` is resumed with
+  `until = step + chunk`, so a chunk costs one host round trip and no recompilation.
+
+  Args:
+    params, cfg, prompts, sampling, stop_ids, policy, bucket, pad_id: as in `generate`.
+    max_new_tokens: one limit for every row, or one per row (the loop runs to the largest; a row is marked done
+      on the host once it reaches its own, so it may compute up to `chunk - 1` tokens it does not return).
+    seeds: one PRNG seed per row: row b samples with its own key `PRNGKey(seeds[b])`, so its tokens do not
+      depend on the other rows of the batch. None: one key `PRNGKey(seed)` for the batch, as `generate`.
+    chunk: decode steps between returns to the host (>= 1).
+    return_logprobs: also return each generated token's log-probability (log-softmax of the raw logits).
+    stop_rows: called with the tokens so far after every chunk; rows it answers True for are marked done (their
+      later tokens are neither computed further nor returned).
+    loop_tokens: the compiled loop's token bound (static; default the largest `max_new_tokens`). A rounded-up
+      value lets calls with different limits share one compilation; the loop still ends once every row is done.
+
+  Yields:
+    a `StreamChunk` after the first token and after every chunk; the last one has every row done.
+
+  Raises:
+    ValueError: as `generate`, or `seeds` / `max_new_tokens` / `chunk` of the wrong length or range.
+  """
+  batch = len(prompts)
+  limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (batch,)).copy()
+  if limits.size == 0 or limits.min() < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 1 (one value, or one per prompt)")
+  if chunk < 1:
+    raise ValueError(f"chunk={chunk} must be >= 1")
+  if seeds is not None and len(seeds) != batch:
+    raise ValueError(f"seeds has {len(seeds)} entries; expected one per prompt ({batch})")
+  policy = policy or FullPolicy()
+  tokens, lengths = pad_prompts(prompts, bucket, pad_id)
+  if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+    raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
+                     f"[{int(tokens.min())}, {int(tokens.max())}]")
+  longest = int(limits.max())
+  if loop_tokens is not None:
+    if loop_tokens < longest:
+      raise ValueError(f"loop_tokens={loop_tokens} must be >= the largest max_new_tokens {longest}")
+    longest = int(loop_tokens)
+  total = int(lengths.max()) + longest
+  if isinstance(policy, FullPolicy) and policy.capacity and total > policy.capacity:
+    raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {longest} = {total} tokens "
+                     f"exceed the full cache capacity {policy.capacity}")
+  statics = dict(cfg=cfg, policy=policy, sampling=sampling, max_new_tokens=longest,
+                 stop_ids=tuple(int(s) for s in stop_ids))
+  if seeds is None:
+    rng = jax.random.PRNGKey(seed)
+  else:
+    rng = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  state = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
+                  decode_capacity=policy.slots(cfg, total), return_logprobs=return_logprobs, **statics)
+  while True:
+    out, counts, done, logprobs, step = jax.device_get(
+        (state.out, state.num_generated, state.done, state.logprobs, state.step))
+    counts = np.minimum(counts, limits)
+    rows = [out[b, :counts[b]].tolist() for b in range(batch)]
+    host_done = np.asarray(done, bool) | (counts >= limits)
+    if stop_rows is not None:
+      host_done |= np.asarray(stop_rows(rows), bool)
+    row_logprobs = None if logprobs is None else [logprobs[b, :counts[b]].tolist() for b in range(batch)]
+    if int(step) >= longest:
+      host_done[:] = True
+    yield StreamChunk(tokens=rows, logprobs=row_logprobs, done=host_done.copy())
+    if host_done.all():
+      return
+    if (host_done != done).any():
+      state = state.replace(done=jnp.asarray(host_done))
+    state = decode(params, state, pad_id=pad_id, until=jnp.int32(int(step) + chunk), **statics)
