@@ -39,10 +39,8 @@ def make_backend(section: Mapping[str, Any], problems: Sequence[Any] = (), style
       mod = importlib.import_module("lacax.hw.backends.openai_http")
     except ImportError as e:
       raise ValueError(f"backend.kind='openai_http' needs lacax.hw.backends.openai_http ({e})") from None
-    cls = next((getattr(mod, n) for n in ("OpenAIHTTPBackend", "OpenAIBackend", "OpenAICompatBackend")
-                if hasattr(mod, n)), None)
-    if cls is None:
-      raise ValueError("lacax.hw.backends.openai_http defines no OpenAI backend class")
-    kw = {k: section[k] for k in ("base_url", "model") if section.get(k)}
-    return cls(**kw)
+    if not section.get("base_url") or not section.get("model"):
+      raise ValueError("backend.kind='openai_http' needs backend.base_url (e.g. http://127.0.0.1:8000/v1) and "
+                       "backend.model")
+    return mod.OpenAIHTTPBackend(section["base_url"], section["model"])
   raise ValueError(f"backend.kind={kind!r} must be one of {KINDS}")
