@@ -234,5 +234,27 @@ class ScriptedBackendTest(absltest.TestCase):
         scripted.read_replay(path)
 
 
+
+class VerilogEvalJobTest(absltest.TestCase):
+
+  def test_oracle_job_on_generated_tasks_writes_results(self):
+    from configs import verilog_eval as cfg_lib  # pylint: disable=g-import-not-at-top
+    from lacax.jobs import verilog_eval as job  # pylint: disable=g-import-not-at-top
+    config = cfg_lib.get_config("oracle")
+    config.benchmark.kind = "mg_synthetic"
+    config.benchmark.per_template = 1
+    config.benchmark.limit = 5
+    with tempfile.TemporaryDirectory() as d:
+      out = job.run(config, d)
+      self.assertEqual(out["pass@1"], 1.0)
+      self.assertEqual(out["problems"], 5)
+      self.assertTrue(os.path.exists(os.path.join(d, "categories.png")))
+      with open(os.path.join(d, "results.jsonl")) as f:
+        self.assertLen(f.readlines(), 5)
+    config.benchmark.kind = "verilog_eval"
+    with self.assertRaisesRegex(ValueError, "benchmark.path"):
+      job.run(config, "/nonexistent")
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -161,8 +161,11 @@ def finetune(model, tasks: Sequence[Any], config: FinetuneConfig, *, run_dir: st
   params = dict(model.params)
   params["lora"] = init_lora(params, config.lora)
   labels = train.make_labels(params, trainable=("lora/",))
+  # The reference's schedule: constant learning rate after a linear warm-up (qlora.py: lr_scheduler_type
+  # "constant", warmup_ratio 0.03), AdamW, gradient clipping at 0.3.
   opt, schedule = train.make_optimizer(train.OptimizerConfig(learning_rate=config.learning_rate,
-                                                             warmup_steps=config.warmup_steps,
+                                                             schedule="constant",
+                                                             warmup_steps=min(config.warmup_steps, steps - 1),
                                                              clip_norm=config.clip_norm), steps)
   state = train.create_train_state(params, opt, labels=labels, seed=config.seed)
   scale = config.lora.scale

@@ -610,7 +610,7 @@ def split(tasks: Sequence[Task], by: str, held_out: Sequence[str] = (), test_fra
     for name in TEMPLATES:
       group = [t for t in tasks if t.template == name]
       random.Random(f"split/{seed}/{name}").shuffle(group)
-      k = int(round(len(group) * test_fraction)) if len(group) > 1 else 0
+      k = max(1, int(round(len(group) * test_fraction))) if len(group) > 1 else 0
       test += group[:k]
       train += group[k:]
     return train, test
