@@ -79,6 +79,12 @@ class TaxonomyTest(parameterized.TestCase):
     self.assertEqual(sim.judge_pass_marker("=== Test completed with 0 /100 failures ===\nPassed").passed, True)
     self.assertEqual(sim.judge_pass_marker("=== Test completed with 4 failures ===").passed, False)
     self.assertIsNone(sim.judge_pass_marker("done").passed)
+    # logikbench: zero counts and PASS lines that mention errors are not failures; a non-zero count is.
+    ok = "PASS [a5 single] single-error corrected\n errors = 0 (after 6 tests)\n PASSED"
+    self.assertEqual(sim.judge_pass_marker(ok).passed, True)
+    self.assertEqual(sim.judge_pass_marker("0 errors\nPASSED").passed, True)
+    self.assertEqual(sim.judge_pass_marker(" errors = 3 (after 6 tests)\n PASSED").passed, False)
+    self.assertEqual(sim.judge_pass_marker("ERROR: x mismatch\nPASSED").passed, False)
 
 
 class VerilatorTest(absltest.TestCase):

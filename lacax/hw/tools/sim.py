@@ -18,8 +18,9 @@ of CATEGORIES, refined by `detail`:
   mismatch           the testbench compared and found differences; `detail` names the outputs that differ
 
 Verdicts: "mismatches" (VerilogEval: `Mismatches: N in M samples`, pass iff N == 0 and M > 0) or
-"pass_marker" (RTLLM: a line saying "pass" and no line saying fail / error, which avoids the false passes of
-RTLLM's `auto_run.py`, e.g. ring_counter's testbench printing "Passed" after its "Failed at" lines).
+"pass_marker" (RTLLM, logikbench: a line saying "pass" and no line saying fail / error other than a zero
+count or a PASS line, which avoids the false passes of RTLLM's `auto_run.py`, e.g. ring_counter's testbench
+printing "Passed" after its "Failed at" lines).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ _MISMATCH_RE = re.compile(r"Mismatches:\s*(\d+)\s+in\s+(\d+)\s+samples")
 _OUTPUT_HINT_RE = re.compile(r"Hint: Output '([^']+)' has (\d+) mismatches")
 _PASS_RE = re.compile(r"pass", re.IGNORECASE)
 _FAIL_RE = re.compile(r"fail|error", re.IGNORECASE)
-_COMPLETED_ZERO_RE = re.compile(r"completed with\s+0+\s*(/\s*\d+\s*)?failures", re.IGNORECASE)
+# A line that reports zero failures ("completed with 0 /100 failures", "errors = 0", "0 errors") or is itself
+# a pass ("PASS [a5] single-error corrected", logikbench) is not a failure line.
+_ZERO_FAILS_RE = re.compile(r"\b(0+|zero|no)\s*(/\s*\d+\s*)?(errors?|failures?|fails?|mismatch(es)?)\b"
+                            r"|\b(errors?|failures?|fails?|mismatch(es)?)\s*[:=]\s*0+\b|^\s*pass(ed)?\b",
+                            re.IGNORECASE)
 
 _ELAB_DETAILS = (  # first match wins; (pattern over the compiler's messages, detail)
     (re.compile(r"[Uu]nknown module type|Cannot find file containing module|Can't resolve module"),
@@ -78,7 +83,7 @@ def judge_mismatches(stdout: str) -> Verdict:
 def judge_pass_marker(stdout: str) -> Verdict:
   """RTLLM's verdict, made strict: a pass line and no fail / error line (a 0-failure summary is not one)."""
   lines = stdout.splitlines()
-  fails = [l for l in lines if _FAIL_RE.search(l) and not _COMPLETED_ZERO_RE.search(l)]
+  fails = [l for l in lines if _FAIL_RE.search(l) and not _ZERO_FAILS_RE.search(l)]
   passes = [l for l in lines if _PASS_RE.search(l)]
   if fails:
     return Verdict(False, mismatches=len(fails))
