@@ -1,6 +1,6 @@
 """MG-Verilog (arXiv 2407.01910): balanced vs single-level LoRA fine-tuning of SmolLM2-135M, pass@k per level.
 
-  python -m experiments.run --config=configs/mg_verilog.py:cpu        # about an hour on 2 CPU cores
+  python -m experiments.run --config=configs/mg_verilog.py:cpu        # sized for ~1 h on 2 idle CPU cores
   python -m experiments.run --config=configs/mg_verilog.py --config.benchmarks.verilog_eval=/path/to/verilog-eval
 
 The training corpus is lacax's synthetic multi-grained tasks (true labels at all four levels, see
@@ -10,8 +10,9 @@ unseen template families. Variants: "base" (no fine-tuning), "union" (the refere
 reference's "all linear layers" (its r=64, alpha=16 at 7B; r=16 here for 135M). Evaluation: MG-Verilog
 samples 20 completions at temperature 0.7 for pass@1/5/10; the "cpu" variant samples 5 (pass@1/5).
 
-Variants of this config: "" (full), "cpu" (fits about an hour on 2 cores: 2 tasks per template, 60 steps per
-fine-tune, 8 tasks per held-out set, n=5, 192 new tokens), "smoke" (minutes: 1 fine-tune, 2 tasks per set).
+Variants of this config: "" (full), "cpu" (sized for about an hour on 2 idle cores, an estimate from step
+costs, not a measured run: 2 tasks per template, 60 steps per fine-tune, 8 tasks per held-out set, n=5, 192
+new tokens), "smoke" (one fine-tune of 4 steps, 2 tasks per set, 2 levels: checks the pipeline).
 """
 
 import ml_collections
