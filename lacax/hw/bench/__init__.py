@@ -1,0 +1,1 @@
+"""Benchmark harness: problems, loaders (VerilogEval v2, RTLLM v2.0, logikbench), pass@k, evaluation."""
