@@ -80,6 +80,71 @@ class ParityTest(parameterized.TestCase):
     self.assertLess(float(jnp.max(jnp.abs(got - ref))), 0.05 * float(jnp.max(jnp.abs(ref))))
 
 
+class UncachedForwardTest(parameterized.TestCase):
+  """`forward(..., cache=None)`: teacher-forced scoring and training without a KV cache."""
+
+  @parameterized.named_parameters([(a, a) for a in hf_models.ARCHITECTURES])
+  def test_matches_transformers_and_the_cached_forward(self, arch):
+    cfg, params, model = _load(arch)
+    tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+      ref = model(torch.tensor(tokens)).logits.numpy()
+    positions = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (2, 20))
+    got, cache = _forward(params, jnp.asarray(tokens), positions, None, cfg=cfg)
+    self.assertIsNone(cache)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
+    cached, _ = _forward(params, jnp.asarray(tokens), positions, init_cache(cfg, 2, 32), cfg=cfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(cached), atol=2e-6, rtol=0)
+
+  def test_padding_anywhere_leaves_real_tokens_unchanged(self):
+    cfg, params, _ = _load("llama_tied")
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 12)), jnp.int32)
+    positions = jnp.arange(12, dtype=jnp.int32)[None]
+    want, _ = _forward(params, tokens, positions, None, cfg=cfg)
+    # The same row with 3 padding tokens in front and 2 inside (token ids arbitrary, positions -1).
+    padded_tokens = jnp.concatenate([jnp.full((1, 3), 7), tokens[:, :5], jnp.full((1, 2), 9), tokens[:, 5:]], 1)
+    padded_pos = jnp.concatenate([jnp.full((1, 3), -1), positions[:, :5], jnp.full((1, 2), -1), positions[:, 5:]],
+                                 1).astype(jnp.int32)
+    got, _ = _forward(params, padded_tokens, padded_pos, None, cfg=cfg)
+    real = np.asarray(padded_pos[0]) >= 0
+    self.assertTrue(np.all(np.isfinite(np.asarray(got))))
+    np.testing.assert_allclose(np.asarray(got)[0, real], np.asarray(want)[0], atol=2e-6, rtol=0)
+
+  def test_long_sequence_takes_the_blocked_path_and_equals_the_cached_forward(self):
+    cfg = config_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+    T = 2 * llama._BLOCK_Q + 5
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (1, T)), jnp.int32)
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    got, _ = _forward(params, tokens, positions, None, cfg=cfg)
+    want, _ = _forward(params, tokens, positions, init_cache(cfg, 1, T), cfg=cfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=1e-5)
+
+  def test_gradient_matches_finite_differences(self):
+    cfg = config_lib.ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                 num_kv_heads=1, head_dim=8)
+    params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.3)
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, 50, (2, 9)), jnp.int32)
+    positions = jnp.asarray([list(range(9)), list(range(6)) + [-1] * 3], jnp.int32)
+
+    def loss(p):
+      logits, _ = llama.forward(p, tokens[:, :-1], positions[:, :-1], None, cfg)
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+      mask = (positions[:, 1:] >= 0).astype(jnp.float32)
+      return jnp.sum(nll * mask) / jnp.sum(mask)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    direction = jax.tree.map(lambda g: g / (jnp.linalg.norm(g.ravel()) + 1e-12), grads)
+    eps = 1e-3
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)  # noqa: E731
+    numeric = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    self.assertGreater(float(analytic), 1e-3)
+    np.testing.assert_allclose(float(numeric), float(analytic), rtol=2e-2)
+
+
 class AttentionFormulationsTest(parameterized.TestCase):
   """The slot-major (decode) and blocked (long prefill) formulations equal the explicit softmax."""
 

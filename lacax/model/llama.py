@@ -265,18 +265,20 @@ def _cached_layer_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, po
   return attention(q, k, v_all[layer], pos_all[layer], query_pos, need_probs=False)[0]
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig, *,
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, cfg: ModelConfig, *,
             logits_index: jax.Array | None = None, probs_hook: ProbsHook | None = None
-            ) -> tuple[jax.Array, KVCache]:
-  """Runs the decoder over new tokens, appending their keys/values to the cache.
+            ) -> tuple[jax.Array, KVCache | None]:
+  """Runs the decoder over new tokens, appending their keys/values to the cache (if any).
 
   Args:
     params: the parameter pytree (layout in the module docstring).
     tokens: [B, T] int32 token ids.
-    positions: [B, T] int32 original positions of the tokens, -1 for padding. Real tokens come first in each
-      row (right padding).
+    positions: [B, T] int32 original positions of the tokens, -1 for padding. With a cache, real tokens come
+      first in each row (right padding); without one, padding may sit anywhere.
     cache: the KV cache; its `rope_mode` and `score_mode` decide how keys are rotated and which attention
-      statistics are recorded.
+      statistics are recorded. None runs without a cache (teacher-forced scoring, training): each token
+      attends the given tokens of its row at positions <= its own (causal by position), keys rotated at their
+      positions; the logits equal those of a prefill into an empty cache, and the function is differentiable.
     cfg: the model config (static under jit).
     logits_index: optional [B] int32: compute logits only at token index logits_index[b] of each row
       (saves the [B, T, V] projection during prefill).
@@ -285,32 +287,41 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
 
   Returns:
     logits: [B, T, V] float32, or [B, 1, V] with `logits_index`.
-    cache: the updated cache (slots written, `length` advanced by the number of real tokens per row).
+    cache: the updated cache (slots written, `length` advanced by the number of real tokens per row), or
+      None without a cache.
   """
   B, T = tokens.shape
-  S = cache.capacity
   G = cfg.group_size
   dtype = cfg.jnp_dtype
   inv_freq = rope_lib.inv_frequencies(cfg)
   x = params["embed"].astype(dtype)[tokens]
-  if cache.mesh_rules is not None:  # on a mesh: batch rows split over the data axes (lacax.sharding)
-    x = cache.mesh_rules.constrain(x, ("batch", None, None))
-    cache = cache.mesh_rules.constrain_cache(cache)
-  n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
-  score_weights = None if cache.score_mode is None else _score_query_weights(cache.score_mode, positions)
-  use_cpu_kernel = (probs_hook is None and score_weights is None and cache.mesh_rules is None
+  uncached = cache is None
+  mesh_rules = None if uncached else cache.mesh_rules
+  if mesh_rules is not None:  # on a mesh: batch rows split over the data axes (lacax.sharding)
+    x = mesh_rules.constrain(x, ("batch", None, None))
+    cache = mesh_rules.constrain_cache(cache)
+  score_weights = None
+  if not uncached and cache.score_mode is not None:
+    score_weights = _score_query_weights(cache.score_mode, positions)
+  use_cpu_kernel = (not uncached and probs_hook is None and score_weights is None and mesh_rules is None
                     and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
                                                cache.rope_mode)
                     and cpu_attention.available())
-  if cache.mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES and cpu_attention.available():
+  if uncached:
+    write = None
+  elif mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES and cpu_attention.available():
     write = functools.partial(cpu_attention.cache_write, reference=_write_layer)  # in place on CPU
   else:
     write = _write_layer
   # Rotation tables are the same in every layer: built once per forward, not once per layer.
-  if cache.rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
+  rope_mode = "stored" if uncached else cache.rope_mode
+  if rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
+    S = cache.capacity
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
-  else:  # the new tokens' own positions (queries; keys too when stored rotated)
+  else:  # the new tokens' own positions (queries; keys too when stored rotated, or without a cache)
     new_cos, new_sin = rope_lib.rope_table(positions[:, :, None], inv_freq)
+  n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
+  token_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
 
   def layer(carry, inputs):
     x, k_all, v_all, pos_all, length_all, scores_all = carry
@@ -321,37 +332,42 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     v_new = jnp.einsum("btd,dhk->bthk", h, p["wv"])
     if cfg.attention_bias:
       q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
-    if cache.rope_mode == "stored":  # keys enter the cache rotated at their original position
+    if rope_mode == "stored":  # keys enter the cache rotated at their original position
       k_new = rope_lib.rotate(k_new, new_cos, new_sin)
 
-    # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
-    length = length_all[i]
-    slots = write_slots(length, positions, S)
-    k_all = write(k_all, k_new.astype(k_all.dtype), i, slots)
-    v_all = write(v_all, v_new.astype(v_all.dtype), i, slots)
-    new_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
-    pos_all = _write_layer(pos_all, new_pos, i, slots)
-    length_all = length_all.at[i].add(n_new)
-    if cache.rope_mode == "slot":
-      q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
-    else:
-      q = rope_lib.rotate(q, new_cos, new_sin)
-    q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
-
-    if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
-      tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if cache.rope_mode == "slot" else ()
-      out = cpu_attention.decode_attention(q, k_all, v_all, pos_all, positions, i, _cached_layer_attention,
-                                           *tables)
-      probs = None
-    else:
-      k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
-      if cache.rope_mode == "slot":
-        k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
-      elif cache.rope_mode == "original":
-        k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
+    if uncached:  # attend the given tokens themselves
+      q = rope_lib.rotate(q, new_cos, new_sin).reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
       hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-      out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook, need_probs=score_weights is not None,
-                             sharded=cache.mesh_rules is not None)
+      out, probs = attention(q, k_new, v_new, token_pos, positions, hook, need_probs=False)
+    else:
+      # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
+      S = cache.capacity
+      length = length_all[i]
+      slots = write_slots(length, positions, S)
+      k_all = write(k_all, k_new.astype(k_all.dtype), i, slots)
+      v_all = write(v_all, v_new.astype(v_all.dtype), i, slots)
+      pos_all = _write_layer(pos_all, token_pos, i, slots)
+      length_all = length_all.at[i].add(n_new)
+      if rope_mode == "slot":
+        q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
+      else:
+        q = rope_lib.rotate(q, new_cos, new_sin)
+      q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
+
+      if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
+        tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if rope_mode == "slot" else ()
+        out = cpu_attention.decode_attention(q, k_all, v_all, pos_all, positions, i, _cached_layer_attention,
+                                             *tables)
+        probs = None
+      else:
+        k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+        if rope_mode == "slot":
+          k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
+        elif rope_mode == "original":
+          k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
+        hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
+        out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook,
+                               need_probs=score_weights is not None, sharded=mesh_rules is not None)
     out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
 
@@ -368,8 +384,12 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     x = x + jnp.einsum("btf,fd->btd", gate * up, p["w_down"])
     return (x, k_all, v_all, pos_all, length_all, scores_all), None
 
-  scores = cache.scores if cache.scores is not None else jnp.zeros((), jnp.float32)
-  init = (x, cache.k, cache.v, cache.pos, cache.length, scores)
+  if uncached:
+    empty = jnp.zeros((), jnp.float32)
+    init = (x, empty, empty, empty, empty, empty)
+  else:
+    scores = cache.scores if cache.scores is not None else jnp.zeros((), jnp.float32)
+    init = (x, cache.k, cache.v, cache.pos, cache.length, scores)
   layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
   (x, k_all, v_all, pos_all, length_all, scores), _ = jax.lax.scan(layer, init, (params["layers"], layer_ids))
 
@@ -378,8 +398,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   unembed = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
   logits = jnp.einsum("btd,vd->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+  if uncached:
+    return logits, None
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
                         scores=scores if cache.scores is not None else None)
-  if cache.mesh_rules is not None:
-    cache = cache.mesh_rules.constrain_cache(cache)
+  if mesh_rules is not None:
+    cache = mesh_rules.constrain_cache(cache)
   return logits, cache
