@@ -98,12 +98,12 @@ class Recognizer:
     """One .npz (flattened params per language) + JSON metadata, written atomically."""
     import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
-    from lacax.asr.master_asr import _path_str  # pylint: disable=g-import-not-at-top
+    from lacax.train import path_str  # pylint: disable=g-import-not-at-top
 
     arrays, meta = {}, {"languages": {}, "frontend": dataclasses.asdict(self.frontend)}
     for code, (params, enc) in self.models.items():
       for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arrays[f"{code}::{_path_str(p)}"] = np.asarray(x)
+        arrays[f"{code}::{path_str(p)}"] = np.asarray(x)
       meta["languages"][code] = {"enc": dataclasses.asdict(enc), "chars": list(self.vocabs[code].chars)}
     tmp = f"{path}.tmp{os.getpid()}.npz"
     np.savez(tmp, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lacax import train as train_lib
 from lacax.asr import artisan
 from lacax.asr import ctc
 from lacax.asr import frontend
@@ -136,12 +137,8 @@ def group_of(path: str) -> str:
   return "weights"
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _paths(tree) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_str(p), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, _: train_lib.path_str(p), tree)
 
 
 def trainable_groups(method: str) -> tuple[str, ...]:
@@ -174,17 +171,7 @@ def stage1_optimizer(method: str, sched: ScheduleConfig) -> optax.GradientTransf
 # ------------------------------------------------------------------------------------------------------ losses
 
 
-def partition(params, labels):
-  """(trainable, frozen) halves, None where a leaf is on the other side (lacax.train's contract)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  lab = treedef.flatten_up_to(labels)
-  return (jax.tree_util.tree_unflatten(treedef, [x if l else None for x, l in zip(leaves, lab)]),
-          jax.tree_util.tree_unflatten(treedef, [None if l else x for x, l in zip(leaves, lab)]))
-
-
-def combine(trainable, frozen):
-  return jax.tree_util.tree_map(lambda a, b: b if a is None else a, trainable, frozen,
-                                is_leaf=lambda x: x is None)
+partition, combine = train_lib.partition, train_lib.combine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,26 +329,18 @@ def accounting(method: str, params: dict, cfg: LossConfig, stage2_new: dict | No
 
 
 def fit(loss_fn: Callable, params, labels, optimizer: optax.GradientTransformation, batch_at: Callable,
-        steps: int, seed: int = 0, log_every: int = 50, log: Callable | None = None):
-  """Trains `steps` steps; returns (params, losses [steps]). Temporary until lacax.train's Trainer lands."""
-  trainable, frozen = partition(params, labels)
-  opt_state = optimizer.init(trainable)
-  base_rng = jax.random.PRNGKey(seed)
+        steps: int, seed: int = 0, log_every: int = 50, progress: bool = False, run_dir: str | None = None,
+        checkpoint_dir: str | None = None):
+  """Trains with lacax's one loop (`lacax.train.Trainer`). Returns (params, losses [steps]).
 
-  @jax.jit
-  def step(trainable, opt_state, batch, i):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
-                                                                   jax.random.fold_in(base_rng, i))
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  losses = []
-  for i in range(steps):
-    trainable, opt_state, loss = step(trainable, opt_state, batch_at(i), jnp.int32(i))
-    losses.append(loss)
-    if log is not None and (i % log_every == 0 or i == steps - 1):
-      log(i, float(loss))
-  losses = np.asarray(jax.device_get(losses), np.float32)
+  Raises FloatingPointError if a loss is non-finite (never a silent NaN run).
+  """
+  state = train_lib.create_train_state(params, optimizer, labels=labels, seed=seed)
+  trainer = train_lib.Trainer(loss_fn, optimizer, train_lib.TrainConfig(steps=steps, log_every=log_every,
+                                                                        progress=progress),
+                              labels=labels, tokens_of=lambda b: int(np.asarray(b["label_mask"]).sum()))
+  state, records = trainer.fit(state, batch_at, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+  losses = np.asarray([r["loss"] for r in records if "loss" in r], np.float32)
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"training loss became non-finite at step {int(np.argmin(np.isfinite(losses)))}")
-  return combine(trainable, frozen), losses
+  return state.params, losses
