@@ -22,6 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment = "master_asr"
   c.results_dir = "results"
   c.seed = 0
+  # Finished stages are saved here; rerunning with the same work_dir resumes ("" = <run dir>/stages).
+  c.work_dir = ""
   # "" = ~/.cache/lacax/asr_corpus (reused between runs: synthesis is cached by content hash).
   c.corpus = ml_collections.ConfigDict(dict(
       cache_dir="", languages=("de", "es", "fr", "it", "pt", "nl", "pl", "en"), new_languages=("ca", "ro"),

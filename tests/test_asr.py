@@ -344,6 +344,11 @@ class VocabAndInputsTest(absltest.TestCase):
       data_lib.featurize([{"path": path, "text": "ab" * 8, "language": "de"}], v, ("de",), enc, 80, 16)
     with self.assertRaisesRegex(ValueError, "longer than max_frames"):
       data_lib.featurize([{"path": path, "text": "ab", "language": "de"}], v, ("de",), enc, 20, 8)
+    rows = [{"path": path, "text": "ab" * 8, "language": "de"}, {"path": path, "text": "ba", "language": "de"}]
+    kept = data_lib.featurize(rows, v, ("de",), enc, 80, 16, skip_unfit=True)
+    self.assertEqual((kept.texts, kept.skipped), (["ba"], (path,)))
+    with self.assertRaisesRegex(ValueError, "not in the vocabulary"):  # skip_unfit never hides bad text
+      data_lib.featurize([{"path": path, "text": "abz", "language": "de"}], v, ("de",), enc, 80, 8, skip_unfit=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class Dataset:
   lang: np.ndarray
   texts: list[str]
   languages: tuple[str, ...]
+  skipped: tuple[str, ...] = ()
 
   def __len__(self):
     return len(self.texts)
@@ -81,34 +82,48 @@ def features(samples: list[np.ndarray], max_frames: int, cfg: frontend.FrontendC
 
 
 def featurize(rows: list[dict], vocab: vocab_lib.Vocabulary, languages, enc_cfg, max_frames: int,
-              max_labels: int, cfg: frontend.FrontendConfig = frontend.FrontendConfig()) -> Dataset:
-  """Loads, validates and featurises manifest rows (see the module docstring for what is refused)."""
-  samples, labels, lang = [], [], []
+              max_labels: int, cfg: frontend.FrontendConfig = frontend.FrontendConfig(),
+              skip_unfit: bool = False) -> Dataset:
+  """Loads, validates and featurises manifest rows (see the module docstring for what is refused).
+
+  With `skip_unfit`, rows that do not fit the shapes (audio longer than max_frames, transcripts longer than
+  max_labels or too long for CTC at the encoder's frame rate) are left out and listed in `Dataset.skipped`
+  instead of raising; every other problem still raises.
+  """
+  samples, labels, lang, texts, skipped = [], [], [], [], []
   max_samples = (max_frames - 1) * cfg.hop_length
   for row in rows:
     src = row["path"]
-    lang.append(language_id(languages, row["language"]))
+    lid = language_id(languages, row["language"])
     wav = audio_lib.load(src, cfg.sample_rate)
-    if len(wav) > max_samples:
-      raise ValueError(f"{src}: {len(wav) / cfg.sample_rate:.2f} s is longer than max_frames={max_frames} "
-                       f"({max_samples / cfg.sample_rate:.2f} s); raise max_frames or drop it")
     ids = vocab.encode(row["text"], f"{src} transcript")
-    if len(ids) > max_labels:
-      raise ValueError(f"{src}: transcript has {len(ids)} characters > max_labels={max_labels}")
     frames = int(enc_cfg.output_frames(cfg.num_frames(len(wav))))
-    if ctc.ctc_min_frames(ids) > frames:
-      raise ValueError(f"{src}: transcript {row['text']!r} needs {ctc.ctc_min_frames(ids)} CTC frames but the "
-                       f"encoder gives {frames}; the audio is too short for its text")
+    problem = None
+    if len(wav) > max_samples:
+      problem = (f"{src}: {len(wav) / cfg.sample_rate:.2f} s is longer than max_frames={max_frames} "
+                 f"({max_samples / cfg.sample_rate:.2f} s); raise max_frames or drop it")
+    elif len(ids) > max_labels:
+      problem = f"{src}: transcript has {len(ids)} characters > max_labels={max_labels}"
+    elif ctc.ctc_min_frames(ids) > frames:
+      problem = (f"{src}: transcript {row['text']!r} needs {ctc.ctc_min_frames(ids)} CTC frames but the "
+                 f"encoder gives {frames}; the audio is too short for its text")
+    if problem is not None:
+      if not skip_unfit:
+        raise ValueError(problem)
+      skipped.append(src)
+      continue
     samples.append(wav)
     labels.append(ids)
+    lang.append(lid)
+    texts.append(row["text"])
   feats, frame_mask = features(samples, max_frames, cfg)
-  lab = np.zeros((len(rows), max_labels), np.int32)
-  lab_mask = np.zeros((len(rows), max_labels), np.float32)
+  lab = np.zeros((len(labels), max_labels), np.int32)
+  lab_mask = np.zeros((len(labels), max_labels), np.float32)
   for i, ids in enumerate(labels):
     lab[i, :len(ids)] = ids
     lab_mask[i, :len(ids)] = 1.0
-  return Dataset(feats, frame_mask, lab, lab_mask, np.asarray(lang, np.int32), [r["text"] for r in rows],
-                 tuple(languages))
+  return Dataset(feats, frame_mask, lab, lab_mask, np.asarray(lang, np.int32), texts, tuple(languages),
+                 tuple(skipped))
 
 
 def batch(ds: Dataset, idx) -> dict:

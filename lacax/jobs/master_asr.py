@@ -87,9 +87,41 @@ def _plot_selections(masks: dict, mc: artisan.MaskConfig, languages, path: str) 
   return jac.round(4).tolist()
 
 
+class _Stages:
+  """Finished training stages saved atomically under `work_dir` (one .npz of params + one .json of figures each);
+  the same command with the same `work_dir` skips them and finishes the rest with identical results."""
+
+  def __init__(self, work_dir: str):
+    self.dir = work_dir
+    os.makedirs(work_dir, exist_ok=True)
+
+  def get(self, name: str, template, train_fn):
+    """(params, info): loaded when saved, else `train_fn() -> (params, info)` run and saved."""
+    from lacax import results as results_lib  # pylint: disable=g-import-not-at-top
+    from lacax.train import path_str  # pylint: disable=g-import-not-at-top
+    path = os.path.join(self.dir, name)
+    if os.path.exists(path + ".npz") and os.path.exists(path + ".json"):
+      with np.load(path + ".npz") as z:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+        leaves = [jnp.asarray(z[path_str(p)]) for p, _ in flat]
+      with open(path + ".json") as f:
+        import json  # pylint: disable=g-import-not-at-top
+        info = json.load(f)
+      logging.info("stage %s loaded from %s", name, path)
+      return jax.tree_util.tree_unflatten(treedef, leaves), info
+    params, info = train_fn()
+    arrays = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path + ".npz")
+    results_lib.write_json(path + ".json", info)
+    return params, info
+
+
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   tc = config.train
+  stages = _Stages(config.get("work_dir") or os.path.join(run_dir, "stages"))
   rows, built = _corpus(config)
   old, new = list(config.corpus.languages), list(config.corpus.new_languages)
   vocab = vocab_lib.Vocabulary.from_texts(r["text"] for s in rows.values() for r in s if r["language"] in old)
@@ -103,8 +135,12 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
                             vocab_size=vocab.size)
 
   def feats(split, langs, voc, ids):
-    return data_lib.featurize([r for r in rows[split] if r["language"] in langs], voc, ids, enc, max_frames,
-                              config.max_labels, fcfg)
+    ds = data_lib.featurize([r for r in rows[split] if r["language"] in langs], voc, ids, enc, max_frames,
+                            config.max_labels, fcfg, skip_unfit=True)
+    skipped[f"{split}/{'+'.join(langs) if len(langs) < 3 else 'old'}"] = len(ds.skipped)
+    return ds
+
+  skipped = {}
 
   train_old = feats("train", old, vocab, tuple(old))
   test_old = {l: feats("test", [l], vocab, tuple(old)) for l in old}
@@ -126,11 +162,17 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   # Stage 0: the dense multilingual "pretrained" encoder.
   lc_dense = ma.LossConfig(enc, artisan.MaskConfig(), spec)
   params0 = model.init_params(rng, enc)
-  start = time.perf_counter()
-  params0, losses0 = ma.fit(ma.stage1_loss(lc_dense), params0, ma.labels_for(params0, ("weights", "head")),
-                            ma.stage1_optimizer("dense", sched(tc.stage0_steps, tc.lr)), batches(train_old, 0),
-                            tc.stage0_steps, seed=config.seed, progress=True)
-  timings["stage0_s_per_step"] = (time.perf_counter() - start) / tc.stage0_steps
+
+  def stage0():
+    start = time.perf_counter()
+    p, losses = ma.fit(ma.stage1_loss(lc_dense), params0, ma.labels_for(params0, ("weights", "head")),
+                       ma.stage1_optimizer("dense", sched(tc.stage0_steps, tc.lr)), batches(train_old, 0),
+                       tc.stage0_steps, seed=config.seed, progress=True)
+    return p, {"s_per_step": (time.perf_counter() - start) / tc.stage0_steps,
+               "final_loss": float(losses[-10:].mean())}
+
+  params0, info0 = stages.get("stage0", params0, stage0)
+  timings["stage0_s_per_step"] = info0["s_per_step"]
   cer_stage0 = _cer_table(params0, lc_dense, test_old, vocab, lang_ids)
   logging.info("stage 0 CER %s", cer_stage0)
 
@@ -155,14 +197,21 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     if mc.kind != "none":
       params["masks"] = artisan.init_mask_params(jax.random.fold_in(rng, 200 + i), params0["layers"], mc)
     labels = ma.labels_for(params, ma.trainable_groups(method))
-    start = time.perf_counter()
-    params, losses = ma.fit(ma.stage1_loss(lc), params, labels, ma.stage1_optimizer(method, sched(
-        tc.stage1_steps, tc.lr)), batches(train_old, 1 + i), tc.stage1_steps, seed=config.seed + i, progress=True)
-    timings[f"stage1_{method}_s_per_step"] = (time.perf_counter() - start) / tc.stage1_steps
+
+    def stage1_fn(params=params, labels=labels, lc=lc, method=method, i=i):
+      start = time.perf_counter()
+      p, losses = ma.fit(ma.stage1_loss(lc), params, labels, ma.stage1_optimizer(method, sched(
+          tc.stage1_steps, tc.lr)), batches(train_old, 1 + i), tc.stage1_steps, seed=config.seed + i,
+                         progress=True)
+      return p, {"s_per_step": (time.perf_counter() - start) / tc.stage1_steps,
+                 "final_loss": float(losses[-10:].mean())}
+
+    params, info = stages.get(f"stage1_{method}", params, stage1_fn)
+    timings[f"stage1_{method}_s_per_step"] = info["s_per_step"]
     stage1[method] = (params, lc)
     cers = _cer_table(params, lc, test_old, vocab, lang_ids)
     results["stage1"][method] = {"cer": cers, "avg_cer": float(np.mean(list(cers.values()))),
-                                 "final_loss": float(losses[-10:].mean())}
+                                 "final_loss": info["final_loss"]}
     results["accounting"][method] = ma.accounting(method, params, lc)
     logging.info("stage 1 %s: %s", method, results["stage1"][method])
 
@@ -222,8 +271,9 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     rec = inference.Recognizer({c: m for c, (m, _) in recognizer.items()}, {c: v for c, (_, v) in recognizer.items()},
                                fcfg)
     rec.save(os.path.join(run_dir, "recognizer.npz"))
-  out = {"corpus": {k: v for k, v in built.items() if k != "manifests"}, "stage0_cer": cer_stage0,
-         "stage0_final_loss": float(losses0[-10:].mean()), **results, "timings": timings,
+  out = {"corpus": {k: v for k, v in built.items() if k != "manifests"}, "skipped_unfit": skipped,
+         "stage0_cer": cer_stage0,
+         "stage0_final_loss": info0["final_loss"], **results, "timings": timings,
          "vocab_size": vocab.size, "new_vocab_sizes": {l: v.size for l, v in new_vocab.items()},
          "total_seconds": time.perf_counter() - t0}
   _print_table(out, old, new)
