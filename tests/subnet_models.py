@@ -15,9 +15,13 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_laye
                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, name="tiny-subnets")
 
 
+# A shallower twin for tests that compile one sliced model per grid shape.
+CFG4 = CFG.replace(num_layers=4, name="tiny-subnets-4")
+
+
 @functools.lru_cache(maxsize=None)
-def params(seed: int = 0, std: float = 0.12):
-  return llama.init_params(CFG, jax.random.PRNGKey(seed), std=std)
+def params(seed: int = 0, std: float = 0.12, num_layers: int = 8):
+  return llama.init_params(CFG.replace(num_layers=num_layers), jax.random.PRNGKey(seed), std=std)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,16 +57,17 @@ def batches(n: int, batch: int = 4, length: int = 24, seed: int = 0) -> list[np.
 
 
 @functools.lru_cache(maxsize=None)
-def trained_params(steps: int = 200, seed: int = 0):
+def trained_params(steps: int = 200, seed: int = 0, num_layers: int = 8):
   """The tiny model trained on the chain (AdamW, a few seconds), so that its layers carry real signal."""
   import optax  # pylint: disable=g-import-not-at-top
 
-  p = params(seed, std=0.05)
+  cfg = CFG.replace(num_layers=num_layers)
+  p = params(seed, std=0.05, num_layers=num_layers)
   opt = optax.adamw(1e-2, weight_decay=0.0)
   state = opt.init(p)
 
   def loss(p, toks):
-    logits, _ = llama.forward(p, toks, positions(toks), None, CFG)
+    logits, _ = llama.forward(p, toks, positions(toks), None, cfg)
     lg, tgt = logits[:, :-1], toks[:, 1:]
     return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tgt[..., None], -1)[..., 0])
 

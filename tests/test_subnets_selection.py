@@ -1,58 +1,24 @@
 """AmoebaLLM subnet selection: the DP depth table (spec §5.1) and FLAP width masks (spec §5.2)."""
 
 import itertools
-import math
 import os
 import tempfile
 
 from absl.testing import absltest, parameterized
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lacax.model import llama
 from lacax.subnets import calibrate, depth, width
-from lacax.subnets.execute import masked_params
-from lacax.subnets.shape import SubnetShape, SubnetSpace
+from lacax.subnets.shape import SubnetSpace
 from tests import subnet_models as sm
 
 CFG = sm.CFG
 L = CFG.num_layers
 
 
-@jax.jit
-def _nll(params, tokens):
-  logits, _ = llama.forward(params, tokens, sm.positions(tokens), None, CFG)
-  lg = logits[:, :-1]
-  tgt = tokens[:, 1:]
-  return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tgt[..., None], -1)[..., 0])
-
-
-def _gated(params, mask):
-  space_arrays = _full_width_arrays(mask)
-  return masked_params(params, space_arrays)
-
-
-def _full_width_arrays(mask):
-  from lacax.subnets.shape import SubnetArrays  # pylint: disable=g-import-not-at-top
-
-  f = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
-  z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
-  return SubnetArrays(layer_gate=jnp.asarray(mask, jnp.float32), head_mask=f(L, CFG.num_heads),
-                      kv_mask=f(L, CFG.num_kv_heads), ffn_mask=f(L, CFG.intermediate_size),
-                      attn_bias=z(L, CFG.hidden_size), ffn_bias=z(L, CFG.hidden_size), encoding=f(L + 1))
-
-
-class _Metric:
-  """Calibration loss of the gated model; counts its calls."""
-
-  def __init__(self, params, batches):
-    self.params, self.batches, self.calls = params, [jnp.asarray(b) for b in batches], 0
-
-  def __call__(self, mask):
-    self.calls += 1
-    p = _gated(self.params, mask)
-    return float(np.mean([_nll(p, b) for b in self.batches]))
+def _Metric(params, batches):  # noqa: N802
+  return calibrate.DepthMetric(params, CFG, batches)
 
 
 class DepthTest(parameterized.TestCase):
@@ -80,6 +46,7 @@ class DepthTest(parameterized.TestCase):
   def test_shape_cost_and_consistency(self):
     s = self.strategy
     self.assertEqual(s.num_evaluations, sum(min(n, 3) for n in range(1, L)))  # sum_n min(n, M), N = L - 1
+    self.assertEqual(self.metric.calls, s.num_evaluations)
     self.assertEqual(s.num_evaluations, depth.dp_evaluation_count(L, 1, 3))
     for m in range(0, 4):
       mask = s.strategy[m]

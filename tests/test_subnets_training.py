@@ -82,10 +82,10 @@ class SMoLTest(parameterized.TestCase):
     enc = jnp.asarray(self.space.encoding(self.space.largest))
     g = smol.gates(p["router"], enc, 2)
     adapter = smol.shape_adapter(p, enc, self.cfg)
-    e = p["experts"]["up"]
+    e = p["experts"]["w_up"]
     a_eff = sum(g[i] * e["a"][:, i] for i in range(5))
     b_eff = sum(g[i] * e["b"][:, i] for i in range(5))
-    np.testing.assert_allclose(np.asarray(adapter["up"]["a"]), np.asarray(a_eff), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(adapter["w_up"]["a"]), np.asarray(a_eff), atol=1e-6)
     x = jnp.asarray(np.random.RandomState(4).randn(3, CFG.hidden_size).astype(np.float32))
     base = self.base
     merged = smol.merge(base, adapter, self.cfg.scale)
@@ -105,7 +105,7 @@ class SMoLTest(parameterized.TestCase):
 
     def loss(router):
       adapter = smol.mix(p["experts"], smol.gates(router, enc, 2, jax.random.PRNGKey(0)))
-      return jnp.sum((x @ adapter["q"]["a"][0] @ adapter["q"]["b"][0]) ** 2)
+      return jnp.sum((x @ adapter["wq"]["a"][0] @ adapter["wq"]["b"][0].reshape(self.cfg.rank, -1)) ** 2)
 
     grads = jax.jit(jax.grad(loss))(p["router"])
     self.assertGreater(float(jnp.abs(grads["w2"]).max()), 0.0)
@@ -127,8 +127,8 @@ class DistillTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     rng = np.random.RandomState(0)
-    self.tokens = jnp.asarray(rng.randint(0, 17, (2, 9)))
-    self.mask = jnp.asarray(np.r_[np.zeros(3), np.ones(6)][None].repeat(2, 0))
+    self.tokens = jnp.asarray(rng.randint(0, 17, (2, 9)))  # targets (logits[:, t] predict tokens[:, t])
+    self.mask = jnp.asarray(np.r_[np.zeros(3), np.ones(5), np.zeros(1)][None].repeat(2, 0))
     self.teacher = jnp.asarray(rng.randn(2, 9, 17).astype(np.float32))
     self.student = jnp.asarray(rng.randn(2, 9, 17).astype(np.float32))
 
@@ -158,12 +158,12 @@ class DistillTest(parameterized.TestCase):
   def test_kd_averages_over_the_predicting_positions(self):
     p_t = jax.nn.softmax(self.teacher, -1)
     per = -jnp.sum(p_t * jax.nn.log_softmax(self.student, -1), -1)
-    # Positions 2..7 predict the target tokens 3..8; the reference's unshifted mask takes 3..8.
+    # Positions 3..7 predict counted targets; the reference's unshifted label mask takes positions 4..8.
     self.assertAlmostEqual(float(distill.soft_cross_entropy(self.student, self.teacher, self.mask)),
-                           float(per[:, 2:8].mean()), places=5)
+                           float(per[:, 3:8].mean()), places=5)
     self.assertAlmostEqual(float(distill.soft_cross_entropy(self.student, self.teacher, self.mask,
                                                             reference_kd_mask=True)),
-                           float(per[:, 3:9].mean()), places=5)
+                           float(per[:, 4:9].mean()), places=5)
 
   def test_sandwich_contents(self):
     space = _space(min_depth=5)
@@ -192,6 +192,24 @@ class DistillTest(parameterized.TestCase):
       space.shape(4, 1.0)
     with self.assertRaisesRegex(ValueError, r"depth=9 is out of range"):
       space.shape(9, 1.0)
+
+
+class AmoebaDataTest(absltest.TestCase):
+
+  def test_instruction_record_with_a_missing_field_is_named(self):
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+
+    from lacax import train  # pylint: disable=g-import-not-at-top
+
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "alpaca.jsonl")
+      with open(path, "w") as f:
+        f.write(json.dumps({"instruction": "Add 2 and 3.", "input": ""}) + "\n")
+      # The amoeba job reads data.instructions with this loader (lacax/jobs/amoeba.py).
+      with self.assertRaisesRegex(ValueError, r"alpaca\.jsonl, line 1.*'output'"):
+        train.instruction_dataset(None, path, seq_len=32, batch_size=2)
 
 
 if __name__ == "__main__":

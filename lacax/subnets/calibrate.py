@@ -106,10 +106,33 @@ def collect_statistics(params, cfg: ModelConfig, batches: Iterable[np.ndarray],
   return stats, bi_sum / max(n_tokens, 1)
 
 
-def perplexity_metric(loss_fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
-  """Turns a mean-NLL function of a keep-mask into a perplexity function (the DP minimises either)."""
-  return lambda mask: float(np.exp(loss_fn(mask)))
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _gated_nll_sum(params, layer_gate, tokens, positions, cfg):
+  logits, _ = llama.forward(params, tokens, positions, None, cfg,
+                            options=llama.ForwardOptions(layer_gate=layer_gate))
+  lg, tgt = logits[:, :-1], tokens[:, 1:]
+  nll = jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tgt[..., None], -1)[..., 0]
+  valid = (positions[:, 1:] >= 0).astype(jnp.float32)
+  return jnp.sum(nll * valid), jnp.sum(valid)
 
 
-def stack_batches(batches: Sequence[np.ndarray]) -> np.ndarray:
-  return np.stack([np.asarray(b, np.int32) for b in batches])
+class DepthMetric:
+  """The DP's calibration metric: mean next-token NLL (or perplexity) of the base model with a keep-mask.
+
+  One compiled function serves every mask (the mask is the forward's traced `layer_gate`). `calls` counts the
+  evaluations (the reference's cost is sum_n min(n, M) of them).
+  """
+
+  def __init__(self, params, cfg: ModelConfig, batches: Sequence[np.ndarray], *, perplexity: bool = False):
+    self.params, self.cfg, self.perplexity, self.calls = params, cfg, perplexity, 0
+    self.batches = [(jnp.asarray(b, jnp.int32), jnp.asarray(batch_positions(b))) for b in batches]
+
+  def __call__(self, mask: np.ndarray) -> float:
+    self.calls += 1
+    gate = jnp.asarray(np.asarray(mask, np.float32))
+    total, count = 0.0, 0.0
+    for tokens, pos in self.batches:
+      s, n = _gated_nll_sum(self.params, gate, tokens, pos, cfg=self.cfg)
+      total, count = total + float(s), count + float(n)
+    nll = total / max(count, 1.0)
+    return float(np.exp(nll)) if self.perplexity else nll

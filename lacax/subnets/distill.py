@@ -12,8 +12,9 @@ Reference: GATECH-EIC/AmoebaLLM `transformers/src/transformers/trainer.py` (`tra
   * balancing (on by default): a student's loss becomes L_i * sg(L_1) / sg(L_i): its value equals the teacher's
     loss and its gradient is (L_1 / L_i) grad L_i, so no subnet dominates the shared adapter update.
 
-lacax averages KD over the same (shifted) target positions as the CE; the reference averages it over the
-unshifted label mask, an off-by-one (`reference_kd_mask=True` restores it).
+Batches follow `lacax.train`'s convention: logits[:, t] predict targets[:, t], which count where mask[:, t].
+lacax averages KD over the same positions as the CE; the reference averages it over the unshifted label mask
+(position t counts when token t is a label), an off-by-one (`reference_kd_mask=True` restores it).
 """
 
 from __future__ import annotations
@@ -25,37 +26,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.subnets.shape import SubnetShape, SubnetSpace
+from lacax.train.losses import next_token_loss
 
 
-def next_token_ce(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
-  """Mean NLL of tokens[:, t + 1] given logits[:, t] over the positions with loss_mask[:, t + 1].
-
-  Args:
-    logits: [B, T, V] float32; tokens: [B, T] int32; loss_mask: [B, T] bool/float (1 = the token is a target).
-  """
-  lg = logits[:, :-1].astype(jnp.float32)
-  target = tokens[:, 1:]
-  w = loss_mask[:, 1:].astype(jnp.float32)
-  nll = jax.nn.logsumexp(lg, axis=-1) - jnp.take_along_axis(lg, target[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+def next_token_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean NLL of targets[:, t] under logits[:, t] over the positions where mask[:, t] (lacax.train's loss)."""
+  return next_token_loss(logits, targets, mask)[0]
 
 
-def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array, loss_mask: jax.Array, *,
+def soft_cross_entropy(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,
                        reference_kd_mask: bool = False) -> jax.Array:
-  """-sum_v p_T(v) log p_S(v), averaged over the predicting positions; no gradient flows to the teacher.
+  """-sum_v p_T(v) log p_S(v), averaged over the masked positions; no gradient flows to the teacher.
 
   Args:
     student_logits, teacher_logits: [B, T, V].
-    loss_mask: [B, T] (1 = the token is a target): position t predicts token t + 1, so it counts when
-      loss_mask[:, t + 1] (the reference counts it when loss_mask[:, t]: `reference_kd_mask=True`).
+    mask: [B, T] 1 where position t's prediction counts (its target is a label). With `reference_kd_mask`,
+      position t counts where mask[:, t - 1] (the reference's unshifted label mask).
   """
   p_t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
   log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
   per_pos = -jnp.sum(p_t * log_p_s, axis=-1)  # [B, T]
+  w = mask.astype(jnp.float32)
   if reference_kd_mask:
-    w = loss_mask.astype(jnp.float32)
-  else:
-    w = jnp.pad(loss_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    w = jnp.pad(w[:, :-1], ((0, 0), (1, 0)))
   return jnp.sum(per_pos * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
@@ -83,26 +76,25 @@ def sandwich(rng: np.random.Generator, space: SubnetSpace, num_random: int = 2) 
   return shapes
 
 
-def student_loss(student_logits: jax.Array, teacher_logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+def student_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array, mask: jax.Array,
                  kd_weight: float = 1.0, *, reference_kd_mask: bool = False) -> jax.Array:
   """kd_weight * KD + (1 - kd_weight) * CE of one student."""
   loss = 0.0
   if kd_weight:
-    loss = kd_weight * soft_cross_entropy(student_logits, teacher_logits, loss_mask,
-                                          reference_kd_mask=reference_kd_mask)
+    loss = kd_weight * soft_cross_entropy(student_logits, teacher_logits, mask, reference_kd_mask=reference_kd_mask)
   if kd_weight != 1.0:
-    loss = loss + (1.0 - kd_weight) * next_token_ce(student_logits, tokens, loss_mask)
+    loss = loss + (1.0 - kd_weight) * next_token_ce(student_logits, targets, mask)
   return loss
 
 
-def sandwich_loss(logits: Sequence[jax.Array], tokens: jax.Array, loss_mask: jax.Array, *, kd_weight: float = 1.0,
+def sandwich_loss(logits: Sequence[jax.Array], targets: jax.Array, mask: jax.Array, *, kd_weight: float = 1.0,
                   balancing: bool = True, reference_kd_mask: bool = False) -> tuple[jax.Array, jax.Array]:
   """Total loss of one sandwich (logits[0] = the largest subnet, the teacher) and the per-subnet raw losses."""
-  teacher = next_token_ce(logits[0], tokens, loss_mask)
+  teacher = next_token_ce(logits[0], targets, mask)
   raw = [teacher]
   total = teacher
   for lg in logits[1:]:
-    li = student_loss(lg, logits[0], tokens, loss_mask, kd_weight, reference_kd_mask=reference_kd_mask)
+    li = student_loss(lg, logits[0], targets, mask, kd_weight, reference_kd_mask=reference_kd_mask)
     raw.append(li)
     total = total + (balance(li, teacher) if balancing else li)
   return total, jnp.stack(raw)

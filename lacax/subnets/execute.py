@@ -1,15 +1,12 @@
-"""Running a subnet: the masked model (training, evaluation) through `lacax.model.llama.forward`.
+"""Running a subnet: any shape of the grid through `lacax.model.llama.forward`'s extension options.
 
-A subnet's layer gates, head / FFN-channel masks and its SMoL adapter act on the weights the one forward
-reads, exactly:
-  * a gated-off layer has its o_proj and down_proj scaled by 0, so both residual branches add exactly 0 and
-    the residual passes through (x + 0 == x);
-  * a masked KV group has its q/k/v output columns (and biases) zeroed: its heads attend with a uniform softmax
-    over zero values and contribute exactly 0, as the reference's mask on the q/k/v outputs does;
-  * a masked FFN channel has its gate/up columns zeroed: silu(0) * 0 = 0;
-  * the adapter is folded in as W + scale * A_eff B_eff, the same linear map as the reference's
-    scale * B_eff (A_eff x) added to W x (lacax.subnets.smol.merge).
-All of these are array values of fixed shape, so every subnet of the grid runs through one compiled function.
+A shape's `SubnetArrays` become the forward's traced options: `layer_gate` (a gated-off layer passes its
+residual stream through exactly), `head_mask` (whole KV groups of query heads; a masked head contributes
+exactly 0, as if its rows of wo were sliced away), `ffn_mask` (FFN channels), the compensation biases as the
+optional `bo` / `b_down` layer parameters, and the shape's SMoL adapter as `lora` (the reference adds the LoRA
+output before its width mask; masking the head / channel outputs after the projection is the same, since the
+masked outputs are zeroed either way). All are array values of fixed shape: every subnet of the grid runs
+through one compiled function.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from lacax.model import llama
 from lacax.model.config import ModelConfig
@@ -25,23 +21,29 @@ from lacax.subnets import smol as smol_lib
 from lacax.subnets.shape import SubnetArrays
 
 
-def masked_params(params: Mapping[str, Any], arrays: SubnetArrays) -> dict:
-  """Base (or adapter-merged) params with the subnet's gates and width masks applied to the weights."""
-  layers = dict(params["layers"])
-  gate = arrays.layer_gate
-  head = arrays.head_mask  # [L, H]
-  kv = arrays.kv_mask  # [L, KV]
-  ffn = arrays.ffn_mask  # [L, F]
-  cast = lambda m, w: m.astype(w.dtype)  # noqa: E731
-  layers["wq"] = layers["wq"] * cast(head[:, None, :, None], layers["wq"])
-  layers["wk"] = layers["wk"] * cast(kv[:, None, :, None], layers["wk"])
-  layers["wv"] = layers["wv"] * cast(kv[:, None, :, None], layers["wv"])
-  if "bq" in layers:
-    layers["bq"] = layers["bq"] * cast(head[:, :, None], layers["bq"])
-    layers["bk"] = layers["bk"] * cast(kv[:, :, None], layers["bk"])
-    layers["bv"] = layers["bv"] * cast(kv[:, :, None], layers["bv"])
-  layers["wo"] = layers["wo"] * cast(gate[:, None, None, None], layers["wo"])
-  layers["w_gate"] = layers["w_gate"] * cast(ffn[:, None, :], layers["w_gate"])
-  layers["w_up"] = layers["w_up"] * cast(ffn[:, None, :], layers["w_up"])
-  layers["w_down"] = layers["w_down"] * cast(gate[:, None, None], layers["w_down"])
+def with_biases(params: Mapping[str, Any], arrays: SubnetArrays, dtype: Any) -> dict:
+  """params with the shape's compensation biases as the layers' `bo` / `b_down` [L, D]."""
+  layers = {**params["layers"], "bo": arrays.attn_bias.astype(dtype), "b_down": arrays.ffn_bias.astype(dtype)}
   return {**params, "layers": layers}
+
+
+def subnet_options(arrays: SubnetArrays, adapter: Any = None, smol_cfg: smol_lib.SMoLConfig | None = None,
+                   **options) -> llama.ForwardOptions:
+  """The forward options of a shape (plus any other `ForwardOptions` fields, e.g. hidden_layers)."""
+  return llama.ForwardOptions(layer_gate=arrays.layer_gate, head_mask=arrays.head_mask, ffn_mask=arrays.ffn_mask,
+                              lora=adapter, lora_config=smol_cfg if adapter is not None else None, **options)
+
+
+def subnet_logits(params: Mapping[str, Any], tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                  arrays: SubnetArrays, smol_params: Any = None, smol_cfg: smol_lib.SMoLConfig | None = None,
+                  router_rng: jax.Array | None = None) -> jax.Array:
+  """[B, T, V] logits of the subnet `arrays` (with its SMoL adapter when `smol_params` is given).
+
+  `router_rng` turns the router's noise on (training); None gives the deterministic evaluation gate.
+  """
+  adapter = None
+  if smol_params is not None:
+    adapter = smol_lib.shape_adapter(smol_params, arrays.encoding, smol_cfg, router_rng)
+  logits, _ = llama.forward(with_biases(params, arrays, cfg.jnp_dtype), tokens, positions, None, cfg,
+                            options=subnet_options(arrays, adapter, smol_cfg))
+  return logits

@@ -15,10 +15,12 @@ Reference (GATECH-EIC/AmoebaLLM `peft/.../lora/layer.py::update_layer`, `bnb.py:
 lacax evaluates deterministically (`rng=None`: no noise; the reference keeps the noise on at evaluation), so a
 shape has exactly one adapter, which `merge` folds into the base weights for export.
 
-Parameter layout (L layers, E experts, r rank; `in`/`out` the flattened input/output features of the
-projection, e.g. q: in = D, out = H * hd; o: in = H * hd, out = D):
+Parameter layout (L layers, E experts, r rank; `in...`/`out...` the projection's input/output axes, e.g.
+wq: in = (D,), out = (H, hd); wo: in = (H, hd), out = (D,)), keyed by the forward's projection names:
   router: w1 [L+W, R], b1 [R], w2 [R, E], b2 [E], w_noise [L+W, E], b_noise [E]   (R = router_hidden = 16)
-  experts[target]: a [L, E, in, r], b [L, E, r, out]   (b starts at zero: the adapter starts as the identity)
+  experts[wq|wk|wv|wo|w_gate|w_up|w_down]: a [L, E, in..., r], b [L, E, r, out...]   (b starts at zero)
+A mixed adapter drops the E axis: {projection: {"a": [L, in..., r], "b": [L, r, out...]}}, the LoRA layout
+`lacax.model.llama.ForwardOptions.lora` takes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SMoLConfig:
   alpha: float = 16.0
   router_hidden: int = 16
   targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+  dropout: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -61,9 +64,11 @@ class SMoLConfig:
   def scale(self) -> float:
     return self.alpha / self.rank
 
+  @property
+  def projections(self) -> tuple[str, ...]:
+    """The forward's parameter names of the targets (wq, ..., w_down)."""
+    return tuple(TARGETS[t][0] for t in self.targets)
 
-def _in_out(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
-  return math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
 
 
 def _linear(key, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
@@ -83,13 +88,12 @@ def init_smol(key: jax.Array, base_params: Mapping[str, Any], encoding_size: int
   experts = {}
   for k, target in zip(keys[3:], cfg.targets):
     name, n_in = TARGETS[target]
-    shape = base_params["layers"][name].shape
-    fan_in, fan_out = _in_out(shape, n_in)
-    L = shape[0]
-    bound = 1.0 / math.sqrt(fan_in)
-    experts[target] = {
-        "a": jax.random.uniform(k, (L, cfg.num_experts, fan_in, cfg.rank), jnp.float32, -bound, bound),
-        "b": jnp.zeros((L, cfg.num_experts, cfg.rank, fan_out), jnp.float32),
+    shape = tuple(base_params["layers"][name].shape)
+    L, in_axes, out_axes = shape[0], shape[1:1 + n_in], shape[1 + n_in:]
+    bound = 1.0 / math.sqrt(math.prod(in_axes))
+    experts[name] = {
+        "a": jax.random.uniform(k, (L, cfg.num_experts, *in_axes, cfg.rank), jnp.float32, -bound, bound),
+        "b": jnp.zeros((L, cfg.num_experts, cfg.rank, *out_axes), jnp.float32),
     }
   return {"router": {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w_noise": wn, "b_noise": bn}, "experts": experts}
 
@@ -114,18 +118,18 @@ def gates(router: Mapping[str, jax.Array], encoding: jax.Array, top_k: int, rng:
 
 
 def mix(experts: Mapping[str, Mapping[str, jax.Array]], g: jax.Array) -> dict:
-  """Weight-space mixture: {target: {"a": [L, in, r], "b": [L, r, out]}} = sum_i g_i (A_i, B_i)."""
-  return {t: {"a": jnp.einsum("e,leir->lir", g, e["a"]), "b": jnp.einsum("e,lero->lro", g, e["b"])}
-          for t, e in experts.items()}
+  """Weight-space mixture: {projection: {"a": [L, in..., r], "b": [L, r, out...]}} = sum_i g_i (A_i, B_i)."""
+  return {name: {"a": jnp.tensordot(g, e["a"], axes=(0, 1)), "b": jnp.tensordot(g, e["b"], axes=(0, 1))}
+          for name, e in experts.items()}
 
 
 def merge(base_params: Mapping[str, Any], adapter: Mapping[str, Mapping[str, jax.Array]], scale: float) -> dict:
   """Base params with every adapted projection W replaced by W + scale * A B (the exact adapter forward)."""
   layers = dict(base_params["layers"])
-  for target, ab in adapter.items():
-    name, _ = TARGETS[target]
+  for name, ab in adapter.items():
     w = layers[name]
-    delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]) * scale
+    L, r = ab["a"].shape[0], ab["a"].shape[-1]
+    delta = jnp.einsum("lir,lro->lio", ab["a"].reshape(L, -1, r), ab["b"].reshape(L, r, -1)) * scale
     layers[name] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
   return {**base_params, "layers": layers}
 
