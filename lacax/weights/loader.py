@@ -99,7 +99,8 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
 
   Args:
-    path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, or None.
+    path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, a sliced subnet
+      directory (`lacax.subnets.export.save_subnet`; tokenizer from its source model), or None.
     dtype: "float32" or "bfloat16".
     mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: the
       rules of an enclosing `lacax.sharding.use_mesh_rules`, else one device). A Hugging Face checkpoint is
@@ -125,6 +126,20 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
     return Model(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=tokenizer,
                  source=os.path.abspath(path))
+
+  from lacax.subnets import export as subnet_export  # pylint: disable=g-import-not-at-top
+
+  if subnet_export.is_subnet_dir(path):  # a sliced AmoebaLLM subnet (per-layer head / FFN sizes)
+    cfg, params, meta = subnet_export.load_subnet(path)
+    cfg = cfg.replace(dtype=dtype)
+    source = meta.get("source") or ""
+    tokenizer = None
+    if source.endswith(".gguf") and os.path.isfile(source):
+      tokenizer = tokenizer_lib.Tokenizer.from_gguf(source)
+    elif os.path.isfile(os.path.join(source, "tokenizer.json")):
+      tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(source)
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+    return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path))
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
