@@ -25,7 +25,7 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax import results as results_lib
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.model import llama
 from lacax.subnets import export
 from lacax.weights.loader import load_model

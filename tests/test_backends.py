@@ -17,7 +17,7 @@ from tokenizers import decoders, models
 
 from lacax import generate as generation
 from lacax import tokenizer as tokenizer_lib
-from lacax.cache.policy import FullPolicy
+from lacax.cache.full import FullPolicy
 from lacax.hw.backends import base
 from lacax.hw.backends import local
 from lacax.model import llama

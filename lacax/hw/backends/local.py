@@ -34,7 +34,8 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax.cache import registry
-from lacax.cache.policy import CachePolicy, FullPolicy
+from lacax.cache.base import CachePolicy
+from lacax.cache.full import FullPolicy
 from lacax.hw.backends.base import Completion, Prompt, Sampling, is_chat, truncate_at_stop
 from lacax.model import llama
 from lacax.model.config import ModelConfig
