@@ -125,6 +125,16 @@ class RunDirTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.RunError, "not a lacax run directory"):
       runs.RunDir.find(tempfile.mkdtemp(), root, "lacache")
 
+  def test_a_failing_plot_is_reported_not_raised(self):
+    def plot(path):
+      raise RuntimeError(f"no display for {path}")
+
+    with self.assertLogs(level="ERROR") as logs:
+      self.assertEqual(runs.safe_plot("heatmap.png", plot, "/x/heatmap.png"),
+                       "RuntimeError: no display for /x/heatmap.png")
+    self.assertIn("the results are unaffected", logs.output[0])
+    self.assertIsNone(runs.safe_plot("ok.png", lambda: None))
+
   def test_status_tells_a_dead_run_from_a_live_one(self):
     run_dir = runs.RunDir(tempfile.mkdtemp())
     run_dir.set_status("running")
