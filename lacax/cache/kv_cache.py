@@ -152,11 +152,13 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, rope_mode: str = "slot",
-               score_mode: str | None = None, score_agg: str = "mean", state: Any = None) -> KVCache:
+               score_mode: str | None = None, score_agg: str = "mean", state: Any = None,
+               mesh_rules: Any = None) -> KVCache:
   """An empty cache of `capacity` slots per (layer, row).
 
-  Called outside jit inside `lacax.sharding.use_mesh_rules(...)`, the cache is placed on that mesh (inside jit,
-  place it explicitly with `MeshRules.shard_cache`).
+  With `mesh_rules` (a `lacax.sharding.MeshRules`) the cache is created in the rules' layout, each device
+  allocating only its blocks (outside jit; inside jit, `MeshRules.shard_cache` lays a cache out). Without it,
+  a call outside jit inside `lacax.sharding.use_mesh_rules(...)` uses those rules (the older, implicit route).
   """
   if capacity <= 0:
     raise ValueError(f"cache capacity={capacity} must be a positive number of slots")
@@ -180,6 +182,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
       score_mode=score_mode,
       score_agg=score_agg,
   )
+  if mesh_rules is not None:
+    return mesh_rules.create_cache(build)
   from lacax import sharding  # pylint: disable=g-import-not-at-top
 
   mesh_rules = sharding.current_mesh_rules()
