@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -79,7 +79,7 @@ def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
                                              "decode_capacity", "mesh_rules"))
 def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
             policy: CachePolicy, sampling: SamplingConfig, max_new_tokens: int, stop_ids: tuple[int, ...],
-            decode_capacity: int, mesh_rules=None) -> DecodeState:
+            decode_capacity: int, mesh_rules=None, options: llama.ForwardOptions | None = None) -> DecodeState:
   """Runs the prompts through the model and samples the first new token.
 
   Args:
@@ -89,6 +89,8 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
     rng: PRNG key.
     mesh_rules: optional `lacax.sharding.MeshRules`: the cache is laid out on its mesh (and keeps the layout
       through the decode loop).
+    options: the forward's extension points (`llama.ForwardOptions`: ACT hook, LoRA, subnet masks), a traced
+      pytree whose static fields are part of the compiled program's key.
 
   Returns:
     The decode state after one generated token.
@@ -99,7 +101,7 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
   cache = policy.init(cfg, batch, max(width, decode_capacity))
   if mesh_rules is not None:
     cache = mesh_rules.shard_cache(cache)
-  logits, cache = llama.forward(params, tokens, positions, cache, cfg, logits_index=lengths - 1)
+  logits, cache = llama.forward(params, tokens, positions, cache, cfg, logits_index=lengths - 1, options=options)
   cache = policy.compact(cache, capacity=decode_capacity)
   if mesh_rules is not None:  # the decode loop receives the cache in the rules' layout
     cache = mesh_rules.constrain_cache(cache)
@@ -120,14 +122,16 @@ def initial_state(cache: KVCache, first: jax.Array, lengths: jax.Array, rng: jax
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "sampling", "max_new_tokens", "stop_ids",
                                              "pad_id"), donate_argnames=("state",))
 def decode(params, state: DecodeState, *, cfg: ModelConfig, policy: CachePolicy, sampling: SamplingConfig,
-           max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int = 0) -> DecodeState:
-  """Generates until every row has stopped or `max_new_tokens` tokens exist, in one compiled loop."""
+           max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int = 0,
+           options: llama.ForwardOptions | None = None) -> DecodeState:
+  """Generates until every row has stopped or `max_new_tokens` tokens exist, in one compiled loop (every step's
+  forward with `options`, as in `prefill`)."""
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: DecodeState):
-    logits, cache = llama.forward(params, s.token[:, None], s.position[:, None], s.cache, cfg)
+    logits, cache = llama.forward(params, s.token[:, None], s.position[:, None], s.cache, cfg, options=options)
     cache = policy.compact(cache)
     rng, key = jax.random.split(s.rng)
     token = sample(logits[:, -1], key, sampling)
@@ -139,6 +143,15 @@ def decode(params, state: DecodeState, *, cfg: ModelConfig, policy: CachePolicy,
                        num_generated=num_generated, out=out, rng=rng)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+@functools.lru_cache(maxsize=64)
+def _act_hook(act, cfg: ModelConfig):
+  """ACT's deployment hook, one function object per (config, model), so repeated calls reuse the compiled
+  programs (visibility is read off the probabilities: the hook runs inside the decode loop)."""
+  from lacax.act import calibration  # pylint: disable=g-import-not-at-top
+
+  return calibration.make_probs_hook(act, cfg)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 64, pad_id: int = 0
@@ -159,7 +172,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 64, pad_id: int 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (),
              policy: CachePolicy | None = None, seed: int = 0, bucket: int = 64,
-             pad_id: int = 0, mesh_rules=None) -> GenerationResult:
+             pad_id: int = 0, mesh_rules=None, options: llama.ForwardOptions | None = None,
+             act: Any = None) -> GenerationResult:
   """Generates continuations of token-id prompts.
 
   Args:
@@ -176,6 +190,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     mesh_rules: optional `lacax.sharding.MeshRules` (default: the one of an enclosing
       `lacax.sharding.use_mesh_rules`): prompts split over the batch axes, the cache laid out by the rules;
       pass parameters placed on the same mesh (`MeshRules.shard_params` or `load_model(..., mesh_rules=)`).
+    options: the forward's extension points (`llama.ForwardOptions`), used by the prefill and every decode step.
+    act: optional `lacax.act.ACTConfig`: ACT attention calibration on its heads in the prefill and every decode
+      step (its probability hook joins `options`); no heads = the plain model.
 
   Raises:
     ValueError: a prompt does not fit the cache, or an argument is out of range (the message names it).
@@ -194,6 +211,12 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      f"exceed the full cache capacity {policy.capacity}")
   statics = dict(cfg=cfg, policy=policy, sampling=sampling, max_new_tokens=max_new_tokens,
                  stop_ids=tuple(int(s) for s in stop_ids))
+  if act is not None:
+    hook = _act_hook(act, cfg)
+    if hook is not None:
+      if options is not None and options.probs_hook is not None:
+        raise ValueError("generate: act and options.probs_hook both set an attention-probability hook; pass one")
+      options = (options or llama.ForwardOptions()).replace(probs_hook=hook)
   from lacax import sharding  # pylint: disable=g-import-not-at-top
 
   mesh_rules = mesh_rules or sharding.current_mesh_rules()
@@ -203,10 +226,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     rng = mesh_rules.put(np.asarray(rng), (None,))
   start = time.perf_counter()
   state = prefill(params, tokens_in, lengths_in, rng, decode_capacity=decode_capacity, mesh_rules=mesh_rules,
-                  **statics)
+                  options=options, **statics)
   jax.block_until_ready(state)
   mid = time.perf_counter()
-  state = decode(params, state, pad_id=pad_id, **statics)
+  state = decode(params, state, pad_id=pad_id, options=options, **statics)
   # Every process of a multi-host job reads the whole result.
   out, counts = jax.device_get(jax.tree.map(sharding.fully_replicated, (state.out, state.num_generated)))
   end = time.perf_counter()

@@ -37,6 +37,7 @@ Two static fields say how the cache is read and what the attention must record:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -52,15 +53,61 @@ PRE_ROPE_MODES = ("slot", "original")
 SCORE_AGGS = ("mean", "max", "sum")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreRecording:
+  """Which attention statistic the forward writes into `cache.scores` (parsed once from a `score_mode`).
+
+  Attributes:
+    kind: "accumulate" (scores += attention received from the step's real queries), "last" (scores = attention
+      received from the step's last real query) or "window" (from its last `width` real queries).
+    width: the window width (kind "window" only).
+    agg: how the query heads of a GQA group are reduced to their kv head: "mean", "max" or "sum".
+  """
+
+  kind: str
+  width: int = 0
+  agg: str = "mean"
+
+  def __post_init__(self):
+    if self.kind not in ("accumulate", "last", "window"):
+      raise ValueError(f"ScoreRecording.kind={self.kind!r} is not supported; expected 'accumulate', 'last' or "
+                       "'window'")
+    if self.kind == "window" and self.width <= 0:
+      raise ValueError(f"ScoreRecording.width={self.width} must be > 0 for kind='window'")
+    if self.agg not in SCORE_AGGS:
+      raise ValueError(f"score_agg={self.agg!r} is not supported; expected one of {SCORE_AGGS}")
+
+  @classmethod
+  def parse(cls, score_mode: str | None, agg: str = "mean") -> "ScoreRecording | None":
+    """None, "accumulate", "last" or "window:<W>" (the `score_mode` strings of the policies)."""
+    if score_mode is None:
+      return None
+    if score_mode in ("accumulate", "last"):
+      return cls(score_mode, agg=agg)
+    if isinstance(score_mode, str) and score_mode.startswith("window:"):
+      width = score_mode.split(":", 1)[1]
+      if width.isdigit() and int(width) > 0:
+        return cls("window", int(width), agg)
+    raise ValueError(f"score_mode={score_mode!r} is not supported; expected None, 'accumulate', 'last' or "
+                     "'window:<positive int>'")
+
+  def query_weights(self, positions: jax.Array) -> jax.Array:
+    """[B, T] float32 weight of each query of a step (positions [B, T], -1 = padding) in the statistic."""
+    valid = positions >= 0
+    if self.kind == "accumulate":
+      return valid.astype(jnp.float32)
+    n_valid = jnp.sum(valid, axis=1, keepdims=True)
+    t = jnp.arange(positions.shape[1])[None, :]
+    width = 1 if self.kind == "last" else self.width
+    return (valid & (t >= n_valid - width)).astype(jnp.float32)
+
+  def reduce_heads(self, probs: jax.Array) -> jax.Array:
+    """[B, KV, G, T, S] probabilities -> [B, KV, T, S], the query heads of each group reduced by `agg`."""
+    return {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[self.agg](probs, axis=2)
+
+
 def validate_score_mode(score_mode: str | None) -> None:
-  if score_mode is None or score_mode in ("accumulate", "last"):
-    return
-  if score_mode.startswith("window:"):
-    width = score_mode.split(":", 1)[1]
-    if width.isdigit() and int(width) > 0:
-      return
-  raise ValueError(f"score_mode={score_mode!r} is not supported; expected None, 'accumulate', 'last' or "
-                   "'window:<positive int>'")
+  ScoreRecording.parse(score_mode)
 
 
 @flax.struct.dataclass
@@ -89,6 +136,11 @@ class KVCache:
   @property
   def batch_size(self) -> int:
     return self.k.shape[1]
+
+  @property
+  def recording(self) -> ScoreRecording | None:
+    """The attention statistic this cache's policy consumes (`score_mode` / `score_agg`, parsed)."""
+    return ScoreRecording.parse(self.score_mode, self.score_agg)
 
   def valid(self) -> jax.Array:
     """[L, B, S, KV] bool: the slot holds a token."""

@@ -1,16 +1,57 @@
-"""The Llama-family decoder as pure functions over a parameter pytree.
+"""The Llama-family decoder as pure functions over a parameter pytree: one forward, typed extension points.
 
-`forward(params, tokens, positions, cache, cfg) -> (logits, cache)`: the decoder layers are stacked on a
-leading axis and run with `lax.scan`, so compile time does not grow with depth. New keys/values are written
-into the cache first and attention then reads the whole (static-capacity) cache through a mask built from
-the slots' original positions, so prefill, chunked prefill and decode are one code path.
+`forward(params, tokens, positions, cache, cfg, *, options=None) -> (logits, cache)`, and `run(...)`, the same
+forward returning a `ForwardOutput` (logits, cache, hidden states). The decoder layers are stacked on a leading
+axis and run with `lax.scan`, so compile time does not grow with depth. With a cache, new keys/values are
+written into it first and attention then reads the whole (static-capacity) cache through a mask built from
+the slots' original positions, so prefill, chunked prefill and decode are one code path. Without a cache
+(`cache=None`), each token attends the given tokens of its row up to its own position: teacher-forced scoring
+and training (differentiable; the logits equal a prefill into an empty cache).
 
 Parameter layout (L layers, D model width, H query heads, KV kv heads, hd head_dim, F MLP width, V vocab):
 
   embed [V, D]; final_norm [D]; lm_head [V, D] (absent when embeddings are tied)
   layers: attn_norm [L, D]; wq [L, D, H, hd]; wk, wv [L, D, KV, hd]; wo [L, H, hd, D];
           bq [L, H, hd], bk, bv [L, KV, hd] (only with attention_bias); mlp_norm [L, D];
-          w_gate, w_up [L, D, F]; w_down [L, F, D]
+          w_gate, w_up [L, D, F]; w_down [L, F, D];
+          optional bo, b_down [L, D]: output biases of the attention and MLP blocks (FLAP's bias
+          compensation of pruned channels; absent in every checkpoint lacax loads)
+
+Heterogeneous layers (sliced subnets, AmoebaLLM export): `params["layers"]` may instead be a list of segments,
+each a dict as above stacked over its own layers, whose head counts and MLP widths differ (read off the
+weights; `ModelConfig.segments` declares them, see `param_shapes`). Each segment is scanned with the same
+layer body. The cache keeps `cfg.num_kv_heads` (the widest) kv heads per layer; a layer with fewer kv heads
+uses the first ones and leaves the rest empty (pos -1).
+
+Extension points (`ForwardOptions`; every field at its default is the plain forward, bit for bit):
+
+  * depth: `layers` (static tuple of layer indices that run; the others are not computed, their cache
+    layers untouched) and `layer_gate` ([L] traced: where 0 the layer's residual update is discarded exactly,
+    x_out = x_in, so one compiled program serves every depth mask; the layer still computes and writes its
+    cache layer).
+  * width: `head_mask` ([L, H] or [H], traced) multiplies each query head's attention output before the
+    output projection (0 = head removed, exactly as if its rows of wo were sliced away); `ffn_mask` ([L, F]
+    or [F], traced) multiplies each MLP channel (silu(gate) * up) before the down projection. Several subnet
+    shapes thus run in one compiled training step.
+  * adapters: `lora` (a pytree of per-projection {"a": [L, in..., r], "b": [L, r, out...]} weights beside the
+    base weights, built by `lacax.model.lora`) and `lora_config` (static: scale, dropout); the delta
+    scale * b(a(dropout(x))) is added to any of the projections wq, wk, wv, wo, w_gate, w_up, w_down.
+    `lora_rng` turns LoRA dropout on (training); None = no dropout.
+  * hidden states: `hidden_layers` (static tuple of j in [0, L]): `run` returns the residual stream after j
+    layers (j = 0: the embeddings), before the final norm, stacked [len, B, T, D] (distillation, early-exit
+    heads: `unembed` turns one into logits). `logits=False` skips the LM head.
+  * quantized weights: every projection goes through `project(x, w, equation)`. A weight that is an instance of
+    `ProjectedWeight` (a pytree whose leaves are stacked on the layer axis, e.g. packed int8/int4 values
+    and scales) computes its own product there, so a quantized-weight type plugs in without another copy of
+    the model. The embedding table stays dense (it is gathered, not multiplied).
+  * attention probabilities: `probs_hook(probs [B, KV, G, T, S] float32, layer) -> probs` (ACT).
+  * attention statistics: `scores` (a `lacax.cache.kv_cache.ScoreRecording`; default the cache's own,
+    `cache.recording`, which its policy declared) says which statistic is written into `cache.scores`.
+  * placement: `mesh_rules` (a `lacax.sharding.MeshRules`; default the cache's) keeps activations and the cache
+    in the rules' layout; also for the cache-less forward.
+
+The CPU decode kernel (lacax.model.cpu_attention) serves the attention wherever it computes the same numbers:
+XLA:CPU, a cache, no hook, no recorded statistics, no mesh; width masks, gates and LoRA do not change that.
 """
 
 from __future__ import annotations
@@ -18,11 +59,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, write_slots
+from lacax.cache.kv_cache import KVCache, ScoreRecording, write_slots
 from lacax.model import cpu_attention
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
@@ -76,17 +118,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return weight * xf.astype(x.dtype)
-
-
-def _score_query_weights(score_mode: str, positions: jax.Array) -> jax.Array:
-  """[B, T] float32 weight of each query in the attention statistics the cache records."""
-  valid = positions >= 0
-  if score_mode == "accumulate":
-    return valid.astype(jnp.float32)
-  n_valid = jnp.sum(valid, axis=1, keepdims=True)
-  t = jnp.arange(positions.shape[1])[None, :]
-  width = 1 if score_mode == "last" else int(score_mode.split(":", 1)[1])
-  return (valid & (t >= n_valid - width)).astype(jnp.float32)
 
 
 def _visible(key_pos: jax.Array, query_pos: jax.Array) -> jax.Array:
@@ -265,9 +296,161 @@ def _cached_layer_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, po
   return attention(q, k, v_all[layer], pos_all[layer], query_pos, need_probs=False)[0]
 
 
+# --- extension points ---------------------------------------------------------------------------------------
+
+
+class ProjectedWeight:
+  """Base class of weights that compute their own projection (quantized weights plug in here).
+
+  A subclass is a pytree (e.g. a `flax.struct.dataclass`) whose array leaves carry the layer axis first when
+  stored in `params["layers"]` (the scan slices every leaf), and implements `project`. `shape` is the dense
+  weight's shape (per layer inside the scan), which the forward reads to size heads and channels.
+  """
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    """`jnp.einsum(equation, x, dense_weight)` computed from this representation."""
+    raise NotImplementedError
+
+  def dense(self) -> jax.Array:
+    """The dense weight (for export, merging and references)."""
+    raise NotImplementedError
+
+
+def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None) -> jax.Array:
+  """The one function every projection of the forward goes through: x times the weight by `equation`."""
+  if isinstance(w, ProjectedWeight):
+    return w.project(x, equation, preferred_element_type)
+  return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
+
+
+# Projections LoRA can target: (einsum of the input with A, einsum of the rank-r code with B).
+LORA_TARGETS = {
+    "wq": ("btd,dr->btr", "btr,rhk->bthk"),
+    "wk": ("btd,dr->btr", "btr,rhk->bthk"),
+    "wv": ("btd,dr->btr", "btr,rhk->bthk"),
+    "wo": ("bthk,hkr->btr", "btr,rd->btd"),
+    "w_gate": ("btd,dr->btr", "btr,rf->btf"),
+    "w_up": ("btd,dr->btr", "btr,rf->btf"),
+    "w_down": ("btf,fr->btr", "btr,rd->btd"),
+}
+
+
+@flax.struct.dataclass
+class ForwardOptions:
+  """The forward's extension points (module docstring). A pytree: arrays are traced, the rest is static.
+
+  Attributes:
+    layer_gate: [L] traced; a layer where it is 0 passes its residual stream through exactly.
+    head_mask: [L, H] or [H] traced multiplier of each query head's attention output.
+    ffn_mask: [L, F] or [F] traced multiplier of each MLP channel.
+    lora: LoRA weights: {projection: {"a": [L, in..., r], "b": [L, r, out...]}} (a list of such dicts, one per
+      segment, for heterogeneous layers); None = no adapters.
+    lora_rng: PRNG key for LoRA dropout (training); None = no dropout.
+    layers: static tuple of the layer indices that run (ascending); None = all.
+    hidden_layers: static tuple of j in [0, L]: return the residual stream after j layers.
+    logits: static; False skips the LM head (`ForwardOutput.logits` is then None).
+    lora_config: static object with `scale` (alpha / r) and `dropout` (`lacax.model.lora.LoraConfig`).
+    probs_hook: static `ProbsHook` on every layer's post-softmax attention (ACT).
+    scores: static `ScoreRecording` (None = the cache's `recording`).
+    mesh_rules: static `lacax.sharding.MeshRules` (None = the cache's).
+  """
+
+  layer_gate: jax.Array | None = None
+  head_mask: jax.Array | None = None
+  ffn_mask: jax.Array | None = None
+  lora: Any = None
+  lora_rng: jax.Array | None = None
+  layers: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+  hidden_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  logits: bool = flax.struct.field(pytree_node=False, default=True)
+  lora_config: Any = flax.struct.field(pytree_node=False, default=None)
+  probs_hook: ProbsHook | None = flax.struct.field(pytree_node=False, default=None)
+  scores: ScoreRecording | None = flax.struct.field(pytree_node=False, default=None)
+  mesh_rules: Any = flax.struct.field(pytree_node=False, default=None)
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+  """What `run` returns: logits [B, T, V] float32 (or [B, 1, V] with `logits_index`; None with
+  `options.logits=False`), the updated cache (None without one), and hidden [len(hidden_layers), B, T, D]
+  (None when no hidden layer is asked for)."""
+
+  logits: jax.Array | None
+  cache: KVCache | None
+  hidden: jax.Array | None = None
+
+
+def layer_segments(params: Params) -> list[dict[str, Any]]:
+  """`params["layers"]` as a list of segments (one for a homogeneous model)."""
+  layers = params["layers"]
+  return list(layers) if isinstance(layers, (list, tuple)) else [layers]
+
+
+def _num_stacked(segment: dict[str, Any]) -> int:
+  return int(segment["attn_norm"].shape[0])
+
+
+def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Logits [B, T, V] float32 of residual-stream states x [B, T, D]: final norm, then the LM head."""
+  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+  if not isinstance(head, ProjectedWeight):
+    head = head.astype(cfg.jnp_dtype)
+  return project(x, head, "btd,vd->btv", preferred_element_type=jnp.float32)
+
+
+def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -> None:
+  """Shape checks of the options (trace time), each naming the field."""
+  L = num_layers
+  if options.layer_gate is not None and tuple(options.layer_gate.shape) != (L,):
+    raise ValueError(f"ForwardOptions.layer_gate has shape {tuple(options.layer_gate.shape)}; expected ({L},)")
+  for name, width in (("head_mask", cfg.num_heads), ("ffn_mask", cfg.intermediate_size)):
+    mask = getattr(options, name)
+    if mask is not None and tuple(mask.shape) not in ((width,), (L, width)):
+      raise ValueError(f"ForwardOptions.{name} has shape {tuple(mask.shape)}; expected ({width},) or "
+                       f"({L}, {width})")
+  if options.layers is not None:
+    layers = tuple(options.layers)
+    if any(not 0 <= i < L for i in layers) or list(layers) != sorted(set(layers)):
+      raise ValueError(f"ForwardOptions.layers={layers} must be distinct ascending layer indices in [0, {L})")
+  for j in options.hidden_layers:
+    if not 0 <= j <= L:
+      raise ValueError(f"ForwardOptions.hidden_layers contains {j}; expected indices in [0, {L}]")
+  if options.lora is not None:
+    if options.lora_config is None:
+      raise ValueError("ForwardOptions.lora is set but lora_config is None (it gives the scale alpha / r)")
+    for seg in (options.lora if isinstance(options.lora, (list, tuple)) else [options.lora]):
+      unknown = sorted(set(seg) - set(LORA_TARGETS))
+      if unknown:
+        raise ValueError(f"ForwardOptions.lora targets {unknown}; expected a subset of {sorted(LORA_TARGETS)}")
+
+
+def _rows(value: jax.Array | None, ids: np.ndarray) -> jax.Array | None:
+  """Rows `ids` of an [L, W] option; a [W] option is shared by every layer (None stays None)."""
+  if value is None:
+    return None
+  return value[ids] if value.ndim == 2 else jnp.broadcast_to(value, (ids.size,) + value.shape)
+
+
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, cfg: ModelConfig, *,
-            logits_index: jax.Array | None = None, probs_hook: ProbsHook | None = None
-            ) -> tuple[jax.Array, KVCache | None]:
+            logits_index: jax.Array | None = None, probs_hook: ProbsHook | None = None,
+            options: ForwardOptions | None = None) -> tuple[jax.Array, KVCache | None]:
+  """Runs the decoder over new tokens, appending their keys/values to the cache (if any); see `run`.
+
+  `probs_hook` is shorthand for `options.probs_hook`. Returns (logits, cache) of `run`'s `ForwardOutput`.
+  """
+  if probs_hook is not None:
+    options = (options or ForwardOptions()).replace(probs_hook=probs_hook)
+  out = run(params, tokens, positions, cache, cfg, logits_index=logits_index, options=options)
+  return out.logits, out.cache
+
+
+def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, cfg: ModelConfig, *,
+        logits_index: jax.Array | None = None, options: ForwardOptions | None = None) -> ForwardOutput:
   """Runs the decoder over new tokens, appending their keys/values to the cache (if any).
 
   Args:
@@ -275,38 +458,43 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     tokens: [B, T] int32 token ids.
     positions: [B, T] int32 original positions of the tokens, -1 for padding. With a cache, real tokens come
       first in each row (right padding); without one, padding may sit anywhere.
-    cache: the KV cache; its `rope_mode` and `score_mode` decide how keys are rotated and which attention
+    cache: the KV cache; its `rope_mode` decides how keys are rotated and its `recording` which attention
       statistics are recorded. None runs without a cache (teacher-forced scoring, training): each token
       attends the given tokens of its row at positions <= its own (causal by position), keys rotated at their
       positions; the logits equal those of a prefill into an empty cache, and the function is differentiable.
     cfg: the model config (static under jit).
     logits_index: optional [B] int32: compute logits only at token index logits_index[b] of each row
       (saves the [B, T, V] projection during prefill).
-    probs_hook: optional hook on the post-softmax attention of every layer (ACT); None leaves the
-      computation untouched.
+    options: the extension points (`ForwardOptions`); None = the plain forward.
 
   Returns:
-    logits: [B, T, V] float32, or [B, 1, V] with `logits_index`.
-    cache: the updated cache (slots written, `length` advanced by the number of real tokens per row), or
-      None without a cache.
+    A `ForwardOutput`: logits [B, T, V] float32 ([B, 1, V] with `logits_index`), the updated cache (slots
+    written, `length` advanced by the number of real tokens per row; None without a cache) and the hidden
+    states asked for.
   """
+  options = options or ForwardOptions()
   B, T = tokens.shape
-  G = cfg.group_size
   dtype = cfg.jnp_dtype
+  segments = layer_segments(params)
+  num_layers = sum(_num_stacked(s) for s in segments)
+  if num_layers != cfg.num_layers:
+    raise ValueError(f"params hold {num_layers} layers but ModelConfig.num_layers={cfg.num_layers}")
+  _check_options(options, cfg, num_layers)
   inv_freq = rope_lib.inv_frequencies(cfg)
   x = params["embed"].astype(dtype)[tokens]
   uncached = cache is None
-  mesh_rules = None if uncached else cache.mesh_rules
+  mesh_rules = options.mesh_rules if options.mesh_rules is not None else (None if uncached else cache.mesh_rules)
   if mesh_rules is not None:  # on a mesh: batch rows split over the data axes (lacax.sharding)
     x = mesh_rules.constrain(x, ("batch", None, None))
-    cache = mesh_rules.constrain_cache(cache)
-  score_weights = None
-  if not uncached and cache.score_mode is not None:
-    score_weights = _score_query_weights(cache.score_mode, positions)
-  use_cpu_kernel = (not uncached and probs_hook is None and score_weights is None and mesh_rules is None
-                    and cpu_attention.supports(T, cfg.num_kv_heads, G, cfg.head_dim, dtype, cache.k.dtype,
-                                               cache.rope_mode)
-                    and cpu_attention.available())
+    if not uncached:
+      cache = mesh_rules.constrain_cache(cache)
+  recording = None if uncached else (options.scores or cache.recording)
+  if recording is not None and cache.scores is None:
+    raise ValueError(f"recording attention statistics ({recording}) needs a cache with scores (built with "
+                     "score_mode); this cache has none")
+  score_weights = None if recording is None else recording.query_weights(positions)
+  probs_hook = options.probs_hook
+  kv_cache = cfg.num_kv_heads if uncached else cache.k.shape[3]
   if uncached:
     write = None
   elif mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES and cpu_attention.available():
@@ -316,92 +504,177 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
   # Rotation tables are the same in every layer: built once per forward, not once per layer.
   rope_mode = "stored" if uncached else cache.rope_mode
   if rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
-    S = cache.capacity
-    slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32)[None, :, None], inv_freq)
+    slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(cache.capacity, dtype=jnp.int32)[None, :, None], inv_freq)
   else:  # the new tokens' own positions (queries; keys too when stored rotated, or without a cache)
     new_cos, new_sin = rope_lib.rope_table(positions[:, :, None], inv_freq)
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
-  token_pos = jnp.broadcast_to(positions[:, :, None], (B, T, cfg.num_kv_heads))
+  lora_cfg = options.lora_config
 
-  def layer(carry, inputs):
-    x, k_all, v_all, pos_all, length_all, scores_all = carry
-    p, i = inputs
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-    k_new = jnp.einsum("btd,dhk->bthk", h, p["wk"])
-    v_new = jnp.einsum("btd,dhk->bthk", h, p["wv"])
-    if cfg.attention_bias:
-      q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
-    if rope_mode == "stored":  # keys enter the cache rotated at their original position
-      k_new = rope_lib.rotate(k_new, new_cos, new_sin)
+  def lora_delta(name, inp, lora_p, rng):
+    """scale * b(a(dropout(inp))) for projection `name`, or None when it carries no adapter."""
+    if lora_p is None or name not in lora_p:
+      return None
+    eq_a, eq_b = LORA_TARGETS[name]
+    if rng is not None and lora_cfg.dropout > 0:
+      key = jax.random.fold_in(rng, list(LORA_TARGETS).index(name))
+      keep = jax.random.bernoulli(key, 1.0 - lora_cfg.dropout, inp.shape)
+      inp = jnp.where(keep, inp / (1.0 - lora_cfg.dropout), 0).astype(inp.dtype)
+    code = jnp.einsum(eq_a, inp, lora_p[name]["a"].astype(inp.dtype))
+    return jnp.asarray(lora_cfg.scale, inp.dtype) * jnp.einsum(eq_b, code, lora_p[name]["b"].astype(inp.dtype))
 
-    if uncached:  # attend the given tokens themselves
-      q = rope_lib.rotate(q, new_cos, new_sin).reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
+  def projection(name, inp, p, equation, lora_p, rng):
+    y = project(inp, p[name], equation)
+    delta = lora_delta(name, inp, lora_p, rng)
+    return y if delta is None else y + delta.astype(y.dtype)
+
+  def layer_body(kv_s, g_s, use_cpu_kernel):
+    """The decoder layer for a segment of kv_s kv heads with g_s query heads each."""
+    pad = kv_cache - kv_s
+
+    def pad_heads(a, value=0):  # [B, T, kv_s, ...] -> [B, T, kv_cache, ...]
+      return a if not pad else jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3),
+                                       constant_values=value)
+
+    def layer(carry, inputs):
+      x, k_all, v_all, pos_all, length_all, scores_all = carry
+      p, i, gate, head_mask, ffn_mask, lora_p = inputs
+      rng = None if options.lora_rng is None else jax.random.fold_in(options.lora_rng, i)
+      x_in = x
+      h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+      q = projection("wq", h, p, "btd,dhk->bthk", lora_p, rng)
+      k_new = projection("wk", h, p, "btd,dhk->bthk", lora_p, rng)
+      v_new = projection("wv", h, p, "btd,dhk->bthk", lora_p, rng)
+      if cfg.attention_bias:
+        q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
+      if rope_mode == "stored":  # keys enter the cache rotated at their original position
+        k_new = rope_lib.rotate(k_new, new_cos, new_sin)
       hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-      out, probs = attention(q, k_new, v_new, token_pos, positions, hook, need_probs=False)
-    else:
-      # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped).
-      S = cache.capacity
-      length = length_all[i]
-      slots = write_slots(length, positions, S)
-      k_all = write(k_all, k_new.astype(k_all.dtype), i, slots)
-      v_all = write(v_all, v_new.astype(v_all.dtype), i, slots)
-      pos_all = _write_layer(pos_all, token_pos, i, slots)
-      length_all = length_all.at[i].add(n_new)
-      if rope_mode == "slot":
-        q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
-      else:
-        q = rope_lib.rotate(q, new_cos, new_sin)
-      q = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
+      token_pos = jnp.broadcast_to(positions[:, :, None], (B, T, kv_s))
 
-      if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
-        tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if rope_mode == "slot" else ()
-        out = cpu_attention.decode_attention(q, k_all, v_all, pos_all, positions, i, _cached_layer_attention,
-                                             *tables)
-        probs = None
+      if uncached:  # attend the given tokens themselves
+        q = rope_lib.rotate(q, new_cos, new_sin).reshape(B, T, kv_s, g_s, cfg.head_dim)
+        out, probs = attention(q, k_new, v_new, token_pos, positions, hook, need_probs=False)
       else:
-        k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+        # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped); a layer with
+        # fewer kv heads than the cache leaves the others empty.
+        slots = write_slots(length_all[i], positions, cache.capacity)
+        k_all = write(k_all, pad_heads(k_new.astype(k_all.dtype)), i, slots)
+        v_all = write(v_all, pad_heads(v_new.astype(v_all.dtype)), i, slots)
+        pos_all = _write_layer(pos_all, pad_heads(token_pos, -1), i, slots)
+        length_all = length_all.at[i].add(n_new)
         if rope_mode == "slot":
-          k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
-        elif rope_mode == "original":
-          k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
-        hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
-        out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook,
-                               need_probs=score_weights is not None, sharded=mesh_rules is not None)
-    out = out.reshape(B, T, cfg.num_heads, cfg.head_dim)
-    x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
+          q = rope_lib.apply_rope(q, slots[:, :, None], inv_freq)
+        else:
+          q = rope_lib.rotate(q, new_cos, new_sin)
+        q = q.reshape(B, T, kv_s, g_s, cfg.head_dim)
 
-    if score_weights is not None:
-      agg = {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[cache.score_agg]
-      received = jnp.einsum("bkts,bt->bsk", agg(probs, axis=2), score_weights)
-      if cache.score_mode == "accumulate":
-        received = received + scores_all[i]
-      scores_all = scores_all.at[i].set(received)
+        if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
+          tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if rope_mode == "slot" else ()
+          out = cpu_attention.decode_attention(pad_heads(q), k_all, v_all, pos_all, positions, i,
+                                               _cached_layer_attention, *tables)
+          out = out[:, :, :kv_s] if pad else out
+          probs = None
+        else:
+          k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+          if pad:
+            k_layer, v_layer, pos_layer = k_layer[:, :, :kv_s], v_layer[:, :, :kv_s], pos_layer[:, :, :kv_s]
+          if rope_mode == "slot":
+            k_layer = rope_lib.rotate(k_layer, slot_cos, slot_sin)
+          elif rope_mode == "original":
+            k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
+          out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook,
+                                 need_probs=score_weights is not None, sharded=mesh_rules is not None)
+      out = out.reshape(B, T, kv_s * g_s, cfg.head_dim)
+      if head_mask is not None:
+        out = out * head_mask[:kv_s * g_s, None].astype(out.dtype)
+      attn = projection("wo", out, p, "bthk,hkd->btd", lora_p, rng)
+      if "bo" in p:
+        attn = attn + p["bo"]
+      x = x + attn
 
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
-    up = jnp.einsum("btd,df->btf", h, p["w_up"])
-    x = x + jnp.einsum("btf,fd->btd", gate * up, p["w_down"])
-    return (x, k_all, v_all, pos_all, length_all, scores_all), None
+      if score_weights is not None:
+        received = jnp.einsum("bkts,bt->bsk", recording.reduce_heads(probs), score_weights)
+        if pad:
+          received = jnp.pad(received, ((0, 0), (0, 0), (0, pad)))
+        if recording.kind == "accumulate":
+          received = received + scores_all[i]
+        scores_all = scores_all.at[i].set(received)
+
+      h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+      gate_act = jax.nn.silu(projection("w_gate", h, p, "btd,df->btf", lora_p, rng))
+      up = projection("w_up", h, p, "btd,df->btf", lora_p, rng)
+      act = gate_act * up
+      if ffn_mask is not None:
+        act = act * ffn_mask[:act.shape[-1]].astype(act.dtype)
+      mlp = projection("w_down", act, p, "btf,fd->btd", lora_p, rng)
+      if "b_down" in p:
+        mlp = mlp + p["b_down"]
+      x = x + mlp
+      if gate is not None:  # a layer that is off passes the residual stream through exactly
+        x = jnp.where(gate != 0, x, x_in)
+      return (x, k_all, v_all, pos_all, length_all, scores_all), (x if options.hidden_layers else None)
+
+    return layer
 
   if uncached:
     empty = jnp.zeros((), jnp.float32)
-    init = (x, empty, empty, empty, empty, empty)
+    carry = (x, empty, empty, empty, empty, empty)
   else:
     scores = cache.scores if cache.scores is not None else jnp.zeros((), jnp.float32)
-    init = (x, cache.k, cache.v, cache.pos, cache.length, scores)
-  layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-  (x, k_all, v_all, pos_all, length_all, scores), _ = jax.lax.scan(layer, init, (params["layers"], layer_ids))
+    carry = (x, cache.k, cache.v, cache.pos, cache.length, scores)
+  lora_segments = None
+  if options.lora is not None:
+    lora_segments = list(options.lora) if isinstance(options.lora, (list, tuple)) else [options.lora]
+    if len(lora_segments) != len(segments):
+      raise ValueError(f"ForwardOptions.lora has {len(lora_segments)} segment(s); params have {len(segments)}")
+  hidden_steps = [x] if options.hidden_layers else None  # residual after 0, 1, ... executed layers
+  executed = []  # global index of each executed layer, in order
+  start = 0
+  for s, seg in enumerate(segments):
+    num_stacked = _num_stacked(seg)
+    stop = start + num_stacked
+    h_s, kv_s = int(seg["wq"].shape[-2]), int(seg["wk"].shape[-2])
+    if h_s % kv_s or kv_s > kv_cache:
+      raise ValueError(f"layer segment {s}: {h_s} query heads must be a multiple of its {kv_s} kv heads, and "
+                       f"kv heads at most the cache's {kv_cache}")
+    g_s = h_s // kv_s
+    ids = np.arange(start, stop)
+    if options.layers is not None:
+      ids = np.asarray([i for i in options.layers if start <= i < stop], np.int64)
+    if ids.size:
+      local = ids - start
+      select = (lambda a: a) if ids.size == num_stacked else (lambda a: a[local])  # noqa: E731
+      seg_p = jax.tree.map(select, seg)
+      lora_p = None if lora_segments is None else jax.tree.map(select, lora_segments[s])
+      gate = None if options.layer_gate is None else options.layer_gate[ids]
+      use_cpu_kernel = (not uncached and probs_hook is None and score_weights is None and mesh_rules is None
+                        and cpu_attention.supports(T, kv_cache, g_s, cfg.head_dim, dtype, cache.k.dtype,
+                                                   cache.rope_mode)
+                        and cpu_attention.available())
+      xs = (seg_p, jnp.asarray(ids, jnp.int32), gate, _rows(options.head_mask, ids),
+            _rows(options.ffn_mask, ids), lora_p)
+      carry, ys = jax.lax.scan(layer_body(kv_s, g_s, use_cpu_kernel), carry, xs)
+      if hidden_steps is not None:
+        hidden_steps.extend(ys[n] for n in range(ids.size))
+      executed.extend(int(i) for i in ids)
+    start = stop
+  x, k_all, v_all, pos_all, length_all, scores = carry
 
-  if logits_index is not None:
-    x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)
-  x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  unembed = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-  logits = jnp.einsum("btd,vd->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+  hidden = None
+  if options.hidden_layers:
+    # The residual after j layers = after the last executed layer with index < j (skipped ones pass through).
+    picks = [sum(1 for i in executed if i < j) for j in options.hidden_layers]
+    hidden = jnp.stack([hidden_steps[n] for n in picks])
+
+  logits = None
+  if options.logits:
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)
+    logits = unembed(params, x, cfg)
   if uncached:
-    return logits, None
+    return ForwardOutput(logits, None, hidden)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
                         scores=scores if cache.scores is not None else None)
   if mesh_rules is not None:
     cache = mesh_rules.constrain_cache(cache)
-  return logits, cache
+  return ForwardOutput(logits, cache, hidden)

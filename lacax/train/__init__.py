@@ -37,8 +37,8 @@ Public API:
   `evaluate`; `TrainConfig` (steps, accum_steps, compute_dtype, log_every, eval_every, checkpoint_every,
   keep_checkpoints, save_frozen, progress) and `train_config_from(section)`; `Trainer` (`place`, `step`,
   `evaluate`, `fit`: tqdm progress with loss and tokens/s, `metrics.jsonl` and `loss_curve.png` in the run
-  directory, evaluation every N steps, checkpoints every N steps, resume from the latest checkpoint, SIGINT ->
-  checkpoint then KeyboardInterrupt); on a mesh `state_shardings`, `shard_state`, `shard_batch` (FSDP over the
+  directory, evaluation every N steps, checkpoints every N steps, resume from the latest checkpoint,
+  SIGINT / SIGTERM -> checkpoint then KeyboardInterrupt); on a mesh `state_shardings`, `shard_state`, `shard_batch` (FSDP over the
   parameters and the optimizer moments that mirror them, by the rules of `lacax.sharding`).
 * checkpoints (`checkpoint`): `Checkpointer(directory, keep=, config=, save_frozen=)` with `save`, `restore`,
   `latest_step`, `all_steps`; `CheckpointError` (corrupted or incomplete checkpoint, names its directory); a
@@ -50,6 +50,9 @@ Public API:
 * losses (`losses`): `next_token_loss(logits, targets, mask)`, `token_nll`, `lm_loss_fn(logits_fn)`,
   `llama_loss_fn(cfg, params_fn=, forward_kwargs=)` (the Llama forward without a KV cache).
 * metrics (`metrics`): `MetricsWriter`, `read_metrics`, `plot_loss_curve`.
+* causal-LM set-ups (`lm`): `full_setup(model, ...)`, `lora_setup(model, rank=, alpha=, dropout=, targets=,
+  layer_window=)` -> `LMSetup` (params, labels, loss_fn, export, cfg); `param_sharding(mesh_rules)` for the
+  {"params", "lora"} pytree on a mesh.
 """
 
 from lacax.train.checkpoint import Checkpointer, CheckpointError

@@ -66,7 +66,7 @@ class TrainConfig:
     compute_dtype: "" (the master dtype, float32), "bfloat16" or "float16": what the loss computes in.
     log_every: steps between metric fetches (every step is still written to metrics.jsonl).
     eval_every: steps between evaluations (0: only at the end, if evaluation batches are given).
-    checkpoint_every: steps between checkpoints (0: only at the end and on SIGINT).
+    checkpoint_every: steps between checkpoints (0: only at the end and on SIGINT / SIGTERM).
     keep_checkpoints: how many checkpoints to keep.
     save_frozen: write the frozen parameters into checkpoints too.
     progress: show a tqdm bar (loss, tokens/s).
@@ -292,15 +292,18 @@ def default_tokens_of(batch: Batch) -> int:
 
 
 class _InterruptFlag:
-  """Turns SIGINT into a flag the loop checks between steps (the step in flight completes, then a checkpoint)."""
+  """Turns SIGINT / SIGTERM (Ctrl-C, a pre-empted VM) into a flag the loop checks between steps: the step in
+  flight completes, a checkpoint is written, then KeyboardInterrupt. A second signal stops at once."""
+
+  _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
     return self
 
   def _handle(self, signum, frame):
@@ -310,8 +313,8 @@ class _InterruptFlag:
     self.raised = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
     return False
 
 
@@ -386,7 +389,7 @@ class Trainer:
       (final state, the records written this call).
 
     Raises:
-      KeyboardInterrupt: on SIGINT, after the step in flight and a checkpoint at it.
+      KeyboardInterrupt: on SIGINT or SIGTERM, after the step in flight and a checkpoint at it.
     """
     cfg = self.config
     state = self.place(state)
@@ -463,8 +466,7 @@ class Trainer:
                             ckpt.directory if ckpt else "(no checkpoint_dir)")
             raise KeyboardInterrupt
       flush()
-      if start < cfg.steps or not records:
-        run_eval(int(jax.device_get(state.step)))
+      run_eval(int(jax.device_get(state.step)))
       if ckpt is not None:
         ckpt.save(state, extra_meta)
     finally:
