@@ -2,6 +2,8 @@
 
   python -m experiments.bench_asr [--d_model=128] [--layers=4] [--batch=16] [--steps=20]
 
+Timings interleave the compared functions and keep each one's minimum over `--steps` calls, so that the
+load of a shared machine (which only adds time) distorts the ratios as little as possible.
 * Training step: the jitted lacax.train step of stage-1 Master-ASR (K specialists, top-(1 - t) masks of the
   q/k/v/o projections recomputed every step, STE) vs the dense model of the same size (target: <= 1.3x).
 * Inference real-time factor (compute seconds / audio seconds, greedy CTC decoding of a batch of 2 s
@@ -53,15 +55,19 @@ def cpu_model() -> str:
   return "unknown"
 
 
-def _time(fn, steps):
-  jax.block_until_ready(fn())  # compile + warm-up
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
+def _time(fns: dict, steps: int) -> dict:
+  """Seconds per call of each function: calls interleaved round-robin, the minimum kept (robust to the load
+  of a shared machine, which only ever adds time)."""
+  for fn in fns.values():  # compile + warm-up
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  for _ in range(steps):
+    for k, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - start)
+  return {k: float(np.min(v)) for k, v in times.items()}
 
 
 def main(argv):
@@ -81,7 +87,7 @@ def main(argv):
   sched = ma.ScheduleConfig(lr=1e-3, steps=1000, phase_every=0)  # W and M both update: the costlier case
   mcs = {"dense": artisan.MaskConfig(),
          "master_asr": artisan.MaskConfig(kind="artisan", num_specialists=_K.value, num_languages=_LANGS.value)}
-  step_s, params_of = {}, {}
+  step_fns, params_of = {}, {}
   for method, mc in mcs.items():
     params = model.init_params(jax.random.PRNGKey(0), enc, mc)
     params_of[method] = params
@@ -90,7 +96,8 @@ def main(argv):
     state = train_lib.create_train_state(params, opt, labels=labels)
     step = train_lib.make_train_step(ma.stage1_loss(ma.LossConfig(enc, mc, None)), opt, labels=labels,
                                      donate=False)
-    step_s[method] = _time(lambda: step(state, batch)[1]["loss"], _STEPS.value)
+    step_fns[method] = lambda step=step, state=state: step(state, batch)[1]["loss"]
+  step_s = _time(step_fns, _STEPS.value)
   out["train_step_s"] = step_s
   out["train_step_ratio"] = step_s["master_asr"] / step_s["dense"]
 
@@ -98,12 +105,11 @@ def main(argv):
   folded, enc_f = inference.fold(params_of["master_asr"], enc, mcs["master_asr"], 3)
   dense_fwd = jax.jit(lambda p, f, m: model.logits(p, f, m, enc)[0])
   masked_fwd = jax.jit(lambda p, f, m: model.logits(p, f, m, enc, mcs["master_asr"], 3)[0])
-  rtf = {"dense": _time(lambda: dense_fwd(params_of["dense"], batch["feats"], batch["frame_mask"]),
-                        _STEPS.value) / audio_s,
-         "master_asr_folded": _time(lambda: dense_fwd(folded, batch["feats"], batch["frame_mask"]),
-                                    _STEPS.value) / audio_s,
-         "master_asr_unfolded": _time(lambda: masked_fwd(params_of["master_asr"], batch["feats"],
-                                                         batch["frame_mask"]), _STEPS.value) / audio_s}
+  secs = _time({"dense": lambda: dense_fwd(params_of["dense"], batch["feats"], batch["frame_mask"]),
+                 "master_asr_folded": lambda: dense_fwd(folded, batch["feats"], batch["frame_mask"]),
+                 "master_asr_unfolded": lambda: masked_fwd(params_of["master_asr"], batch["feats"],
+                                                           batch["frame_mask"])}, _STEPS.value)
+  rtf = {k: v / audio_s for k, v in secs.items()}
   out["real_time_factor"] = rtf
   out["folded_vs_dense"] = rtf["master_asr_folded"] / rtf["dense"]
 

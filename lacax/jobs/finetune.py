@@ -124,7 +124,11 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
     home = os.path.join(config.results_dir, config.experiment, "runs", config_hash(config))
   os.makedirs(home, exist_ok=True)
   ckpt_dir = config.train.checkpoint_dir or os.path.join(home, "checkpoints")
-  resumed_from = train.Checkpointer(ckpt_dir).latest_step() if os.path.isdir(ckpt_dir) else None
+  resumed_from = None
+  if os.path.isdir(ckpt_dir):
+    existing = train.Checkpointer(ckpt_dir)
+    resumed_from = existing.latest_step()
+    existing.close()
   placed = trainer.place(state)
   before = trainer.evaluate(placed, eval_batches)
   t0 = time.perf_counter()
