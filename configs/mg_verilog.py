@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.split = ml_collections.ConfigDict(dict(held_out_families=("fsm",), test_fraction=0.25))
   c.variants = ("base", "union", "random_level", "single:high_level", "single:detailed", "single:block",
                 "single:line")
-  c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0,
+  c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.0,  # lacax.model.lora.LoraConfig
                                           targets=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")))
   c.train = ml_collections.ConfigDict(dict(
       epochs=3, steps=0,           # 0: as many steps as the epochs of pairs give

@@ -28,6 +28,7 @@ from lacax.hw.backends import base
 from lacax.hw.bench import harness, loaders
 from lacax.hw.mg_verilog import finetune as ft
 from lacax.hw.mg_verilog import tasks as tasks_lib
+from lacax.model import lora as lora_lib
 from lacax.weights.loader import Model, load_model
 
 
@@ -90,7 +91,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   bench_problems = {k: (v[:lim] if lim else v) for k, v in bench_problems.items()}
   sampling = _sampling(config.eval)
   ks = tuple(k for k in config.eval.ks if k <= sampling.n)
-  lora = ft.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
+  lora = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                             dropout=config.lora.get("dropout", 0.0), targets=tuple(config.lora.targets))
   rows, training = [], {}
   for variant in config.variants:
     tv = time.monotonic()

@@ -8,9 +8,10 @@ loss on the answer only (`train_on_source=False`), over the union of the per-lev
     (`render_prompt(problem, "chat", system="")`: the description at that level, the instruction to answer with
     module TopModule) and whose answer is the reference in a ```verilog block; `lacax.train.instruction_dataset`
     renders it with the chat template and masks the loss to the answer tokens;
-  - LoRA: `W' = W + (alpha / r) A B` on the chosen projections (A [L, in, r] random, B [L, r, out] zero, so the
-    untrained adapter leaves the model unchanged), kept as its own "lora" subtree beside the frozen base
-    weights, merged into them inside the loss (`params_fn`) and for export (`merged_params`);
+  - LoRA is lacax's own (`lacax.model.lora`, set up by `lacax.train.lm.lora_setup`): adapters on the chosen
+    projections (B starts at zero, so the untrained adapter leaves the model unchanged) trained beside the
+    frozen base weights, applied inside the one forward (`llama.ForwardOptions.lora`), and folded into the base
+    weights (`lacax.model.lora.merge`) for the returned parameters;
   - `lacax.train.Trainer` does the rest (AdamW, warmup, clipping, gradient accumulation, metrics.jsonl,
     loss_curve.png, checkpoints).
 """
@@ -19,76 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from lacax import train
 from lacax.hw.bench.problem import render_prompt
 from lacax.hw.mg_verilog.sampler import BalancedSampler
+from lacax.model import llama
+from lacax.model import lora as lora_lib
+from lacax.train import lm
 
-# The projections LoRA can target, with how their [L, ...] weight splits into (input dims, output dims).
-TARGETS = {"wq": (1, 2), "wk": (1, 2), "wv": (1, 2), "wo": (2, 1), "w_gate": (1, 1), "w_up": (1, 1),
-           "w_down": (1, 1)}
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """rank r, alpha (scale alpha / r), the target projections, the init seed."""
-
-  rank: int = 8
-  alpha: float = 16.0
-  targets: tuple[str, ...] = tuple(TARGETS)
-  seed: int = 0
-
-  def __post_init__(self):
-    if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"lora.rank={self.rank!r} must be an integer >= 1")
-    bad = [t for t in self.targets if t not in TARGETS]
-    if bad or not self.targets:
-      raise ValueError(f"lora.targets={self.targets!r}: {bad or 'empty'}; choose from {sorted(TARGETS)}")
-    object.__setattr__(self, "targets", tuple(self.targets))
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
-
-
-def _split_dims(name: str, shape: Sequence[int]) -> tuple[int, int]:
-  n_in, n_out = TARGETS[name]
-  d_in = int(np.prod(shape[1:1 + n_in]))
-  d_out = int(np.prod(shape[1 + n_in:1 + n_in + n_out]))
-  return d_in, d_out
-
-
-def init_lora(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
-  """{"layers": {target: {"a": [L, in, r], "b": [L, r, out]}}}: A ~ N(0, 1/in), B = 0 (a no-op adapter)."""
-  key = jax.random.PRNGKey(config.seed)
-  out = {}
-  for i, name in enumerate(config.targets):
-    w = params["layers"][name]
-    d_in, d_out = _split_dims(name, w.shape)
-    a = jax.random.normal(jax.random.fold_in(key, i), (w.shape[0], d_in, config.rank), jnp.float32) / math.sqrt(d_in)
-    out[name] = {"a": a, "b": jnp.zeros((w.shape[0], config.rank, d_out), jnp.float32)}
-  return {"layers": out}
-
-
-def merge(params: Mapping[str, Any], scale: float) -> dict[str, Any]:
-  """Base params with every adapter of `params["lora"]` folded in (W + scale A B); the "lora" key removed."""
-  lora = params.get("lora")
-  base = {k: v for k, v in params.items() if k != "lora"}
-  if not lora:
-    return base
-  layers = dict(base["layers"])
-  for name, ab in lora["layers"].items():
-    w = layers[name]
-    delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)) * scale
-    layers[name] = (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
-  base["layers"] = layers
-  return base
+# The reference trains adapters on every linear layer of the transformer blocks.
+ALL_TARGETS = tuple(llama.LORA_TARGETS)
 
 
 def sft_records(tasks: Sequence[Any], pairs: Sequence[tuple[int, str]]) -> list[dict[str, str]]:
@@ -113,10 +57,10 @@ class FinetuneConfig:
     steps: optimizer steps (0 = as many as `epochs` of pairs give at `batch_size * accum_steps` per step).
     batch_size, accum_steps, seq_len: the batch shape (rows beyond seq_len + 1 tokens are truncated).
     learning_rate, warmup_steps, clip_norm: the optimizer (AdamW, warmup then constant, as the reference).
-    lora: the adapter.
+    lora: the adapter (`lacax.model.lora.LoraConfig`; default: rank 8, alpha 16 on every projection).
     weights: level weights for "weighted".
     compute_dtype: "float32" or "bfloat16".
-    seed: the sampler seed.
+    seed: the sampler seed, also the seed of the adapters' A matrices.
   """
 
   mode: str = "union"
@@ -128,7 +72,7 @@ class FinetuneConfig:
   learning_rate: float = 2e-4
   warmup_steps: int = 0
   clip_norm: float = 0.3
-  lora: LoraConfig = LoraConfig()
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig(targets=ALL_TARGETS)
   weights: Mapping[str, float] | None = None
   compute_dtype: str = "float32"
   seed: int = 0
@@ -158,28 +102,27 @@ def finetune(model, tasks: Sequence[Any], config: FinetuneConfig, *, run_dir: st
   data = train.instruction_dataset(model.tokenizer, records, seq_len=config.seq_len, batch_size=config.batch_size,
                                    seed=None)  # the sampler already fixed the order (and each epoch's levels)
   steps = config.steps or max(1, len(records) // (config.batch_size * config.accum_steps))
-  params = dict(model.params)
-  params["lora"] = init_lora(params, config.lora)
-  labels = train.make_labels(params, trainable=("lora/",))
+  lcfg = config.lora
+  setup = lm.lora_setup(model, rank=lcfg.rank, alpha=lcfg.alpha, dropout=lcfg.dropout, targets=lcfg.targets,
+                        seed=config.seed)
   # The reference's schedule: constant learning rate after a linear warm-up (qlora.py: lr_scheduler_type
   # "constant", warmup_ratio 0.03), AdamW, gradient clipping at 0.3.
   opt, schedule = train.make_optimizer(train.OptimizerConfig(learning_rate=config.learning_rate,
                                                              schedule="constant",
                                                              warmup_steps=min(config.warmup_steps, steps - 1),
                                                              clip_norm=config.clip_norm), steps)
-  state = train.create_train_state(params, opt, labels=labels, seed=config.seed)
-  scale = config.lora.scale
-  loss_fn = train.llama_loss_fn(model.cfg, params_fn=lambda t, f: merge(train.combine(t, f), scale))
-  trainer = train.Trainer(loss_fn, opt, train.TrainConfig(steps=steps, accum_steps=config.accum_steps,
-                                                          compute_dtype=config.compute_dtype, progress=False,
-                                                          log_every=max(1, steps // 10)),
-                          schedule=schedule, labels=labels)
+  state = train.create_train_state(setup.params, opt, labels=setup.labels, seed=config.seed)
+  trainer = train.Trainer(setup.loss_fn, opt, train.TrainConfig(steps=steps, accum_steps=config.accum_steps,
+                                                                compute_dtype=config.compute_dtype,
+                                                                progress=False, log_every=max(1, steps // 10)),
+                          schedule=schedule, labels=setup.labels)
   state, recs = trainer.fit(state, data.batch, run_dir=run_dir)
   losses = [r["loss"] for r in recs if "loss" in r and r.get("split", "train") == "train"]
   counts = {l: sum(1 for _, x in pairs if x == l) for l in levels}
   logging.info("mg_verilog finetune %s: %d pairs %s, %d steps, loss %s -> %s", config.mode, len(pairs), counts,
                steps, losses[:1], losses[-1:])
-  merged = merge(jax.device_get(state.params), scale)
+  p = jax.device_get(state.params)
+  merged = lora_lib.merge(p["params"], p["lora"], setup.lora_config)
   return merged, {"mode": config.mode, "pairs": len(pairs), "pairs_per_level": counts, "steps": steps,
                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                   "records": recs}
