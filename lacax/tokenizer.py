@@ -144,6 +144,22 @@ class Tokenizer:
     stops = [eos_id, *extra_stop_ids, *(backend.token_to_id(t) for t in _END_OF_TURN_TOKENS)]
     self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in stops if i is not None))
 
+  def save_hf_dir(self, path: str) -> None:
+    """Writes this tokenizer as a Hugging Face tokenizer directory that `from_hf_dir` restores with the same ids,
+    bos / eos / stop ids, `add_bos_token`, special tokens and chat template: `tokenizer.json` (the backend),
+    `tokenizer_config.json` (special tokens, `add_bos_token`, `chat_template`) and `generation_config.json`
+    (`bos_token_id`, the stop ids as `eos_token_id`)."""
+    os.makedirs(path, exist_ok=True)
+    self.backend.save(os.path.join(path, "tokenizer.json"))
+    config = {**self.special_tokens, "add_bos_token": self.add_bos_token}
+    if self.chat_template is not None:
+      config["chat_template"] = self.chat_template
+    io.write_json(os.path.join(path, "tokenizer_config.json"), config)
+    generation = {"eos_token_id": list(self.stop_ids)}
+    if self.bos_id is not None:
+      generation["bos_token_id"] = self.bos_id
+    io.write_json(os.path.join(path, "generation_config.json"), generation)
+
   # --- constructors -------------------------------------------------------------------------------------------
 
   @classmethod

@@ -14,6 +14,7 @@ from lacax.subnets import calibrate, depth, execute, export, oneforall, smol, wi
 from lacax.subnets.shape import SubnetSpace
 from lacax.weights.loader import load_model
 from tests import subnet_models as sm
+from tests import train_utils as tu
 
 CFG = sm.CFG
 L = CFG.num_layers
@@ -89,9 +90,19 @@ class ExecutionAndExportTest(absltest.TestCase):
     shape = self.space.shape(3, 0.75)
     sliced, sub_cfg, sizes = export.slice_subnet(self.params, CFG4, self.space, shape, self.smol, self.smol_cfg)
     with tempfile.TemporaryDirectory() as d:
-      path = export.save_subnet(os.path.join(d, "sub"), sliced, sub_cfg, sizes, shape=shape)
+      tok = tu.byte_tokenizer()
+      path = export.save_subnet(os.path.join(d, "sub"), sliced, sub_cfg, sizes, shape=shape, source="base",
+                                tokenizer=tok)
       model = load_model(path)
       self.assertEqual(model.cfg, sub_cfg)
+      # One directory format: a verified lacax checkpoint with the subnet metadata and the tokenizer inside.
+      _, _, meta = export.load_subnet(path)
+      self.assertEqual((meta["kv_heads"], meta["ffn"], meta["source"]), (list(sizes.kv_heads), list(sizes.ffn),
+                                                                         "base"))
+      text = "module TopModule; endmodule"
+      self.assertEqual(model.tokenizer.encode(text), tok.encode(text))
+      self.assertEqual((model.tokenizer.bos_id, model.tokenizer.eos_id, model.tokenizer.stop_ids,
+                        model.tokenizer.chat_template), (tok.bos_id, tok.eos_id, tok.stop_ids, tok.chat_template))
       logits, _ = _forward(model.params, self.tokens, self.positions, None, cfg=model.cfg)
       ref, _ = llama.forward(jax.tree.map(jnp.asarray, sliced), self.tokens, self.positions, None, sub_cfg)
       np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))

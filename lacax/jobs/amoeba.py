@@ -231,7 +231,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
         path = os.path.join(run_dir, "subnets", f"{ratio:.2f}_{shape.label()}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         export.save_subnet(path, sliced, sub_cfg, sizes, shape=shape, source=model.source,
-                           extra={"ratio": ratio, "fraction": pick["fraction"]})
+                           tokenizer=model.tokenizer, extra={"ratio": ratio, "fraction": pick["fraction"]})
         exported.append({"ratio": ratio, "shape": shape.label(), "path": path,
                          "params": export.sliced_param_count(sliced, sub_cfg)})
   eval_seconds = time.perf_counter() - t0

@@ -15,14 +15,16 @@ FFN channel) keeps one with zero output weights, which contributes exactly 0, so
 Masked and sliced logits are equal up to float rounding: a masked head or channel contributes exactly 0 in the
 masked model and is absent in the sliced one.
 
-On disk (no pickle): `<dir>/lacax_subnet.json` (the model config, the per-layer sizes, the shape, its source)
-and `<dir>/params.npz` (flat "layers/<segment>/<name>" keys). `lacax.weights.loader.load_model(<dir>)` loads it.
+On disk: a lacax checkpoint (`lacax.weights.checkpoint.save_params`: orbax arrays, the model config with its
+`layer_shapes`, a verified manifest, written atomically) with, inside it, `lacax_subnet.json` (the per-layer
+sizes, the shape, the source model) and the source model's tokenizer (`tokenizer.json`, `tokenizer_config.json`,
+`generation_config.json`) when one is given. `lacax.weights.loader.load_model(<dir>)` loads it like any lacax
+checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from typing import Any, Mapping
@@ -30,12 +32,14 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from lacax.model.config import ModelConfig, RopeScaling
+from lacax import io as lacax_io
+from lacax.errors import DataError
+from lacax.model.config import ModelConfig
+from lacax.weights import checkpoint
 from lacax.subnets import smol as smol_lib
 from lacax.subnets.shape import SubnetShape, SubnetSpace
 
 SUBNET_FILE = "lacax_subnet.json"
-PARAMS_FILE = "params.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +99,9 @@ def slice_subnet(base_params: Mapping[str, Any], cfg: ModelConfig, space: Subnet
               for a, b in _segments(sizes)]
   out = {k: v for k, v in params.items() if k != "layers"}
   out["layers"] = segments
-  sub_cfg = cfg.replace(num_layers=len(kept), name=f"{cfg.name}-{shape.label()}")
+  sub_cfg = cfg.replace(num_layers=len(kept), name=f"{cfg.name}-{shape.label()}",
+                        layer_shapes=tuple((b - a, sizes.kv_heads[a] * G, sizes.kv_heads[a], sizes.ffn[a])
+                                           for a, b in _segments(sizes)))
   return out, sub_cfg, sizes
 
 
@@ -106,29 +112,35 @@ def sliced_param_count(params: Mapping[str, Any], cfg: ModelConfig) -> int:
 
 
 def save_subnet(directory: str, params: Mapping[str, Any], cfg: ModelConfig, sizes: LayerSizes, *,
-                shape: SubnetShape | None = None, source: str = "", extra: Mapping[str, Any] | None = None) -> str:
-  """Writes a sliced subnet (atomically: a temporary directory renamed into place)."""
+                shape: SubnetShape | None = None, source: str = "", extra: Mapping[str, Any] | None = None,
+                tokenizer: Any = None) -> str:
+  """Writes a sliced subnet as a lacax checkpoint (atomic and verified, `checkpoint.save_params`) with its
+  subnet metadata (`SUBNET_FILE`) and, when given, `tokenizer` (a `lacax.tokenizer.Tokenizer`) inside it.
+
+  Raises:
+    FileExistsError: `directory` exists.
+    ValueError: `cfg.layer_shapes` does not describe `params["layers"]` or `sizes`.
+  """
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f"subnet directory {directory!r} exists")
-  tmp = f"{directory}.tmp{os.getpid()}"
-  os.makedirs(tmp)
-  arrays = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
-  for s, seg in enumerate(params["layers"]):
-    for name, value in seg.items():
-      arrays[f"layers/{s}/{name}"] = np.asarray(value)
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
-    f.write(buf.getvalue())
-  meta = {"model_config": dataclasses.asdict(cfg), "kv_heads": list(sizes.kv_heads), "ffn": list(sizes.ffn),
-          "num_segments": len(params["layers"]), "source": source,
+  want = tuple((b - a, sizes.kv_heads[a] * cfg.group_size, sizes.kv_heads[a], sizes.ffn[a])
+               for a, b in _segments(sizes))
+  if cfg.layer_shapes != want or len(params["layers"]) != len(want):
+    raise ValueError(f"save_subnet: ModelConfig.layer_shapes={cfg.layer_shapes} but the per-layer sizes give "
+                     f"{want} ({len(params['layers'])} parameter segments); use slice_subnet's config")
+  meta = {"kv_heads": list(sizes.kv_heads), "ffn": list(sizes.ffn), "num_segments": len(params["layers"]),
+          "source": source,
           "shape": None if shape is None else {"layer_mask": list(shape.layer_mask), "width": shape.width},
           **dict(extra or {})}
-  with open(os.path.join(tmp, SUBNET_FILE), "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, directory)
-  return directory
+
+  def write_extra(staging):
+    lacax_io.write_json(os.path.join(staging, SUBNET_FILE), meta)
+    if tokenizer is not None:
+      tokenizer.save_hf_dir(staging)
+
+  host = jax.tree.map(np.asarray, dict(params))
+  return checkpoint.save_params(directory, host, cfg, write_extra=write_extra)
 
 
 def is_subnet_dir(path: str) -> bool:
@@ -138,28 +150,16 @@ def is_subnet_dir(path: str) -> bool:
 def load_subnet(directory: str) -> tuple[ModelConfig, dict, dict[str, Any]]:
   """(config, params with layer segments, metadata) of a subnet written by `save_subnet`."""
   meta_path = os.path.join(directory, SUBNET_FILE)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f"{directory} is not a lacax subnet (no {SUBNET_FILE})")
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-    fields = dict(meta["model_config"])
-    if fields.get("rope_scaling"):
-      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    cfg = ModelConfig(**fields)
-    with np.load(os.path.join(directory, PARAMS_FILE), allow_pickle=False) as z:
-      flat = {k: z[k] for k in z.files}
-  except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+    meta = lacax_io.read_json(meta_path, what="subnet metadata")
+  except (DataError, json.JSONDecodeError) as e:
     raise ValueError(f"{directory} is not a readable lacax subnet ({type(e).__name__}: {e})") from None
-  segments = [dict() for _ in range(int(meta["num_segments"]))]
-  params: dict[str, Any] = {}
-  for key, value in flat.items():
-    parts = key.split("/")
-    if parts[0] == "layers":
-      segments[int(parts[1])][parts[2]] = value
-    else:
-      params[key] = value
-  params["layers"] = segments
-  n_layers = sum(int(s["attn_norm"].shape[0]) for s in segments)
-  if n_layers != cfg.num_layers or n_layers != len(meta["kv_heads"]):
+  cfg = checkpoint.load_config(directory)
+  params = checkpoint.restore_params(directory, cfg)
+  n_layers = sum(int(s["attn_norm"].shape[0]) for s in params["layers"])
+  if n_layers != cfg.num_layers or n_layers != len(meta.get("kv_heads", ())):
     raise ValueError(f"{directory}: the segments hold {n_layers} layers but the config says "
-                     f"num_layers={cfg.num_layers} ({len(meta['kv_heads'])} per-layer sizes)")
+                     f"num_layers={cfg.num_layers} ({len(meta.get('kv_heads', ()))} per-layer sizes)")
   return cfg, params, meta

@@ -24,8 +24,9 @@ import logging
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
 from lacax import io as lacax_io
@@ -37,6 +38,8 @@ _CONFIG_FILE = "lacax_model_config.json"
 _MANIFEST_FILE = "lacax_checkpoint.json"
 _HASHED_BYTES = 1 << 20  # files up to this size get a checksum (orbax metadata); larger ones a size check
 _RENAME_EXCHANGE = 2
+# Per-layer arrays a model may carry beyond `llama.param_shapes` (output biases, `lacax.model.llama`).
+_OPTIONAL_LAYER_ARRAYS = ("bo", "b_down")
 
 
 def _sibling(directory: str, tag: str) -> str:
@@ -132,7 +135,8 @@ def _put_in_place(new: str, directory: str) -> None:
   shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_params(directory: str, params: Any, cfg: ModelConfig | None = None, *, overwrite: bool = False) -> str:
+def save_params(directory: str, params: Any, cfg: ModelConfig | None = None, *, overwrite: bool = False,
+                write_extra: Callable[[str], None] | None = None) -> str:
   """Saves `params` (and `cfg`) to `directory`.
 
   Args:
@@ -140,6 +144,8 @@ def save_params(directory: str, params: Any, cfg: ModelConfig | None = None, *, 
     params: the parameter pytree.
     cfg: the model config, saved beside (so `restore_params(directory)` needs nothing else).
     overwrite: replace an existing checkpoint; the old one stays restorable until the new one is complete.
+    write_extra: called with the staging directory before the manifest is recorded, to write more files beside
+      the parameters (e.g. a tokenizer, metadata); they are put in place and verified with the checkpoint.
 
   Returns:
     The absolute directory.
@@ -157,6 +163,8 @@ def save_params(directory: str, params: Any, cfg: ModelConfig | None = None, *, 
       checkpointer.wait_until_finished()
     if cfg is not None:
       lacax_io.write_json(os.path.join(staging, _CONFIG_FILE), dataclasses.asdict(cfg))
+    if write_extra is not None:
+      write_extra(staging)
     lacax_io.write_json(os.path.join(staging, _MANIFEST_FILE), _manifest(staging))
     _put_in_place(staging, directory)
   except BaseException:
@@ -191,6 +199,33 @@ def _resolve(directory: str) -> str:
   raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
 
 
+def param_target(directory: str, cfg: ModelConfig) -> Any:
+  """`llama.param_shapes(cfg)` plus the optional layer arrays the checkpoint holds beyond it (the output biases
+  `bo` / `b_down` of a sliced or bias-compensated model), in `cfg`'s dtype: the abstract tree to restore."""
+  target = llama.param_shapes(cfg)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(_resolve(os.path.abspath(directory))).item_metadata.tree
+  except (ValueError, KeyError, OSError, AttributeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"orbax cannot read its metadata ({type(e).__name__}: {str(e)[:500]})",
+                          path=directory) from None
+  saved_layers = saved.get("layers") if isinstance(saved, dict) else None
+  if saved_layers is None:
+    return target
+  segments = list(target["layers"]) if isinstance(target["layers"], list) else [target["layers"]]
+  saved_segments = list(saved_layers) if isinstance(saved_layers, (list, tuple)) else [saved_layers]
+  if len(saved_segments) != len(segments):
+    raise CheckpointError(f"it holds {len(saved_segments)} layer segment(s); ModelConfig.layer_shapes declares "
+                          f"{len(segments)}", path=directory)
+  dt = cfg.jnp_dtype
+  out = []
+  for seg, saved_seg in zip(segments, saved_segments):
+    extra = {k: jax.ShapeDtypeStruct(tuple(m.shape), dt) for k, m in saved_seg.items()
+             if k not in seg and k in _OPTIONAL_LAYER_ARRAYS}
+    out.append({**seg, **extra})
+  return {**target, "layers": out if isinstance(target["layers"], list) else out[0]}
+
+
 def restore_params(directory: str, cfg: ModelConfig | None = None, *, target: Any = None) -> Any:
   """Restores parameters saved by `save_params`.
 
@@ -208,7 +243,7 @@ def restore_params(directory: str, cfg: ModelConfig | None = None, *, target: An
   verify(directory)
   if target is None:
     cfg = cfg or load_config(directory)
-    target = llama.param_shapes(cfg)
+    target = param_target(directory, cfg)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(directory, target)

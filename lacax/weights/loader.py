@@ -99,8 +99,9 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
 
   Args:
-    path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, a sliced subnet
-      directory (`lacax.subnets.export.save_subnet`; tokenizer from its source model), or None.
+    path: a directory with config.json + safetensors (+ tokenizer.json), a `.gguf` file, a lacax checkpoint
+      directory (`lacax.weights.checkpoint.save_params` with a config, e.g. a sliced subnet written by
+      `lacax.subnets.export.save_subnet`; + tokenizer.json), or None.
     dtype: "float32" or "bfloat16".
     mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: the
       rules of an enclosing `lacax.sharding.use_mesh_rules`, else one device). A Hugging Face checkpoint is
@@ -115,9 +116,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "lacax_model_config.json")):
     from lacax.weights import checkpoint  # pylint: disable=g-import-not-at-top
 
-    # A lacax (orbax) checkpoint, e.g. an exported subnet with heterogeneous layers.
+    # A lacax (orbax) checkpoint: a saved or fine-tuned model, or an exported subnet with heterogeneous layers
+    # (`lacax.subnets.export.save_subnet`: the same checkpoint with its subnet metadata and tokenizer beside).
     cfg = checkpoint.load_config(path).replace(dtype=dtype)
-    target = llama.param_shapes(cfg)
+    target = checkpoint.param_target(path, cfg)
     if mesh_rules is not None:
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target,
                             mesh_rules.param_shardings(target))
@@ -127,19 +129,6 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     return Model(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=tokenizer,
                  source=os.path.abspath(path))
 
-  from lacax.subnets import export as subnet_export  # pylint: disable=g-import-not-at-top
-
-  if subnet_export.is_subnet_dir(path):  # a sliced AmoebaLLM subnet (per-layer head / FFN sizes)
-    cfg, params, meta = subnet_export.load_subnet(path)
-    cfg = cfg.replace(dtype=dtype)
-    source = meta.get("source") or ""
-    tokenizer = None
-    if source.endswith(".gguf") and os.path.isfile(source):
-      tokenizer = tokenizer_lib.Tokenizer.from_gguf(source)
-    elif os.path.isfile(os.path.join(source, "tokenizer.json")):
-      tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(source)
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
-    return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path))
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
