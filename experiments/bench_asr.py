@@ -44,17 +44,6 @@ _UTTS = flags.DEFINE_integer("corpus_utterances", 30, "Utterances per language f
 _OUT = flags.DEFINE_string("out", "results/bench_asr", "Output folder.")
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def _time(fns: dict, steps: int) -> dict:
   """Seconds per call of each function: calls interleaved round-robin, the minimum kept (robust to the load
   of a shared machine, which only ever adds time)."""
@@ -81,7 +70,7 @@ def main(argv):
            "labels": rng.integers(1, 40, (_BATCH.value, 20)).astype(np.int32),
            "label_mask": np.ones((_BATCH.value, 20), np.float32), "lang": np.int32(3)}
   batch = jax.tree.map(jnp.asarray, batch)
-  out = {"cpu": cpu_model(), "devices": [str(d) for d in jax.devices()], "config": {
+  out = {"cpu": results_lib.cpu_model(), "devices": [str(d) for d in jax.devices()], "config": {
       "d_model": _D.value, "layers": _LAYERS.value, "batch": _BATCH.value, "frames": frames,
       "specialists": _K.value, "languages": _LANGS.value}}
   sched = ma.ScheduleConfig(lr=1e-3, steps=1000, phase_every=0)  # W and M both update: the costlier case

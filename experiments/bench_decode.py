@@ -53,14 +53,6 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown")
-  except OSError:
-    return "unknown"
-
-
 def _prompt(context: int, vocab: int) -> list[int]:
   return np.random.RandomState(context).randint(10, min(vocab, 30000), context).tolist()
 
@@ -168,7 +160,7 @@ def main(argv):
             for c in contexts]
     results_lib.write_json(_TORCH_ONLY_JSON.value, runs)
     return
-  rows, record = [], {"provenance": results_lib.provenance(), "cpu_model": _cpu_model(),
+  rows, record = [], {"provenance": results_lib.provenance(), "cpu_model": results_lib.cpu_model(),
                       "load_average_start": os.getloadavg(), "new_tokens": _NEW_TOKENS.value, "runs": []}
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)

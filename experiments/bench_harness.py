@@ -31,17 +31,6 @@ _MUTANTS = flags.DEFINE_bool("mutants", True, "Also time the mutants (failing de
 _OUT = flags.DEFINE_string("out", "results/bench_harness", "Output folder.")
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def measure(name, problems, answers, workers):
   t = time.monotonic()
   results = harness.score_answers(problems, answers, workers=workers)
@@ -69,7 +58,7 @@ def main(argv):
       row["speedup"] = row["per_minute"] / base
       rows.append(row)
       print(f"{name} workers={w}: {row['problems']} in {row['wall_s']:.1f}s = {row['per_minute']:.0f}/min")
-  record = {"rows": rows, "cpu": cpu_model(), "cores": sandbox.default_workers(), "versions": tools.versions(),
+  record = {"rows": rows, "cpu": results_lib.cpu_model(), "cores": sandbox.default_workers(), "versions": tools.versions(),
             "isolation": sandbox.isolation(), "loadavg": os.getloadavg(),
             "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
   os.makedirs(_OUT.value, exist_ok=True)

@@ -46,17 +46,6 @@ PROMPTS = [
 ]
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def bench_direct(backend: LocalBackend, prompts: list[list[int]], new_tokens: int) -> dict:
   model = backend.model
   start = time.perf_counter()
@@ -91,7 +80,7 @@ def main(argv):
   backend = LocalBackend.load(_MODEL.value or None, chunk=_CHUNK.value)
   tok = backend.tokenizer
   name = "bench"
-  record = {"provenance": results_lib.provenance(backend.model.fingerprint()), "cpu_model": cpu_model(),
+  record = {"provenance": results_lib.provenance(backend.model.fingerprint()), "cpu_model": results_lib.cpu_model(),
             "cpu_count": os.cpu_count(), "model": backend.describe(), "new_tokens": _NEW_TOKENS.value,
             "chunk": _CHUNK.value, "batch_window_ms": _WINDOW_MS.value, "runs": []}
   concurrencies = [int(c) for c in _CONCURRENCY.value]

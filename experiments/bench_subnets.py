@@ -38,17 +38,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is re
 _OUT = flags.DEFINE_string("out", "results/bench_subnets", "Output folder.")
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def decode_params(params, cfg) -> int:
   """Weights one decode step multiplies: every decoder-layer parameter plus the LM head."""
   layers = sum(int(np.prod(x.shape)) for seg in llama.layer_segments(params) for x in jax.tree.leaves(seg))
@@ -90,7 +79,7 @@ def main(argv):
     r["proportional_speedup"] = ref["decode_params"] / r["decode_params"]
     r["speedup_over_proportional"] = r["speedup"] / r["proportional_speedup"]
     r["within_15_percent"] = bool(r["speedup_over_proportional"] >= 0.85)
-  out = {"rows": rows, "context": _CONTEXT.value, "new_tokens": _NEW_TOKENS.value, "cpu": _cpu_model(),
+  out = {"rows": rows, "context": _CONTEXT.value, "new_tokens": _NEW_TOKENS.value, "cpu": results_lib.cpu_model(),
          "backend": jax.default_backend(), **results_lib.provenance()}
   os.makedirs(_OUT.value, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")

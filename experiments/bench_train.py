@@ -48,17 +48,6 @@ _TORCH_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "g
 _LR = 1e-4
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def _batches(vocab: int, n: int) -> list[np.ndarray]:
   """n batches of [batch, seq_len + 1] ids of the embedded text (the same for both frameworks)."""
   from lacax.eval import texts  # pylint: disable=g-import-not-at-top
@@ -223,7 +212,7 @@ def main(argv):
                  "lacax_compiled_temp_gib": (lx.get("compiled_temp_bytes") or 0) / 2 ** 30 or None})
   report = {
       "benchmark": "bench_train", "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
+      "cpu_model": results_lib.cpu_model(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
       "load_average_after": os.getloadavg(), "shared_machine_note": "measured on a machine shared with other jobs",
       "batch": _BATCH.value, "seq_len": _SEQ_LEN.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
       "lora_rank": _LORA_RANK.value, "lora_targets": _LORA_TARGETS.value, "compute_dtype": _COMPUTE_DTYPE.value or "float32",

@@ -49,6 +49,15 @@ def timestamped_path(directory: str, suffix: str = ".json") -> str:
   return os.path.join(directory, stamp + suffix)
 
 
+def cpu_model() -> str:
+  """The CPU's model name (`/proc/cpuinfo`), recorded by every benchmark: machines differ between sessions."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+  except OSError:
+    return "unknown"
+
+
 def provenance(model_fingerprint: str | None = None) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
 
