@@ -133,7 +133,9 @@ class RunResult:
     stdout_truncated, stderr_truncated: whether the stream passed the cap.
     wall_s: wall-clock seconds.
     cpu_s: user + system CPU seconds of the process and its waited-for descendants.
-    max_rss_bytes: peak resident set of the largest process.
+    max_rss_bytes: peak resident set of the largest process (Linux's `ru_maxrss`). It includes the resident set
+      the child inherited when it was forked from the calling process, before its exec: called from a process
+      of several GB, that is the figure reported even if the sandboxed program itself stayed small.
     stopped_by: the limit that ended the run (one of STOPS), or None when it exited by itself.
     limits_hit: every limit the run ran into (a superset of stopped_by), in HITS order.
     strays_killed: processes still alive after the command ended (background children), killed by the box.
@@ -221,7 +223,8 @@ def _processes_of(uid: int) -> list[int]:
 def _kill_uid(uid: int) -> int:
   """SIGKILLs every process of `uid` until none is left; returns how many were found alive."""
   seen: set[int] = set()
-  for _ in range(200):
+  deadline = time.monotonic() + 30.0  # a killed process can take a while to vanish on a loaded machine
+  while time.monotonic() < deadline:
     pids = _processes_of(uid)
     if not pids:
       break
