@@ -170,7 +170,7 @@ def _run(config):
   run_dir.set_status("running")
   previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
-    with _worker_silence(primary), sharding.use_mesh_rules(mesh_rules):
+    with _worker_silence(primary):
       if mesh_rules is not None:
         logging.info("mesh %s over %d devices in %d process(es); rules %s", dict(mesh_rules.axis_sizes),
                      jax.device_count(), jax.process_count(), dict(mesh_rules.rules))

@@ -228,9 +228,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     seed: PRNG seed for sampling.
     bucket: prompts are padded to a multiple of this (fewer recompilations).
     pad_id: token written after a row has stopped (never returned).
-    mesh_rules: optional `lacax.sharding.MeshRules` (default: the one of an enclosing
-      `lacax.sharding.use_mesh_rules`): prompts split over the batch axes, the cache laid out by the rules;
-      pass parameters placed on the same mesh (`MeshRules.shard_params` or `load_model(..., mesh_rules=)`).
+    mesh_rules: optional `lacax.sharding.MeshRules` (default: one device): prompts split over the batch axes,
+      the cache laid out by the rules; pass parameters placed on the same mesh (`MeshRules.shard_params`, or
+      `load_model(..., mesh_rules=)` and its `Model.mesh_rules`).
     options: the forward's extension points (`llama.ForwardOptions`), used by the prefill and every decode step.
     act: optional `lacax.act.ACTConfig`: ACT attention calibration on its heads in the prefill and every decode
       step (its probability hook joins `options`); no heads = the plain model.
@@ -262,7 +262,6 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   from lacax import memory  # pylint: disable=g-import-not-at-top
   from lacax import sharding  # pylint: disable=g-import-not-at-top
 
-  mesh_rules = mesh_rules or sharding.current_mesh_rules()
   if mesh_rules is None:  # a sharded cache is split over the mesh; one device holds only its blocks
     memory.require_cache_fits(policy, cfg, len(prompts), max(tokens.shape[1], decode_capacity),
                               what=f"generation of {len(prompts)} prompt(s) of up to {total} tokens")

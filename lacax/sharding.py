@@ -54,9 +54,10 @@ Two ways in:
   `mr.shard_cache(policy.init(...))`, `load_model(path, mesh_rules=mr)`, `generate(..., mesh_rules=mr)`.
   A cache placed by `shard_cache` remembers its `MeshRules` (a static field of `KVCache`, so it is part of the
   jit cache key); the forward and the policies' gathers read it from there.
-* from a config: `with use_mesh_rules(mesh_rules_from_config(config.mesh)):` (what `experiments.run` does)
-  makes `load_model`, `init_cache` (called eagerly, e.g. by `streaming_nll`) and `generate` use the mesh
-  without being passed it. The context is read only at those host-side boundaries, never inside jit.
+* from a config: `lacax.jobs.model_from_config(config)` loads the model into the shards of
+  `mesh_rules_from_config(config.mesh)` and returns it with `Model.mesh_rules`, which the job passes on
+  (`generate(..., mesh_rules=model.mesh_rules)`, `streaming_nll(..., mesh_rules=...)`, `Trainer(mesh_rules=)`).
+  There is no implicit, thread-local mesh context: every layout decision is an argument.
 
 Multi-host (TPU pod slices, SLURM, Open MPI): `initialize_multihost()` calls `jax.distributed.initialize()` when
 the environment (or a flag) says the job spans several processes; `is_primary_process()` gates logging and file
@@ -65,12 +66,10 @@ writes. Every process builds the same global mesh from `jax.devices()`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -482,37 +481,6 @@ def mesh_rules_from_config(mesh_config: Any) -> MeshRules | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The config-driven context.
-# ----------------------------------------------------------------------------------------------------------------
-
-_CONTEXT = threading.local()
-
-
-@contextlib.contextmanager
-def use_mesh_rules(mesh_rules: MeshRules | None) -> Iterator[MeshRules | None]:
-  """Within the block, `load_model`, eager `init_cache` and `generate` place arrays by `mesh_rules`.
-
-  None is a no-op, so `with use_mesh_rules(mesh_rules_from_config(config.mesh)):` works for every config.
-  """
-  stack = getattr(_CONTEXT, "stack", None)
-  if stack is None:
-    stack = _CONTEXT.stack = []
-  if mesh_rules is not None:
-    stack.append(mesh_rules)
-  try:
-    yield mesh_rules
-  finally:
-    if mesh_rules is not None:
-      stack.pop()
-
-
-def current_mesh_rules() -> MeshRules | None:
-  """The innermost `use_mesh_rules` rules, or None."""
-  stack = getattr(_CONTEXT, "stack", None)
-  return stack[-1] if stack else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Sharded loading.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -643,5 +611,5 @@ def fully_replicated(x: Any) -> Any:
 
 __all__ = ["MESH_AXES", "LOGICAL_AXES", "DEFAULT_RULES", "PARAM_AXES", "LAYER_PARAM_AXES", "CACHE_AXES",
            "MeshRules", "parse_rules", "make_mesh", "abstract_mesh", "param_axes",
-           "param_logical_axes", "cache_axes", "mesh_rules_from_config", "use_mesh_rules", "current_mesh_rules",
+           "param_logical_axes", "cache_axes", "mesh_rules_from_config", 
            "load_params", "multihost_requested", "initialize_multihost", "is_primary_process", "fully_replicated"]

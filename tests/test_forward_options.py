@@ -120,6 +120,21 @@ class DepthAndWidthTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(static.cache.pos[1]), -1)
       np.testing.assert_array_equal(np.asarray(static.cache.length[1]), 0)
 
+  def test_traced_gate_skips_the_layer_without_a_cache(self):
+    """Without a cache the off layer is a branch of a `cond` (not computed)."""
+    params = _params()
+    tokens, positions = _inputs()
+    gate = jnp.asarray([1.0, 0.0, 1.0])
+    uncached = jax.make_jaxpr(lambda g: llama.run(params, tokens, positions, None, _CFG,
+                                                  options=llama.ForwardOptions(layer_gate=g)).logits)(gate)
+    self.assertIn("cond[", str(uncached))
+    # Gradients flow through the kept layers only.
+    loss = lambda p: jnp.sum(llama.run(p, tokens, positions, None, _CFG,  # noqa: E731
+                                       options=llama.ForwardOptions(layer_gate=gate)).logits ** 2)
+    grads = jax.grad(loss)(params)["layers"]["wq"]
+    self.assertEqual(float(jnp.abs(grads[1]).max()), 0.0)
+    self.assertGreater(float(jnp.abs(grads[0]).max()), 0.0)
+
   def test_head_mask_of_a_kv_group_equals_the_sliced_model(self):
     params = _params()
     tokens, positions = _inputs()

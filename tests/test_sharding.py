@@ -141,8 +141,7 @@ def check_forward(ctx: _Child, name: str) -> None:
   ref_logits, ref_cache = ctx.reference("forward", lambda: forward(ctx.params, tokens, positions,
                                                                    init_cache(cfg, BATCH, 16), cfg=cfg))
   params = mr.shard_params(ctx.params)
-  with sh.use_mesh_rules(mr):
-    cache = init_cache(cfg, BATCH, 16)
+  cache = init_cache(cfg, BATCH, 16, mesh_rules=mr)
   assert_laid_out(mr.cache_shardings(cache), mr, _cache_axes, cache, "cache placed by init_cache")
   assert_laid_out(jax.tree.map(lambda x: x.sharding, params), mr, _param_axes, params, "params")
   tokens_in = mr.put(tokens, ("batch", None))
@@ -200,9 +199,8 @@ def check_stream(ctx: _Child, policy_name: str, name: str) -> None:
   ref = ctx.reference(("stream", policy_name), lambda: perplexity.streaming_nll(
       ctx.params, cfg, ctx.stream_tokens, policy, chunk=CHUNK))
   params = mr.shard_params(ctx.params)
-  with sh.use_mesh_rules(mr):
-    result = perplexity.streaming_nll(params, cfg, ctx.stream_tokens, policy, chunk=CHUNK)
-    fresh = policy.init(cfg, BATCH, policy.decode_capacity(cfg, STREAM_TOKENS - 1))
+  result = perplexity.streaming_nll(params, cfg, ctx.stream_tokens, policy, chunk=CHUNK, mesh_rules=mr)
+  fresh = mr.create_cache(lambda: policy.init(cfg, BATCH, policy.decode_capacity(cfg, STREAM_TOKENS - 1)))
   assert_laid_out(jax.tree.map(lambda x: x.sharding, result.cache), mr, _cache_axes, result.cache, "cache")
   np.testing.assert_allclose(result.nll, ref.nll, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(result.cache.pos), np.asarray(ref.cache.pos))  # same kept positions
@@ -260,9 +258,9 @@ def check_generate(ctx: _Child, policy_name: str, name: str) -> None:
   # KVMerger's planner runs segment reductions over flattened (layer, row, head, run) ids, which XLA can only
   # partition by gathering its [L, B, S, KV] plan arrays; its keys and values stay local (see the report).
   assert_cache_stays_local(hlo, mr, state.cache, "prefill + decode", keys_values_only=policy_name == "kvmerger")
-  # The public entry point, under the config-style context, gives the same tokens (the same compiled programs).
-  with sh.use_mesh_rules(mr):
-    result = generation.generate(params, cfg, ctx.prompts, max_new_tokens=MAX_NEW, policy=policy, bucket=8)
+  # The public entry point with the rules gives the same tokens (the same compiled programs).
+  result = generation.generate(params, cfg, ctx.prompts, max_new_tokens=MAX_NEW, policy=policy, bucket=8,
+                               mesh_rules=mr)
   expected = [row[:MAX_NEW] for row in np.asarray(ref.out).tolist()]
   assert result.tokens == expected, (result.tokens, expected)
 
@@ -311,8 +309,7 @@ def check_sharded_loading(ctx: _Child) -> None:
 
     jax.device_put = spy
     try:
-      with sh.use_mesh_rules(mr):
-        model = loader.load_model(path)
+      model = loader.load_model(path, mesh_rules=mr)
     finally:
       jax.device_put = original
   assert_laid_out(jax.tree.map(lambda x: x.sharding, model.params), mr, _param_axes, model.params, "loaded")

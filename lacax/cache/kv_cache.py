@@ -158,7 +158,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
 
   With `mesh_rules` (a `lacax.sharding.MeshRules`) the cache is created in the rules' layout, each device
   allocating only its blocks (outside jit; inside jit, `MeshRules.shard_cache` lays a cache out). Without it,
-  a call outside jit inside `lacax.sharding.use_mesh_rules(...)` uses those rules (the older, implicit route).
+  the cache is built on the default device (or, inside jit, wherever the program puts it).
   """
   if capacity <= 0:
     raise ValueError(f"cache capacity={capacity} must be a positive number of slots")
@@ -183,11 +183,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
       score_agg=score_agg,
   )
   if mesh_rules is not None:
-    return mesh_rules.create_cache(build)
-  from lacax import sharding  # pylint: disable=g-import-not-at-top
-
-  mesh_rules = sharding.current_mesh_rules()
-  if mesh_rules is not None and not isinstance(jnp.zeros(()), jax.core.Tracer):
     return mesh_rules.create_cache(build)
   return build()
 

@@ -76,7 +76,7 @@ def stream_chunk(params, cache: KVCache, tokens: jax.Array, targets: jax.Array, 
 
 
 def streaming_nll(params, cfg: ModelConfig, tokens: np.ndarray, policy: CachePolicy, *, chunk: int = 256,
-                  progress: Callable[[int, float], None] | None = None) -> StreamResult:
+                  progress: Callable[[int, float], None] | None = None, mesh_rules=None) -> StreamResult:
   """Streams `tokens` [B, N] (or [N]) token by token under `policy`.
 
   Args:
@@ -86,6 +86,8 @@ def streaming_nll(params, cfg: ModelConfig, tokens: np.ndarray, policy: CachePol
     policy: the cache policy (compaction runs after every step).
     chunk: steps per compiled scan; the host reports progress between chunks.
     progress: optional callback(tokens_done, seconds_elapsed) called after every chunk.
+    mesh_rules: optional `lacax.sharding.MeshRules`: the cache is created in the rules' layout (each device
+      allocating only its blocks) and keeps it through the stream; pass parameters placed on the same mesh.
 
   Returns:
     A `StreamResult`; nll[:, t] is the NLL of token t + 1.
@@ -106,7 +108,11 @@ def streaming_nll(params, cfg: ModelConfig, tokens: np.ndarray, policy: CachePol
   feed[:, :steps], targets[:, :steps] = tokens[:, :-1], tokens[:, 1:]
   positions[:, :steps] = np.arange(steps, dtype=np.int32)
 
-  cache = policy.init(cfg, batch, policy.decode_capacity(cfg, steps))
+  capacity = policy.decode_capacity(cfg, steps)
+  if mesh_rules is None:
+    cache = policy.init(cfg, batch, capacity)
+  else:
+    cache = mesh_rules.create_cache(lambda: policy.init(cfg, batch, capacity))
   compile_start = time.perf_counter()
   compiled = stream_chunk.lower(params, cache, feed[:, :chunk], targets[:, :chunk], positions[:, :chunk],
                                 cfg=cfg, policy=policy).compile()

@@ -29,13 +29,13 @@ import numpy as np
 
 from lacax import errors
 from lacax import io as lacax_io
+from lacax import jobs
 from lacax import runs
 from lacax.act import calibration
 from lacax.act import search as search_lib
 from lacax.act import tasks as tasks_lib
 from lacax.eval import zero_shot
 from lacax.weights import loader
-from lacax.weights.loader import load_model
 
 
 def _names(value: str | tuple | list) -> list[str]:
@@ -215,7 +215,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[s
   start = time.perf_counter()
   validate(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = load_model(config.model.path or None, dtype=config.model.dtype)
+  model = jobs.model_from_config(config)
   if model.tokenizer is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the act job needs one")
   cfg, params, tok = model.cfg, model.params, model.tokenizer

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lacax import jobs
 from lacax import train
 from lacax.model import llama
 from lacax.subnets import calibrate, depth, execute, export, oneforall, smol, width
 from lacax.subnets.shape import SubnetSpace
-from lacax.weights.loader import Model, load_model
+from lacax.weights.loader import Model
 
 
 def _model(config) -> Model:
@@ -47,7 +48,7 @@ def _model(config) -> Model:
     return Model(cfg=cfg, params=params, tokenizer=tok, source=smollm2_gguf_path())
   if config.model.init:
     raise ValueError(f"model.init={config.model.init!r} is unknown; expected '' or 'random'")
-  return load_model(config.model.path or None, dtype=config.model.dtype)
+  return jobs.model_from_config(config)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "smol_cfg"))

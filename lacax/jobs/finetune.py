@@ -22,10 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from lacax import sharding
+from lacax import jobs
 from lacax import train
 from lacax.train import lm
-from lacax.weights.loader import load_model
 
 # Config sections that do not change what a run computes (so they do not change its checkpoint directory).
 _NOT_IN_HASH = ("results_dir", "train.progress", "train.log_every", "train.checkpoint_dir", "export")
@@ -102,8 +101,8 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   if config.mode not in ("full", "lora"):
     raise ValueError(f"mode={config.mode!r} is unknown; expected 'full' or 'lora'")
-  mesh_rules = sharding.current_mesh_rules()
-  model = load_model(config.model.path or None, dtype=config.model.dtype)
+  model = jobs.model_from_config(config)
+  mesh_rules = model.mesh_rules
   if model.tokenizer is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the finetune job needs one")
   train_ds, held, kind = build_data(config, model.tokenizer)

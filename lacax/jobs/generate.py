@@ -8,14 +8,14 @@ from typing import Any
 import ml_collections
 
 from lacax import generate as generation
+from lacax import jobs
 from lacax.cache.full import FullPolicy
 from lacax.sampling import SamplingConfig
-from lacax.weights.loader import load_model
 
 
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   del run_dir  # everything this job measures goes into results.json
-  model = load_model(config.model.path or None, dtype=config.model.dtype)
+  model = jobs.model_from_config(config)
   tok = model.tokenizer
   if tok is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the generate job needs one")
@@ -30,7 +30,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
                             top_p=config.sampling.top_p)
   stop_ids = tuple(tok.stop_ids) if config.stop_at_eos else ()
   kwargs = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                policy=FullPolicy(rope_mode=config.get("rope_mode", "slot")), seed=config.seed)
+                policy=FullPolicy(rope_mode=config.get("rope_mode", "slot")), seed=config.seed,
+                mesh_rules=model.mesh_rules)
   if config.warmup:
     # Compile once on the same shapes so the reported speed is steady-state.
     generation.generate(model.params, model.cfg, ids, **kwargs)

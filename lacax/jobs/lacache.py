@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from lacax import errors
+from lacax import jobs
 from lacax import memory
 from lacax import runs
 from lacax.cache import registry
@@ -27,7 +28,6 @@ from lacax.eval import perplexity
 from lacax.eval.texts import load_text, text_problems
 from lacax.progress import rate_callback
 from lacax.weights import loader
-from lacax.weights.loader import load_model
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -68,7 +68,7 @@ def _policy_unit(model, tokens: np.ndarray, name: str, config: ml_collections.Co
   memory.require_cache_fits(policy, model.cfg, tokens.shape[0], policy.decode_capacity(model.cfg, steps),
                             what=f"policy {name!r}")
   result = perplexity.streaming_nll(model.params, model.cfg, tokens, policy, chunk=config.chunk,
-                                    progress=rate_callback(config.num_tokens, name))
+                                    progress=rate_callback(config.num_tokens, name), mesh_rules=model.mesh_rules)
   nll = result.nll.mean(axis=0)
   bad = np.flatnonzero(~np.isfinite(nll))
   curve = result.running_ppl()
@@ -115,7 +115,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[s
   """Streams the text under every policy of `config.policies`; one unit per policy in `run_dir`."""
   validate(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = load_model(config.model.path or None, dtype=config.model.dtype)
+  model = jobs.model_from_config(config)
   if model.tokenizer is None:
     raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the streaming job needs one")
   ids = model.tokenizer.encode(load_text(config.data.path, config.data.field,

@@ -24,12 +24,12 @@ from typing import Any
 
 import ml_collections
 
+from lacax import jobs
 from lacax.hw.backends import base
 from lacax.hw.bench import harness, loaders
 from lacax.hw.mg_verilog import finetune as ft
 from lacax.hw.mg_verilog import tasks as tasks_lib
 from lacax.model import lora as lora_lib
-from lacax.weights.loader import Model, load_model
 
 
 def _sampling(c) -> base.Sampling:
@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   from lacax.hw.backends.local import LocalBackend  # pylint: disable=g-import-not-at-top
 
   t0 = time.monotonic()
-  model = load_model(config.model.path or None, dtype=config.model.dtype)
+  model = jobs.model_from_config(config)
   all_tasks = tasks_lib.generate(config.data.per_template, seed=config.data.seed)
   rest, family_test = tasks_lib.split(all_tasks, "family", held_out=tuple(config.split.held_out_families))
   train_tasks, param_test = tasks_lib.split(rest, "params", test_fraction=config.split.test_fraction,

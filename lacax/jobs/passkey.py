@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from lacax import errors
+from lacax import jobs
 from lacax import runs
 from lacax.cache import registry
 from lacax.cache.base import CachePolicy
@@ -166,7 +167,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
   else:
     validate_config(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = model or loader.load_model(config.model.path or None, dtype=config.model.dtype)
+  model = model or jobs.model_from_config(config)
   tok = model.tokenizer
   if tok is None:
     raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the {config.task} job needs one")

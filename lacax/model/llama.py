@@ -350,7 +350,9 @@ class ForwardOptions:
   """The forward's extension points (module docstring). A pytree: arrays are traced, the rest is static.
 
   Attributes:
-    layer_gate: [L] traced; a layer where it is 0 passes its residual stream through exactly.
+    layer_gate: [L] traced; a layer where it is 0 passes its residual stream through exactly. Without a
+      cache (training, scoring) such a layer is not computed at all (`lax.cond` in the layer scan; under `vmap`
+      XLA turns it back into a select); with a cache its keys and values are still written.
     head_mask: [L, H] or [H] traced multiplier of each query head's attention output.
     ffn_mask: [L, F] or [F] traced multiplier of each MLP channel.
     lora: LoRA weights: {projection: {"a": [L, in..., r], "b": [L, r, out...]}} (a list of such dicts, one per
@@ -625,7 +627,19 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
         x = jnp.where(gate != 0, x, x_in)
       return (x, k_all, v_all, pos_all, length_all, scores_all), (x if options.hidden_layers else None)
 
-    return layer
+    if not uncached:  # the cache rows of an off layer are still written (a later call may turn it on)
+      return layer
+
+    def skipping_layer(carry, inputs):
+      """Without a cache, a traced gate of 0 skips the layer's computation (lax.cond), not just its result."""
+      gate = inputs[2]
+      if gate is None:
+        return layer(carry, inputs)
+      ungated = inputs[:2] + (None,) + inputs[3:]
+      skipped = (carry, carry[0] if options.hidden_layers else None)
+      return jax.lax.cond(gate != 0, lambda: layer(carry, ungated), lambda: skipped)
+
+    return skipping_layer
 
   if uncached:
     empty = jnp.zeros((), jnp.float32)

@@ -25,12 +25,15 @@ class Model:
     params: parameter pytree of jax arrays in `cfg.dtype`.
     tokenizer: a `lacax.tokenizer.Tokenizer`, or None when the checkpoint ships none.
     source: where the weights came from.
+    mesh_rules: the `lacax.sharding.MeshRules` the parameters were placed by (None = one device); jobs pass it
+      on to `generate`, `streaming_nll` and the one-shot evaluations, so that caches follow the same layout.
   """
 
   cfg: ModelConfig
   params: Any
   tokenizer: Any
   source: str
+  mesh_rules: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def fingerprint(self) -> str:
     """A short hash of the config and a sample of every parameter, to identify results' model."""
@@ -103,15 +106,14 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
       directory (`lacax.weights.checkpoint.save_params` with a config, e.g. a sliced subnet written by
       `lacax.subnets.export.save_subnet`; + tokenizer.json), or None.
     dtype: "float32" or "bfloat16".
-    mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: the
-      rules of an enclosing `lacax.sharding.use_mesh_rules`, else one device). A Hugging Face checkpoint is
-      then read tensor by tensor, and no device ever holds more than its own blocks.
+    mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: one
+      device). A Hugging Face checkpoint is then read tensor by tensor, and no device ever holds more than its
+      own blocks. The rules are kept as `Model.mesh_rules`.
   """
   from lacax import sharding  # pylint: disable=g-import-not-at-top
   from lacax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from lacax.model import llama  # pylint: disable=g-import-not-at-top
 
-  mesh_rules = mesh_rules or sharding.current_mesh_rules()
   path = path or default_model_path()
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "lacax_model_config.json")):
     from lacax.weights import checkpoint  # pylint: disable=g-import-not-at-top
@@ -127,7 +129,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
     return Model(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=tokenizer,
-                 source=os.path.abspath(path))
+                 source=os.path.abspath(path), mesh_rules=mesh_rules)
 
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
@@ -153,4 +155,4 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     host = params
     read = lambda dest, layer: _lookup(host, dest) if layer is None else _lookup(host, dest)[layer]  # noqa: E731
     params = sharding.load_params(llama.param_shapes(cfg), read, mesh_rules)
-  return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path))
+  return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path), mesh_rules=mesh_rules)
