@@ -1,6 +1,9 @@
 """AmoebaLLM end to end on a tiny model: masked execution, sliced export (spec §5.3), one-for-all training."""
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -168,6 +171,40 @@ def distill_shapes(space, ofa, step):
   from lacax.subnets import distill  # pylint: disable=g-import-not-at-top
 
   return distill.sandwich(np.random.default_rng([ofa.seed, step]), space, ofa.num_random)
+
+
+class AmoebaJobTest(absltest.TestCase):
+  """`python -m experiments.run --config=configs/amoeba.py:tiny` end to end: calibrate, train, evaluate, export."""
+
+  def test_tiny_job_writes_the_table_and_loadable_subnets(self):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as d:
+      proc = subprocess.run([sys.executable, "-m", "experiments.run", "--config=configs/amoeba.py:tiny",
+                             f"--config.results_dir={d}"], cwd=repo, capture_output=True, text=True, timeout=1200)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      (run,) = os.listdir(os.path.join(d, "amoeba"))
+      run_dir = os.path.join(d, "amoeba", run)
+      with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+      with open(os.path.join(run_dir, "status.json")) as f:
+        self.assertEqual(json.load(f)["state"], "done")
+      ratios = (0.8, 0.65)
+      methods = ("uniform", "shortgpt", "flap", "amoeba_before", "amoeba")
+      self.assertEqual(sorted((r["ratio"], r["method"]) for r in results["table"]),
+                       sorted((r, m) for r in ratios for m in methods))
+      for row in results["table"]:
+        self.assertTrue(np.isfinite(row["ppl"]), row)
+        self.assertLessEqual(row["fraction"], 1.0)
+      self.assertEqual(results["train"]["steps"], 4)
+      self.assertEqual(len(results["grid_after"]), len(results["grid_before"]))
+      for plot in ("pareto.png", "loss_curve.png"):
+        self.assertTrue(os.path.isfile(os.path.join(run_dir, plot)), plot)
+      # Every exported subnet is an ordinary lacax checkpoint that load_model reads back with its shape.
+      self.assertEqual(sorted(e["ratio"] for e in results["exported"]), sorted(ratios))
+      for entry in results["exported"]:
+        model = load_model(entry["path"])
+        depth_of_shape = int(entry["shape"].split("_")[0][1:])
+        self.assertEqual(model.cfg.num_layers, depth_of_shape)
 
 
 if __name__ == "__main__":
