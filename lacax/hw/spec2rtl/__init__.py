@@ -1,0 +1,1 @@
+"""Spec2RTL-Agent (arXiv 2506.13905)."""
