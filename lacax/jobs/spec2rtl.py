@@ -91,12 +91,16 @@ def plot_interventions(rows: list[dict[str, Any]], path: str, title: str) -> Non
 
   fig, ax = plt.subplots(figsize=(7, 3.4))
   names = [r["spec"] for r in rows]
+  xs = list(range(len(rows)))
   bottom = [0] * len(rows)
   for stage in agent_lib.ALL_STAGES:
     counts = [r["interventions_by_stage"][stage] for r in rows]
     if any(counts):
-      ax.bar(names, counts, bottom=bottom, label=stage)
+      ax.bar(xs, counts, bottom=bottom, label=stage)
       bottom = [b + c for b, c in zip(bottom, counts)]
+  ax.set_xticks(xs)
+  ax.set_xticklabels(names)
+  ax.set_xlim(-0.6, len(rows) - 0.4)
   for i, r in enumerate(rows):
     ax.text(i, bottom[i] + 0.05, "pass" if r["passed"] else "fail", ha="center", va="bottom", fontsize=8)
   ax.set_ylabel("human interventions")
