@@ -197,6 +197,43 @@ class JobTest(absltest.TestCase):
       self.assertEqual(os.path.getmtime(unit), before)
       self.assertEqual(again["specs"], out["specs"])
 
+  def test_openai_compatible_server(self):
+    # A fake OpenAI-compatible server on 127.0.0.1 that answers chats with the reference answers.
+    import http.server  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    from lacax import runs  # pylint: disable=g-import-not-at-top
+    from lacax.jobs import spec2rtl as job  # pylint: disable=g-import-not-at-top
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_POST(self):  # pylint: disable=invalid-name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = reference.reference_answer(body["messages"])
+        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+      def log_message(self, *args):
+        pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    self.addCleanup(server.shutdown)
+    config = config_flags.config_flags.ConfigFileFlagParser("config").parse(
+        os.path.join(_REPO, "configs", "spec2rtl.py") + ":tiny")
+    with config.unlocked():
+      config.backend.kind = "openai_http"
+      config.backend.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+      config.backend.model = "fake"
+      config.synthesize = False
+    with tempfile.TemporaryDirectory() as tmp:
+      out = job.run(config, runs.RunDir(tmp))
+    self.assertEqual((out["totals"]["passed"], out["totals"]["interventions"]), (1, 0))
+    self.assertEqual(out["backend"]["kind"], "openai_http")
+
   def test_validation_names_the_field(self):
     from lacax import errors  # pylint: disable=g-import-not-at-top
     from lacax.jobs import spec2rtl as job  # pylint: disable=g-import-not-at-top
