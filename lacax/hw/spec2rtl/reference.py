@@ -74,7 +74,7 @@ def reference_answer(prompt: Any, j: int = 0) -> str:
     return roles.read_instructions(prompt) + f"\nCheck every known answer before answering; last time: {failure}"
   if role == "error_analyzer":
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    body = text.split("failed after", 1)[-1]
+    body = text.split("failed after", 1)[-1].split("Where does the error come from?", 1)[0]  # the error only
     if "does not fit" in body or "interface" in body:
       return json.dumps({"path": 1, "target": None, "reason": "the output does not fit the planned interface"})
     return json.dumps({"path": 3, "target": None, "reason": "the current sub-function's code is wrong"})
