@@ -20,8 +20,9 @@ A spec file is plain text (Markdown-like): header lines `key: value`, then secti
     crc=0 data=0 -> 0
 
 Header fields: `spec` (an identifier: the spec's name), `title` (free text), `top` (an identifier: the name of
-the top function and of the RTL module), `pipeline_stages` (0 = combinational RTL; N >= 1 = an N-stage pipeline
-with a clock `clk`, latency N cycles). Interface: one line per port, `- input|output NAME: uW -- text`, W in
+the top function and of the RTL module), `pipeline_stages` (0 = combinational RTL; N >= 2 = an N-stage XLS
+pipeline with a clock `clk` and registers between stages, not at the ports: an output N - 1 cycles after its
+inputs). Interface: one line per port, `- input|output NAME: uW -- text`, W in
 1..64, at least one input and exactly one output (the generated RTL names its output port `out`, XLS's
 convention). Vectors: known-answer vectors, `name=value ...` over every input, `->`, the output value (decimal
 or 0x hex); at least one. Any other section (`## Notes`, ...) is kept as prose and shown to the agents.
