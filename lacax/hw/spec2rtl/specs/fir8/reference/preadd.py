@@ -1,0 +1,2 @@
+def preadd(a, b):
+    return a + b
