@@ -147,7 +147,7 @@ SPACE = {
     "rows": (1, 2, 4, 8, 16),
     "cols": (1, 2, 4, 8, 16),
     "interconnect": INTERCONNECTS,
-    "buf_depth": (4, 8, 16, 32, 64, 128, 256),
+    "buf_depth": (2, 4, 8, 16, 32, 64, 128, 256),
     "banks": (1, 2, 4, 8, 16),
     "dataflow": DATAFLOWS,
 }
