@@ -18,7 +18,7 @@ demo-augmented prompt) or "heuristic" (mutation + crossover, no model). Backends
 Variants: "" (8x8x8 GEMM of 8-bit numbers, arrays up to 8x8, budget 40, seeds 0-2), "cpu" (8x8x8 of 4-bit numbers,
 arrays up to 4x4, budget 16, seeds 0-1: yosys dominates, a few seconds per design), "tiny" (4x4x4 of 2-bit numbers,
 budget 4, one seed, synthesis on: the job test), "local" (the local model as the backend), "heuristic",
-"code" (the backend writes the PE module).
+"code" (the backend writes the PE module), "ablation" (adds the demo ablations).
 """
 
 import ml_collections
@@ -44,6 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_p=0.95, max_tokens=96))
   c.demos = ml_collections.ConfigDict(dict(selector="llm", k=2, library=""))  # search.mode="code"
+  # Demo ablations (Tables II-IV): each selector at demos.k demos, and 0..3 demos of count_selector; the backend
+  # writes the PE module n times per cell; compile / functional / auto-fixed pass@k.
+  c.ablation = ml_collections.ConfigDict(dict(enabled=False, selectors=("llm", "embedding", "bm25", "random",
+                                                                         "dissimilar", "none"),
+                                              count_selector="bm25", counts=(0, 1, 2, 3), targets=("os",), n=4,
+                                              temperature=0.8, max_tokens=384))
   for v in [v for v in (arg or "").split(",") if v]:
     if v == "cpu":
       c.workload.width = 4
@@ -61,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.proposer = "heuristic"
     elif v == "code":
       c.search.mode = "code"
+    elif v == "ablation":
+      c.ablation.enabled = True
     else:
-      raise ValueError(f"variant {v!r} of configs/gpt4aigchip.py is unknown (cpu, tiny, local, heuristic, code)")
+      raise ValueError(f"variant {v!r} of configs/gpt4aigchip.py is unknown (cpu, tiny, local, heuristic, code, ablation)")
   return c

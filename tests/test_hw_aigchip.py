@@ -8,6 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from lacax.hw.aigchip import ablation
 from lacax.hw.aigchip import autofix
 from lacax.hw.aigchip import demos
 from lacax.hw.aigchip import evaluate
@@ -115,6 +116,16 @@ class AutofixTest(parameterized.TestCase):
     self.assertTrue(compiles, messages)
     self.assertIn(rule, [f.rule for f in fixes])
     self.assertEqual(_sim(self.design, overrides={"gemm_pe": code})["category"], "pass")
+
+  def test_ablation_cell_scores_compile_functional_and_fixed(self):
+    good = "```verilog\n" + template.PE_OS + "```"
+    answers = [good, good.replace("endmodule", ""), good.replace("a_in * b_in", "a_in - b_in")]
+    backend = ScriptedBackend(sequence=answers)
+    cell = ablation.run_cell(backend, "bm25", 1, "os", W_SMALL, demos.load_library(),
+                             demos.base.Sampling(n=3, max_tokens=400))
+    self.assertEqual(cell["demos"], ["os_mac_pe"])
+    self.assertEqual((cell["compile_c"], cell["functional_c"], cell["fixed_c"]), (2, 1, 2))
+    self.assertAlmostEqual(cell["compile@1"], 2 / 3)
 
   def test_parse_errors_reads_iverilog_messages(self):
     msgs = ("x.v:9: error: Unable to bind wire/reg/memory `prod' in `tb.dut'\n"

@@ -24,6 +24,7 @@ import numpy as np
 
 from lacax import errors
 from lacax import runs
+from lacax.hw.aigchip import ablation as ablation_lib
 from lacax.hw.aigchip import demos as demos_lib
 from lacax.hw.aigchip import evaluate as evaluate_lib
 from lacax.hw.aigchip import search as search_lib
@@ -79,6 +80,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.add(f"demos.selector={config.demos.selector!r} must be one of {demos_lib.SELECTORS}")
   if config.demos.library and not os.path.isfile(config.demos.library):
     problems.add(f"demos.library={config.demos.library!r} is not a file (a JSON demo library; '' = the shipped one)")
+  ab = config.get("ablation")
+  if ab is not None and ab.enabled:
+    bad = [x for x in ab.selectors if x not in demos_lib.SELECTORS]
+    if bad:
+      problems.add(f"ablation.selectors contains {bad}; expected names from {demos_lib.SELECTORS}")
+    bad = [t for t in ab.targets if t not in ablation_lib.TARGETS]
+    if bad:
+      problems.add(f"ablation.targets contains {bad}; expected names from {sorted(ablation_lib.TARGETS)}")
+    if config.proposer != "backend":
+      problems.add(f"ablation.enabled needs proposer='backend' (a backend writes the modules), got "
+                   f"proposer={config.proposer!r}")
+    if int(ab.n) < 1:
+      problems.add(f"ablation.n={ab.n!r} must be an integer >= 1")
   if float(config.search.area_weight) < 0:
     problems.add(f"search.area_weight={config.search.area_weight!r} must be >= 0")
   problems.raise_if_any("gpt4aigchip config")
@@ -132,7 +146,8 @@ def _plot_pareto(records, front, path):
     if pts:
       ax.scatter([r["cells"] for r in pts], [r["cycles"] for r in pts], marker=mk, alpha=0.55, label=df)
   if front:
-    ax.plot([r["cells"] for r in front], [r["cycles"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.plot([r["cells"] for r in front], [r["cycles"] for r in front], "k--", lw=1, marker="x", ms=9,
+            label="Pareto front")
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("area (yosys cells)")
@@ -146,6 +161,26 @@ def _plot_pareto(records, front, path):
   os.replace(tmp, path)
 
 
+def _ablation(config, rd, backend, workload, library) -> list[dict[str, Any]]:
+  """The demo ablations (`lacax.hw.aigchip.ablation`): each selector at `demos.k` demos, and the count sweep."""
+  ab = config.ablation
+  cells = [(sel, 0 if sel == "none" else int(config.demos.k)) for sel in ab.selectors]
+  cells += [(ab.count_selector if k else "none", int(k)) for k in ab.counts]
+  cells = list(dict.fromkeys(cells))
+  sampling = base.Sampling(n=int(ab.n), temperature=float(ab.temperature), top_p=float(config.sampling.top_p),
+                           max_tokens=int(ab.max_tokens))
+  rows = []
+  for target in ab.targets:
+    for sel, k in cells:
+      if sel == "embedding" and "embeddings" not in getattr(backend, "capabilities", ()):
+        logging.warning("gpt4aigchip ablation: backend %s has no embeddings; selector 'embedding' skipped",
+                        backend.describe())
+        continue
+      rows.append(rd.unit(f"ablation/{sel}/k{k}/{target}", lambda sel=sel, k=k, target=target: ablation_lib.run_cell(
+          backend, sel, k, target, workload, library, sampling, seed=int(config.search.seeds[0]))))
+  return rows
+
+
 def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   validate(config)
   rd = runs.as_run_dir(run_dir)
@@ -155,7 +190,7 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   evaluator = evaluate_lib.Evaluator(workload, synth=bool(config.search.synth),
                                      area_weight=float(config.search.area_weight), run_dir=rd)
   backend = None
-  if config.proposer == "backend" and "evolution" in config.methods:
+  if config.proposer == "backend" and ("evolution" in config.methods or config.ablation.enabled):
     backend = make_backend(config, space)
   sampling = base.Sampling(temperature=float(config.sampling.temperature), top_p=float(config.sampling.top_p),
                            max_tokens=int(config.sampling.max_tokens))
@@ -191,8 +226,10 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
       s = summaries[method][str(seed)]
       logging.info("gpt4aigchip: %s seed %s: best %s after %s proposals (%s)", method, seed, s["best_fitness"],
                    s["evals_to_best"], s["best_design"])
+  ablation_rows = _ablation(config, rd, backend, workload, library) if config.get("ablation") and \
+      config.ablation.enabled else []
   all_records = [r for m in trajectories.values() for h in m.values() for r in h]
-  fit = [r for r in all_records if r.get("ok")]
+  fit = list({json.dumps(r["design"], sort_keys=True): r for r in all_records if r.get("ok")}.values())
   front = search_lib.pareto(all_records)
   with open(rd.file("trajectories.jsonl") + ".tmp", "w", encoding="utf-8") as f:
     for method, per_seed in trajectories.items():
@@ -220,10 +257,14 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   from lacax.hw.bench import harness  # pylint: disable=g-import-not-at-top
   print(harness.table(rows, cols))
   print("Pareto front (cycles, cells):", [(r["cycles"], r["cells"], r["design"]) for r in front][:8])
+  if ablation_rows:
+    acols = ["selector", "k", "target", "n", "compile@1", "functional@1", "fixed@1", "demos"]
+    print(harness.table([{c: r.get(c) for c in acols} for r in ablation_rows], acols))
   mismatched = [r for r in fit if r["cycles"] != r["analytic_cycles"]]
   from lacax.hw import tools  # pylint: disable=g-import-not-at-top
   return {
       "rows": rows,
+      "ablation": ablation_rows,
       "summaries": {m: {s: {k: v for k, v in d.items()} for s, d in ps.items()} for m, ps in summaries.items()},
       "pareto": [{k: r[k] for k in ("design", "cycles", "cells", "flip_flops", "depth", "fitness")} for r in front],
       "workload": workload.to_json(), "space": {k: list(v) for k, v in space.items()},
