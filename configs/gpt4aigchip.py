@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rows=(1, 2, 4, 8), cols=(1, 2, 4, 8), interconnect=("broadcast", "systolic"), buf_depth=(4, 8, 16, 32, 64),
       banks=(1, 2, 4, 8), dataflow=("os", "ws", "is")))
   c.search = ml_collections.ConfigDict(dict(budget=40, population=8, tournament=3, seeds=(0, 1, 2), mode="config",
-                                            area_weight=1.0, synth=True))
+                                            area_weight=1.0, synth=True,
+                                            cache_dir=""))  # "" = evaluations cached in the run only
   c.methods = ("evolution", "random")
   c.proposer = "backend"  # backend | heuristic
   c.backend = ml_collections.ConfigDict(dict(

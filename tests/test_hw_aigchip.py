@@ -304,6 +304,16 @@ class SearchTest(absltest.TestCase):
     self.assertTrue(again["cached"])
     self.assertEqual(ev.computed, before)
 
+  @absltest.skipUnless(_TOOLS, "needs iverilog")
+  def test_shared_cache_dir_serves_another_run(self):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    shared = tempfile.mkdtemp(prefix="lacax_aigchip_cache_")
+    first = evaluate.Evaluator(W_SMALL, synth=False, run_dir=tempfile.mkdtemp(), cache_dir=shared)
+    rec = first(template.Design())
+    second = evaluate.Evaluator(W_SMALL, synth=False, run_dir=tempfile.mkdtemp(), cache_dir=shared)
+    self.assertEqual(second(template.Design()), rec)
+    self.assertEqual((first.computed, second.computed), (1, 0))
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -188,7 +188,8 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   workload = _workload(config)
   space = _space(config)
   evaluator = evaluate_lib.Evaluator(workload, synth=bool(config.search.synth),
-                                     area_weight=float(config.search.area_weight), run_dir=rd)
+                                     area_weight=float(config.search.area_weight), run_dir=rd,
+                                     cache_dir=config.search.get("cache_dir") or None)
   backend = None
   if config.proposer == "backend" and ("evolution" in config.methods or config.ablation.enabled):
     backend = make_backend(config, space)

@@ -14,7 +14,8 @@ Only a design that passed simulation *and* synthesised has a fitness:
 
 (higher is better; area_weight = 1 ranks by the area-delay product cycles x cells). A failed design has fitness
 None and is never reported as fit. `Evaluator` caches evaluations by design hash (`template.design_hash`: the
-exact sources, knobs and workload), optionally in a `RunDir` (units `eval/<hash>`, so a resumed run re-uses them).
+exact sources, knobs and workload), optionally in a `RunDir` (units `eval/<hash>`, so a resumed run re-uses them)
+and in a shared cache directory (`cache_dir`, the same unit files) that other runs of the same workload read.
 """
 
 from __future__ import annotations
@@ -84,11 +85,12 @@ class Evaluator:
   """`evaluate` with a cache by design hash (knobs + workload + overrides), in memory and in a RunDir."""
 
   def __init__(self, workload: template.Workload, *, synth: bool = True, area_weight: float = 1.0,
-               run_dir: Any = None):
+               run_dir: Any = None, cache_dir: str | None = None):
     self.workload = workload
     self.synth = synth
     self.area_weight = area_weight
     self.run_dir = run_dir
+    self.cache_dir = cache_dir or None
     self.cache: dict[str, dict[str, Any]] = {}
     self.computed = 0  # evaluations actually simulated (cache misses)
     self._lock = threading.Lock()
@@ -107,14 +109,18 @@ class Evaluator:
     with self._lock:
       if key in self.cache:
         return dict(self.cache[key], cached=True)
-    compute = lambda: evaluate(design, self.workload, overrides, synth=self.synth, area_weight=self.area_weight)
-    if self.run_dir is not None:
-      from lacax import runs  # pylint: disable=g-import-not-at-top
-      rd = runs.as_run_dir(self.run_dir)
-      fresh = not rd.has_unit(f"eval/{key}")
-      rec = rd.unit(f"eval/{key}", compute)
-    else:
-      fresh, rec = True, compute()
+    from lacax import runs  # pylint: disable=g-import-not-at-top
+    unit = f"eval/{key}"
+    stores = [runs.as_run_dir(d) for d in (self.run_dir, self.cache_dir) if d is not None]
+    rec = next((r for r in (st.load_unit(unit) for st in stores) if r is not None), None)
+    fresh = rec is None
+    if fresh:
+      rec = evaluate(design, self.workload, overrides, synth=self.synth, area_weight=self.area_weight)
+    for st in stores:  # the run's own units (resume) and the shared store
+      if not st.has_unit(unit):
+        st.save_unit(unit, rec)
+    if stores:
+      rec = stores[0].load_unit(unit)  # as read back from JSON, whichever way it came
     with self._lock:
       self.computed += int(fresh)
       self.cache[key] = rec
