@@ -254,7 +254,17 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
                  "evals_to_best_mean": float(np.mean(reach)) if reach else None,
                  "fit_fraction": float(np.mean([s["fit"] / s["evaluations"] for s in per_seed.values()])),
                  "unique_designs_mean": float(np.mean([s["unique_designs"] for s in per_seed.values()]))})
-  cols = list(rows[0])
+    if method == "evolution" and "random" in summaries:
+      # per seed: the first proposal at which evolution's best so far reaches random search's final best
+      reached = []
+      for seed, s in per_seed.items():
+        target = summaries["random"].get(seed, {}).get("best_fitness")
+        hit = next((i + 1 for i, v in enumerate(s["curve"]) if v is not None and target is not None and
+                    v >= target), None)
+        reached.append(hit)
+      rows[-1]["reaches_random_best"] = f"{sum(h is not None for h in reached)}/{len(reached)}"
+      rows[-1]["evals_to_random_best"] = reached
+  cols = list(dict.fromkeys(c for r in rows for c in r))
   from lacax.hw.bench import harness  # pylint: disable=g-import-not-at-top
   print(harness.table(rows, cols))
   print("Pareto front (cycles, cells):", [(r["cycles"], r["cells"], r["design"]) for r in front][:8])
