@@ -120,7 +120,8 @@ def _plot_curves(summaries, path, budget):
       ys = [np.nan if v is None else v for v in s["curve"]]
       ax.plot(range(1, len(ys) + 1), ys, color=colors.get(method, "gray"), alpha=0.3, lw=1)
       curves.append(ys)
-    mean = np.nanmean(np.array(curves, dtype=float), axis=0) if curves else []
+    # the mean only where every seed has a fit design (a mean over fewer seeds could fall as seeds join)
+    mean = np.mean(np.array(curves, dtype=float), axis=0) if curves else []
     ax.plot(range(1, len(mean) + 1), mean, color=colors.get(method, "gray"), lw=2.2, label=f"{method} (mean)")
   ax.set_xlabel("evaluations (proposals)")
   ax.set_ylabel("best fitness so far  (-log2 cycles*cells^w)")
