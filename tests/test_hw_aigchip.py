@@ -283,8 +283,16 @@ class SearchTest(absltest.TestCase):
     self.assertTrue(all(r["category"] == "unparseable" and r["fitness"] is None for r in children))
 
   def test_parse_design_reads_the_first_knob_object(self):
-    d = search.parse_design('Sure: {"note": 1} then {"rows": 4, "cols": 2, "dataflow": "ws"} done')
-    self.assertEqual((d.rows, d.cols, d.dataflow), (4, 2, "ws"))
+    d, lenient = search.parse_design('Sure: {"note": 1} then {"rows": 4, "cols": 2, "dataflow": "ws"} done')
+    self.assertEqual((d.rows, d.cols, d.dataflow, lenient), (4, 2, "ws", False))
+    parent = template.Design(rows=8, cols=8, banks=8, buf_depth=64, dataflow="is")
+    cut = '```json\n{\n  "rows": 1,\n  "cols": 2,\n  "rows": 2,\n  "interconnect": "systolic",\n  "ban'
+    d, lenient = search.parse_design(cut, parent)  # cut off by max_tokens: the pairs, the rest from the parent
+    self.assertEqual(d, template.Design(rows=2, cols=2, interconnect="systolic", banks=8, buf_depth=64,
+                                        dataflow="is"))
+    self.assertTrue(lenient)
+    with self.assertRaisesRegex(ValueError, "no JSON object of knobs"):
+      search.parse_design(cut, lenient=False)
     with self.assertRaisesRegex(ValueError, "no JSON object of knobs"):
       search.parse_design("rows=4")
 

@@ -155,16 +155,30 @@ def config_prompt(parents: Sequence[Mapping[str, Any]], history: Sequence[Mappin
           {"role": "user", "content": "\n".join(lines)}]
 
 
-def parse_design(text: str) -> template.Design:
-  """The design in a backend's answer: the first JSON object holding knob names (ValueError if none)."""
+_KNOB_RE = re.compile(r'"(' + "|".join(template.KNOB_NAMES) + r')"\s*:\s*("[^"]*"|-?\d+(?:\.\d+)?)')
+
+
+def parse_design(text: str, base_design: template.Design | None = None, lenient: bool = True
+                 ) -> tuple[template.Design, bool]:
+  """The design in a backend's answer and whether the lenient path read it.
+
+  The first JSON object holding knob names wins; knobs it leaves out come from `base_design` (the first parent;
+  default the template's defaults). With `lenient`, an answer with no such object (cut off by max_tokens, or
+  broken JSON) is read as its `"knob": value` pairs, the last of each knob counting. ValueError if neither
+  finds a knob, or a value is not a valid knob value.
+  """
+  fill = (base_design or template.Design()).to_json()
   for m in re.finditer(r"\{[^{}]*\}", text, re.DOTALL):
     try:
       obj = json.loads(m.group(0))
     except json.JSONDecodeError:
       continue
     if isinstance(obj, dict) and set(obj) & set(template.KNOB_NAMES):
-      full = {**template.Design().to_json(), **{k: v for k, v in obj.items()}}
-      return template.Design.from_json(full)
+      return template.Design.from_json({**fill, **{k: v for k, v in obj.items() if k in template.KNOB_NAMES}}), False
+  if lenient:
+    pairs = {k: json.loads(v) for k, v in _KNOB_RE.findall(text)}
+    if pairs:
+      return template.Design.from_json({**fill, **pairs}), True
   raise ValueError(f"no JSON object of knobs in the answer {text[:160]!r}")
 
 
@@ -211,7 +225,8 @@ class BackendProposer:
       text = self.backend.generate([prompt], self._sampling(seed, index))[0][0].text
       info = {"proposer": self.name, "answer": text[:300]}
       try:
-        return Proposal(parse_design(text), info=info)
+        design, lenient = parse_design(text, template.Design.from_json(parents[0]["design"]))
+        return Proposal(design, info={**info, "lenient_parse": lenient})
       except ValueError as e:
         return Proposal(None, info={**info, "error": str(e)})
     child = self.heuristic.propose(parents, history, rng, index).design
