@@ -55,7 +55,7 @@ class JobTest(absltest.TestCase):
     self.assertIn("search.population=99 must be an integer in [1, budget=4]", text)
     with self.assertRaisesRegex(ValueError, "variant 'gpu' of configs/gpt4aigchip.py is unknown"):
       gpt4aigchip_config.get_config("gpu")
-    for variant in ("", "cpu", "cpu,local", "heuristic", "code"):
+    for variant in ("", "cpu", "cpu,local", "heuristic", "code", "cpu,ablation"):
       job.validate(gpt4aigchip_config.get_config(variant))
 
 
