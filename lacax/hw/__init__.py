@@ -7,4 +7,5 @@
   bench/        `Problem`, loaders (VerilogEval v2, RTLLM v2.0, logikbench), pass@k, the harness
   mg_verilog/   MG-Verilog: records and released layouts, MinHash dedup, synthetic multi-grained tasks, the
                 balanced sampler, answer-only LoRA fine-tuning
+  aigchip/      GPT4AIGChip: the GEMM accelerator template, demo library and selectors, evolutionary search
 """
