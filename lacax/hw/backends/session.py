@@ -55,6 +55,15 @@ class KVSession:
     self.seeds = [sampling.seed + j for _ in prompt_ids for j in range(sampling.n)]
     self.sampling = sampling_config(sampling)
     self.logprobs = bool(sampling.logprobs)
+    self.num_rows = len(self.prompts)
+    # Batch rows padded as `LocalBackend.run_rows` pads them (a power of two, at least min_batch) with one-token
+    # dummy rows that stop after their first token: fewer compilations when the number of rows varies.
+    width = self.num_rows
+    if backend.pad_batch:
+      width = min(1 << (width - 1).bit_length(), max(backend.max_batch, width))
+    width = max(width, backend.min_batch)
+    self.prompts += [self.prompts[0][:1]] * (width - self.num_rows)
+    self.seeds += [0] * (width - self.num_rows)
     self.transcripts: list[list[int]] = [[] for _ in self.prompts]
     longest = max(len(p) for p in self.prompts)
     if capacity < longest + 1:
@@ -63,10 +72,6 @@ class KVSession:
     self.capacity = int(capacity)
     self.state = None
     self.stop_ids = tuple(int(i) for i in self.tok.stop_ids)
-
-  @property
-  def num_rows(self) -> int:
-    return len(self.prompts)
 
   def held(self, b: int) -> int:
     """Tokens row b's transcript puts in the cache (prompt + transcript)."""
@@ -103,9 +108,13 @@ class KVSession:
       if append is None or len(append) != self.num_rows:
         raise ValueError(f"append must have one entry per row ({self.num_rows}) after the first round")
       active = np.array([a is not None for a in append])
-    limits = np.array([max(1, int(m)) for m in max_tokens], np.int64)
-    if (np.asarray(max_tokens)[active] < 1).any():
+    if any(int(m) < 1 for m, a in zip(max_tokens, active) if a):
       raise ValueError(f"max_tokens={list(max_tokens)} must be >= 1 for every row that generates")
+    pad = len(self.prompts) - self.num_rows
+    limits = np.array([max(1, int(m)) for m in max_tokens] + [1] * pad, np.int64)
+    active = np.concatenate([active, np.full(pad, self.state is None)])
+    if append is not None:
+      append = list(append) + [None] * pad
     if not active.any():
       return [None] * self.num_rows
     loop = _round_up(int(limits[active].max()), self.backend.token_bucket)
@@ -117,10 +126,10 @@ class KVSession:
       self.state = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                                       policy=self.backend.policy, decode_capacity=self.capacity,
                                       return_logprobs=self.logprobs, **statics)
-      self.backend.counters["prefill_tokens"] += int(lengths.sum())
+      self.backend.counters["prefill_tokens"] += int(lengths[:self.num_rows].sum())  # real rows only
     else:
       ext = []
-      for b in range(self.num_rows):
+      for b in range(len(self.prompts)):
         if append[b] is None:
           ext.append([])
           continue
@@ -130,7 +139,7 @@ class KVSession:
                            f"session capacity {self.capacity}")
         ext.append((self.prompts[b] + self.transcripts[b])[-len(append[b]) - 1:])
       width = _round_up(max(len(e) for e in ext), 16)
-      tokens = np.zeros((self.num_rows, width), np.int32)
+      tokens = np.zeros((len(self.prompts), width), np.int32)
       for b, e in enumerate(ext):
         tokens[b, :len(e)] = e
       lengths = np.array([len(e) for e in ext], np.int32)
@@ -144,14 +153,15 @@ class KVSession:
               statics) -> list[Completion | None]:
     from lacax.hw.backends.local import RowText  # pylint: disable=g-import-not-at-top
 
-    texts = [RowText(self.tok, stop, self.stop_ids) for _ in range(self.num_rows)]
+    rows_all = len(self.prompts)
+    texts = [RowText(self.tok, stop, self.stop_ids) for _ in range(rows_all)]
     params = self.backend.model.params
     state = self.state
     while True:
       out, counts, done, logprobs, step = jax.device_get(
           (state.out, state.num_generated, state.done, state.logprobs, state.step))
       counts = np.minimum(counts, limits)
-      rows = [out[b, :counts[b]].tolist() for b in range(self.num_rows)]
+      rows = [out[b, :counts[b]].tolist() for b in range(rows_all)]
       host_done = np.asarray(done, bool) | (counts >= limits) | ~active
       if stop:
         host_done |= np.array([t.stopped_by_string(r) if a else False for t, r, a in zip(texts, rows, active)])

@@ -330,7 +330,8 @@ class _KVRunner:
     cue_len = len(self.tok.encode(config.cue_text() + "\n```\nendmodule\n" + config.think_close, add_bos=False))
     extra = (config.rounds + 1) * (cue_len + 2) + (config.answer_tokens if config.format == "think" else 0)
     longest = max(len(backend.encode_prompt(p)) for p in prompts)
-    capacity = min(backend.context_length, longest + budget + extra + 64)
+    # Rounded up so that runs with different budgets share one compiled cache shape.
+    capacity = min(backend.context_length, -(-(longest + budget + extra + 16) // 256) * 256)
     self.session = backend.session(prompts, sampling, capacity=capacity)
     self.finish = ["" for _ in range(self.session.num_rows)]
 
@@ -371,9 +372,10 @@ class _KVRunner:
       if c is None:
         continue
       self.finish[b] = c.finish_reason
-      text = self._text(c.tokens)  # the tokens kept: the trigger included (it is part of the design)
-      if c.finish_reason == "stop" and c.tokens and c.tokens[-1] in stop_ids:
-        text = self._text(c.tokens[:-1])
+      text = c.text  # cut before the stop string; `endmodule` is part of the design and stays
+      if (self.config.format == "module" and c.finish_reason == "stop"
+          and self._text(c.tokens)[len(text):].startswith("endmodule")):
+        text += "endmodule"
       out[b] = (text, len(c.tokens), "exact")
     return out
 
