@@ -274,6 +274,9 @@ class _TextRunner:
   def __init__(self, backend, prompts, sampling: Sampling, config: ReflectConfig):
     self.backend, self.sampling, self.config = backend, sampling, config
     self.prompts = [p for p in prompts for _ in range(sampling.n)]
+    if config.rounds > 0 and backend.describe().get("kind") != "local":
+      # Every round on the same raw endpoint (the first too), so a cue continues exactly the text the model saw.
+      self.prompts = [render_chatml(p) if is_chat(p) else p for p in self.prompts]
     self.seeds = [sampling.seed + j for _ in prompts for j in range(sampling.n)]
     self.prefix = ["" for _ in self.prompts]
     self.finish = ["" for _ in self.prompts]
