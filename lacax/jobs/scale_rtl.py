@@ -88,13 +88,13 @@ def plot(out: dict[str, Any], path: str, title: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  rs = out.get("rounds", {}).get("scores", [])
+  rs = (out.get("rounds") or {}).get("scores", [])
   axes[0].plot([s["rounds"] for s in rs], [s["pass@1"] for s in rs], "o-")
   axes[0].set(xlabel="reflection rounds N", ylabel="pass@1", title="accuracy vs rounds")
   bs = out.get("budgets", [])
   axes[1].plot([b["budget"] for b in bs], [b["pass@1"] for b in bs], "o-")
   axes[1].set(xlabel="thinking-token budget", ylabel="pass@1", title="accuracy vs token budget")
-  curve = out.get("sampling", {}).get("curve", [])
+  curve = (out.get("sampling") or {}).get("curve", [])
   if curve:
     axes[2].plot([c["tokens"] for c in curve], [c["pass@k"] for c in curve], "o-", label="repeated sampling pass@k")
   axes[2].plot([s["tokens"] for s in rs], [s["pass@1"] for s in rs], "s--", label="reflection pass@1 (rounds)")
