@@ -519,3 +519,45 @@ def batches_by_policy(items: Sequence[Any], policies_for: Callable[[Any], Mappin
     for begin in range(0, len(members), batch_size):
       batches.append((members[begin:begin + batch_size], policies))
   return batches
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuing inside the same KV cache (budget forcing: ScaleRTL, arXiv 2506.05566; s1, arXiv 2501.19393).
+# --------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "stop_ids", "return_logprobs"))
+def extend(params, state: DecodeState, tokens: jax.Array, lengths: jax.Array, keep: jax.Array, *,
+           cfg: ModelConfig, sampling: SamplingConfig, max_new_tokens: int, stop_ids: tuple[int, ...],
+           return_logprobs: bool = False) -> DecodeState:
+  """Continues rows of a decode state in the same KV cache: a chunked prefill of new tokens, no re-prefill.
+
+  For a full cache only (slot == position). Row b with `lengths[b] > 0` drops what its cache holds from slot
+  `keep[b]` on (tokens after a stop, or the pad tokens a finished row kept feeding), appends
+  `tokens[b, :lengths[b]]` at positions keep[b], keep[b] + 1, ... and samples its next token from the last
+  of them; rows with `lengths[b] == 0` are left as they are and marked done.
+
+  Args:
+    state: the decode state of a finished `decode` (its cache, its per-row PRNG keys).
+    tokens: [B, T] int32 right-padded tokens to append.
+    lengths: [B] int32 tokens of each row to append (0 = the row does not continue).
+    keep: [B] int32 cached tokens each continuing row keeps (its prompt and transcript so far).
+    max_new_tokens: the new decode state's token bound.
+
+  Returns:
+    a fresh decode state (step 1, one token generated per continuing row) over the same cache.
+  """
+  cache = state.cache
+  go = lengths > 0
+  keep = jnp.where(go, keep, 0).astype(jnp.int32)
+  slot = jnp.arange(cache.capacity, dtype=jnp.int32)
+  drop = go[None, :, None, None] & (slot[None, None, :, None] >= keep[None, :, None, None])
+  length = jnp.where(go[None, :], jnp.minimum(cache.length, keep[None, :]), cache.length)
+  cache = cache.replace(pos=jnp.where(drop, -1, cache.pos), length=length)
+  t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  positions = jnp.where(t < lengths[:, None], keep[:, None] + t, -1)
+  logits, cache = llama.forward(params, tokens, positions, cache, cfg, logits_index=jnp.maximum(lengths - 1, 0))
+  first, rng, first_logprob = _sample_step(logits[:, 0], state.rng, sampling)
+  new = initial_state(cache, first, keep + lengths, rng, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                      first_logprob=first_logprob if return_logprobs else None)
+  return new.replace(done=new.done | ~go, num_generated=jnp.where(go, new.num_generated, 0))

@@ -11,11 +11,17 @@ Capabilities:
   raw_prefix   `continue_(prompt, prefix)` continues a prompt plus a prefix inside the model's own answer
                (text, or the exact token ids of an earlier completion plus a cue), for budget forcing
                (ScaleRTL, arXiv 2506.05566; s1, arXiv 2501.19393). The prefix is prefilled again: the
-               continuation does not reuse the earlier call's KV cache.
+               continuation does not reuse the earlier call's KV cache. `session(...)` instead keeps the
+               cache between rounds (`lacax.hw.backends.session.KVSession`: a cue is a chunked prefill of
+               its own tokens only).
   logprobs     the log-probability of every generated token under the model (log-softmax of the raw logits,
                before temperature and top-p), equal to a teacher-forced forward's.
   embeddings   `embed(texts, pooling)`: the mean over the text's tokens (default) or the last token of the
                final hidden states after the final RMSNorm, [N, hidden_size].
+
+`counters` counts tokens by how they entered the model: "prefill_tokens" (prompts of `generate` /
+`continue_` / a session's first round), "extend_tokens" (tokens a session appended into its cache) and
+"generated_tokens", so a caller can check that a continuation did not prefill again.
 
 Finish reasons: "stop" when the model produced a stop token (the tokenizer's EOS / end-of-turn ids) or a stop
 string; "length" when `max_tokens` ran out. `Completion.tokens` holds the generated ids up to and including the
@@ -24,6 +30,7 @@ stop token, or up to the token that completed a stop string; `text` never contai
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
@@ -139,6 +146,7 @@ class LocalBackend:
     self.chunk, self.bucket, self.max_batch = chunk, bucket, max_batch
     self.token_bucket, self.pad_batch, self.min_batch = token_bucket, bool(pad_batch), min(min_batch, max_batch)
     self.context_length = int(context_length or model.cfg.max_position_embeddings)
+    self.counters: collections.Counter = collections.Counter()
     if isinstance(self.policy, FullPolicy) and self.policy.capacity:
       self.context_length = min(self.context_length, int(self.policy.capacity))
 
@@ -232,6 +240,7 @@ class LocalBackend:
       width = max(width, self.min_batch)
       batch += [Row(ids=batch[0].ids[:1], max_tokens=1)] * (width - real)
       texts = [RowText(self.tokenizer, row.stop, self.tokenizer.stop_ids) for row in batch]
+      self.counters["prefill_tokens"] += sum(len(row.ids) for row in batch[:real])
 
       def stop_rows(tokens, texts=texts):
         return [text.stopped_by_string(t) for text, t in zip(texts, tokens)]
@@ -260,7 +269,15 @@ class LocalBackend:
         lps = None if last.logprobs is None else tuple(float(x) for x in last.logprobs[b][:text.num_tokens])
         results.append(Completion(text=text.text, finish_reason=text.finish_reason, tokens=tuple(kept),
                                   logprobs=lps))
+        self.counters["generated_tokens"] += len(kept)
     return results
+
+  def session(self, prompts: Sequence[Prompt], sampling: Sampling, *, capacity: int):
+    """A `lacax.hw.backends.session.KVSession`: `sampling.n` rows per prompt that keep their KV cache between
+    rounds of generation (`capacity`: prompt + every token the rounds will generate or append)."""
+    from lacax.hw.backends.session import KVSession  # pylint: disable=g-import-not-at-top
+
+    return KVSession(self, [self.encode_prompt(p) for p in prompts], sampling, capacity=capacity)
 
   # --- embeddings ---------------------------------------------------------------------------------------------
 
