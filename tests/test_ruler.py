@@ -204,6 +204,45 @@ class GeneratorTest(parameterized.TestCase):
     self.assertEqual(ruler_words.essay_words(" a \n b\tc "), ["a", "b", "c"])
 
 
+class KvpressNiahTest(parameterized.TestCase):
+
+  @parameterized.parameters(0.0, 0.37, 1.0)
+  def test_needle_goes_in_at_the_token_index_of_a_cut_haystack(self, depth):
+    from lacax.eval import needle_grid  # pylint: disable=g-import-not-at-top
+    from lacax.eval.texts import default_text  # pylint: disable=g-import-not-at-top
+
+    encode = lambda text: text.split()  # a word 'tokenizer': ids are words, decode joins them
+    decode = " ".join
+    haystack = encode(default_text())[:5000]
+    needle = "The special magic number is: 1234567."
+    s = needle_grid.kvpress_niah_sample(haystack, max_context_length=700, depth=depth, needle=needle,
+                                        answer="1234567", question="What is the number?", encode=encode,
+                                        decode=decode)
+    kept = 700 - 6 - 150  # kvpress: max_context_length - needle tokens - 150
+    index = int(kept * depth)
+    want = decode(haystack[:index] + encode(needle) + haystack[index:kept])
+    self.assertEqual(s.prompt, f"This is a very long story book: <book> {want} </book>.\nWhat is the number?")
+    self.assertEqual(s.prompt[s.needle_offset:s.needle_offset + len(needle)], needle)
+    self.assertAlmostEqual(s.depth, index / kept)
+    with self.assertRaisesRegex(ValueError, "max_context_length=100 leaves no haystack"):
+      needle_grid.kvpress_niah_sample(haystack, max_context_length=100, depth=0.5, needle=needle, answer="1",
+                                      question="q", encode=encode, decode=decode)
+
+  def test_niah_config_variants_validate(self):
+    from configs import niah as niah_config  # pylint: disable=g-import-not-at-top
+    from lacax.jobs import passkey as passkey_job  # pylint: disable=g-import-not-at-top
+
+    for variant in ("kvpress", "kvpress_cpu"):
+      config = niah_config.get_config(variant)
+      self.assertEqual(config.grid.protocol, "kvpress")
+      passkey_job.validate_config(config)
+    self.assertEqual(niah_config.get_config("cpu").grid.protocol, "lacache")
+    config = niah_config.get_config("cpu")
+    config.grid.protocol = "infinite"
+    with self.assertRaisesRegex(ValueError, r"grid\.protocol='infinite' must be one of \['lacache', 'kvpress'\]"):
+      passkey_job.validate_config(config)
+
+
 class RulerJobTest(absltest.TestCase):
 
   def test_end_to_end_with_a_cache_that_never_compacts_and_resume(self):
