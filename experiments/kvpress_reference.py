@@ -171,6 +171,9 @@ def lacax_policy(pair: MethodPair, cfg, prompt_len: int, compression_ratio: floa
   return dataclasses.replace(policy, **pair.replace) if pair.replace else policy
 
 
+_FORWARD = None
+
+
 def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> dict[str, Any]:
   """Prefill, one compaction, greedy decode without eviction: {"kept": {layer: [[pos] per KV head]}, "tokens"}."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -179,7 +182,10 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
 
   from lacax.model import llama  # pylint: disable=g-import-not-at-top
 
-  forward = jax.jit(llama.forward, static_argnames="cfg")
+  global _FORWARD
+  if _FORWARD is None:  # one jitted forward for every pair: pairs with the same cache layout share compilations
+    _FORWARD = jax.jit(llama.forward, static_argnames="cfg")
+  forward = _FORWARD
   n = len(prompt)
   capacity = n + new_tokens
   cache = policy.init(cfg, 1, capacity)
