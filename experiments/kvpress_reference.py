@@ -128,7 +128,7 @@ def ensure_env(root: str | None = None, *, timeout: float = 1800) -> tuple[str, 
     start = time.perf_counter()
     subprocess.run(["rm", "-rf", env], check=True)
     steps = [[sys.executable, "-m", "venv", env],
-             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"torch=={_torch_version()}",
+             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--retries", "2", f"torch=={_torch_version()}",
               f"kvpress=={KVPRESS_VERSION}", "gguf"]]
     for step in steps:
       try:
