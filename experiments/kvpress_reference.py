@@ -128,8 +128,8 @@ def ensure_env(root: str | None = None, *, timeout: float = 1800) -> tuple[str, 
     start = time.perf_counter()
     subprocess.run(["rm", "-rf", env], check=True)
     steps = [[sys.executable, "-m", "venv", env],
-             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--retries", "2", f"torch=={_torch_version()}",
-              f"kvpress=={KVPRESS_VERSION}", "gguf"]]
+             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--retries", "2",
+              f"torch=={_torch_version()}", f"kvpress=={KVPRESS_VERSION}", "gguf"]]
     for step in steps:
       try:
         done = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
