@@ -6,7 +6,8 @@
 kvpress 0.5.5 requires transformers<5.3 while lacax's test extra has transformers>=5 (5.24 installed), so it
 cannot share lacax's environment (and `python -m venv --system-site-packages` would still see the newer
 transformers). `ensure_env()` builds its own virtual environment once, `pip install torch==<lacax's torch>
-kvpress==<KVPRESS_VERSION> gguf` (gguf: transformers reads SmolLM2's GGUF file with it; torch comes from the local wheel cache where there is one), cached under
+kvpress==<KVPRESS_VERSION> gguf` (gguf: transformers reads SmolLM2's GGUF file with it; torch comes from
+the local wheel cache where there is one), cached under
 `$LACAX_CACHE_DIR/kvpress-ref/` (default ~/.cache/lacax), and reuses it afterwards. `experiments/kvpress_worker.py`
 runs inside it: it prefills a Hugging Face checkpoint under each press and reports the kept positions per layer
 and KV head and the greedy continuation. `lacax_side` does the same in lacax on the same checkpoint (loaded by

@@ -69,7 +69,8 @@ class MetricsTest(parameterized.TestCase):
       self.assertEqual(ruler.postprocess_pred(p), _official_postprocess_pred(p))
     self.assertEqual(ruler.postprocess_pred(" a\x07b\tc "), "a\nb\nc")
     per_sample = [ruler.sample_match(p, r, "string_match_all") for p, r in zip(_PREDS, _REFS)]
-    self.assertEqual(round(sum(per_sample) / len(per_sample) * 100, 2), ruler.score_task("string_match_all", _PREDS, _REFS))
+    self.assertEqual(round(sum(per_sample) / len(per_sample) * 100, 2),
+                     ruler.score_task("string_match_all", _PREDS, _REFS))
     self.assertEqual(ruler.average({"a": 10.0, "b": 30.0}), 20.0)
 
   def test_bad_inputs_name_the_problem(self):

@@ -43,7 +43,8 @@ def string_match_all(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> flo
 def string_match_part(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
   """sum_i max_{r in refs_i} [r.lower() in pred_i.lower()] / n * 100, rounded to 2 decimals."""
   _check(preds, refs)
-  score = sum(max(1.0 if r.lower() in p.lower() else 0.0 for r in ref) for p, ref in zip(preds, refs)) / len(preds) * 100
+  hits = sum(max(1.0 if r.lower() in p.lower() else 0.0 for r in ref) for p, ref in zip(preds, refs))
+  score = hits / len(preds) * 100
   return round(score, 2)
 
 
