@@ -21,6 +21,12 @@ Variants:
          steps of 16k, 11 depths, 50 needles per cell); the embedded SmolLM2 has an 8k context, use
          --config.model.path for a long-context model and --config.haystack.path for a text of >= 128k tokens.
   "cpu"  SmolLM2-135M (embedded), lengths 512 / 1024, depths 0 / 25 / 50 / 75 / 100%, 2 needles per cell.
+  "kvpress", "kvpress_cpu"   the same grids with kvpress's needle_in_haystack protocol (`grid.protocol`):
+         the haystack cut to length - needle - 150 tokens, the needle inserted at int(depth * haystack tokens),
+         wrapped as "This is a very long story book: <book> ... </book>.", the chat template applied; kvpress's
+         ROUGE against the needle is recorded beside the pass rate. The compression differs from kvpress's
+         pipeline, which compresses the context only and appends the question afterwards (query-agnostic):
+         lacax compresses the whole prompt once after prefill, i.e. kvpress's `query_aware=True`.
 """
 
 import ml_collections
@@ -30,9 +36,9 @@ from lacax.eval import needle_grid
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = passkey.get_config(arg if arg in ("cpu",) else None)
-  if arg not in (None, "", "cpu"):
-    raise ValueError(f"configs/niah.py variant {arg!r} is unknown; expected '' or 'cpu'")
+  c = passkey.get_config("cpu" if arg in ("cpu", "kvpress_cpu") else None)
+  if arg not in (None, "", "cpu", "kvpress", "kvpress_cpu"):
+    raise ValueError(f"configs/niah.py variant {arg!r} is unknown; expected '', 'cpu', 'kvpress' or 'kvpress_cpu'")
   c.experiment = "niah"
   c.task = "niah"
   c.grid.depth_unit = "tokens"
@@ -40,4 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.haystack = ml_collections.ConfigDict(dict(path="", field="text", encoding="utf-8"))
   # task_description (first line), template (the needle, with {answer}), question (last line), digits.
   c.needle = ml_collections.ConfigDict(dict(needle_grid.NIAH_DEFAULTS))
+  # "lacache" (the LaCache driver's fitting) or "kvpress" (kvpress's needle_in_haystack prompt construction)
+  c.grid.protocol = "kvpress" if arg in ("kvpress", "kvpress_cpu") else "lacache"
+  if c.grid.protocol == "kvpress":
+    c.chat = True  # kvpress's pipeline applies the chat template when the tokenizer has one
   return c

@@ -22,6 +22,15 @@ import numpy as np
 from lacax.eval import passkey as pk
 
 TASKS = ("passkey", "niah")
+PROTOCOLS = ("lacache", "kvpress")
+"""How a NIAH prompt is built: "lacache" (the haystack in characters fitted to the token budget, the needle at
+a token depth, `lacax.eval.passkey.niah_sample`) or "kvpress" (NVIDIA/kvpress
+`evaluation/benchmarks/needle_in_haystack/utils.py::insert_needle_in_haystack`, see `kvpress_niah_sample`)."""
+
+KVPRESS_CONTEXT_WRAPPER = "This is a very long story book: <book> {context} </book>."
+KVPRESS_OVERHEAD_TOKENS = 150
+"""kvpress's allowance for the system prompt and the question: the haystack is cut to
+max_context_length - needle tokens - 150 tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +69,49 @@ def niah_answer(seed: int, digits: int) -> str:
   return str(random.Random(seed).randint(10 ** (digits - 1), 10 ** digits - 1))
 
 
+def kvpress_niah_sample(haystack_ids: Sequence[int], *, max_context_length: int, depth: float, needle: str,
+                        answer: str, question: str, encode: Callable[[str], Sequence[int]],
+                        decode: Callable[[Sequence[int]], str], answer_prefix: str = "",
+                        context_wrapper: str = KVPRESS_CONTEXT_WRAPPER, seed: int | None = None) -> pk.NeedleSample:
+  """kvpress's needle-in-a-haystack prompt (`insert_needle_in_haystack`), as one `NeedleSample`.
+
+  The haystack's tokens (without special tokens) are cut to ``max_context_length - len(needle tokens) - 150``;
+  the needle's tokens go in at index ``int(len(haystack) * depth)`` (kvpress: ``depth / 100`` of a percentage);
+  the tokens are decoded back to text and wrapped as "This is a very long story book: <book> ... </book>.".
+  kvpress's pipeline then feeds context, question and answer prefix (``context + question + "\n" +
+  answer_prefix`` without a chat template); here the prompt is ``context + "\n" + question`` (+ the answer
+  prefix on a new line when given), which the job wraps in the chat template when `chat=True`.
+
+  Args:
+    haystack_ids: the haystack text's token ids, without BOS (encode it once for the whole grid).
+    max_context_length: kvpress's max_context_length (the grid length).
+    depth: the needle depth as a fraction in [0, 1].
+    needle, answer, question, answer_prefix: the needle sentence, the string a correct output contains, the
+      question and the answer prefix.
+    encode, decode: the tokenizer without special tokens.
+  """
+  needle_ids = list(encode(needle))
+  limit = max_context_length - len(needle_ids) - KVPRESS_OVERHEAD_TOKENS
+  if limit <= 0:
+    raise ValueError(f"max_context_length={max_context_length} leaves no haystack after the needle "
+                     f"({len(needle_ids)} tokens) and kvpress's {KVPRESS_OVERHEAD_TOKENS}-token allowance")
+  context_ids = list(haystack_ids[:limit])
+  index = int(len(context_ids) * depth)
+  prefix_text = decode(context_ids[:index])
+  context = context_wrapper.format(context=decode(context_ids[:index] + needle_ids + context_ids[index:]))
+  prompt = context + "\n" + question + ("\n" + answer_prefix if answer_prefix else "")
+  offset = prompt.find(needle)
+  return pk.NeedleSample(prompt=prompt, answer=answer, needle=needle, needle_offset=offset,
+                         depth=index / len(context_ids) if context_ids else 0.0, depth_unit="tokens",
+                         prefix_chars=len(prefix_text), filler_chars=len(decode(context_ids)), seed=seed)
+
+
 def build_grid(tokenize: Callable[[str], Sequence[int]], *, task: str, lengths: Sequence[int],
                depths: Sequence[float], samples_per_cell: int, seed: int = 0, depth_unit: str = "chars",
                suffix_mode: str = "restart", extra_new_tokens: int = 1,
                answer_tokenize: Callable[[str], Sequence[int]] | None = None, haystack: str | None = None,
-               needle: Mapping[str, Any] | None = None) -> list[GridSample]:
+               needle: Mapping[str, Any] | None = None, protocol: str = "lacache",
+               tokenizer=None) -> list[GridSample]:
   """Every prompt of the grid, lengths x depths x seeds, fitted to the token budgets (`pk.fit_to_tokens`).
 
   Args:
@@ -81,6 +128,9 @@ def build_grid(tokenize: Callable[[str], Sequence[int]], *, task: str, lengths: 
       without BOS).
     haystack: the NIAH prose.
     needle: NIAH needle settings (`NIAH_DEFAULTS` keys).
+    protocol: for "niah", "lacache" or "kvpress" (`PROTOCOLS`; "kvpress" needs `tokenizer`, a
+      `lacax.tokenizer.Tokenizer`, and ignores depth_unit / suffix_mode: its depth is in tokens, its haystack
+      contiguous, and the task description line is left out as kvpress has none).
 
   Raises:
     ValueError: naming the field, for an unknown task, a depth outside [0, 1], or a length below the prompt
@@ -92,6 +142,15 @@ def build_grid(tokenize: Callable[[str], Sequence[int]], *, task: str, lengths: 
   needle = {**NIAH_DEFAULTS, **(needle or {})}
   if task == "niah" and not haystack:
     raise ValueError("task='niah' needs a haystack text (haystack.path)")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r} must be one of {list(PROTOCOLS)}")
+  kvpress = task == "niah" and protocol == "kvpress"
+  if kvpress:
+    if tokenizer is None:
+      raise ValueError("protocol='kvpress' needs the tokenizer (its haystack is cut and the needle inserted in tokens)")
+    haystack_ids = tokenizer.encode(haystack, add_bos=False)
+    encode = lambda text: tokenizer.encode(text, add_bos=False)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   grid = []
   for length in lengths:
     for depth in depths:
@@ -107,7 +166,15 @@ def build_grid(tokenize: Callable[[str], Sequence[int]], *, task: str, lengths: 
               task_description=needle["task_description"], suffix_mode=suffix_mode, depth_unit=depth_unit,
               tokenize=tokenize if depth_unit == "tokens" else None, seed=s)
         try:
-          sample = pk.fit_to_tokens(make, length, tokenize)
+          if kvpress:
+            answer = niah_answer(s, int(needle["digits"]))
+            sample = kvpress_niah_sample(haystack_ids, max_context_length=length, depth=depth,
+                                         needle=needle["template"].format(answer=answer), answer=answer,
+                                         question=needle["question"], encode=encode, decode=decode,
+                                         answer_prefix=needle.get("answer_prefix", ""), seed=s)
+            sample = dataclasses.replace(sample, num_tokens=len(tokenize(sample.prompt)))
+          else:
+            sample = pk.fit_to_tokens(make, length, tokenize)
         except ValueError as e:
           raise ValueError(f"grid.lengths contains {length}: {e}") from None
         new_tokens = len(answer_tokenize(sample.answer)) + extra_new_tokens

