@@ -31,6 +31,13 @@ Content-agnostic policies (full, streaming, ladder) set `score_mode=None`, so th
 attention statistics for them; score-based ones (H2O, TOVA, SnapKV, PyramidKV, KVMerger) name the statistic
 they consume and the cache records it.
 
+Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (scores, protected)` (its
+ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
+(`WrapperPolicy` / `SelectingWrapper` here; one module each: adakv, perlayer, composed, chunk, chunkkv,
+decoding, prefill_decoding, key_rerotation) take any scorer as `inner` and select with their own budgets, so a
+new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
+contract test whether a hand-off over the budget evicts.
+
 Adding a method: one module `lacax/cache/<method>.py` defining a `CachePolicy` subclass (built from the shared
 helpers in `lacax.cache.plans`, never from a sibling method module) and one entry in `lacax.cache.registry`.
 The layout follows NVIDIA/kvpress (`kvpress/presses/`: one press per file, shared helpers in one place, one

@@ -42,9 +42,10 @@ where they differ from the references, which all run at batch 1 on MHA caches:
 Cache sizing. `decode_capacity(cfg, max_tokens)` is the static capacity of the decode-phase cache of a run that feeds
 `max_tokens` tokens in all (prompt + generated, as `lacax.generate` calls it). H2O and TOVA never hold more
 than budget + 1 tokens (the budget plus the token of the current step). SnapKV and PyramidKV only compress the
-prompt and let the decode cache grow, so their decode cache must also hold every generated token: set
-`max_new_tokens` on the policy to size it as (kept prompt tokens) + max_new_tokens; left at None it is sized
-for the whole run (always enough, but as large as the full cache).
+prompt and let the decode cache grow, so their decode cache must also hold every generated token:
+`run_capacity(cfg, prompt_tokens, new_tokens)` (what `lacax.generate` calls) sizes it as (kept prompt tokens) +
+new_tokens; `decode_capacity(cfg, max_tokens)`, which does not know the split, does so only when the policy's
+`max_new_tokens` is set, and otherwise sizes it for the whole run.
 """
 
 from __future__ import annotations
