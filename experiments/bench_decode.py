@@ -21,7 +21,8 @@ Writes `results/bench_decode/<timestamp>.json` and prints a table.
 
 With `--policies`: decode tokens/s of registered cache policies at one budget (`cache.size = --budget`) after
 a prefill of each context, side by side in one run. Every prompt compressor (SnapKV, PyramidKV, KVMerger) is
-measured twice: "after" = as `lacax.generate` runs it now (decode cache = kept prompt + generated tokens,
+measured twice (prefilled once each, then timed decodes round-robin over all variants: see `policy_runs`):
+"after" = as `lacax.generate` runs it now (decode cache = kept prompt + generated tokens,
 `run_capacity`; lean decode cache: no scores recorded, keys stored rotated, the CPU kernel serves decode) and
 "before" = the behaviour before that fix (decode cache sized for the whole run, `lean_decode=False`: scores
 recorded at every decode step, keys rotated at their original positions every step, no kernel). Reports each
@@ -92,36 +93,43 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
   }
 
 
-def bench_policy(model, policy, context: int, new_tokens: int, repeats: int, capacity: int) -> dict:
-  """Best-of-`repeats` decode tokens/s of `policy` with a decode cache of `capacity` slots (prefill + decode as
-  `lacax.generate` runs them, with the capacity given explicitly)."""
+def _policy_state(model, policy, context: int, new_tokens: int, capacity: int):
+  """The decode state after the prefill (and hand-off) of `policy` with a decode cache of `capacity` slots, and
+  the statics of its decode loop (prefill + decode as `lacax.generate` runs them, the capacity explicit)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lacax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
 
   tokens, lengths = generation.pad_prompts([_prompt(context, model.cfg.vocab_size)], bucket=128)
   statics = dict(cfg=model.cfg, policy=policy, sampling=SamplingConfig(), max_new_tokens=new_tokens, stop_ids=())
-  best = None
-  for _ in range(repeats + 1):  # the first run compiles
-    state = generation.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
-                               decode_capacity=capacity, **statics)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    state = generation.decode(model.params, state, **statics)
-    out = np.asarray(jax.device_get(state.out))
-    seconds = time.perf_counter() - start
-    best = seconds if best is None else min(best, seconds)
-  return {"decode_tokens_per_second": (new_tokens - 1) / best, "decode_slots": capacity,
-          "tokens": out[0].tolist()}
+  state = generation.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
+                             decode_capacity=capacity, **statics)
+  return jax.block_until_ready(state), statics
+
+
+def _time_decode(model, state, statics) -> tuple[float, list[int]]:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  state = jax.tree.map(jnp.copy, state)  # decode donates its state; keep the prefilled one for the next repeat
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  state = generation.decode(model.params, state, **statics)
+  out = np.asarray(jax.device_get(state.out))
+  return time.perf_counter() - start, out[0].tolist()
 
 
 def policy_runs(model, names: list[str], budget: int, contexts: list[int], new_tokens: int, repeats: int
                 ) -> list[dict]:
-  """The `--policies` comparison (see the module docstring): one row per (policy, variant, context)."""
+  """The `--policies` comparison (see the module docstring): one row per (policy, variant, context).
+
+  Every variant is prefilled and compiled first; then the timed decodes go round-robin over the variants,
+  `repeats` rounds, so that a busy machine's load drifts over all of them alike; the best round is reported.
+  """
   import dataclasses  # pylint: disable=g-import-not-at-top
   from lacax.cache import registry  # pylint: disable=g-import-not-at-top
 
   runs = []
   for context in contexts:
+    rows = []
     for name in names:
       policy = registry.make_policy(name, {"size": budget})
       variants = [("after", policy, policy.run_capacity(model.cfg, context, new_tokens))]
@@ -129,11 +137,22 @@ def policy_runs(model, names: list[str], budget: int, contexts: list[int], new_t
         variants.append(("before", dataclasses.replace(policy, lean_decode=False),
                          policy.decode_capacity(model.cfg, context + new_tokens)))
       for variant, p, capacity in variants:
-        got = bench_policy(model, p, context, new_tokens, repeats, capacity)
-        runs.append({"impl": "lacax", "policy": name, "variant": variant, "budget": budget, "context": context,
-                     **got})
-        print(f"{name}/{variant} ctx={context} slots={capacity}: decode {got['decode_tokens_per_second']:.2f} "
-              "tok/s", flush=True)
+        state, statics = _policy_state(model, p, context, new_tokens, capacity)
+        _time_decode(model, state, statics)  # compile
+        rows.append(dict(policy=name, variant=variant, capacity=capacity, state=state, statics=statics, times=[]))
+    for _ in range(repeats):
+      for row in rows:
+        seconds, tokens = _time_decode(model, row["state"], row["statics"])
+        row["times"].append(seconds)
+        row["tokens"] = tokens
+    for row in rows:
+      run = {"impl": "lacax", "policy": row["policy"], "variant": row["variant"], "budget": budget,
+             "context": context, "decode_slots": row["capacity"],
+             "decode_tokens_per_second": (new_tokens - 1) / min(row["times"]),
+             "decode_seconds": row["times"], "tokens": row["tokens"]}
+      runs.append(run)
+      print(f"{run['policy']}/{run['variant']} ctx={context} slots={run['decode_slots']}: decode "
+            f"{run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   for run in runs:
     ref = [r for r in runs if r["policy"] == "streaming" and r["context"] == run["context"]]
     run["vs_streaming"] = run["decode_tokens_per_second"] / ref[0]["decode_tokens_per_second"] if ref else None
