@@ -15,6 +15,18 @@ pure-JAX attention). lacax runs its compiled prefill and its compiled decode loo
 process, with the faster of `--torch_threads`. Reports tokens/s, the lacax/transformers ratio, and the
 achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 Writes `results/bench_decode/<timestamp>.json` and prints a table.
+
+  python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
+      --contexts=2048 --new_tokens=64 --dtypes=float32 --torch=false
+
+With `--policies`: decode tokens/s of registered cache policies at one budget (`cache.size = --budget`) after
+a prefill of each context, side by side in one run. Every prompt compressor (SnapKV, PyramidKV, KVMerger) is
+measured twice (prefilled once each, then timed decodes round-robin over all variants: see `policy_runs`):
+"after" = as `lacax.generate` runs it now (decode cache = kept prompt + generated tokens,
+`run_capacity`; lean decode cache: no scores recorded, keys stored rotated, the CPU kernel serves decode) and
+"before" = the behaviour before that fix (decode cache sized for the whole run, `lean_decode=False`: scores
+recorded at every decode step, keys rotated at their original positions every step, no kernel). Reports each
+policy's decode speed relative to StreamingLLM's in the same run.
 """
 
 from __future__ import annotations
@@ -50,6 +62,8 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
 _OUT = flags.DEFINE_string("out", "results/bench_decode", "Output folder.")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
                                    "torch thread counts to try (0 = torch's default); the fastest is the baseline.")
+_POLICIES = flags.DEFINE_list("policies", [], "Registered cache policies to compare at --budget (see above).")
+_BUDGET = flags.DEFINE_integer("budget", 256, "cache.size for --policies.")
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
@@ -77,6 +91,72 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
       "bandwidth_GBps": (weight_bytes + kv_bytes) * best.decode_tokens_per_second / 1e9,
       "tokens": best.tokens[0],
   }
+
+
+def _policy_state(model, policy, context: int, new_tokens: int, capacity: int):
+  """The decode state after the prefill (and hand-off) of `policy` with a decode cache of `capacity` slots, and
+  the statics of its decode loop (prefill + decode as `lacax.generate` runs them, the capacity explicit)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lacax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+
+  tokens, lengths = generation.pad_prompts([_prompt(context, model.cfg.vocab_size)], bucket=128)
+  statics = dict(cfg=model.cfg, policy=policy, sampling=SamplingConfig(), max_new_tokens=new_tokens, stop_ids=())
+  state = generation.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
+                             decode_capacity=capacity, **statics)
+  return jax.block_until_ready(state), statics
+
+
+def _time_decode(model, state, statics) -> tuple[float, list[int]]:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  state = jax.tree.map(jnp.copy, state)  # decode donates its state; keep the prefilled one for the next repeat
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  state = generation.decode(model.params, state, **statics)
+  out = np.asarray(jax.device_get(state.out))
+  return time.perf_counter() - start, out[0].tolist()
+
+
+def policy_runs(model, names: list[str], budget: int, contexts: list[int], new_tokens: int, repeats: int
+                ) -> list[dict]:
+  """The `--policies` comparison (see the module docstring): one row per (policy, variant, context).
+
+  Every variant is prefilled and compiled first; then the timed decodes go round-robin over the variants,
+  `repeats` rounds, so that a busy machine's load drifts over all of them alike; the best round is reported.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from lacax.cache import registry  # pylint: disable=g-import-not-at-top
+
+  runs = []
+  for context in contexts:
+    rows = []
+    for name in names:
+      policy = registry.make_policy(name, {"size": budget})
+      variants = [("after", policy, policy.run_capacity(model.cfg, context, new_tokens))]
+      if "lean_decode" in {f.name for f in dataclasses.fields(policy)}:
+        variants.append(("before", dataclasses.replace(policy, lean_decode=False),
+                         policy.decode_capacity(model.cfg, context + new_tokens)))
+      for variant, p, capacity in variants:
+        state, statics = _policy_state(model, p, context, new_tokens, capacity)
+        _time_decode(model, state, statics)  # compile
+        rows.append(dict(policy=name, variant=variant, capacity=capacity, state=state, statics=statics, times=[]))
+    for _ in range(repeats):
+      for row in rows:
+        seconds, tokens = _time_decode(model, row["state"], row["statics"])
+        row["times"].append(seconds)
+        row["tokens"] = tokens
+    for row in rows:
+      run = {"impl": "lacax", "policy": row["policy"], "variant": row["variant"], "budget": budget,
+             "context": context, "decode_slots": row["capacity"],
+             "decode_tokens_per_second": (new_tokens - 1) / min(row["times"]),
+             "decode_seconds": row["times"], "tokens": row["tokens"]}
+      runs.append(run)
+      print(f"{run['policy']}/{run['variant']} ctx={context} slots={run['decode_slots']}: decode "
+            f"{run['decode_tokens_per_second']:.2f} tok/s", flush=True)
+  for run in runs:
+    ref = [r for r in runs if r["policy"] == "streaming" and r["context"] == run["context"]]
+    run["vs_streaming"] = run["decode_tokens_per_second"] / ref[0]["decode_tokens_per_second"] if ref else None
+  return runs
 
 
 def _torch_model(path: str | None):
@@ -162,6 +242,21 @@ def main(argv):
     return
   rows, record = [], {"provenance": results_lib.provenance(), "cpu_model": results_lib.cpu_model(),
                       "load_average_start": os.getloadavg(), "new_tokens": _NEW_TOKENS.value, "runs": []}
+  if _POLICIES.value:
+    model = load_model(_MODEL.value or None, dtype=_DTYPES.value[0])
+    record.update(model=model.cfg.name, dtype=_DTYPES.value[0], budget=_BUDGET.value)
+    record["runs"] = policy_runs(model, _POLICIES.value, _BUDGET.value, contexts, _NEW_TOKENS.value,
+                                 _REPEATS.value)
+    print(f"\n{'policy':<22}{'context':>8}{'slots':>7}{'decode tok/s':>14}{'vs streaming':>14}")
+    for r in record["runs"]:
+      vs = float("nan") if r["vs_streaming"] is None else r["vs_streaming"]
+      print(f"{r['policy'] + '/' + r['variant']:<22}{r['context']:>8}{r['decode_slots']:>7}"
+            f"{r['decode_tokens_per_second']:>14.2f}{vs:>14.2f}")
+    record["load_average_end"] = os.getloadavg()
+    path = results_lib.timestamped_path(_OUT.value)
+    results_lib.write_json(path, record)
+    print(f"\nwritten: {path}")
+    return
   for dtype in _DTYPES.value:
     model = load_model(_MODEL.value or None, dtype=dtype)
     record["model"] = model.cfg.name

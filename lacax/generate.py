@@ -247,7 +247,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); got range "
                      f"[{int(tokens.min())}, {int(tokens.max())}]")
   total = int(lengths.max()) + max_new_tokens
-  decode_capacity = policy.decode_capacity(cfg, total)
+  decode_capacity = policy.run_capacity(cfg, int(lengths.max()), max_new_tokens)
   if isinstance(policy, FullPolicy) and policy.capacity and total > policy.capacity:
     raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {max_new_tokens} = {total} tokens "
                      f"exceed the full cache capacity {policy.capacity}")
@@ -359,7 +359,8 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
   else:
     rng = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
   state = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                  decode_capacity=policy.decode_capacity(cfg, total), return_logprobs=return_logprobs, **statics)
+                  decode_capacity=policy.run_capacity(cfg, int(lengths.max()), longest),
+                  return_logprobs=return_logprobs, **statics)
   while True:
     out, counts, done, logprobs, step = jax.device_get(
         (state.out, state.num_generated, state.done, state.logprobs, state.step))
@@ -438,7 +439,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   """Greedy generation of every prompt under every policy, prefilling once per prefill signature.
 
   For each policy this is `generate(..., policy=policy)`: full-attention prefill, one
-  `policy.compact(cache, capacity=policy.decode_capacity(...))`, then the compiled decode loop with compaction after
+  `policy.compact(cache, capacity=policy.run_capacity(...))`, then the compiled decode loop with compaction after
   every token. The prefill forward depends only on how the cache is read and scored (`rope_mode`,
   `score_mode`, `score_agg`), so policies that agree on those (full, StreamingLLM and LaCache; H2O and
   KVMerger) share it: on a CPU the prefill dominates, and this divides the job's time by the number of policies.
@@ -476,7 +477,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   decode_seconds: dict[str, float] = {}
   prefill_seconds = 0.0
   for (rope_mode, score_mode, score_agg), names in groups.items():
-    capacities = {name: policies[name].decode_capacity(cfg, total) for name in names}
+    capacities = {name: policies[name].run_capacity(cfg, int(lengths.max()), max_new_tokens) for name in names}
     capacity = max(tokens.shape[1], *capacities.values())
     # The shared cache, plus one compacted copy alive at a time.
     memory.require_cache_fits(policies[names[0]], cfg, len(prompts), capacity, copies=2,

@@ -11,8 +11,10 @@ import dataclasses
 from lacax.cache import registry
 from lacax.cache.base import CachePolicy
 
-# Budget 16; sinks 2; a ladder over 4 layers; SnapKV / PyramidKV windows of 4 pooled by 3.
-TINY_CACHE = dict(size=16, start_size=2, span=2, overlap=0, window=4, kernel=3)
+# Budget 16; sinks 2; a ladder over 4 layers; SnapKV / PyramidKV windows of 4 pooled by 3; decoding-time
+# compression every 4 steps; chunks of 8 (Chunk) and 4 (ChunkKV) tokens.
+TINY_CACHE = dict(size=16, start_size=2, span=2, overlap=0, window=4, kernel=3, compression_interval=4,
+                  chunk_length=8, chunkkv_length=4)
 
 
 def tiny_policy(name: str, max_new_tokens: int | None = None) -> CachePolicy:

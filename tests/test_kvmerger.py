@@ -5,6 +5,7 @@ protection, the backward scan that grows a set while neighbours are similar (clo
 exact budgets by adding the most similar pairs one at a time, pivot, Gaussian weights and the merged key/value.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -54,7 +55,9 @@ def _random_cache(policy, seed=0, continue_prob=0.6):
 
 @functools.lru_cache(maxsize=None)
 def _jitted(policy):
-  """One compiled (plan, compact) pair per policy (policies are hashable static configs)."""
+  """One compiled (plan, compact) pair per policy (policies are hashable static configs); the merged cache as
+  merged (`lean_decode=False`: keys pre-RoPE, scores kept), which is what these tests inspect."""
+  policy = dataclasses.replace(policy, lean_decode=False)
   return jax.jit(lambda cache: (policy.plan(cache), policy.compact(cache, capacity=cache.capacity)))
 
 

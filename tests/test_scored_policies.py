@@ -245,7 +245,7 @@ class SyntheticRulesTest(parameterized.TestCase):
                             ("max", 3, True), ("max", 5, False))
   def test_snapkv(self, pooling, kernel, ties):
     capacity, window = 9, 3
-    policy = SnapKVPolicy(capacity, window, kernel, pooling)
+    policy = SnapKVPolicy(capacity, window, kernel, pooling, lean_decode=False)
     cfg, rng = tiny_cfg(), np.random.RandomState(3)
     slots = 17
     counts = np.array([[17, 9], [10, 5], [2, 14]])  # over, at, just over, under, under the window, over
@@ -260,7 +260,7 @@ class SyntheticRulesTest(parameterized.TestCase):
         self.assertEqual(keep, list(range(counts[l, b])))
 
   def test_snapkv_is_a_no_op_for_short_prompts_and_during_decode(self):
-    policy = SnapKVPolicy(16, 4)
+    policy = SnapKVPolicy(16, 4, lean_decode=False)
     cfg, rng = tiny_cfg(), np.random.RandomState(4)
     pos = np.where(np.arange(20)[None, None, :, None] < 16, np.arange(20)[None, None, :, None], -1)
     pos = np.broadcast_to(pos, (cfg.num_layers, 2, 20, cfg.num_kv_heads))
@@ -273,7 +273,7 @@ class SyntheticRulesTest(parameterized.TestCase):
   @parameterized.product(pooling=["avg", "max"], ties=[True, False])
   def test_pyramidkv(self, pooling, ties):
     capacity, window, beta, kernel = 10, 2, 3, 3
-    policy = PyramidKVPolicy(capacity, window, kernel, pooling, beta)
+    policy = PyramidKVPolicy(capacity, window, kernel, pooling, beta, lean_decode=False)
     cfg, rng = tiny_cfg(num_layers=4), np.random.RandomState(5)
     slots = 30
     lengths = np.array([30, 15, 9, 18])  # pyramid, middle (uniform), no-op, pyramid with a capped max

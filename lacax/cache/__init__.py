@@ -5,6 +5,10 @@
   plans.py      the shared plan helpers: `apply_plan`, `topk_keep_plan`, `recent_mask`, `pool_scores`, ...;
   full.py, streaming.py, ladder.py (LaCache), h2o.py, tova.py, snapkv.py, pyramidkv.py, kvmerger.py
                 one method each; a method module imports the shared helpers only, never a sibling;
+  adakv.py, perlayer.py, composed.py, chunk.py, chunkkv.py, decoding.py, prefill_decoding.py,
+  key_rerotation.py
+                wrappers over any scorer policy (`base.WrapperPolicy`; the inner policy is a field, built
+                by name in the registry: cache.policy="adakv", cache.inner="snapkv");
   registry.py   the policies by name, built from a config's `cache` section at one budget.
 
 Adding a method is one module plus one `registry.POLICIES` entry; `tests/test_cache_contract.py` then checks

@@ -6,6 +6,11 @@ A policy is a frozen, hashable dataclass (a static jit argument) with pure funct
                              the static number of slots of the decode-phase cache of a run that feeds
                              `max_tokens` tokens in all (the full cache needs them all; a compacting policy
                              needs its budget plus one decode token);
+  run_capacity(cfg, prompt_tokens, new_tokens) -> int
+                             the same for a run whose split is known (the longest prompt, then `new_tokens`
+                             generated): a prompt compressor (SnapKV, PyramidKV, KVMerger) needs its kept prompt
+                             plus the generated tokens, not the whole run. Defaults to `decode_capacity` of the
+                             sum; `lacax.generate` and the evaluation jobs call this one;
   init(cfg, batch, capacity) -> KVCache
   compact(cache, capacity=None) -> KVCache
                              called after every forward; chooses what to keep (a no-op while within budget).
@@ -26,6 +31,13 @@ Content-agnostic policies (full, streaming, ladder) set `score_mode=None`, so th
 attention statistics for them; score-based ones (H2O, TOVA, SnapKV, PyramidKV, KVMerger) name the statistic
 they consume and the cache records it.
 
+Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (scores, protected)` (its
+ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
+(`WrapperPolicy` / `SelectingWrapper` here; one module each: adakv, perlayer, composed, chunk, chunkkv,
+decoding, prefill_decoding, key_rerotation) take any scorer as `inner` and select with their own budgets, so a
+new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
+contract test whether a hand-off over the budget evicts.
+
 Adding a method: one module `lacax/cache/<method>.py` defining a `CachePolicy` subclass (built from the shared
 helpers in `lacax.cache.plans`, never from a sibling method module) and one entry in `lacax.cache.registry`.
 The layout follows NVIDIA/kvpress (`kvpress/presses/`: one press per file, shared helpers in one place, one
@@ -36,12 +48,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
 from lacax.cache.kv_cache import KVCache, gather_slots, init_cache
+from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
 
@@ -65,6 +79,11 @@ class CachePolicy:
   def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
     """Static slot count of the decode-phase cache of a run that feeds `max_tokens` tokens in all."""
     raise NotImplementedError
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    """Static slot count of the decode cache of a run that prefills up to `prompt_tokens` tokens per row and
+    then generates `new_tokens` (the prompt's last token is not fed again; the generated ones are)."""
+    return self.decode_capacity(cfg, prompt_tokens + new_tokens)
 
   def init_state(self, cfg: ModelConfig):
     del cfg
@@ -92,6 +111,38 @@ class CachePolicy:
     """[num_layers] int: the most tokens a (row, kv head) of each layer holds after a compaction call that
     followed `seen` tokens (for a policy that does not compact in decode: the prefill hand-off)."""
     raise NotImplementedError
+
+  @property
+  def compacts_in_prefill(self) -> bool:
+    """Whether the prefill hand-off of a prompt over the budget evicts (False: DecodingPolicy, which compresses
+    only during decode, as kvpress's DecodingPress)."""
+    return True
+
+  # The scorer interface the wrappers (AdaKV, per-layer budgets, chunking, decoding-time compression) build on.
+
+  def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """(scores, protected): how much each held token is worth keeping by this method, for a wrapper to select
+    with its own budgets (kvpress's `ScorerPress.score`).
+
+    Returns:
+      scores: [L, B, S, KV] float32, higher = keep (meaningful at occupied slots).
+      protected: [L, B, S, KV] bool, tokens the method always keeps (sinks, recent or observation window);
+        a wrapper ranks them first.
+
+    Raises:
+      NotImplementedError: the policy is not a scorer (full, LaCache, KVMerger).
+    """
+    raise NotImplementedError(f"{type(self).__name__} is not a scorer policy (it defines no keep_scores)")
+
+
+def is_scorer(policy: CachePolicy) -> bool:
+  """The policy defines `keep_scores` (a wrapper can take it as its inner policy)."""
+  return type(policy).keep_scores is not CachePolicy.keep_scores
+
+
+def ranked_scores(scores: jax.Array, protected: jax.Array) -> jax.Array:
+  """Scores with protected tokens at +inf, so that one descending rank puts them first (ties: older)."""
+  return jnp.where(protected, jnp.inf, scores.astype(jnp.float32))
 
 
 class BudgetPolicy(CachePolicy):
@@ -121,9 +172,21 @@ class WindowScoredPolicy(CachePolicy):
   the prompt by the attention of its last `window` queries, pools the scores and keeps a top-k prefix).
 
   Subclasses are frozen dataclasses with the fields `capacity`, `window`, `kernel`, `pooling`, `score_agg`,
-  `rope_mode` and `max_new_tokens`, and define the prefix budget per layer and row (`prefix_budget`) and its
-  largest value (`max_kept`).
+  `rope_mode` and `max_new_tokens` (and optionally `lean_decode`), and define the prefix budget per layer and
+  row (`prefix_budget`) and its largest value (`max_kept`).
+
+  Decode after the hand-off (`lean_decode`, default True): these policies read attention statistics once, in
+  the hand-off, and never move a key afterwards. So the hand-off returns a decode cache that records no
+  statistic (`score_mode=None`: no probabilities at decode) and, for `rope_mode="original"`, holds its keys
+  rotated at their original positions (`rope_mode="stored"`, rotated once instead of at every step). The
+  decode attention is then the same function of the same numbers, and the XLA:CPU decode kernel serves it.
+  `lean_decode=False` keeps the recording cache through decode (the behaviour before; for benchmarks).
   """
+
+  lean_decode = True
+
+  def init_state(self, cfg: ModelConfig):
+    return RopeState(inv_freq=jnp.asarray(rope_lib.inv_frequencies(cfg), jnp.float32))
 
   def _validate(self, owner: str) -> None:
     plans.check_int(owner, "capacity", self.capacity, 2)
@@ -163,10 +226,25 @@ class WindowScoredPolicy(CachePolicy):
       return max_tokens
     return min(max_tokens, self.max_kept() + self.max_new_tokens)
 
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    """The kept prompt plus the generated tokens (`max_new_tokens`, when set, takes precedence)."""
+    if self.max_new_tokens is not None:
+      return self.decode_capacity(cfg, prompt_tokens + new_tokens)
+    return min(prompt_tokens + new_tokens, self.max_kept() + new_tokens)
+
   def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
     if seen <= self.capacity:
       return np.full(cfg.num_layers, seen)
     return np.asarray(self.prefix_budget(cfg.num_layers, jnp.int32(seen))) + self.window
+
+  def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """The pooled window attention of the prefix; the observation window protected (kvpress's SnapKV gives
+    the window the top score)."""
+    plans.require_scores(type(self).__name__.removesuffix("Policy"), cache, self.score_mode)
+    valid = cache.valid()
+    window = plans.recent_mask(valid, self.window)
+    pooled = plans.pool_scores(cache.scores, valid & ~window, self.kernel, self.pooling)
+    return pooled, window
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     """Compresses the prompt in the prefill hand-off (the call given `capacity`); decode calls keep all.
@@ -185,4 +263,119 @@ class WindowScoredPolicy(CachePolicy):
     prompt_len = jnp.max(plans.occupancy(cache), axis=-1)  # [L, B]; every head holds the whole prompt
     budget = self.prefix_budget(cache.num_layers, prompt_len[0])
     src = plans.topk_keep_plan(pooled, valid, budget, window, capacity)
-    return plans.apply_plan(cache, src, jnp.any(prompt_len > self.capacity), capacity)
+    out = plans.apply_plan(cache, src, jnp.any(prompt_len > self.capacity), capacity)
+    return lean_decode_cache(out) if self.lean_decode else out
+
+
+@flax.struct.dataclass
+class RopeState:
+  """Policy state holding the model's RoPE inverse frequencies [head_dim // 2] (policies are cfg-free, so a
+  policy that rotates keys itself, e.g. `lean_decode_cache`, carries them in the cache)."""
+
+  inv_freq: jax.Array
+
+
+def lean_decode_cache(cache: KVCache) -> KVCache:
+  """The decode cache of a policy that reads no attention statistic and moves no key after its hand-off.
+
+  Drops the statistics (the forward then records nothing and may use the CPU decode kernel) and, for
+  `rope_mode="original"`, rotates every key once at its original position and switches to "stored": the
+  keys every later step reads are the same numbers the "original" path computes from pre-RoPE keys (the
+  same `rope_lib.rotate` of the same tables), without the per-step rotation. Needs the RoPE frequencies in
+  `cache.state` (`RopeState`, or any state with an `inv_freq` field) for "original"; "slot" and "stored"
+  keys are left as they are.
+  """
+  cache = cache.replace(scores=None, score_mode=None)
+  if cache.rope_mode != "original":
+    return cache
+  inv_freq = getattr(cache.state, "inv_freq", None)
+  if inv_freq is None:
+    raise ValueError("lean_decode_cache needs the RoPE frequencies in cache.state (a RopeState, or a state with "
+                     f"an inv_freq field); got state {type(cache.state).__name__}: build the cache with the "
+                     "policy's init()")
+  cos, sin = rope_lib.rope_table(cache.pos, inv_freq)  # [L, B, S, KV, D]; empty slots (pos -1) rotate by 0
+  k = rope_lib.rotate(cache.k, cos, sin)
+  out = cache.replace(k=k, rope_mode="stored")
+  return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)
+
+
+class WrapperPolicy(CachePolicy):
+  """A policy that composes another: `inner` (a dataclass field of the subclass) is a scorer policy whose
+  `keep_scores` the wrapper selects from with its own budgets, as kvpress's wrappers take any `ScorerPress`.
+
+  The cache is read and scored the way the inner policy needs (its `rope_mode`, `score_mode`, `score_agg` and
+  state), and the wrapper compresses when the inner one would: at every decode step for a decode-time inner
+  policy (H2O, TOVA, StreamingLLM), only in the prefill hand-off for a prompt compressor (SnapKV, PyramidKV),
+  whose decode cache is then lean (`lean_decode_cache`) like the inner policy's own.
+  """
+
+  @property
+  def rope_mode(self) -> str:
+    return self.inner.rope_mode
+
+  @property
+  def score_mode(self):
+    return self.inner.score_mode
+
+  @property
+  def score_agg(self) -> str:
+    return self.inner.score_agg
+
+  def init_state(self, cfg: ModelConfig):
+    return self.inner.init_state(cfg)
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return self.inner.compacts_in_decode
+
+  def _check_inner(self, owner: str) -> None:
+    if not isinstance(self.inner, CachePolicy) or not is_scorer(self.inner):
+      name = type(self.inner).__name__
+      raise ValueError(f"{owner} inner={name} must be a scorer policy (one defining keep_scores: StreamingLLM, "
+                       "H2O, TOVA, SnapKV, PyramidKV or a new scorer); full, LaCache and KVMerger are not")
+
+  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
+    """The decode cache after a hand-off, lean when the inner policy is a prompt compressor that is."""
+    if capacity is not None and not self.compacts_in_decode and getattr(self.inner, "lean_decode", False):
+      return lean_decode_cache(cache)
+    return cache
+
+
+class SelectingWrapper(WrapperPolicy):
+  """A wrapper that keeps, per (layer, row, kv head), a mask of the inner policy's tokens (`keep_mask`)
+  whenever some plane is over its budget (`over_budget`), holding at most `layer_bounds` tokens per head."""
+
+  def layer_bounds(self, cfg: ModelConfig) -> np.ndarray:
+    """[L] int: the most tokens a kv head of each layer keeps after a compression."""
+    raise NotImplementedError
+
+  def keep_mask(self, cache: KVCache) -> jax.Array:
+    """[L, B, S, KV] bool: the tokens kept when compressing."""
+    raise NotImplementedError
+
+  def over_budget(self, cache: KVCache) -> jax.Array:
+    """Scalar bool: some plane holds more than its budget (the compression would change something)."""
+    raise NotImplementedError
+
+  @property
+  def sink_tokens(self) -> int:
+    return self.inner.sink_tokens  # protected tokens are always kept
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    if not self.compacts_in_decode:
+      return max_tokens
+    return min(max_tokens, int(np.max(self.layer_bounds(cfg))) + 1)
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    total = prompt_tokens + new_tokens
+    bound = int(np.max(self.layer_bounds(cfg)))
+    return min(total, bound + (1 if self.compacts_in_decode else new_tokens))
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    return np.minimum(seen, self.layer_bounds(cfg))
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    if capacity is None and not self.compacts_in_decode:
+      return cache
+    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity or c.capacity)  # noqa: E731
+    return self._lean(plans.apply_plan(cache, plan, self.over_budget(cache), capacity), capacity)

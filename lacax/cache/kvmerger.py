@@ -91,7 +91,7 @@ import numpy as np
 
 from lacax.cache.kv_cache import KVCache, PRE_ROPE_MODES, SCORE_AGGS, validate_score_mode
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy
+from lacax.cache.base import CachePolicy, lean_decode_cache
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -293,6 +293,10 @@ class KVMergerPolicy(CachePolicy):
     score_mode: the attention statistic recorded by the forward ("accumulate", H2O-style).
     score_agg: reduction of a GQA group's query heads to their kv head ("mean", "max", "sum").
     impl: `segment_merge` implementation: "auto" (Pallas on TPU/GPU), "pallas" or "reference".
+    lean_decode: without `during_decode` nothing reads the scores after the hand-off, so the decode cache
+      records none and (rope_mode "original") stores its keys rotated at their (pivot) positions
+      (`lacax.cache.base.lean_decode_cache`): the CPU decode kernel then serves decode. False keeps the
+      recording cache (the behaviour before; for benchmarks).
   """
 
   eps: float = 0.75
@@ -312,6 +316,7 @@ class KVMergerPolicy(CachePolicy):
   score_mode: str = "accumulate"
   score_agg: str = "mean"
   impl: str = "auto"
+  lean_decode: bool = True
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -361,6 +366,14 @@ class KVMergerPolicy(CachePolicy):
     del cfg
     return max_tokens
 
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    """Without `during_decode`: the most a layer holds after merging the prompt (`max_held`) plus the generated
+    tokens; with it, the whole run."""
+    total = prompt_tokens + new_tokens
+    if self.during_decode:
+      return total
+    return min(total, int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens)
+
   @property
   def compacts_in_decode(self) -> bool:
     return self.during_decode
@@ -402,8 +415,12 @@ class KVMergerPolicy(CachePolicy):
     self._state(cache)
     merge = lambda c: self._apply(c, self.plan(c, capacity))  # noqa: E731
     if capacity is not None and capacity != cache.capacity:
-      return merge(cache)  # the shapes change, so there is nothing to skip
-    return jax.lax.cond(jnp.any(self._active(cache)), merge, lambda c: c, cache)
+      out = merge(cache)  # the shapes change, so there is nothing to skip
+    else:
+      out = jax.lax.cond(jnp.any(self._active(cache)), merge, lambda c: c, cache)
+    if capacity is not None and self.lean_decode and not self.during_decode:
+      out = lean_decode_cache(out)
+    return out
 
   # ------------------------------------------------------------------------------------------------------
   # Planning and applying.

@@ -6,6 +6,8 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
 
   apply_plan         gathers a plan when needed (`lax.cond` skips steps that keep everything);
   topk_keep_plan     protected tokens + the top-k others by score, kept in slot order (ties: the older token);
+  keep_mask_plan     the plan of a keep mask (kept slots front-packed in slot order);
+  within_chunks      the slot axis cut into fixed-size chunks (chunked selection);
   descending_rank    the rank of every eligible slot by a score, largest first (ties: the older token);
   recent_mask        the `count` newest occupied slots;
   pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
@@ -40,9 +42,10 @@ where they differ from the references, which all run at batch 1 on MHA caches:
 Cache sizing. `decode_capacity(cfg, max_tokens)` is the static capacity of the decode-phase cache of a run that feeds
 `max_tokens` tokens in all (prompt + generated, as `lacax.generate` calls it). H2O and TOVA never hold more
 than budget + 1 tokens (the budget plus the token of the current step). SnapKV and PyramidKV only compress the
-prompt and let the decode cache grow, so their decode cache must also hold every generated token: set
-`max_new_tokens` on the policy to size it as (kept prompt tokens) + max_new_tokens; left at None it is sized
-for the whole run (always enough, but as large as the full cache).
+prompt and let the decode cache grow, so their decode cache must also hold every generated token:
+`run_capacity(cfg, prompt_tokens, new_tokens)` (what `lacax.generate` calls) sizes it as (kept prompt tokens) +
+new_tokens; `decode_capacity(cfg, max_tokens)`, which does not know the split, does so only when the policy's
+`max_new_tokens` is set, and otherwise sizes it for the whole run.
 """
 
 from __future__ import annotations
@@ -132,11 +135,24 @@ def topk_keep_plan(scores: jax.Array, valid: jax.Array, keep_count, protected: j
     (occupied slots stay front-packed and in time order), then -1. Ties in score are broken toward the older
     token (the smaller slot index). Cost: two argsorts and one sort over S per (layer, row, head).
   """
-  num_slots = scores.shape[2]
   protected = valid & protected if protected is not None else jnp.zeros_like(valid)
   candidate = valid & ~protected
   rank = descending_rank(scores.astype(jnp.float32), candidate)
   keep = protected | (candidate & (rank < per_plane(keep_count)))
+  return keep_mask_plan(keep, out_capacity)
+
+
+def keep_mask_plan(keep: jax.Array, out_capacity: int) -> jax.Array:
+  """Keep plan of a mask: the kept slots of every (layer, row, kv head), in slot order, front-packed.
+
+  Args:
+    keep: [L, B, S, KV] bool (KV may be 1 for a plan shared by the heads).
+    out_capacity: static number of output slots; must be >= the most kept slots of any plane.
+
+  Returns:
+    [L, B, out_capacity, KV] int32 source slots, -1 = empty.
+  """
+  num_slots = keep.shape[2]
   slot = jnp.arange(num_slots, dtype=jnp.int32)[None, None, :, None]
   packed = jnp.sort(jnp.where(keep, slot, num_slots), axis=2)  # kept slots ascending, then num_slots
   if out_capacity <= num_slots:
@@ -145,6 +161,14 @@ def topk_keep_plan(scores: jax.Array, valid: jax.Array, keep_count, protected: j
     pad = [(0, 0), (0, 0), (0, out_capacity - num_slots), (0, 0)]
     packed = jnp.pad(packed, pad, constant_values=num_slots)
   return jnp.where(packed < num_slots, packed, -1).astype(jnp.int32)
+
+
+def within_chunks(x: jax.Array, chunk_length: int, fill) -> jax.Array:
+  """[L, B, S, H] -> [L, B, n, chunk_length, H]: the slot axis cut into n whole chunks, padded by `fill`."""
+  L, B, S, H = x.shape
+  n = -(-S // chunk_length)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, n * chunk_length - S), (0, 0)), constant_values=fill)
+  return x.reshape(L, B, n, chunk_length, H)
 
 
 def pool_scores(scores: jax.Array, mask: jax.Array, kernel: int, pooling: str) -> jax.Array:

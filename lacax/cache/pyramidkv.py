@@ -52,6 +52,43 @@ def pyramid_budgets(num_layers: int, capacity: int, window: int, beta: int, prom
   return jnp.where(p < capacity, jnp.maximum(p - window, 0), budget).astype(jnp.int32)
 
 
+BUDGET_RULES = ("kvcache_factory", "kvpress")
+
+
+def kvpress_pyramid_budgets(num_layers: int, capacity: int, window: int, beta: int, prompt_len) -> jax.Array:
+  """NVIDIA/kvpress's PyramidKV budgets, as prefix tokens kept besides the window (window-inclusive totals).
+
+  Reference `kvpress/presses/pyramidkv_press.py::PyramidKVPress.get_layer_budget`, where a press of
+  compression ratio r on a P-token prompt has max_capacity_prompt = w + P (1 - r). lacax's `capacity` here is
+  the mean tokens a layer keeps *window included*, c = P (1 - r) (kvpress's count for a uniform press), so:
+
+    min = c / beta, max = 2c - min; if max >= P - w: max = P - w, min = 2c - max
+    if not (P >= max >= min >= w): every layer keeps round(c) = c tokens
+    else: layer l keeps round(max - l (max - min) / (L - 1)) tokens, the window included
+
+  i.e. the same pyramid as KVCache-Factory's (`pyramid_budgets`) but on c instead of c - w and with the window
+  counted inside each layer's total (KVCache-Factory keeps the window on top of its budget). Arithmetic is
+  float32 with round-half-to-even (Python's `round`); kvpress computes in float64, so a total that lands
+  within float32 rounding of a .5 may differ by one. Prompts no longer than `capacity` are left alone (lacax's
+  fixed-budget convention; kvpress always applies its ratio).
+
+  Returns:
+    [num_layers] (int P) or [num_layers, B] int32 prefix budgets (total - window, >= 0).
+  """
+  p = jnp.asarray(prompt_len, jnp.float32)
+  c = float(capacity)
+  min0 = c / beta
+  capped = 2 * c - min0 >= p - window
+  max_num = jnp.where(capped, p - window, 2 * c - min0)
+  min_num = jnp.where(capped, 2 * c - max_num, min0)
+  ok = (p >= max_num) & (max_num >= min_num) & (min_num >= window)
+  layer = jnp.arange(num_layers, dtype=jnp.float32).reshape((num_layers,) + (1,) * p.ndim)
+  steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else jnp.zeros_like(max_num)
+  total = jnp.where(ok, jnp.round(max_num - layer * steps), c).astype(jnp.int32)
+  p_int = jnp.asarray(prompt_len, jnp.int32)
+  return jnp.where(p_int <= capacity, jnp.maximum(p_int - window, 0), jnp.maximum(total - window, 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class PyramidKVPolicy(WindowScoredPolicy):
   """PyramidKV: SnapKV scoring with per-layer budgets running linearly from layer 0 (largest) to the top.
@@ -63,6 +100,10 @@ class PyramidKVPolicy(WindowScoredPolicy):
 
   Attributes: as `SnapKVPolicy`, plus
     beta: the pyramid's steepness: the smallest budget is (capacity - window) // beta (20 in the reference).
+    budget_rule: "kvcache_factory" (default, the reference above: `pyramid_budgets`, the window kept on top of
+      each layer's budget, mean ~ capacity) or "kvpress" (NVIDIA/kvpress's window-inclusive rule:
+      `kvpress_pyramid_budgets`, mean ~ capacity with the window counted inside; kvpress's ratio r on a
+      P-token prompt is capacity = P (1 - r)).
   """
 
   capacity: int
@@ -73,15 +114,23 @@ class PyramidKVPolicy(WindowScoredPolicy):
   score_agg: str = "mean"
   rope_mode: str = "original"
   max_new_tokens: int | None = None
+  lean_decode: bool = True
+  budget_rule: str = "kvcache_factory"
 
   def __post_init__(self):
     self._validate("PyramidKV")
     plans.check_int("PyramidKV", "beta", self.beta, 1)
+    if self.budget_rule not in BUDGET_RULES:
+      raise ValueError(f"PyramidKV budget_rule={self.budget_rule!r} must be one of {list(BUDGET_RULES)}")
 
   def max_kept(self) -> int:
+    if self.budget_rule == "kvpress":
+      # Layer 0's total round(2c - c / beta) <= 2c - c // beta (window included; c = capacity).
+      return max(2 * self.capacity - self.capacity // self.beta, self.capacity)
     # Layer 0's budget, 2c - c // beta, is the largest of every branch (c = capacity - window).
     c = self.capacity - self.window
     return 2 * c - c // self.beta + self.window
 
   def prefix_budget(self, num_layers: int, prompt_len: jax.Array) -> jax.Array:
-    return pyramid_budgets(num_layers, self.capacity, self.window, self.beta, prompt_len)
+    rule = kvpress_pyramid_budgets if self.budget_rule == "kvpress" else pyramid_budgets
+    return rule(num_layers, self.capacity, self.window, self.beta, prompt_len)

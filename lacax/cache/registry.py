@@ -14,6 +14,23 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
                `size` slots (True in the registry, so that it is compared at the same budget as the others;
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
   rope_mode    the full cache's key storage ("slot" or "stored").
+  h2o_score_norm, pyramid_budget_rule   the two definitions where the references and kvpress differ: H2O's
+               summed attention ("sum", the reference) or kvpress's mean received attention ("mean"); PyramidKV's
+               KVCache-Factory budgets ("kvcache_factory") or kvpress's window-inclusive ones ("kvpress").
+
+Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPress`), built by this registry at
+the same `cache.size` from the same `cache` section:
+
+  inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefill_decoding, keyrerotation
+               ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
+               pyramidkv, keyrerotation, or a new scorer);
+  alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
+  layer_fractions   per-layer budgets as fractions of `size` (budget_l = max(1, round(f_l * size))); () =
+               every layer `size`;
+  chunk_length, chunkkv_length   Chunk's (1024) and ChunkKV's (20) chunk sizes;
+  compression_interval   decode steps between DecodingPolicy's compressions (512), down to `size` tokens;
+  first, second   the composed policy: `first` built at 2 * size, then `second` at size (built with the
+               first's rope_mode when it has that field), so the composition holds at most `size` tokens.
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -29,8 +46,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from lacax.cache.base import CachePolicy
+from lacax.cache.adakv import AdaKVPolicy
+from lacax.cache.base import CachePolicy, is_scorer
+from lacax.cache.chunk import ChunkPolicy
+from lacax.cache.chunkkv import ChunkKVPolicy
+from lacax.cache.composed import ComposedPolicy
+from lacax.cache.decoding import DecodingPolicy
 from lacax.cache.full import FullPolicy
+from lacax.cache.key_rerotation import KeyRerotationPolicy
+from lacax.cache.perlayer import PerLayerPolicy
+from lacax.cache.prefill_decoding import PrefillDecodingPolicy
 from lacax.cache.h2o import H2OPolicy
 from lacax.cache.kvmerger import KVMergerPolicy
 from lacax.cache.ladder import PREFILL_PROTOCOLS, LadderPolicy
@@ -64,6 +89,8 @@ class PolicySpec:
       (documented in the module docstring).
     prefill: optional (cache config, model config, read, budget, prompt_len, protocol, model_max_len) ->
       policy, for a policy whose one-shot set-up is not just "the budget as `size`" (LaCache).
+    composite: optional (cache config, budget) -> the policy fields that are other policies, built by name
+      through this registry (the wrappers' `inner`).
   """
 
   cls: type[CachePolicy]
@@ -71,6 +98,7 @@ class PolicySpec:
   sized: Callable[[int, Callable[[str], Any]], dict[str, Any]] | None = None
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   prefill: Callable[..., CachePolicy] | None = None
+  composite: Callable[[Any, int], dict[str, Any]] | None = None
 
   def field_default(self, policy_field: str):
     """The registry's default for `policy_field`: an override, else the dataclass default."""
@@ -103,6 +131,8 @@ class PolicySpec:
     kwargs.update({p: v for p, v in self.overrides.items() if p not in kwargs})
     if self.sized is not None:
       kwargs.update(self.sized(size, read))
+    if self.composite is not None:
+      kwargs.update(self.composite(cache, size))
     return self.cls(**{k: v for k, v in kwargs.items() if v is not _NO_DEFAULT})
 
 
@@ -123,16 +153,86 @@ POLICIES: dict[str, PolicySpec] = {
     "lacache": PolicySpec(LadderPolicy, fields={"span": "span", "overlap": "overlap", "start_size": "start_size",
                                                 "layer_mapping": "layer_mapping"},
                           sized=lambda size, read: {"cache_size": size}, prefill=_ladder_prefill),
-    "h2o": PolicySpec(H2OPolicy, fields=_SCORED,
+    "h2o": PolicySpec(H2OPolicy, fields={**_SCORED, "h2o_score_norm": "score_norm"},
                       sized=lambda size, read: {"heavy": size // 2, "recent": size - size // 2}),
     "tova": PolicySpec(TOVAPolicy, fields=_SCORED, sized=lambda size, read: {"budget": size}),
     "snapkv": PolicySpec(SnapKVPolicy, fields=_WINDOW, sized=lambda size, read: {"capacity": size}),
-    "pyramidkv": PolicySpec(PyramidKVPolicy, fields={**_WINDOW, "beta": "beta"},
+    "pyramidkv": PolicySpec(PyramidKVPolicy, fields={**_WINDOW, "beta": "beta", "pyramid_budget_rule": "budget_rule"},
                             sized=lambda size, read: {"capacity": size}),
     "kvmerger": PolicySpec(KVMergerPolicy, fields={"merge_threshold": "eps", "exact_budget": "exact_budget",
                                                    **_SCORED},
                            sized=lambda size, read: {"budget": size}, overrides={"exact_budget": True}),
 }
+
+
+# The wrappers' config fields that name or size other policies (not fields of one dataclass, so their defaults
+# live here, once).
+COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
+WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefill_decoding", "keyrerotation")
+
+
+def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
+  """The policy named by `cache.<field>`, built by this registry at budget `size` from the same section."""
+  name = _get(cache, field, COMPOSITE_DEFAULTS[field])
+  if not isinstance(name, str) or name not in POLICIES:
+    raise ValueError(f"cache.{field}={name!r} for policy {owner!r} must name a registered policy; expected one "
+                     f"of {sorted(POLICIES)}")
+  if name == owner:
+    raise ValueError(f"cache.{field}={name!r} for policy {owner!r} names the wrapper itself")
+  policy = make_policy(name, {**_as_dict(cache), "size": size})
+  if scorer and not is_scorer(policy):
+    scorers = sorted(n for n in POLICIES if n not in WRAPPERS and is_scorer(make_policy(n, {"size": 64})))
+    raise ValueError(f"cache.{field}={name!r} for policy {owner!r} must name a scorer policy (one that ranks "
+                     f"tokens: {scorers} or a scoring wrapper); {name!r} is not")
+  return policy
+
+
+def _inner(owner: str):
+  return lambda cache, size: {"inner": _named_policy(cache, "inner", owner, size, scorer=True)}
+
+
+def _layer_budgets(cache, size: int) -> dict[str, Any]:
+  fractions = _get(cache, "layer_fractions", ())
+  try:
+    fractions = tuple(float(f) for f in fractions)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"cache.layer_fractions={fractions!r} must be a sequence of positive numbers, one per "
+                     "layer (or () for every layer at cache.size)") from e
+  if any(not f > 0 for f in fractions):
+    raise ValueError(f"cache.layer_fractions={fractions!r} must hold positive numbers")
+  inner = _inner("perlayer")(cache, size)
+  # () = uniform; the layer count is checked against the model when the cache is built.
+  return {**inner, "budgets": tuple(max(1, int(round(f * size))) for f in fractions) or (size,)}
+
+
+def _composed(cache, size: int) -> dict[str, Any]:
+  first = _named_policy(cache, "first", "composed", 2 * size, scorer=False)
+  second = _named_policy(cache, "second", "composed", size, scorer=False)
+  if second.rope_mode != first.rope_mode and "rope_mode" in {f.name for f in dataclasses.fields(second)}:
+    second = dataclasses.replace(second, rope_mode=first.rope_mode)
+  return {"first": first, "second": second}
+
+
+def _prefill_decoding(cache, size: int) -> dict[str, Any]:
+  inner = _inner("prefill_decoding")(cache, size)["inner"]
+  interval = _get(cache, "compression_interval", POLICIES["decoding"].field_default("compression_interval"))
+  return {"prefill": inner, "decoding": DecodingPolicy(inner, target_size=size, compression_interval=interval)}
+
+
+POLICIES.update({
+    "adakv": PolicySpec(AdaKVPolicy, fields={"alpha_safeguard": "alpha_safeguard"},
+                        sized=lambda size, read: {"budget": size}, composite=_inner("adakv")),
+    "perlayer": PolicySpec(PerLayerPolicy, composite=_layer_budgets),
+    "composed": PolicySpec(ComposedPolicy, composite=_composed),
+    "chunk": PolicySpec(ChunkPolicy, fields={"chunk_length": "chunk_length"},
+                        sized=lambda size, read: {"budget": size}, composite=_inner("chunk")),
+    "chunkkv": PolicySpec(ChunkKVPolicy, fields={"chunkkv_length": "chunk_length"},
+                          sized=lambda size, read: {"budget": size}, composite=_inner("chunkkv")),
+    "decoding": PolicySpec(DecodingPolicy, fields={"compression_interval": "compression_interval"},
+                           sized=lambda size, read: {"target_size": size}, composite=_inner("decoding")),
+    "prefill_decoding": PolicySpec(PrefillDecodingPolicy, composite=_prefill_decoding),
+    "keyrerotation": PolicySpec(KeyRerotationPolicy, composite=_inner("keyrerotation")),
+})
 
 
 def policy_names() -> tuple[str, ...]:
@@ -163,6 +263,9 @@ def cache_defaults(names=None) -> dict[str, Any]:
         raise ValueError(f"cache.{config_field} defaults to {out[config_field]!r} for {owner[config_field]!r} "
                          f"but {default!r} for {name!r}; give the field one default")
       out[config_field], owner[config_field] = default, name
+    if spec.composite is not None:
+      for field, default in COMPOSITE_DEFAULTS.items():
+        out.setdefault(field, default)
   return out
 
 

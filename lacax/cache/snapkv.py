@@ -36,7 +36,10 @@ class SnapKVPolicy(WindowScoredPolicy):
     rope_mode: "original" (default, as the reference's post-RoPE cache), "slot" or "stored".
     max_new_tokens: decode tokens the cache must leave room for (see `slots`); None sizes the decode cache
       for the whole run. Set it to at least the run's max_new_tokens: the forward drops (silently, being
-      jitted) the keys of tokens written past the last slot.
+      jitted) the keys of tokens written past the last slot. `lacax.generate` sizes the decode cache with
+      `run_capacity` (kept prompt + generated tokens) whatever this is.
+    lean_decode: the decode cache records no scores and stores keys rotated (see `WindowScoredPolicy`);
+      False keeps the recording cache through decode (slower; the behaviour before).
   """
 
   capacity: int
@@ -46,6 +49,7 @@ class SnapKVPolicy(WindowScoredPolicy):
   score_agg: str = "mean"
   rope_mode: str = "original"
   max_new_tokens: int | None = None
+  lean_decode: bool = True
 
   def __post_init__(self):
     self._validate("SnapKV")

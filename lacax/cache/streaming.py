@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from lacax.cache import plans
@@ -46,6 +47,12 @@ class StreamingPolicy(BudgetPolicy):
   @property
   def sink_tokens(self) -> int:
     return self.start_size
+
+  def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """Recency as a score (the original position: newer = higher); the `start_size` sinks protected. A
+    wrapper's top-k by it keeps the sinks and the newest tokens (kvpress's StreamingLLMPress as a scorer)."""
+    pos = cache.pos
+    return pos.astype(jnp.float32), (pos >= 0) & (pos < self.start_size)
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     out = capacity or cache.capacity

@@ -43,6 +43,12 @@ class TOVAPolicy(BudgetPolicy):
     plans.check_int("TOVA", "budget", self.budget, 1)
     plans.check_rope_and_agg("TOVA", self)
 
+  def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """The last query's attention averaged over the kv heads, the same for every head; nothing protected."""
+    plans.require_scores("TOVA", cache, self.score_mode)
+    scores = jnp.broadcast_to(jnp.mean(cache.scores, axis=-1, keepdims=True), cache.scores.shape)
+    return scores, jnp.zeros(cache.scores.shape, bool)
+
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     plans.require_scores("TOVA", cache, self.score_mode)
     valid = jnp.any(cache.valid(), axis=-1, keepdims=True)  # [L, B, S, 1]; the heads hold the same tokens

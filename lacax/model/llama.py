@@ -171,18 +171,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pos: jax.Array, quer
     return _attention_slot_major(q, k, v, key_pos, query_pos)
   if probs_hook is None and not sharded and not need_probs and T >= 2 * _BLOCK_Q:
     return attention_blocked(q, k, v, key_pos, query_pos), None
-  scale = hd ** -0.5
-  # [B, KV, T, S] mask.
-  kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, :]
-  qp = query_pos[:, None, :, None]
-  mask = _visible(kp, qp)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
+  probs = attention_probs(q, k, key_pos, query_pos)
   if probs_hook is not None:
     probs = probs_hook(probs)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(v.dtype), probs
+
+
+def attention_probs(q: jax.Array, k: jax.Array, key_pos: jax.Array, query_pos: jax.Array) -> jax.Array:
+  """The explicit post-softmax probabilities of `attention` (head-major): [B, KV, G, T, S] float32.
+
+  Args: q [B, T, KV, G, hd] rotated queries; k [B, S, KV, hd] rotated keys; key_pos [B, S, KV]; query_pos
+  [B, T] (-1 = padding, which gets a uniform finite row).
+  """
+  scale = q.shape[-1] ** -0.5
+  kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, :]  # [B, KV, 1, S] against [B, 1, T, 1]
+  qp = query_pos[:, None, :, None]
+  mask = _visible(kp, qp)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def last_query_rows(x: jax.Array, query_pos: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """The last `width` real queries of every row: (x rows [B, width, ...], their positions [B, width], -1 where
+  a row has fewer than `width` real queries). Real queries come first in each row (right padding)."""
+  n_valid = jnp.sum(query_pos >= 0, axis=1, keepdims=True).astype(jnp.int32)
+  idx = n_valid - width + jnp.arange(width, dtype=jnp.int32)[None, :]
+  safe = jnp.maximum(idx, 0)
+  rows = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+  pos = jnp.where(idx >= 0, jnp.take_along_axis(query_pos, safe, axis=1), -1)
+  return rows, pos
 
 
 # Largest T * KV * G (columns of the block-diagonal query matrix) the slot-major formulation is used for.
@@ -506,6 +525,13 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     raise ValueError(f"recording attention statistics ({recording}) needs a cache with scores (built with "
                      "score_mode); this cache has none")
   score_weights = None if recording is None else recording.query_weights(positions)
+  # A "window" / "last" statistic reads only the last W queries of the step: a long step (a prefill) computes
+  # the probabilities of those rows alone, beside an attention that needs none (static; 0 = all rows). With a
+  # probability hook (ACT) the statistic is taken from the hooked probabilities of every row, as before.
+  window_rows = 0
+  if recording is not None and recording.kind in ("window", "last") and options.probs_hook is None:
+    width = recording.width if recording.kind == "window" else 1
+    window_rows = width if T > width else 0
   probs_hook = options.probs_hook
   kv_cache = cfg.num_kv_heads if uncached else cache.k.shape[3]
   if uncached:
@@ -596,7 +622,11 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
           elif rope_mode == "original":
             k_layer = rope_lib.apply_rope(k_layer, pos_layer, inv_freq)
           out, probs = attention(q, k_layer, v_layer, pos_layer, positions, hook,
-                                 need_probs=score_weights is not None, sharded=mesh_rules is not None)
+                                 need_probs=score_weights is not None and not window_rows,
+                                 sharded=mesh_rules is not None)
+          if window_rows:  # only the rows the statistic reads: [B, KV, G, W, S]
+            q_rows, row_pos = last_query_rows(q, positions, window_rows)
+            probs = attention_probs(q_rows, k_layer, pos_layer, row_pos)
       out = out.reshape(B, T, kv_s * g_s, cfg.head_dim)
       if head_mask is not None:
         out = out * head_mask[:kv_s * g_s, None].astype(out.dtype)
@@ -606,7 +636,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       x = x + attn
 
       if score_weights is not None:
-        received = jnp.einsum("bkts,bt->bsk", recording.reduce_heads(probs), score_weights)
+        weights = (row_pos >= 0).astype(jnp.float32) if window_rows else score_weights
+        received = jnp.einsum("bkts,bt->bsk", recording.reduce_heads(probs), weights)
         if pad:
           received = jnp.pad(received, ((0, 0), (0, 0), (0, pad)))
         if recording.kind == "accumulate":

@@ -1,0 +1,96 @@
+"""Chunked prompt compression over any scorer policy (kvpress's ChunkPress).
+
+Reference NVIDIA/kvpress `kvpress/presses/chunk_press.py::ChunkPress`: the prompt is cut into chunks of
+`chunk_length` tokens and each chunk keeps its own max(1, int(len_chunk * (1 - r))) best tokens, so that the
+kept tokens are spread over the whole prompt.
+
+lacax budgets are tokens: on a P-token prompt with budget n (kvpress's 1 - r = n / P), chunk c keeps
+max(1, (len_c * n) // P) tokens (integer arithmetic; kvpress's float `int()` can differ by one where
+len_c (1 - r) is within float rounding of an integer).
+
+Differs from kvpress by definition: kvpress re-scores each chunk on its own (`press.score` on the chunk's
+hidden states, keys and values; for SnapKV that is the chunk's own last-window queries). lacax's scores come
+from the prefill forward over the whole prompt (`keep_scores` of the inner policy), and each chunk selects
+within them; a scorer whose score of a token depends only on that token (key norms, StreamingLLM's positions)
+gives kvpress's set. Chunks are of cache slots, which at the prefill hand-off are the prompt positions.
+Compresses in the hand-off only (kvpress's presses are prefill presses); the decode cache then grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.cache import plans
+from lacax.cache.base import CachePolicy, WrapperPolicy, ranked_scores
+from lacax.cache.kv_cache import KVCache
+from lacax.model.config import ModelConfig
+
+
+def chunk_counts(prompt_len: int, budget: int, chunk_length: int) -> np.ndarray:
+  """Tokens each chunk of a `prompt_len`-token prompt keeps (NumPy; the statement the policy computes)."""
+  lengths = np.minimum(chunk_length, prompt_len - np.arange(0, prompt_len, chunk_length))
+  if prompt_len <= budget:
+    return lengths
+  return np.minimum(lengths, np.maximum(1, lengths * budget // prompt_len))
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPolicy(WrapperPolicy):
+  """Each `chunk_length`-slot chunk of the prompt keeps its share of the `budget` (see the module docstring).
+
+  Attributes:
+    inner: the scorer policy whose `keep_scores` rank the tokens of each chunk (protected tokens first).
+    budget: tokens kept per kv head over the whole prompt (up to the max(1, .) per chunk).
+    chunk_length: chunk size in tokens (1024 in kvpress).
+  """
+
+  inner: CachePolicy
+  budget: int
+  chunk_length: int = 1024
+
+  def __post_init__(self):
+    self._check_inner("Chunk")
+    plans.check_int("Chunk", "budget", self.budget, 1)
+    plans.check_int("Chunk", "chunk_length", self.chunk_length, 1)
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return False
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    return np.full(cfg.num_layers, int(chunk_counts(seen, self.budget, self.chunk_length).sum()))
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    return max_tokens
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
+
+  def keep_mask(self, cache: KVCache) -> jax.Array:
+    scores, protected = self.inner.keep_scores(cache)
+    valid = cache.valid()
+    L, B, S, KV = valid.shape
+    n, cl = -(-S // self.chunk_length), self.chunk_length
+    prompt = jnp.max(plans.occupancy(cache), axis=-1)[:, :, None]  # [L, B, 1]
+    start = jnp.arange(n, dtype=jnp.int32)[None, None, :] * cl
+    length = jnp.clip(prompt - start, 0, cl)  # [L, B, n] tokens per chunk
+    count = jnp.where(prompt <= self.budget, length, jnp.minimum(length, jnp.maximum(1, length * self.budget
+                                                                                   // jnp.maximum(prompt, 1))))
+    ranked = plans.within_chunks(ranked_scores(scores, protected), cl, -jnp.inf)
+    ok = plans.within_chunks(valid, cl, False)
+    rank = plans.descending_rank(ranked.reshape(L, B * n, cl, KV), ok.reshape(L, B * n, cl, KV))
+    keep = ok & (rank.reshape(L, B, n, cl, KV) < count[:, :, :, None, None])
+    return keep.reshape(L, B, n * cl, KV)[:, :, :S]
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    if capacity is None:
+      return cache
+    needed = jnp.any(plans.occupancy(cache) > self.budget)
+    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
+    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)
