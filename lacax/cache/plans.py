@@ -10,6 +10,8 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
   recent_mask        the `count` newest occupied slots;
   pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
   occupancy          tokens held per (layer, row, kv head);
+  scoring_keys       the cached keys before or after RoPE, whatever the cache stores (key-based scorers);
+  head_major / slot_major   [L, B, S, KV, ...] <-> [L, B, KV, S, ...] for per-head score functions;
 
 and the validation helpers the policies' `__post_init__` use, so that every message names the policy, the
 field, the value and the constraint.
@@ -54,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import ROPE_MODES, SCORE_AGGS, KVCache, gather_slots
+from lacax.model import rope as rope_lib
 
 POOLINGS = ("avg", "max")
 
@@ -199,3 +202,35 @@ def require_scores(owner: str, cache: KVCache, score_mode: str) -> None:
   if cache.scores is None or cache.score_mode != score_mode:
     raise ValueError(f"{owner} needs a cache recording score_mode={score_mode!r}, got "
                      f"score_mode={cache.score_mode!r}; build the cache with the policy's init()")
+
+
+KEY_SPACES = ("pre_rope", "post_rope")
+
+
+def scoring_keys(cache: KVCache, space: str, inv_freq: jax.Array) -> jax.Array:
+  """[L, B, S, KV, D] float32 cached keys before RoPE ("pre_rope") or rotated at their original positions
+  ("post_rope", the keys a Hugging Face / kvpress cache holds), whatever `cache.rope_mode` stores.
+
+  Pre-RoPE caches ("slot", "original") are rotated at `cache.pos` for "post_rope"; a "stored" cache is
+  rotated back by -pos for "pre_rope". Empty slots are rotated at 0 (their value does not matter).
+  """
+  if space not in KEY_SPACES:
+    raise ValueError(f"key space {space!r} must be one of {list(KEY_SPACES)}")
+  keys = cache.k.astype(jnp.float32)
+  stored = cache.rope_mode == "stored"
+  if (space == "post_rope") == stored:
+    return keys
+  pos = jnp.maximum(cache.pos, 0).astype(jnp.float32)
+  angles = (pos if space == "post_rope" else -pos)[..., None] * inv_freq  # rope_table clips negatives to 0
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return rope_lib.rotate(keys, jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1))
+
+
+def head_major(x: jax.Array) -> jax.Array:
+  """[L, B, S, KV, ...] -> [L, B, KV, S, ...] (the per-head layout of kvpress's `score`, batch-led)."""
+  return jnp.swapaxes(x, 2, 3)
+
+
+def slot_major(x: jax.Array) -> jax.Array:
+  """[L, B, KV, S, ...] -> [L, B, S, KV, ...] (the cache's layout), the inverse of `head_major`."""
+  return jnp.swapaxes(x, 2, 3)

@@ -15,6 +15,15 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
   rope_mode    the full cache's key storage ("slot" or "stored").
 
+The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter; `lacax.cache.base.ScorerPolicy`)
+keep `size` tokens per (layer, row, KV head) and read:
+  during_decode  False: compress the prompt at the prefill hand-off only (kvpress); True: evict every step;
+  seed         Random's scores, LeverageScore's sketch, CUR's optional projection;
+  key_space    KeyDiff / LagKV score keys "post_rope" (kvpress's cache keys) or "pre_rope";
+  n_sink, lag_size   LagKV's sinks and partition length (n_sink is also CUR's num_sinks);
+  leverage_type   CUR's combination of key and value leverage; sketch_dimension  LeverageScore's sketch;
+  qfilter_path the Q-Filter file (`lacax.cache.qfilter.calibrate` + `save`; never downloaded).
+
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
 budget is the fraction `cache.budget` of the prompt (NIAH / passkey) or of the model's maximum length
@@ -38,6 +47,13 @@ from lacax.cache.pyramidkv import PyramidKVPolicy
 from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
+from lacax.cache.cur import CURPolicy
+from lacax.cache.keydiff import KeyDiffPolicy
+from lacax.cache.knorm import KnormPolicy
+from lacax.cache.lagkv import LagKVPolicy
+from lacax.cache.leverage import LeverageScorePolicy
+from lacax.cache.qfilter import QFilterPolicy
+from lacax.cache.random_policy import RandomPolicy
 from lacax.model.config import ModelConfig
 
 _NO_DEFAULT = object()
@@ -133,6 +149,22 @@ POLICIES: dict[str, PolicySpec] = {
                                                    **_SCORED},
                            sized=lambda size, read: {"budget": size}, overrides={"exact_budget": True}),
 }
+
+# The kvpress scorers (lacax.cache.base.ScorerPolicy): `size` tokens kept per (layer, row, KV head).
+_SCORER = {"during_decode": "during_decode"}
+_BUDGET = lambda size, read: {"budget": size}  # noqa: E731
+POLICIES.update({
+    "knorm": PolicySpec(KnormPolicy, fields=_SCORER, sized=_BUDGET),
+    "random": PolicySpec(RandomPolicy, fields={**_SCORER, "seed": "seed"}, sized=_BUDGET),
+    "keydiff": PolicySpec(KeyDiffPolicy, fields={**_SCORER, "key_space": "key_space"}, sized=_BUDGET),
+    "lagkv": PolicySpec(LagKVPolicy, fields={**_SCORER, "key_space": "key_space", "n_sink": "n_sink",
+                                             "lag_size": "lag_size"}, sized=_BUDGET),
+    "cur": PolicySpec(CURPolicy, fields={**_SCORER, "n_sink": "num_sinks", "leverage_type": "leverage_type",
+                                         "seed": "seed"}, sized=_BUDGET),
+    "leverage": PolicySpec(LeverageScorePolicy, fields={**_SCORER, "sketch_dimension": "sketch_dimension",
+                                                        "seed": "seed"}, sized=_BUDGET),
+    "qfilter": PolicySpec(QFilterPolicy, fields={**_SCORER, "qfilter_path": "filters_path"}, sized=_BUDGET),
+})
 
 
 def policy_names() -> tuple[str, ...]:
