@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax import errors
-from lacax.cache import cur, keydiff, knorm, lagkv, leverage, plans, qfilter, random_policy
+from lacax.cache import cur, expected_attention, keydiff, knorm, lagkv, leverage, plans, qfilter, random_policy
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.model import rope as rope_lib
@@ -127,9 +127,23 @@ def np_leverage(k, sketch, jitter=1e-2):
   return np.maximum(np.einsum("sk,ks->s", x, np.linalg.solve(gram, x.T)), 0)
 
 
+def np_expected_attention(k, v, mean, cov, n_future, n_sink, agg):
+  """k (post-RoPE), v [n, D]; mean [G, D], cov [G, D, D] pre-RoPE query statistics of the group."""
+  n, d = k.shape
+  future = np.arange(n, n + n_future)
+  # R_p e_j = rope(e_j, p): the mean of the rotation matrices over the future positions.
+  rot = np.mean(np_rope(np.eye(d)[None], np.repeat(future[:, None], d, 1)), axis=0).T
+  mu, sigma = mean @ rot.T, rot @ cov @ rot.T
+  ks = k[n_sink:]
+  z = ks @ mu.T / np.sqrt(d) + np.einsum("si,gij,sj->sg", ks, sigma, ks) / d / 2  # [n - n_sink, G]
+  probs = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
+  score = {"mean": np.mean, "max": np.max, "sum": np.sum}[agg](probs, axis=1) * np.linalg.norm(v[n_sink:], axis=-1)
+  return np.concatenate([np.full(n_sink, score.max() + 1), score])
+
+
 class ScorerPlansTest(parameterized.TestCase):
 
-  def check_against_numpy(self, policy, np_score, *, key_space="pre_rope", budget=BUDGET, seed=0):
+  def check_against_numpy(self, policy, np_score, *, key_space="pre_rope", budget=BUDGET, seed=0, np_score_at=None):
     keys, values = random_kv(seed)
     cache = filled_cache(policy, keys, values)
     out = jax.jit(lambda c: policy.compact(c, capacity=budget + 2))(cache)
@@ -140,7 +154,8 @@ class ScorerPlansTest(parameterized.TestCase):
       k = keys[l, b, :n, h].astype(np.float64)
       if key_space == "post_rope":
         k = np_rope(k, np.arange(n))
-      want = top_budget(np_score(k, values[l, b, :n, h].astype(np.float64)), budget)
+      v = values[l, b, :n, h].astype(np.float64)
+      want = top_budget(np_score(k, v) if np_score_at is None else np_score_at(l, b, h, k, v), budget)
       self.assertEqual(kept, want, f"{type(policy).__name__} layer {l} row {b} head {h}")
       self.assertLen(kept, min(n, budget))
     return got
@@ -199,6 +214,38 @@ class ScorerPlansTest(parameterized.TestCase):
     for (l, b, h), kept in got.items():
       k = np_rope(keys[l, b, :LENGTHS[b], h].astype(np.float64), np.arange(LENGTHS[b]))
       self.assertEqual(kept, top_budget(-(k @ filters[l, h]), BUDGET))
+
+  @parameterized.named_parameters(("mean", "mean"), ("max", "max"))
+  def test_expected_attention_keeps_the_largest_expected_attention(self, agg):
+    rng = np.random.RandomState(7)
+    mean = rng.randn(CFG.num_layers, CFG.num_heads, CFG.head_dim)
+    factor = rng.randn(CFG.num_layers, CFG.num_heads, CFG.head_dim, CFG.head_dim) / 3
+    cov = factor @ np.swapaxes(factor, -1, -2)
+    group = CFG.num_heads // CFG.num_kv_heads
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "stats.npz")
+      expected_attention.save(path, mean, cov)
+      policy = expected_attention.ExpectedAttentionPolicy(BUDGET, stats_path=path, n_future_positions=16,
+                                                          n_sink=2, score_agg=agg)
+      mean32, cov32 = expected_attention.load(path)
+      self.check_against_numpy(policy, None, key_space="post_rope", np_score_at=lambda l, b, h, k, v: (
+          np_expected_attention(k, v, mean32[l, h * group:(h + 1) * group].astype(np.float64),
+                                cov32[l, h * group:(h + 1) * group].astype(np.float64), 16, 2, agg)))
+
+  def test_expected_attention_statistics(self):
+    queries = np.random.RandomState(0).randn(2, 30, 4, 8)
+    mean, cov = expected_attention.statistics_from_queries(queries)
+    np.testing.assert_allclose(mean[1, 2], queries[1, :, 2].mean(0), atol=1e-6)
+    np.testing.assert_allclose(cov[1, 2], np.cov(queries[1, :, 2].T), atol=1e-5)  # N - 1, as kvpress
+    params = llama.init_params(CFG, jax.random.PRNGKey(0), std=0.1)
+    tokens = [[3, 9, 4, 1, 7, 2, 8], [5, 6, 2, 11, 12]]
+    got_mean, got_cov = expected_attention.calibrate(params, CFG, tokens, n_sink=2, bucket=4)
+    q = np.asarray(plans.model_queries(params, CFG, jnp.asarray([tokens[0], tokens[1] + [0, 0]]),
+                                       jnp.asarray([7, 5]), rotated=False))
+    real = np.concatenate([q[:, 0, 2:7], q[:, 1, 2:5]], axis=1)  # each text without its first n_sink tokens
+    want_mean, want_cov = expected_attention.statistics_from_queries(real)
+    np.testing.assert_allclose(got_mean, want_mean, atol=1e-5)
+    np.testing.assert_allclose(got_cov, want_cov, atol=1e-5)
 
   def test_random_is_seeded_uniform_and_per_head(self):
     keys, values = random_kv(0)
@@ -269,8 +316,8 @@ class QFilterCalibrationTest(absltest.TestCase):
   def test_calibration_queries_are_the_models_and_the_file_round_trips(self):
     params = llama.init_params(CFG, jax.random.PRNGKey(0), std=0.1)
     tokens = [[3, 9, 4, 1, 7, 2, 8], [5, 6, 2]]
-    q = np.asarray(qfilter.post_rope_queries(params, CFG, jnp.asarray([tokens[0], tokens[1] + [0] * 4]),
-                                             jnp.asarray([7, 3])))
+    q = np.asarray(plans.model_queries(params, CFG, jnp.asarray([tokens[0], tokens[1] + [0] * 4]),
+                                             jnp.asarray([7, 3]), rotated=True))
     # Layer 0 sees the embeddings: its queries are rms_norm(embed) @ wq[0], rotated at the positions.
     x = np.asarray(params["embed"], np.float64)[tokens[0]]
     h = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + CFG.rms_norm_eps) * np.asarray(params["layers"]["attn_norm"][0])
@@ -303,7 +350,7 @@ class ValidationTest(absltest.TestCase):
 
   def test_qfilter_files_are_checked(self):
     keys, values = random_kv(0)
-    with self.assertRaisesRegex(ValueError, r"QFilter filters_path=None: compute filters"):
+    with self.assertRaisesRegex(ValueError, r"QFilter filters_path is empty: compute filters"):
       policy = qfilter.QFilterPolicy(4)
       policy.compact(filled_cache(policy, keys, values), capacity=4)
     with tempfile.TemporaryDirectory() as tmp:

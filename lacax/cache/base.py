@@ -26,6 +26,10 @@ Content-agnostic policies (full, streaming, ladder) set `score_mode=None`, so th
 attention statistics for them; score-based ones (H2O, TOVA, SnapKV, PyramidKV, KVMerger) name the statistic
 they consume and the cache records it.
 
+`ScorerPolicy` is kvpress's `ScorerPress` (score every held token per KV head, keep the top budget) for the
+scorer methods (Knorm, Random, KeyDiff, LagKV, CUR, LeverageScore, Q-Filter, ExpectedAttention); its
+`score(cache) -> [L, B, S, KV]` is the plug point for head-adaptive and chunking wrappers.
+
 Adding a method: one module `lacax/cache/<method>.py` defining a `CachePolicy` subclass (built from the shared
 helpers in `lacax.cache.plans`, never from a sibling method module) and one entry in `lacax.cache.registry`.
 The layout follows NVIDIA/kvpress (`kvpress/presses/`: one press per file, shared helpers in one place, one

@@ -95,6 +95,10 @@ class CURPolicy(ScorerPolicy):
     if self.leverage_type not in LEVERAGE_TYPES:
       raise ValueError(f"CUR leverage_type={self.leverage_type!r} must be one of {list(LEVERAGE_TYPES)}")
 
+  @property
+  def sink_tokens(self) -> int:
+    return min(self.num_sinks, self.budget)  # they score above every other token; ties go to the older one
+
   def score(self, cache: KVCache) -> jax.Array:
     keys, projection = cache.k, None
     if self.use_random_leverage:

@@ -94,6 +94,10 @@ class LagKVPolicy(ScorerPolicy):
     if self.key_space not in plans.KEY_SPACES:
       raise ValueError(f"LagKV key_space={self.key_space!r} must be one of {list(plans.KEY_SPACES)}")
 
+  @property
+  def sink_tokens(self) -> int:
+    return min(self.n_sink, self.budget)  # they score above every other token; ties go to the older one
+
   def score(self, cache: KVCache) -> jax.Array:
     keys = plans.scoring_keys(cache, self.key_space, self.inv_freq(cache))
     scores = score_heads(plans.head_major(keys), plans.head_major(cache.v), plans.head_major(cache.valid()),

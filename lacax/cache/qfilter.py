@@ -28,8 +28,6 @@ from lacax import io as lacax_io
 from lacax.cache import plans
 from lacax.cache.base import ScorerPolicy
 from lacax.cache.kv_cache import KVCache
-from lacax.model import llama
-from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
 FORMAT = "lacax-qfilters-v1"
@@ -38,33 +36,6 @@ FORMAT = "lacax-qfilters-v1"
 def score_heads(keys: jax.Array, filters: jax.Array) -> jax.Array:
   """keys [..., KV, S, D] (post-RoPE), filters [..., KV, D] -> [..., KV, S] float32 -(filter . k)."""
   return -jnp.einsum("...sd,...d->...s", keys.astype(jnp.float32), filters.astype(jnp.float32))
-
-
-def post_rope_queries(params, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-  """[L, B, T, H, hd] float32 post-RoPE queries of every layer for right-padded `tokens` [B, T] (padding zeroed).
-
-  The residual stream before each layer comes from the one forward (`ForwardOptions(hidden_layers=...)`); each
-  layer's queries are then its own attention-norm and `wq` projection (+ `bq`), rotated at the token positions.
-  """
-  if isinstance(params["layers"], (list, tuple)):
-    raise ValueError("Q-Filter calibration needs a homogeneous model (params['layers'] is a list of segments)")
-  t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-  positions = jnp.where(t < lengths[:, None], t, -1)
-  options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
-  hidden = llama.run(params, tokens, positions, None, cfg, options=options).hidden  # [L, B, T, D]
-  inv_freq = rope_lib.inv_frequencies(cfg)
-  layers = params["layers"]
-
-  def layer_queries(h, norm, wq, bq):
-    q = llama.project(llama.rms_norm(h, norm, cfg.rms_norm_eps), wq, "btd,dhk->bthk")
-    if bq is not None:
-      q = q + bq
-    return rope_lib.apply_rope(q.astype(jnp.float32), positions[:, :, None], inv_freq)
-
-  bq = layers.get("bq") if cfg.attention_bias else None
-  q = jax.vmap(layer_queries, in_axes=(0, 0, 0, None if bq is None else 0))(hidden, layers["attn_norm"],
-                                                                            layers["wq"], bq)
-  return jnp.where((positions >= 0)[None, :, :, None, None], q, 0.0)
 
 
 def filters_from_queries(queries: np.ndarray, num_kv_heads: int) -> np.ndarray:
@@ -88,18 +59,8 @@ def calibrate(params, cfg: ModelConfig, prompts, *, bucket: int = 64) -> np.ndar
   Raises:
     ValueError: no calibration tokens.
   """
-  prompts = [list(p) for p in prompts if len(p)]
-  if not prompts:
-    raise ValueError("Q-Filter calibration needs at least one non-empty token list; got none")
-  width = -(-max(len(p) for p in prompts) // bucket) * bucket
-  tokens = np.zeros((len(prompts), width), np.int32)
-  for row, p in enumerate(prompts):
-    tokens[row, :len(p)] = p
-  lengths = np.asarray([len(p) for p in prompts], np.int32)
-  q = np.asarray(jax.jit(post_rope_queries, static_argnames="cfg")(params, cfg, jnp.asarray(tokens),
-                                                                   jnp.asarray(lengths)))
-  real = np.concatenate([q[:, row, :n] for row, n in enumerate(lengths)], axis=1)  # [L, N, H, hd]
-  return filters_from_queries(real, cfg.num_kv_heads)
+  queries = plans.calibration_queries(params, cfg, prompts, rotated=True, bucket=bucket)
+  return filters_from_queries(queries, cfg.num_kv_heads)
 
 
 def save(path: str, filters: np.ndarray) -> None:
@@ -143,26 +104,26 @@ class QFilterPolicy(ScorerPolicy):
   Attributes:
     budget: tokens kept per (layer, row, KV head).
     filters_path: an `.npz` written by `save` (e.g. from `calibrate` on calibration text); required to
-      compact (None builds the policy, e.g. for the registry's defaults, but `compact` raises).
+      compact ("" builds the policy, e.g. for the registry's defaults, but `compact` raises).
     during_decode: False (kvpress): compress the prompt once at the prefill hand-off; True: evict at every step.
     rope_mode: "original" (default), "slot" or "stored".
     max_new_tokens: decode tokens a prefill-time policy's decode cache leaves room for (None: the whole run).
   """
 
   budget: int
-  filters_path: str | None = None
+  filters_path: str = ""
   during_decode: bool = False
   rope_mode: str = "original"
   max_new_tokens: int | None = None
 
   def __post_init__(self):
     self._validate("QFilter")
-    if self.filters_path is not None and not isinstance(self.filters_path, (str, os.PathLike)):
+    if not isinstance(self.filters_path, (str, os.PathLike)):
       raise ValueError(f"QFilter filters_path={self.filters_path!r} must be a path to a Q-Filter .npz file")
 
   def filters(self, cache: KVCache) -> np.ndarray:
-    if self.filters_path is None:
-      raise ValueError("QFilter filters_path=None: compute filters with lacax.cache.qfilter.calibrate, save them "
+    if not self.filters_path:
+      raise ValueError("QFilter filters_path is empty: compute filters with lacax.cache.qfilter.calibrate, save them "
                        "with qfilter.save and pass the file as filters_path (cache.qfilter_path)")
     filters = load(os.fspath(self.filters_path))
     want = (cache.num_layers, cache.k.shape[3], cache.k.shape[4])

@@ -15,14 +15,17 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
   rope_mode    the full cache's key storage ("slot" or "stored").
 
-The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter; `lacax.cache.base.ScorerPolicy`)
+The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter, expected_attention;
+`lacax.cache.base.ScorerPolicy`)
 keep `size` tokens per (layer, row, KV head) and read:
   during_decode  False: compress the prompt at the prefill hand-off only (kvpress); True: evict every step;
   seed         Random's scores, LeverageScore's sketch, CUR's optional projection;
   key_space    KeyDiff / LagKV score keys "post_rope" (kvpress's cache keys) or "pre_rope";
   n_sink, lag_size   LagKV's sinks and partition length (n_sink is also CUR's num_sinks);
   leverage_type   CUR's combination of key and value leverage; sketch_dimension  LeverageScore's sketch;
-  qfilter_path the Q-Filter file (`lacax.cache.qfilter.calibrate` + `save`; never downloaded).
+  qfilter_path the Q-Filter file (`lacax.cache.qfilter.calibrate` + `save`; never downloaded);
+  expected_attention_stats, n_future_positions   ExpectedAttention's query-statistics file
+               (`lacax.cache.expected_attention.calibrate` + `save`) and RoPE averaging horizon (512).
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -48,6 +51,7 @@ from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
 from lacax.cache.cur import CURPolicy
+from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
@@ -164,6 +168,9 @@ POLICIES.update({
     "leverage": PolicySpec(LeverageScorePolicy, fields={**_SCORER, "sketch_dimension": "sketch_dimension",
                                                         "seed": "seed"}, sized=_BUDGET),
     "qfilter": PolicySpec(QFilterPolicy, fields={**_SCORER, "qfilter_path": "filters_path"}, sized=_BUDGET),
+    "expected_attention": PolicySpec(ExpectedAttentionPolicy, fields={
+        **_SCORER, **_SCORED, "n_sink": "n_sink", "n_future_positions": "n_future_positions",
+        "expected_attention_stats": "stats_path"}, sized=_BUDGET),
 })
 
 
