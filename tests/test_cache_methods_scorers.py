@@ -203,6 +203,16 @@ class ScorerPlansTest(parameterized.TestCase):
       np.testing.assert_allclose(held.mean(-1), 0, atol=1e-5)
       np.testing.assert_allclose(held.std(-1, ddof=1), 1, rtol=1e-4)
 
+  def test_leverage_linear_algebra_is_plain_jax(self):
+    rng = np.random.RandomState(0)
+    a = rng.randn(3, 2, 6, 6)
+    a = a @ np.swapaxes(a, -1, -2) + np.eye(6)
+    low = np.asarray(leverage.cholesky(jnp.asarray(a, jnp.float32)))
+    np.testing.assert_allclose(low, np.linalg.cholesky(a), atol=1e-5)
+    b = rng.randn(3, 2, 6, 5)
+    np.testing.assert_allclose(np.asarray(leverage.forward_substitute(jnp.asarray(low), jnp.asarray(b, jnp.float32))),
+                               np.linalg.solve(np.linalg.cholesky(a), b), atol=1e-4)
+
   def test_qfilter_keeps_the_largest_projection_on_the_query_direction(self):
     filters = np.random.RandomState(5).randn(CFG.num_layers, CFG.num_kv_heads, CFG.head_dim).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

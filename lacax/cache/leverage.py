@@ -3,7 +3,8 @@
 Reference NVIDIA/kvpress `presses/leverage_press.py::LeverageScorePress`, per (layer, row, KV head) over the
 held tokens: centre the pre-RoPE keys over the sequence, sketch them on the right with a Gaussian matrix
 Phi [D, k] / sqrt(k) (k = `sketch_dimension`, 48), X = centred @ Phi; the leverage of token i is
-x_i^T (X^T X + jitter I)^-1 x_i (Cholesky solve; kvpress's first attempt uses jitter 1e-2), clamped at 0;
+x_i^T (X^T X + jitter I)^-1 x_i (through a Cholesky factor, as kvpress, whose first attempt uses jitter
+1e-2), clamped at 0;
 the scores are then z-normalised.
 
 Departures, both forced by determinism and batching: kvpress draws Phi with unseeded `torch.randn` per call
@@ -37,9 +38,43 @@ def leverage(keys: jax.Array, valid: jax.Array, sketch: jax.Array, jitter: float
   x = ((keys - mean) * w) @ sketch  # [..., S, k]
   gram = jnp.swapaxes(x, -1, -2) @ x
   gram = 0.5 * (gram + jnp.swapaxes(gram, -1, -2)) + jitter * jnp.eye(gram.shape[-1], dtype=jnp.float32)
-  chol = jnp.linalg.cholesky(gram)
-  solved = jax.scipy.linalg.cho_solve((chol, True), jnp.swapaxes(x, -1, -2))  # [..., k, S]
-  return jnp.maximum(jnp.sum(x * jnp.swapaxes(solved, -1, -2), axis=-1), 0.0)
+  # x_i^T G^-1 x_i = ||L^-1 x_i||^2 for G = L L^T.
+  z = forward_substitute(cholesky(gram), jnp.swapaxes(x, -1, -2))  # [..., k, S]
+  return jnp.maximum(jnp.sum(z * z, axis=-2), 0.0)
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+  """Lower Cholesky factor of SPD matrices a [..., k, k], column by column in plain jax.numpy.
+
+  Not `jnp.linalg.cholesky`: on CPU that is a LAPACK custom call, which deadlocks XLA's multi-device CPU
+  runtime inside a partitioned program (the 8-fake-device sharding test hung in it); k (the sketch size, 48)
+  steps of vectorised arithmetic cost little and partition like any elementwise op.
+  """
+  k = a.shape[-1]
+  idx = jnp.arange(k)
+
+  def column(j, low):
+    row = jnp.where(idx < j, jnp.take(low, j, axis=-2), 0.0)  # L[j, :j]
+    diag = jnp.sqrt(jnp.maximum(jnp.take(jnp.take(a, j, axis=-1), j, axis=-1) - jnp.sum(row * row, -1), 1e-30))
+    col = (jnp.take(a, j, axis=-1) - jnp.einsum("...ik,...k->...i", low, row)) / diag[..., None]
+    col = jnp.where(idx > j, col, jnp.where(idx == j, diag[..., None], 0.0))
+    return jnp.where(idx == j, col[..., :, None], low)
+
+  return jax.lax.fori_loop(0, k, column, jnp.zeros_like(a))
+
+
+def forward_substitute(low: jax.Array, b: jax.Array) -> jax.Array:
+  """z = L^-1 b for lower-triangular L [..., k, k] and b [..., k, S], row by row in plain jax.numpy."""
+  k = low.shape[-1]
+  idx = jnp.arange(k)
+
+  def row(j, z):
+    l_row = jnp.where(idx < j, jnp.take(low, j, axis=-2), 0.0)  # [..., k]
+    value = (jnp.take(b, j, axis=-2) - jnp.einsum("...k,...ks->...s", l_row, z)) / jnp.take(
+        jnp.take(low, j, axis=-2), j, axis=-1)[..., None]
+    return jnp.where((idx == j)[:, None], value[..., None, :], z)
+
+  return jax.lax.fori_loop(0, k, row, jnp.zeros_like(b))
 
 
 def zscore(scores: jax.Array, valid: jax.Array, axes: tuple[int, ...]) -> jax.Array:
