@@ -29,7 +29,7 @@ from lacax import results as results_lib
 from lacax.cache import expected_attention, qfilter, registry
 from lacax.weights.loader import load_model
 
-_SCORERS = ("knorm", "random", "keydiff", "lagkv", "cur", "leverage", "qfilter", "expected_attention")
+_SCORERS = ("knorm", "random", "keydiff", "lagkv", "cur", "leverage", "qfilter", "expectedattention")
 _PROMPT = flags.DEFINE_list("prompt", ["1024", "4096"], "Prompt lengths P.")
 _BUDGET = flags.DEFINE_float("budget", 0.25, "Fraction of the prompt kept.")
 _POLICIES = flags.DEFINE_list("policies", list(_SCORERS) + ["snapkv"], "Policies (registry names).")

@@ -200,6 +200,11 @@ class RegistryTest(parameterized.TestCase):
     self.assertEqual((policy.eps, policy.exact_budget, policy.budget), (0.5, False, 64))
     self.assertEqual(registry.make_policy("streaming", {"size": 20, "start_size": 6}).recent_size, 14)
 
+  def test_names_have_no_underscore(self):
+    # tests/test_sharding.py names its checks "<kind>_<policy>_<mesh>" and splits them on "_".
+    for name in NAMES:
+      self.assertNotIn("_", name, f"registry name {name!r}")
+
   def test_unknown_name_and_bad_budget_are_named(self):
     with self.assertRaisesRegex(ValueError, r"cache policy 'h20' is unknown; expected one of"):
       registry.make_policy("h20", {"size": 16})

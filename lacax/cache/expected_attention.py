@@ -177,7 +177,7 @@ class ExpectedAttentionPolicy(ScorerPolicy):
 
   @property
   def name(self) -> str:
-    return "expected_attention"
+    return "expectedattention"
 
   def statistics(self, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
     if not self.stats_path:

@@ -15,7 +15,7 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
   rope_mode    the full cache's key storage ("slot" or "stored").
 
-The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter, expected_attention;
+The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter, expectedattention;
 `lacax.cache.base.ScorerPolicy`)
 keep `size` tokens per (layer, row, KV head) and read:
   during_decode  False: compress the prompt at the prefill hand-off only (kvpress); True: evict every step;
@@ -168,7 +168,7 @@ POLICIES.update({
     "leverage": PolicySpec(LeverageScorePolicy, fields={**_SCORER, "sketch_dimension": "sketch_dimension",
                                                         "seed": "seed"}, sized=_BUDGET),
     "qfilter": PolicySpec(QFilterPolicy, fields={**_SCORER, "qfilter_path": "filters_path"}, sized=_BUDGET),
-    "expected_attention": PolicySpec(ExpectedAttentionPolicy, fields={
+    "expectedattention": PolicySpec(ExpectedAttentionPolicy, fields={
         **_SCORER, **_SCORED, "n_sink": "n_sink", "n_future_positions": "n_future_positions",
         "expected_attention_stats": "stats_path"}, sized=_BUDGET),
 })
