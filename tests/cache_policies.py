@@ -6,21 +6,61 @@ small `cache` section sized for the 4-layer test models (the ladder's span must 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import os
+import shutil
+import tempfile
 
-from lacax.cache import registry
+import numpy as np
+
+from lacax.cache import expected_attention, qfilter, registry
 from lacax.cache.base import CachePolicy
 
+_TMP = tempfile.mkdtemp(prefix="lacax_cache_policies_")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def qfilter_file(num_layers: int, num_kv_heads: int, head_dim: int) -> str:
+  """A Q-Filter file of unit random filters for a model of that shape (the contract needs any valid file)."""
+  filters = np.random.RandomState(0).randn(num_layers, num_kv_heads, head_dim).astype(np.float32)
+  path = os.path.join(_TMP, f"qfilters_{num_layers}x{num_kv_heads}x{head_dim}.npz")
+  qfilter.save(path, filters / np.linalg.norm(filters, axis=-1, keepdims=True))
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def expected_attention_file(num_layers: int, num_heads: int, head_dim: int) -> str:
+  """ExpectedAttention query statistics (random means, random positive-definite covariances) of that shape."""
+  rng = np.random.RandomState(1)
+  mean = rng.randn(num_layers, num_heads, head_dim)
+  factor = rng.randn(num_layers, num_heads, head_dim, head_dim) / np.sqrt(head_dim)
+  path = os.path.join(_TMP, f"ea_stats_{num_layers}x{num_heads}x{head_dim}.npz")
+  expected_attention.save(path, mean, factor @ np.swapaxes(factor, -1, -2))
+  return path
+
+
 # Budget 16; sinks 2; a ladder over 4 layers; SnapKV / PyramidKV windows of 4 pooled by 3; decoding-time
-# compression every 4 steps; chunks of 8 (Chunk) and 4 (ChunkKV) tokens.
+# compression every 4 steps; chunks of 8 (Chunk) and 4 (ChunkKV) tokens; LagKV partitions of 4 (so that the
+# 29- and 40-token prompts are scored by partition); Q-Filters and ExpectedAttention statistics for the
+# contract's tiny model (4 layers, 4 heads, 2 kv heads of 8; `tiny_policy(..., cfg=...)` picks the files of
+# another model).
 TINY_CACHE = dict(size=16, start_size=2, span=2, overlap=0, window=4, kernel=3, compression_interval=4,
-                  chunk_length=8, chunkkv_length=4)
+                  chunk_length=8, chunkkv_length=4, lag_size=4,
+                  qfilter_path=qfilter_file(4, 2, 8), expected_attention_stats=expected_attention_file(4, 4, 8))
 
 
-def tiny_policy(name: str, max_new_tokens: int | None = None) -> CachePolicy:
+def tiny_policy(name: str, max_new_tokens: int | None = None, cfg=None) -> CachePolicy:
   """The registered policy `name` at budget 16; `max_new_tokens` sizes prompt-compressing policies' decode
-  caches (those with a `max_new_tokens` field) for that many generated tokens."""
-  policy = registry.make_policy(name, TINY_CACHE)
+  caches (those with a `max_new_tokens` field) for that many generated tokens; `cfg` (default: the contract's
+  tiny model) fixes the shape of the Q-Filter file."""
+  cache = TINY_CACHE
+  if cfg is not None:
+    cache = {**cache, "qfilter_path": qfilter_file(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
+             "expected_attention_stats": expected_attention_file(cfg.num_layers, cfg.num_heads, cfg.head_dim)}
+  policy = registry.make_policy(name, cache)
   if max_new_tokens is not None and "max_new_tokens" in {f.name for f in dataclasses.fields(policy)}:
     policy = dataclasses.replace(policy, max_new_tokens=max_new_tokens)
   return policy

@@ -37,6 +37,7 @@ from lacax.sampling import SamplingConfig
 from tests import cache_policies
 
 NAMES = registry.policy_names()
+_NAMED = [(f"_{name}", name) for name in NAMES]  # test ids name the policy
 PROMPT_LENGTHS = (40, 29)
 MAX_NEW = 6
 STREAM_TOKENS = 48
@@ -102,7 +103,7 @@ def assert_sinks(test, pos, sinks, what):
 
 class ContractTest(parameterized.TestCase):
 
-  @parameterized.parameters(*NAMES)
+  @parameterized.named_parameters(*_NAMED)
   def test_streaming_budget_and_sinks(self, name):
     policy = cache_policies.tiny_policy(name)
     if not policy.compacts_in_decode:
@@ -122,7 +123,7 @@ class ContractTest(parameterized.TestCase):
     self.assertLessEqual(sinks, 4)
     assert_sinks(self, front[-1][:, :, :sinks], sinks, f"{name} streaming")
 
-  @parameterized.parameters(*NAMES)
+  @parameterized.named_parameters(*_NAMED)
   def test_handoff_and_decode_budget_and_sinks(self, name):
     cfg, params = tiny_model()
     policy = cache_policies.tiny_policy(name, max_new_tokens=MAX_NEW)
@@ -143,7 +144,7 @@ class ContractTest(parameterized.TestCase):
     assert_sinks(self, pos, policy.sink_tokens, f"{name} hand-off")
     assert_sinks(self, final_pos, policy.sink_tokens, f"{name} decode")
 
-  @parameterized.parameters(*NAMES)
+  @parameterized.named_parameters(*_NAMED)
   def test_never_compacting_equals_full(self, name):
     cfg, params = tiny_model()
     roomy = registry.make_policy(name, {**cache_policies.TINY_CACHE, "size": 64})
@@ -167,7 +168,7 @@ class RegistryTest(parameterized.TestCase):
       self.assertTrue(any(c.startswith((f"stream_{name}_", f"generate_{name}_")) for c in checks),
                       f"{name} has no 8-device check in tests/test_sharding.py")
 
-  @parameterized.parameters(*NAMES)
+  @parameterized.named_parameters(*_NAMED)
   def test_defaults_live_on_the_dataclass(self, name):
     spec = registry.POLICIES[name]
     policy = registry.make_policy(name, {"size": 64})
@@ -199,6 +200,11 @@ class RegistryTest(parameterized.TestCase):
     policy = registry.make_policy("kvmerger", {"size": 64, "merge_threshold": 0.5, "exact_budget": False})
     self.assertEqual((policy.eps, policy.exact_budget, policy.budget), (0.5, False, 64))
     self.assertEqual(registry.make_policy("streaming", {"size": 20, "start_size": 6}).recent_size, 14)
+
+  def test_names_have_no_underscore(self):
+    # tests/test_sharding.py names its checks "<kind>_<policy>_<mesh>" and splits them on "_".
+    for name in NAMES:
+      self.assertNotIn("_", name, f"registry name {name!r}")
 
   def test_unknown_name_and_bad_budget_are_named(self):
     with self.assertRaisesRegex(ValueError, r"cache policy 'h20' is unknown; expected one of"):

@@ -38,6 +38,10 @@ decoding, prefill_decoding, key_rerotation) take any scorer as `inner` and selec
 new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
 contract test whether a hand-off over the budget evicts.
 
+`ScorerPolicy` is kvpress's `ScorerPress` (score every held token per KV head, keep the top budget) for the
+scorer methods (Knorm, Random, KeyDiff, LagKV, CUR, LeverageScore, Q-Filter, ExpectedAttention); its
+`score(cache) -> [L, B, S, KV]` is the plug point for head-adaptive and chunking wrappers.
+
 Adding a method: one module `lacax/cache/<method>.py` defining a `CachePolicy` subclass (built from the shared
 helpers in `lacax.cache.plans`, never from a sibling method module) and one entry in `lacax.cache.registry`.
 The layout follows NVIDIA/kvpress (`kvpress/presses/`: one press per file, shared helpers in one place, one
@@ -275,6 +279,10 @@ class RopeState:
   inv_freq: jax.Array
 
 
+# The state of the kvpress scorers (`ScorerPolicy`): the same RoPE frequencies, so every wrapper's
+# `lean_decode_cache` and every scorer's `scoring_keys` read one state type.
+ScorerState = RopeState
+
 def lean_decode_cache(cache: KVCache) -> KVCache:
   """The decode cache of a policy that reads no attention statistic and moves no key after its hand-off.
 
@@ -379,3 +387,88 @@ class SelectingWrapper(WrapperPolicy):
       return cache
     plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity or c.capacity)  # noqa: E731
     return self._lean(plans.apply_plan(cache, plan, self.over_budget(cache), capacity), capacity)
+
+
+class ScorerPolicy(CachePolicy):
+  """NVIDIA/kvpress's `ScorerPress` as a lacax policy: score every held token, keep the top `budget`.
+
+  kvpress `presses/scorer_press.py::ScorerPress.compress` scores every prompt token per KV head
+  (`score(...) -> [batch, kv_heads, seq]`, higher = keep) and keeps the top `int(k_len * (1 - ratio))` by
+  score in each KV head, at prefill only. lacax keeps the top `budget` per (layer, row, KV head), in slot order
+  (ties: the older token, see `lacax.cache.plans`):
+
+  * prefill-time (`during_decode=False`, kvpress's behaviour): the prefill hand-off (`compact(cache,
+    capacity)`) compresses a prompt longer than `budget`; decode steps append without eviction, so the decode
+    cache needs `budget + max_new_tokens` slots (`max_new_tokens=None` sizes it for the whole run);
+  * decode-time (`during_decode=True`): every compaction call rescores the held tokens and evicts down to
+    `budget` (H2O-style streaming; the decode cache has budget + 1 slots).
+
+  Subclasses are frozen dataclasses with the fields `budget`, `during_decode`, `rope_mode` and
+  `max_new_tokens`, and implement `score(cache) -> [L, B, S, KV] float32` (meaningful at occupied slots), built
+  on a plain per-head function of their module (`score_heads(keys [..., S, D], ...) -> [..., S]`) that
+  wrappers (head-adaptive budgets, chunking) and parity tests call directly. A policy that needs the keys
+  rotated (kvpress scores post-RoPE cache keys) gets them from `lacax.cache.plans.scoring_keys` with the RoPE
+  frequencies of `ScorerState`.
+  """
+
+  def _validate(self, owner: str) -> None:
+    plans.check_int(owner, "budget", self.budget, 1)
+    if not isinstance(self.during_decode, bool):
+      raise ValueError(f"{owner} during_decode={self.during_decode!r} must be True or False")
+    if self.max_new_tokens is not None:
+      plans.check_int(owner, "max_new_tokens", self.max_new_tokens, 0)
+    if self.rope_mode not in plans.ROPE_MODES:
+      raise ValueError(f"{owner} rope_mode={self.rope_mode!r} must be one of {list(plans.ROPE_MODES)}")
+
+  def score(self, cache: KVCache) -> jax.Array:
+    """[L, B, S, KV] float32 importance of every slot (higher = keep; empty slots: any value)."""
+    raise NotImplementedError
+
+  def init_state(self, cfg: ModelConfig) -> ScorerState:
+    return ScorerState(inv_freq=jnp.asarray(rope_lib.inv_frequencies(cfg), jnp.float32))
+
+  def inv_freq(self, cache: KVCache) -> jax.Array:
+    """The RoPE frequencies the cache's state carries (it must come from this policy's `init`)."""
+    if not isinstance(cache.state, ScorerState):
+      raise ValueError(f"{type(self).__name__}.compact needs a cache built by its init() (state is "
+                       f"{type(cache.state).__name__}, expected ScorerState)")
+    return cache.state.inv_freq
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return self.during_decode
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    del cfg
+    if self.during_decode:
+      return min(max_tokens, self.budget + 1)
+    if self.max_new_tokens is None:
+      return max_tokens
+    return min(max_tokens, self.budget + self.max_new_tokens)
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    return np.full(cfg.num_layers, min(seen, self.budget))
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    """Keeps the top-`budget` tokens of every (layer, row, KV head) holding more (prefill hand-off, and every
+    call with `during_decode`); a call without `capacity` of a prefill-time policy returns the cache."""
+    if capacity is None and not self.during_decode:
+      return cache
+    self.inv_freq(cache)
+
+    def plan(c: KVCache) -> jax.Array:
+      return plans.topk_keep_plan(self.score(c), c.valid(), self.budget, None, capacity or c.capacity)
+
+    return plans.apply_plan(cache, plan, jnp.any(plans.occupancy(cache) > self.budget), capacity)
+
+  def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """`score(cache)`, nothing protected beyond what the score itself ranks first (sinks score +inf), so every
+    wrapper (AdaKV, per-layer budgets, chunking, decoding-time compression) takes a kvpress scorer as `inner`."""
+    self.inv_freq(cache)
+    return self.score(cache), jnp.zeros(cache.pos.shape, bool)
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    """The kept prompt plus the generated tokens for a prefill-time scorer (`max_new_tokens`, when set, wins)."""
+    if self.during_decode or self.max_new_tokens is not None:
+      return self.decode_capacity(cfg, prompt_tokens + new_tokens)
+    return min(prompt_tokens + new_tokens, self.budget + new_tokens)

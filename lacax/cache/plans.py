@@ -12,6 +12,10 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
   recent_mask        the `count` newest occupied slots;
   pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
   occupancy          tokens held per (layer, row, kv head);
+  scoring_keys       the cached keys before or after RoPE, whatever the cache stores (key-based scorers);
+  head_major / slot_major   [L, B, S, KV, ...] <-> [L, B, KV, S, ...] for per-head score functions;
+  model_queries      every layer's queries of calibration text (policies calibrated offline: Q-Filters,
+                     ExpectedAttention's statistics);
 
 and the validation helpers the policies' `__post_init__` use, so that every message names the policy, the
 field, the value and the constraint.
@@ -57,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache.kv_cache import ROPE_MODES, SCORE_AGGS, KVCache, gather_slots
+from lacax.model import rope as rope_lib
 
 POOLINGS = ("avg", "max")
 
@@ -223,3 +228,85 @@ def require_scores(owner: str, cache: KVCache, score_mode: str) -> None:
   if cache.scores is None or cache.score_mode != score_mode:
     raise ValueError(f"{owner} needs a cache recording score_mode={score_mode!r}, got "
                      f"score_mode={cache.score_mode!r}; build the cache with the policy's init()")
+
+
+KEY_SPACES = ("pre_rope", "post_rope")
+
+
+def scoring_keys(cache: KVCache, space: str, inv_freq: jax.Array) -> jax.Array:
+  """[L, B, S, KV, D] float32 cached keys before RoPE ("pre_rope") or rotated at their original positions
+  ("post_rope", the keys a Hugging Face / kvpress cache holds), whatever `cache.rope_mode` stores.
+
+  Pre-RoPE caches ("slot", "original") are rotated at `cache.pos` for "post_rope"; a "stored" cache is
+  rotated back by -pos for "pre_rope". Empty slots are rotated at 0 (their value does not matter).
+  """
+  if space not in KEY_SPACES:
+    raise ValueError(f"key space {space!r} must be one of {list(KEY_SPACES)}")
+  keys = cache.k.astype(jnp.float32)
+  stored = cache.rope_mode == "stored"
+  if (space == "post_rope") == stored:
+    return keys
+  pos = jnp.maximum(cache.pos, 0).astype(jnp.float32)
+  angles = (pos if space == "post_rope" else -pos)[..., None] * inv_freq  # rope_table clips negatives to 0
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return rope_lib.rotate(keys, jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1))
+
+
+def head_major(x: jax.Array) -> jax.Array:
+  """[L, B, S, KV, ...] -> [L, B, KV, S, ...] (the per-head layout of kvpress's `score`, batch-led)."""
+  return jnp.swapaxes(x, 2, 3)
+
+
+def slot_major(x: jax.Array) -> jax.Array:
+  """[L, B, KV, S, ...] -> [L, B, S, KV, ...] (the cache's layout), the inverse of `head_major`."""
+  return jnp.swapaxes(x, 2, 3)
+
+
+def model_queries(params, cfg, tokens: jax.Array, lengths: jax.Array, *, rotated: bool) -> jax.Array:
+  """[L, B, T, H, hd] float32 queries of every layer for right-padded `tokens` [B, T] (padding rows zeroed),
+  rotated at their positions (`rotated`) or before RoPE.
+
+  The residual stream entering each layer comes from the one forward (`ForwardOptions(hidden_layers=...)`,
+  no cache); each layer's queries are then its attention norm and `wq` projection (+ `bq`), as in the forward.
+  """
+  from lacax.model import llama  # pylint: disable=g-import-not-at-top  (llama imports the cache package)
+
+  if isinstance(params["layers"], (list, tuple)):
+    raise ValueError("calibration needs a homogeneous model (params['layers'] is a list of segments)")
+  t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+  positions = jnp.where(t < lengths[:, None], t, -1)
+  options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
+  hidden = llama.run(params, tokens, positions, None, cfg, options=options).hidden  # [L, B, T, D]
+  inv_freq = rope_lib.inv_frequencies(cfg)
+  layers = params["layers"]
+  bias = layers.get("bq") if cfg.attention_bias else None
+
+  def layer_queries(h, norm, wq, bq):
+    q = llama.project(llama.rms_norm(h, norm, cfg.rms_norm_eps), wq, "btd,dhk->bthk").astype(jnp.float32)
+    if bq is not None:
+      q = q + bq
+    return rope_lib.apply_rope(q, positions[:, :, None], inv_freq) if rotated else q
+
+  q = jax.vmap(layer_queries, in_axes=(0, 0, 0, None if bias is None else 0))(hidden, layers["attn_norm"],
+                                                                             layers["wq"], bias)
+  return jnp.where((positions >= 0)[None, :, :, None, None], q, 0.0)
+
+
+def calibration_queries(params, cfg, prompts, *, rotated: bool, skip: int = 0, bucket: int = 64) -> np.ndarray:
+  """[L, N, H, hd] float32 queries of the token lists `prompts` (each without its first `skip` tokens),
+  concatenated over the prompts: the input of offline calibrations.
+
+  Raises:
+    ValueError: no prompt has more than `skip` tokens.
+  """
+  prompts = [list(p) for p in prompts if len(p) > skip]
+  if not prompts:
+    raise ValueError(f"calibration needs at least one token list longer than {skip} tokens; got none")
+  width = -(-max(len(p) for p in prompts) // bucket) * bucket
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, :len(p)] = p
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  run = jax.jit(model_queries, static_argnames=("cfg", "rotated"))
+  q = np.asarray(run(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), rotated=rotated))
+  return np.concatenate([q[:, row, skip:n] for row, n in enumerate(lengths)], axis=1)

@@ -32,6 +32,18 @@ the same `cache.size` from the same `cache` section:
   first, second   the composed policy: `first` built at 2 * size, then `second` at size (built with the
                first's rope_mode when it has that field), so the composition holds at most `size` tokens.
 
+The kvpress scorers (knorm, random, keydiff, lagkv, cur, leverage, qfilter, expectedattention;
+`lacax.cache.base.ScorerPolicy`)
+keep `size` tokens per (layer, row, KV head) and read:
+  during_decode  False: compress the prompt at the prefill hand-off only (kvpress); True: evict every step;
+  seed         Random's scores, LeverageScore's sketch, CUR's optional projection;
+  key_space    KeyDiff / LagKV score keys "post_rope" (kvpress's cache keys) or "pre_rope";
+  n_sink, lag_size   LagKV's sinks and partition length (n_sink is also CUR's num_sinks);
+  leverage_type   CUR's combination of key and value leverage; sketch_dimension  LeverageScore's sketch;
+  qfilter_path the Q-Filter file (`lacax.cache.qfilter.calibrate` + `save`; never downloaded);
+  expected_attention_stats, n_future_positions   ExpectedAttention's query-statistics file
+               (`lacax.cache.expected_attention.calibrate` + `save`) and RoPE averaging horizon (512).
+
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
 budget is the fraction `cache.budget` of the prompt (NIAH / passkey) or of the model's maximum length
@@ -63,6 +75,14 @@ from lacax.cache.pyramidkv import PyramidKVPolicy
 from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
+from lacax.cache.cur import CURPolicy
+from lacax.cache.expected_attention import ExpectedAttentionPolicy
+from lacax.cache.keydiff import KeyDiffPolicy
+from lacax.cache.knorm import KnormPolicy
+from lacax.cache.lagkv import LagKVPolicy
+from lacax.cache.leverage import LeverageScorePolicy
+from lacax.cache.qfilter import QFilterPolicy
+from lacax.cache.random_policy import RandomPolicy
 from lacax.model.config import ModelConfig
 
 _NO_DEFAULT = object()
@@ -164,11 +184,30 @@ POLICIES: dict[str, PolicySpec] = {
                            sized=lambda size, read: {"budget": size}, overrides={"exact_budget": True}),
 }
 
+# The kvpress scorers (lacax.cache.base.ScorerPolicy): `size` tokens kept per (layer, row, KV head).
+_SCORER = {"during_decode": "during_decode"}
+_BUDGET = lambda size, read: {"budget": size}  # noqa: E731
+POLICIES.update({
+    "knorm": PolicySpec(KnormPolicy, fields=_SCORER, sized=_BUDGET),
+    "random": PolicySpec(RandomPolicy, fields={**_SCORER, "seed": "seed"}, sized=_BUDGET),
+    "keydiff": PolicySpec(KeyDiffPolicy, fields={**_SCORER, "key_space": "key_space"}, sized=_BUDGET),
+    "lagkv": PolicySpec(LagKVPolicy, fields={**_SCORER, "key_space": "key_space", "n_sink": "n_sink",
+                                             "lag_size": "lag_size"}, sized=_BUDGET),
+    "cur": PolicySpec(CURPolicy, fields={**_SCORER, "n_sink": "num_sinks", "leverage_type": "leverage_type",
+                                         "seed": "seed"}, sized=_BUDGET),
+    "leverage": PolicySpec(LeverageScorePolicy, fields={**_SCORER, "sketch_dimension": "sketch_dimension",
+                                                        "seed": "seed"}, sized=_BUDGET),
+    "qfilter": PolicySpec(QFilterPolicy, fields={**_SCORER, "qfilter_path": "filters_path"}, sized=_BUDGET),
+    "expectedattention": PolicySpec(ExpectedAttentionPolicy, fields={
+        **_SCORER, **_SCORED, "n_sink": "n_sink", "n_future_positions": "n_future_positions",
+        "expected_attention_stats": "stats_path"}, sized=_BUDGET),
+})
+
 
 # The wrappers' config fields that name or size other policies (not fields of one dataclass, so their defaults
 # live here, once).
 COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
-WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefill_decoding", "keyrerotation")
+WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation")
 
 
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
@@ -214,7 +253,7 @@ def _composed(cache, size: int) -> dict[str, Any]:
 
 
 def _prefill_decoding(cache, size: int) -> dict[str, Any]:
-  inner = _inner("prefill_decoding")(cache, size)["inner"]
+  inner = _inner("prefilldecoding")(cache, size)["inner"]
   interval = _get(cache, "compression_interval", POLICIES["decoding"].field_default("compression_interval"))
   return {"prefill": inner, "decoding": DecodingPolicy(inner, target_size=size, compression_interval=interval)}
 
@@ -230,7 +269,7 @@ POLICIES.update({
                           sized=lambda size, read: {"budget": size}, composite=_inner("chunkkv")),
     "decoding": PolicySpec(DecodingPolicy, fields={"compression_interval": "compression_interval"},
                            sized=lambda size, read: {"target_size": size}, composite=_inner("decoding")),
-    "prefill_decoding": PolicySpec(PrefillDecodingPolicy, composite=_prefill_decoding),
+    "prefilldecoding": PolicySpec(PrefillDecodingPolicy, composite=_prefill_decoding),
     "keyrerotation": PolicySpec(KeyRerotationPolicy, composite=_inner("keyrerotation")),
 })
 
