@@ -21,7 +21,7 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
 Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPress`), built by this registry at
 the same `cache.size` from the same `cache` section:
 
-  inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefill_decoding, keyrerotation
+  inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation
                ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
                pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
