@@ -1,0 +1,1 @@
+"""Edge-LLM: layer-wise compression, adaptive layer tuning, voting and the hardware scheduling model."""
