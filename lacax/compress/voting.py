@@ -29,12 +29,17 @@ def choices(exit_logits: jax.Array, class_ids: Sequence[int] | jax.Array) -> tup
 
   Args:
     exit_logits: [E, B, V] logits at the answer position.
-    class_ids: [C] token ids of the classes (A/B/C/D).
+    class_ids: [C] token ids of the classes (A/B/C/D), or [B, C] per question with -1 = no candidate.
   """
   ids = jnp.asarray(class_ids, jnp.int32)
-  single = jnp.argmax(exit_logits[..., ids], axis=-1)
-  voted = jnp.argmax(vote(exit_logits)[..., ids], axis=-1)
-  return single, voted
+  ids = jnp.broadcast_to(ids, exit_logits.shape[1:2] + ids.shape[-1:])
+
+  def pick(scores):  # [..., B, V] -> [..., B] index of the best candidate
+    picked = jnp.take_along_axis(scores, jnp.broadcast_to(jnp.maximum(ids, 0), scores.shape[:-1] + ids.shape[-1:]),
+                                 axis=-1)
+    return jnp.argmax(jnp.where(ids >= 0, picked, -jnp.inf), axis=-1)
+
+  return pick(exit_logits.astype(jnp.float32)), pick(vote(exit_logits))
 
 
 def mc_report(exit_logits: jax.Array, class_ids: Sequence[int], labels: Sequence[int]) -> dict[str, object]:
@@ -42,7 +47,7 @@ def mc_report(exit_logits: jax.Array, class_ids: Sequence[int], labels: Sequence
 
   Args:
     exit_logits: [E, B, V] logits at each question's answer position.
-    class_ids: [C] the class token ids.
+    class_ids: [C] the class token ids ([B, C] per question, -1 = none).
     labels: [B] index of the right class of each question.
   """
   single, voted = jax.device_get(choices(exit_logits, class_ids))
