@@ -83,9 +83,14 @@ def _model(config) -> Model:
 
 
 def _dense(params: dict[str, Any]) -> dict[str, Any]:
-  """Packed weights dequantized (the same numbers: tuning differentiates through dense frozen weights)."""
-  return jax.tree.map(lambda w: w.dense() if isinstance(w, llama.ProjectedWeight) else w, params,
-                      is_leaf=lambda w: isinstance(w, llama.ProjectedWeight))
+  """The compressed model with packed weights dequantized and bit-width segments stacked again (the same
+  weights: tuning differentiates through dense frozen weights, as the reference's fake quantization does).
+  Activation quantization is not kept (the job's policies quantize weights only)."""
+  out = jax.tree.map(lambda w: w.dense() if isinstance(w, llama.ProjectedWeight) else w, params,
+                     is_leaf=lambda w: isinstance(w, llama.ProjectedWeight))
+  if isinstance(out["layers"], (list, tuple)):
+    out["layers"] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *out["layers"])
+  return out
 
 
 def _tcfg(config) -> tuning.TuningConfig:
