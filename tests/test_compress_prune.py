@@ -186,7 +186,8 @@ class LLMCompressorParityTest(parameterized.TestCase):
     lin = self._module(w)
     h, _ = sgpt_sparsify.accumulate_hessian(torch.tensor(np.asarray(x))[None], lin,
                                             sgpt_sparsify.make_empty_hessian(lin), 0)
-    theirs = sgpt_sparsify.sparsify_weight(lin, {lin: h}, s, n, m, 128, 0.01, False).numpy().T
+    _, theirs = sgpt_sparsify.sparsify_weight(lin, {lin: h}, s, n, m, 128, 0.01, False)
+    theirs = theirs.numpy().T
     ours = np.asarray(prune.prune_matrix(w, gram, s, "sparsegpt", (n, m) if n else None))
     err_ours, err_theirs = (prune.reconstruction_error(w, jnp.asarray(v), gram) for v in (ours, theirs))
     if n:
