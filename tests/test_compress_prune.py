@@ -187,7 +187,7 @@ class LLMCompressorParityTest(parameterized.TestCase):
     h, _ = sgpt_sparsify.accumulate_hessian(torch.tensor(np.asarray(x))[None], lin,
                                             sgpt_sparsify.make_empty_hessian(lin), 0)
     _, theirs = sgpt_sparsify.sparsify_weight(lin, {lin: h}, s, n, m, 128, 0.01, False)
-    theirs = theirs.numpy().T
+    theirs = theirs.detach().numpy().T
     ours = np.asarray(prune.prune_matrix(w, gram, s, "sparsegpt", (n, m) if n else None))
     err_ours, err_theirs = (prune.reconstruction_error(w, jnp.asarray(v), gram) for v in (ours, theirs))
     if n:
@@ -203,7 +203,7 @@ class LLMCompressorParityTest(parameterized.TestCase):
     lin = self._module(w)
     rows, _ = wanda_sparsify.accumulate_row_scalars(torch.tensor(np.asarray(x))[None], lin,
                                                     wanda_sparsify.make_empty_row_scalars(lin), 0)
-    theirs = wanda_sparsify.sparsify_weight(lin, {lin: rows}, s, n, m).numpy().T
+    theirs = wanda_sparsify.sparsify_weight(lin, {lin: rows}, s, n, m).detach().numpy().T
     ours = np.asarray(prune.prune_matrix(w, gram, s, "wanda", (n, m) if n else None))
     np.testing.assert_array_equal(ours == 0, theirs == 0)
     np.testing.assert_array_equal(ours, theirs)
