@@ -177,8 +177,9 @@ class LUCModelTest(parameterized.TestCase):
     n = sum(k * n for k, n in policy_lib.projection_shapes(cfg).values())
     self.assertEqual(dense, 4 * n)
     self.assertEqual(policy_lib.layer_bytes(cfg, 0.5, 4, group_size=16), n * 0.5 * 0.5 + n / 8 + n / 16 * 4)
-    self.assertEqual(policy_lib.layer_bytes(cfg, 0.5, 8, nm=(2, 4)), n * 0.5 + n * 0.5 * 2 / 8 + n / 32 * 4 * 0
-                     + sum(n_ * 4 for k, n_ in policy_lib.projection_shapes(cfg).values()))
+    per_channel_scales = sum(4 * outputs for _, outputs in policy_lib.projection_shapes(cfg).values())
+    # 2:4 at 8 bits: half the values, a 2-bit position per kept value, one float32 scale per output channel.
+    self.assertEqual(policy_lib.layer_bytes(cfg, 0.5, 8, nm=(2, 4)), n * 0.5 + n * 0.5 * 2 / 8 + per_channel_scales)
 
   def test_apply_policy_packed_equals_fake(self):
     p = policy_lib.luc_policy(self.table, self.cfg, 0.5, base_bits=4, high_bits=8, group_size=16, block_size=16)
