@@ -139,7 +139,7 @@ class SensitivityTable:
       raise ValueError(f"sensitivity table path {path!r}: expected a .json or .npz file")
     if not isinstance(header, dict) or header.get("format") != "lacax.sensitivity/1" or not isinstance(records,
                                                                                                       dict):
-      raise FileFormatError(f"{path}: not a lacax sensitivity table (format 'lacax.sensitivity/1')")
+      raise FileFormatError(path, "not a lacax sensitivity table (format 'lacax.sensitivity/1')")
     table = cls.from_layer_records(records, header, where=path)
     if params is not None and cfg is not None:
       table.check_model(params, cfg)
@@ -153,12 +153,12 @@ class SensitivityTable:
     for key, rec in records.items():
       match = _LAYER_KEY.match(key)
       if not match:
-        raise FileFormatError(f"{where}: entry {key!r} is not named layer<index>")
+        raise FileFormatError(where, f"entry {key!r} is not named layer<index>")
       by_index[int(match.group(1))] = rec
     L = len(by_index)
     if sorted(by_index) != list(range(L)):
       missing = sorted(set(range(max(by_index) + 1)) - set(by_index)) if by_index else [0]
-      raise FileFormatError(f"{where}: layers {missing} are missing (found {sorted(by_index)})")
+      raise FileFormatError(where, f"layers {missing} are missing (found {sorted(by_index)})")
     ratios, bits = tuple(float(r) for r in header["ratios"]), tuple(int(b) for b in header["bits"])
     fields = {}
     for field, width in (("prune", len(ratios)), ("quant", len(bits)), ("rel_prune", len(ratios)),
@@ -167,7 +167,7 @@ class SensitivityTable:
       for l in range(L):
         row = by_index[l].get(field)
         if row is None or len(row) != width:
-          raise FileFormatError(f"{where}: layer{l}.{field} has {None if row is None else len(row)} values; "
+          raise FileFormatError(where, f"layer{l}.{field} has {None if row is None else len(row)} values; "
                                 f"expected {width}")
         rows.append(row)
       fields[field] = np.asarray(rows, np.float64)
