@@ -109,7 +109,8 @@ class TuningTest(absltest.TestCase):
     cfg, tok, pos = self.cfg, self.batch["tokens"], self.batch["positions"]
     tcfg = tuning.TuningConfig(stride=2, exit_head="tied", exit_norm="final_norm", lora=LORA)
     fresh = tuning.init_tree(self.params, cfg, tcfg, jax.random.PRNGKey(1))  # B = 0: adapters are the identity
-    exits, final = tuning.exit_logits(fresh, tok, pos, cfg, tcfg)
+    exit_logits = jax.jit(lambda tree: tuning.exit_logits(tree, tok, pos, cfg, tcfg))  # one compile for all
+    exits, final = exit_logits(fresh)
     plain = llama.run(self.params, tok, pos, None, cfg, options=llama.ForwardOptions(hidden_layers=(2, 4, 6, 8)))
     np.testing.assert_allclose(final, plain.logits, atol=1e-5)
     for k in range(4):
@@ -117,8 +118,8 @@ class TuningTest(absltest.TestCase):
     # The adapted stream restarts from the backbone at each boundary: window 0's adapters move exit 0 only.
     tree = {**fresh, "lora": jax.tree.map(lambda x: x + 0.02, fresh["lora"])}
     only0 = jax.tree.map(lambda x: x.at[2:].set(0.0), tree["lora"])
-    ex_all, _ = tuning.exit_logits(tree, tok, pos, cfg, tcfg)
-    ex_0, _ = tuning.exit_logits({**fresh, "lora": only0}, tok, pos, cfg, tcfg)
+    ex_all, _ = exit_logits(tree)
+    ex_0, _ = exit_logits({**fresh, "lora": only0})
     self.assertGreater(float(jnp.max(jnp.abs(ex_0[0] - exits[0]))), 1e-4)
     np.testing.assert_array_equal(ex_0[1:], exits[1:])
     np.testing.assert_array_equal(ex_all[0], ex_0[0])
