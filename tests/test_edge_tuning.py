@@ -71,7 +71,8 @@ class TuningTest(absltest.TestCase):
     above = lambda x: x.at[4:].set(x[4:] * 3.0 + 1.0)  # noqa: E731
     changed = {
         "params": {**self.tree["params"], "layers": jax.tree.map(above, self.tree["params"]["layers"]),
-                   "lm_head": self.tree["params"]["lm_head"] + 1.0, "final_norm": self.tree["params"]["final_norm"] * 2},
+                   "lm_head": self.tree["params"]["lm_head"] + 1.0,
+                   "final_norm": self.tree["params"]["final_norm"] * 2},
         "lora": jax.tree.map(above, self.tree["lora"]),
         "heads": [h if k == phase else h + 5.0 for k, h in enumerate(self.tree["heads"])]}
     self.assertEqual(float(self._loss(changed, phase)), base)
