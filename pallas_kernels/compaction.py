@@ -113,8 +113,8 @@ def use_pallas(impl: Impl) -> bool:
 def check_cache_array(x: jax.Array, name: str = "x") -> tuple[int, int, int, int, int]:
   if x.ndim != 5:
     raise ValueError(f"{name} must be [layers, batch, slots, kv_heads, head_dim]; got shape {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.int8):  # int8: quantized KV caches
+    raise ValueError(f"{name} must have a floating or int8 dtype; got {x.dtype}")
   return x.shape
 
 

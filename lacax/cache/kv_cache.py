@@ -8,6 +8,10 @@ Layout (L = layers, B = batch, S = slots, KV = kv heads, D = head_dim):
   length:  [L, B]            int32 write cursor: the next token of (layer, row) is written at slot `length`.
   scores:  [L, B, S, KV]     float32 attention statistics per slot, only for score-based policies (else None).
   state:   the policy's own small pytree (e.g. the ladder cursor), or None.
+  k_scale, v_scale: [L, B, S, KV] float32 per-token (and kv-head) scales of an int8 cache (`init_cache(...,
+           dtype=jnp.int8)`; else None): slot values are round(x / scale) with scale = max|x| / 127 over
+           head_dim, written by the forward and dequantized when read (`quantize_kv` / `dequantize_kv`).
+           Plans move them with their slots, so every policy runs on an int8 cache unchanged.
 
 Every layer holds the same number of slots; what differs per layer (LaCache) or per KV head (H2O, SnapKV,
 KVMerger) is *which* tokens they hold, hence `pos` carries layer and kv-head axes. Occupied slots of a
@@ -124,6 +128,13 @@ class KVCache:
   score_mode: str | None = flax.struct.field(pytree_node=False, default=None)
   score_agg: str = flax.struct.field(pytree_node=False, default="mean")
   mesh_rules: Any = flax.struct.field(pytree_node=False, default=None)
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
+
+  @property
+  def quantized(self) -> bool:
+    """Keys and values are stored as int8 with per-token scales."""
+    return self.k_scale is not None
 
   @property
   def capacity(self) -> int:
@@ -156,6 +167,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
                mesh_rules: Any = None) -> KVCache:
   """An empty cache of `capacity` slots per (layer, row).
 
+  `dtype=jnp.int8` stores keys and values as int8 with per-token scales (`k_scale` / `v_scale`).
+
   With `mesh_rules` (a `lacax.sharding.MeshRules`) the cache is created in the rules' layout, each device
   allocating only its blocks (outside jit; inside jit, `MeshRules.shard_cache` lays a cache out). Without it,
   the cache is built on the default device (or, inside jit, wherever the program puts it).
@@ -171,9 +184,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
   validate_score_mode(score_mode)
   dtype = dtype or cfg.jnp_dtype
   shape = (cfg.num_layers, batch_size, capacity, cfg.num_kv_heads, cfg.head_dim)
+  quantized = jnp.dtype(dtype) == jnp.int8
+  if jnp.issubdtype(dtype, jnp.integer) and not quantized:
+    raise ValueError(f"cache dtype={jnp.dtype(dtype).name} is not supported; expected a float dtype or int8")
   build = lambda: KVCache(  # noqa: E731
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
+      k_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None,
+      v_scale=jnp.zeros(shape[:-1], jnp.float32) if quantized else None,
       pos=jnp.full(shape[:-1], -1, jnp.int32),
       length=jnp.zeros(shape[:2], jnp.int32),
       scores=None if score_mode is None else jnp.zeros(shape[:-1], jnp.float32),
@@ -185,6 +203,22 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
   if mesh_rules is not None:
     return mesh_rules.create_cache(build)
   return build()
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(int8 values, float32 scales [...]) of keys or values x [..., head_dim]: symmetric per token and head,
+  scale = max|x| / 127, values round(x / scale) in [-127, 127]; |x - q * scale| <= scale / 2."""
+  xf = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+  q = jnp.round(xf / jnp.where(scale > 0, scale, 1.0)[..., None])
+  return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+  """q * scale in `dtype` (an unquantized cache's array is returned as is)."""
+  if scale is None:
+    return q
+  return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def write_slots(length: jax.Array, positions: jax.Array, capacity: int) -> jax.Array:
@@ -230,6 +264,10 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
   scores = None
   if cache.scores is not None:
     scores = jnp.where(src >= 0, jnp.take_along_axis(cache.scores, safe, axis=2), 0.0)
+  scales = {}
+  if cache.quantized:  # per-token scales travel with their slots
+    scales = {name: jnp.where(src >= 0, jnp.take_along_axis(getattr(cache, name), safe, axis=2), 0.0)
+              for name in ("k_scale", "v_scale")}
   length = jnp.max(jnp.sum(pos >= 0, axis=2), axis=-1).astype(jnp.int32)
-  out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length)
+  out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length, **scales)
   return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)

@@ -89,7 +89,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, PRE_ROPE_MODES, SCORE_AGGS, validate_score_mode
+from lacax.cache.kv_cache import (KVCache, PRE_ROPE_MODES, SCORE_AGGS, dequantize_kv, quantize_kv,
+                                   validate_score_mode)
 from lacax.cache import plans
 from lacax.cache.base import CachePolicy, lean_decode_cache
 from lacax.model import rope as rope_lib
@@ -567,15 +568,22 @@ class KVMergerPolicy(CachePolicy):
     """Runs `segment_merge` on keys and values and installs the plan's positions, scores and lengths."""
     from pallas_kernels import merge  # pylint: disable=g-import-not-at-top
 
-    keys = cache.k
+    # An int8 cache merges dequantized keys / values and stores the merged ones quantized again.
+    keys = dequantize_kv(cache.k, cache.k_scale, jnp.float32)
+    values = dequantize_kv(cache.v, cache.v_scale, jnp.float32)
     if self.merge_keys_on == "rope":
       # Member i rotated by p_i - p_pivot: read at the pivot's position it is RoPE(k_i, p_i).
       pivot_pos = jnp.take_along_axis(cache.pos, plan.pivot, axis=2)
       keys = _rotate_by(keys, jnp.where(cache.pos >= 0, cache.pos - pivot_pos, 0), cache.state.inv_freq)
     merge_fn = lambda x, w: merge.segment_merge(x, plan.start, plan.run_len, w,  # noqa: E731
                                                 max_run=self.max_run, impl=self.impl)
-    k = merge_fn(keys, plan.key_weight).astype(cache.k.dtype)
-    v = merge_fn(cache.v, plan.value_weight)
+    k = merge_fn(keys, plan.key_weight)
+    v = merge_fn(values, plan.value_weight)
     out_slots = plan.start.shape[2]
     length = jnp.minimum(jnp.max(plan.num_out, axis=-1), out_slots).astype(jnp.int32)
-    return cache.replace(k=k, v=v, pos=plan.out_pos, scores=plan.out_scores, length=length)
+    scales = {}
+    if cache.quantized:
+      (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+      scales = {"k_scale": k_scale, "v_scale": v_scale}
+    return cache.replace(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), pos=plan.out_pos,
+                         scores=plan.out_scores, length=length, **scales)

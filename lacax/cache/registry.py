@@ -13,7 +13,8 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
   merge_threshold, exact_budget   KVMerger's cosine threshold (0.75) and whether it merges down to exactly
                `size` slots (True in the registry, so that it is compared at the same budget as the others;
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
-  rope_mode    the full cache's key storage ("slot" or "stored").
+  rope_mode    the full cache's key storage ("slot" or "stored");
+  kv_bits      8 stores any policy's cache as int8 with per-token scales (`lacax.cache.int8`); unset = float.
   h2o_score_norm, pyramid_budget_rule   the two definitions where the references and kvpress differ: H2O's
                summed attention ("sum", the reference) or kvpress's mean received attention ("mean"); PyramidKV's
                KVCache-Factory budgets ("kvcache_factory") or kvpress's window-inclusive ones ("kvpress").
@@ -69,6 +70,7 @@ from lacax.cache.key_rerotation import KeyRerotationPolicy
 from lacax.cache.perlayer import PerLayerPolicy
 from lacax.cache.prefill_decoding import PrefillDecodingPolicy
 from lacax.cache.h2o import H2OPolicy
+from lacax.cache.int8 import with_kv_bits
 from lacax.cache.kvmerger import KVMergerPolicy
 from lacax.cache.ladder import PREFILL_PROTOCOLS, LadderPolicy
 from lacax.cache.pyramidkv import PyramidKVPolicy
@@ -318,7 +320,7 @@ def make_policy(name: str, cache: Mapping[str, Any] | Any) -> CachePolicy:
   size = _get(cache, "size")
   if spec.sized is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
     raise ValueError(f"cache.size={size!r} must be a positive number of tokens for policy {name!r}")
-  return spec.build(cache, size)
+  return with_kv_bits(spec.build(cache, size), _get(cache, "kv_bits"))
 
 
 def _as_dict(cache: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -369,8 +371,8 @@ def make_prefill_policy(name: str, cache: Mapping[str, Any] | Any, cfg: ModelCon
   spec = _spec(name)
   size = prefill_budget(cache, prompt_len=prompt_len, protocol=protocol, model_max_len=model_max_len)
   if spec.sized is None:
-    return spec.build(cache, None)
+    return with_kv_bits(spec.build(cache, None), _get(cache, "kv_bits"))
   if spec.prefill is not None:
-    return spec.prefill(cache, cfg, spec.reader(cache), prompt_len=prompt_len, protocol=protocol,
-                        model_max_len=model_max_len)
+    return with_kv_bits(spec.prefill(cache, cfg, spec.reader(cache), prompt_len=prompt_len, protocol=protocol,
+                                     model_max_len=model_max_len), _get(cache, "kv_bits"))
   return make_policy(name, {**_as_dict(cache), "size": size})

@@ -47,6 +47,8 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
   * attention probabilities: `probs_hook(probs [B, KV, G, T, S] float32, layer) -> probs` (ACT).
   * attention statistics: `scores` (a `lacax.cache.kv_cache.ScoreRecording`; default the cache's own,
     `cache.recording`, which its policy declared) says which statistic is written into `cache.scores`.
+  * int8 KV cache (a cache from `init_cache(..., dtype=jnp.int8)`, any policy): new keys / values are
+    quantized per token and kv head when written and dequantized when a layer reads the cache.
   * placement: `mesh_rules` (a `lacax.sharding.MeshRules`; default the cache's) keeps activations and the cache
     in the rules' layout; also for the cache-less forward.
 
@@ -64,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, ScoreRecording, write_slots
+from lacax.cache.kv_cache import KVCache, ScoreRecording, dequantize_kv, quantize_kv, write_slots
 from lacax.model import cpu_attention
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
@@ -534,6 +536,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     window_rows = width if T > width else 0
   probs_hook = options.probs_hook
   kv_cache = cfg.num_kv_heads if uncached else cache.k.shape[3]
+  quantized = not uncached and cache.quantized  # int8 keys / values with per-token scales
   if uncached:
     write = None
   elif mesh_rules is None and cache.k.dtype in cpu_attention.WRITE_DTYPES and cpu_attention.available():
@@ -575,7 +578,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
                                        constant_values=value)
 
     def layer(carry, inputs):
-      x, k_all, v_all, pos_all, length_all, scores_all = carry
+      x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all = carry
       p, i, gate, head_mask, ffn_mask, lora_p = inputs
       rng = None if options.lora_rng is None else jax.random.fold_in(options.lora_rng, i)
       x_in = x
@@ -597,8 +600,15 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
         # Write the new tokens at the layer's cursor (padding goes to slot S and is dropped); a layer with
         # fewer kv heads than the cache leaves the others empty.
         slots = write_slots(length_all[i], positions, cache.capacity)
-        k_all = write(k_all, pad_heads(k_new.astype(k_all.dtype)), i, slots)
-        v_all = write(v_all, pad_heads(v_new.astype(v_all.dtype)), i, slots)
+        if quantized:  # int8 cache: per-token scales beside the values (lacax.cache.kv_cache.quantize_kv)
+          (k_q, k_s), (v_q, v_s) = quantize_kv(k_new), quantize_kv(v_new)
+          k_all = _write_layer(k_all, pad_heads(k_q), i, slots)
+          v_all = _write_layer(v_all, pad_heads(v_q), i, slots)
+          ks_all = _write_layer(ks_all, pad_heads(k_s), i, slots)
+          vs_all = _write_layer(vs_all, pad_heads(v_s), i, slots)
+        else:
+          k_all = write(k_all, pad_heads(k_new.astype(k_all.dtype)), i, slots)
+          v_all = write(v_all, pad_heads(v_new.astype(v_all.dtype)), i, slots)
         pos_all = _write_layer(pos_all, pad_heads(token_pos, -1), i, slots)
         length_all = length_all.at[i].add(n_new)
         if rope_mode == "slot":
@@ -615,6 +625,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
           probs = None
         else:
           k_layer, v_layer, pos_layer = k_all[i], v_all[i], pos_all[i]
+          if quantized:
+            k_layer, v_layer = dequantize_kv(k_layer, ks_all[i], dtype), dequantize_kv(v_layer, vs_all[i], dtype)
           if pad:
             k_layer, v_layer, pos_layer = k_layer[:, :, :kv_s], v_layer[:, :, :kv_s], pos_layer[:, :, :kv_s]
           if rope_mode == "slot":
@@ -656,7 +668,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       x = x + mlp
       if gate is not None:  # a layer that is off passes the residual stream through exactly
         x = jnp.where(gate != 0, x, x_in)
-      return (x, k_all, v_all, pos_all, length_all, scores_all), (x if options.hidden_layers else None)
+      return ((x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all),
+              (x if options.hidden_layers else None))
 
     if not uncached:  # the cache rows of an off layer are still written (a later call may turn it on)
       return layer
@@ -674,10 +687,12 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
 
   if uncached:
     empty = jnp.zeros((), jnp.float32)
-    carry = (x, empty, empty, empty, empty, empty)
+    carry = (x, empty, empty, empty, empty, empty, empty, empty)
   else:
-    scores = cache.scores if cache.scores is not None else jnp.zeros((), jnp.float32)
-    carry = (x, cache.k, cache.v, cache.pos, cache.length, scores)
+    empty = jnp.zeros((), jnp.float32)
+    scores = cache.scores if cache.scores is not None else empty
+    carry = (x, cache.k, cache.v, cache.pos, cache.length, scores, cache.k_scale if quantized else empty,
+             cache.v_scale if quantized else empty)
   lora_segments = None
   if options.lora is not None:
     lora_segments = list(options.lora) if isinstance(options.lora, (list, tuple)) else [options.lora]
@@ -714,7 +729,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
         hidden_steps.extend(ys[n] for n in range(ids.size))
       executed.extend(int(i) for i in ids)
     start = stop
-  x, k_all, v_all, pos_all, length_all, scores = carry
+  x, k_all, v_all, pos_all, length_all, scores, k_scale, v_scale = carry
 
   hidden = None
   if options.hidden_layers:
@@ -731,6 +746,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     return ForwardOutput(logits, None, hidden)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
                         scores=scores if cache.scores is not None else None)
+  if quantized:
+    cache = cache.replace(k_scale=k_scale, v_scale=v_scale)
   if mesh_rules is not None:
     cache = mesh_rules.constrain_cache(cache)
   return ForwardOutput(logits, cache, hidden)

@@ -1,9 +1,14 @@
-"""Weight-only int8 projections through the forward's plug point (`lacax.model.llama.ProjectedWeight`).
+"""Quantized weights through the forward's plug point (`lacax.model.llama.ProjectedWeight`).
 
 `Int8Weight` stores a projection as int8 values with one float scale per output channel (symmetric, absmax /
 127 over the contracted axes); `llama.project` dequantizes it into the product (XLA fuses the scale into the
 dot's operand). It is the reference quantized-weight type of the plug point: packed int4, group-wise scales or
 a Pallas int8 matmul (Edge-LLM) are further `ProjectedWeight` subclasses, and the one forward runs them all.
+
+`PackedWeight` is the general low-bit form: int8, or 3/4-bit codes two per byte, or 2-bit codes four per byte,
+with one scale per group of input features (per-channel = one group) and, for GGUF Q4_1, one offset per group.
+GGUF Q8_0 / Q4_0 / Q4_1 tensors load straight into it (`lacax.weights.gguf.read_gguf(keep_quantized=True)`), and
+`lacax.compress.packed` builds it from a compression policy.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lacax.model.llama import ProjectedWeight
 
@@ -61,3 +67,129 @@ def quantize_layers(params: Any, targets: Sequence[str] = tuple(LAYER_INPUT_AXES
   layers = params["layers"]
   layers = [segment(s) for s in layers] if isinstance(layers, (list, tuple)) else segment(layers)
   return {**params, "layers": layers}
+
+
+# --- packed low-bit weights (Edge-LLM; GGUF Q8_0 / Q4_0 / Q4_1 load into these) -----------------------------
+
+
+def storage_bits(bits: int) -> int:
+  """Bits one value occupies in a `PackedWeight`: 8 for 5..8-bit codes, 4 for 3..4 (two per byte), 2 for 2."""
+  if bits not in (2, 3, 4, 5, 6, 7, 8):
+    raise ValueError(f"bits={bits}; expected an integer in [2, 8]")
+  return 8 if bits > 4 else (4 if bits > 2 else 2)
+
+
+def pack_codes(codes, bits: int):
+  """Unsigned codes [..., K, N] (each < 2**storage_bits) -> uint8 [..., K / per_byte, N], code k of a byte at
+  bit offset storage_bits * (k % per_byte). Works on numpy and jax arrays (integer ops only)."""
+  sb = storage_bits(bits)
+  per_byte = 8 // sb
+  xp = np if isinstance(codes, np.ndarray) else jnp
+  *lead, k, n = codes.shape
+  if k % per_byte:
+    raise ValueError(f"{k} input features cannot be packed {per_byte} per byte")
+  c = codes.astype(xp.uint8).reshape(*lead, k // per_byte, per_byte, n)
+  shifts = (xp.arange(per_byte, dtype=xp.uint8) * sb).reshape(per_byte, 1)
+  return xp.bitwise_or.reduce(c << shifts, axis=-2) if xp is np else jnp.sum(
+      (c << shifts).astype(jnp.uint32), axis=-2).astype(jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+  """Inverse of `pack_codes`: uint8 [..., K / per_byte, N] -> uint8 codes [..., K, N]."""
+  sb = storage_bits(bits)
+  per_byte = 8 // sb
+  *lead, kb, n = packed.shape
+  shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * sb).reshape(per_byte, 1)
+  codes = (packed[..., :, None, :] >> shifts) & jnp.uint8((1 << sb) - 1)
+  return codes.reshape(*lead, kb * per_byte, n)
+
+
+@flax.struct.dataclass
+class PackedWeight(ProjectedWeight):
+  """A projection stored as low-bit integer codes with one scale (and optionally one offset) per group of
+  `group_size` consecutive input features, for each output feature.
+
+  The weight is viewed as a matrix [K, N] per layer (K = the flattened input axes, which every layer projection
+  of lacax.model.llama has first; N = the flattened output axes). Leaves (the layer axis first when stacked):
+
+    data:   int8 [..., K, N] (8-bit codes, signed), or uint8 [..., K / p, N] with p = 8 / storage_bits codes
+            per byte (`pack_codes`; 3/4-bit codes take 4 bits, 2-bit codes 2 bits)
+    scales: [..., K / group_size, N] (float16 for GGUF blocks, float32 for lacax's own quantizer)
+    mins:   None (symmetric: w = scale * (code - offset), offset 2**(storage_bits - 1) for packed codes, 0 for
+            int8), or [..., K / group_size, N] (affine, Q4_1: w = scale * code + min)
+
+  `dense` computes exactly what `gguf.quants.dequantize` computes (float32 products of the float16 block
+  scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA.
+  """
+
+  data: jax.Array
+  scales: jax.Array
+  mins: jax.Array | None = None
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  group_size: int = flax.struct.field(pytree_node=False, default=32)
+  in_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.data.shape[:-2]) + tuple(self.in_shape) + tuple(self.out_shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Resident bytes of the leaves (codes + scales + offsets)."""
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.data, self.scales, self.mins)
+                   if a is not None))
+
+  def codes(self) -> jax.Array:
+    """Integer codes [..., K, N]: signed (symmetric) values, or unsigned ones for the affine form."""
+    if storage_bits(self.bits) == 8:
+      return self.data.astype(jnp.int32)
+    codes = unpack_codes(self.data, self.bits).astype(jnp.int32)
+    return codes if self.mins is not None else codes - (1 << (storage_bits(self.bits) - 1))
+
+  def dense(self, dtype=jnp.float32) -> jax.Array:
+    codes = self.codes()
+    *lead, k, n = codes.shape
+    g = self.group_size
+    q = codes.reshape(*lead, k // g, g, n).astype(jnp.float32)
+    scale = self.scales.astype(jnp.float32)[..., :, None, :]
+    w = scale * q
+    if self.mins is not None:
+      w = w + self.mins.astype(jnp.float32)[..., :, None, :]
+    return w.reshape(tuple(lead) + tuple(self.in_shape) + tuple(self.out_shape)).astype(dtype)
+
+  def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    return jnp.einsum(equation, x, self.dense(x.dtype), preferred_element_type=preferred_element_type)
+
+  @classmethod
+  def from_codes(cls, codes, scales, mins=None, *, bits: int, group_size: int, in_shape, out_shape
+                 ) -> "PackedWeight":
+    """From codes [..., K, N] (signed for the symmetric form, unsigned 0..2**bits-1 with `mins`)."""
+    sb = storage_bits(bits)
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    if sb == 8:
+      if mins is not None:
+        raise ValueError("8-bit PackedWeight codes are signed and symmetric; mins must be None")
+      data = codes.astype(xp.int8)
+    else:
+      unsigned = codes if mins is not None else codes + (1 << (sb - 1))
+      data = pack_codes(unsigned, bits)
+    return cls(data=data, scales=scales, mins=mins, bits=bits, group_size=group_size,
+               in_shape=tuple(int(d) for d in in_shape), out_shape=tuple(int(d) for d in out_shape))
+
+  @classmethod
+  def quantize(cls, w: jax.Array, num_input_axes: int, bits: int, group_size: int | None = None,
+               num_lead_axes: int = 1) -> "PackedWeight":
+    """Symmetric round-to-nearest quantization of a dense weight [lead..., in..., out...]: scale = max |w| over
+    each group / (2**(bits-1) - 1), codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1]; group_size None = one
+    group per output channel (per-channel)."""
+    from lacax.compress import quant  # pylint: disable=g-import-not-at-top
+
+    lead = w.shape[:num_lead_axes]
+    in_shape = w.shape[num_lead_axes:num_lead_axes + num_input_axes]
+    out_shape = w.shape[num_lead_axes + num_input_axes:]
+    k, n = int(np.prod(in_shape)), int(np.prod(out_shape))
+    mat = jnp.asarray(w, jnp.float32).reshape(*lead, k, n)
+    g = k if group_size is None else int(group_size)
+    codes, scales = quant.quantize_codes(mat, bits, g)
+    return cls.from_codes(codes, scales, bits=bits, group_size=g, in_shape=in_shape, out_shape=out_shape)

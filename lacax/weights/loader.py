@@ -98,7 +98,8 @@ def model_path_problems(path: str, option: str = "model.path") -> list[str]:
   return []
 
 
-def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: Any = None) -> Model:
+def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: Any = None,
+               keep_quantized: bool = False) -> Model:
   """Loads a Hugging Face checkpoint directory, a GGUF file, or (path=None) the embedded default.
 
   Args:
@@ -109,12 +110,19 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     mesh_rules: a `lacax.sharding.MeshRules` to load the parameters straight into their shards (default: one
       device). A Hugging Face checkpoint is then read tensor by tensor, and no device ever holds more than its
       own blocks. The rules are kept as `Model.mesh_rules`.
+    keep_quantized: GGUF only: keep Q8_0 / Q4_0 / Q4_1 layer projections as packed codes
+      (`lacax.model.quantized.PackedWeight`, dequantized in the matmul) instead of float arrays
+      (`lacax.weights.gguf.read_gguf`).
   """
   from lacax import sharding  # pylint: disable=g-import-not-at-top
   from lacax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from lacax.model import llama  # pylint: disable=g-import-not-at-top
 
   path = path or default_model_path()
+  if keep_quantized and not (path.endswith(".gguf") and os.path.isfile(path)):
+    raise ValueError(f"keep_quantized=True applies to GGUF files; model path {path!r} is not one")
+  if keep_quantized and mesh_rules is not None:
+    raise ValueError("keep_quantized=True is not supported with mesh_rules (sharded loading of packed weights)")
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "lacax_model_config.json")):
     from lacax.weights import checkpoint  # pylint: disable=g-import-not-at-top
 
@@ -144,13 +152,14 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   elif path.endswith(".gguf") and os.path.isfile(path):
     from lacax.weights import gguf  # pylint: disable=g-import-not-at-top
 
-    cfg, params = gguf.read_gguf(path)
+    cfg, params = gguf.read_gguf(path, keep_quantized=keep_quantized)
     cfg = cfg.replace(dtype=dtype)
     tokenizer = tokenizer_lib.Tokenizer.from_gguf(path)
   else:
     raise FileNotFoundError(f"model path {path!r} is neither a checkpoint directory nor a .gguf file")
-  if mesh_rules is None:
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_dtype), params)
+  if mesh_rules is None:  # packed codes and their scales keep their own dtypes
+    params = jax.tree.map(lambda x: jnp.asarray(x) if x.dtype.kind in "iu" or x.dtype == np.float16
+                          else jnp.asarray(x, cfg.jnp_dtype), params)
   elif not os.path.isdir(path):  # GGUF: the file is read whole on the host, then each device gets its blocks
     host = params
     read = lambda dest, layer: _lookup(host, dest) if layer is None else _lookup(host, dest)[layer]  # noqa: E731
