@@ -25,10 +25,10 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from lacax import jobs
 from lacax import errors
 from lacax import runs
 from lacax.cache import registry
-from lacax.weights import loader
 
 
 def _passkey_score(figure):
@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
   else:
     validate_config(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = model or loader.load_model(config.model.path or None, dtype=config.model.dtype)
+  model = model or jobs.model_from_config(config)
   job = _job(config.task)
   _, metric, higher, score_of, _ = TASKS[config.task]
   scores: dict[str, dict[str, float]] = {p: {} for p in config.policies}

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lacax import jobs
 from lacax import runs, train
 from lacax.compress import apply as apply_lib
 from lacax.compress import policy as policy_lib
@@ -36,7 +37,7 @@ from lacax.errors import ValidationError
 from lacax.model import llama
 from lacax.model import lora as lora_lib
 from lacax.train.lm import LORA_SHORT_NAMES
-from lacax.weights.loader import Model, load_model
+from lacax.weights.loader import Model
 
 
 def validate(config) -> None:
@@ -79,7 +80,7 @@ def _model(config) -> Model:
                  source=smollm2_gguf_path())
   if config.model.init:
     raise ValueError(f"model.init={config.model.init!r} is unknown; expected '' or 'random'")
-  return load_model(config.model.path or None, dtype=config.model.dtype)
+  return jobs.model_from_config(config)
 
 
 def _dense(params: dict[str, Any]) -> dict[str, Any]:

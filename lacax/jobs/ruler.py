@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from lacax import jobs
 from lacax import errors
 from lacax import runs
 from lacax.cache import registry
@@ -165,7 +166,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir, *, model=
   else:
     validate_config(config)
   run_dir = runs.as_run_dir(run_dir)
-  model = model or loader.load_model(config.model.path or None, dtype=config.model.dtype)
+  model = model or jobs.model_from_config(config)
   tok = model.tokenizer
   if tok is None:
     raise errors.ConfigError(f"model.path={config.model.path!r} ships no tokenizer; the RULER job needs one")
