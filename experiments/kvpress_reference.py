@@ -84,19 +84,30 @@ METHODS: tuple[MethodPair, ...] = (
                      "the queries (lacax/cache/h2o.py, the H2O reference); kvpress's ObservedAttentionPress keeps "
                      "the top budget by attention averaged over the queries that see each key "
                      "(kvpress/presses/observed_attention_press.py), with no recent window"),
-               kvpress_definition=None),  # the `kvwrap` branch's kvpress-definition option plugs in here
+               # cache.h2o_score_norm="mean" is kvpress's normalisation, but lacax's H2O also keeps a recent
+               # window (heavy + recent) that ObservedAttentionPress has not, so that option alone does not
+               # reproduce kvpress's kept set: checked, it differs on the test prompt.
+               kvpress_definition=None),
     MethodPair("pyramidkv", "pyramidkv", "PyramidKVPress", {"window_size": _WINDOW, "kernel_size": 5, "beta": 20},
                {"window": _WINDOW, "kernel": 5, "pooling": "avg", "beta": 20, "score_agg": "mean"},
                status="differs",
                note=("per-layer budgets: lacax follows KVCache-Factory (min = (cap - w) / beta, max = 2 (cap - w) - "
                      "min, the window on top; lacax/cache/pyramidkv.py), kvpress counts the window inside each "
                      "layer's budget (kvpress/presses/pyramidkv_press.py)"),
-               kvpress_definition=None),  # the `kvwrap` branch's kvpress-definition option plugs in here
+               kvpress_definition={"pyramid_budget_rule": "kvpress"}),
     # Methods the `kvmethods` branch adds; each is checked as soon as lacax's registry has its name.
     MethodPair("knorm", "knorm", "KnormPress"),
-    MethodPair("expected_attention", "expected_attention", "ExpectedAttentionPress"),
+    MethodPair("expectedattention", "expectedattention", "ExpectedAttentionPress", status="not_comparable",
+               note=("lacax's ExpectedAttention is kvpress's ExpectedAttentionStatsPress (query statistics "
+                     "calibrated offline, cache.expected_attention_stats); kvpress's ExpectedAttentionPress "
+                     "estimates them from each prompt online, which lacax does not implement yet")),
     MethodPair("keydiff", "keydiff", "KeyDiffPress"),
-    MethodPair("lagkv", "lagkv", "LagKVPress", {"n_sink": 4, "lag_size": 8}, {"start_size": 4, "lag_size": 8}),
+    MethodPair("lagkv", "lagkv", "LagKVPress", {"n_sink": 4, "lag_size": 8}, {"n_sink": 4, "lag_size": 8},
+               status="differs",
+               note=("ties: without cross_scoring a token's score is its rank inside its partition / lag_size, so "
+                     "every partition holds the same score values; torch.topk (kvpress/presses/scorer_press.py) "
+                     "and lacax's top-k (older token first, lacax/cache/plans.py) break those ties differently "
+                     "(on the test prompt: one token of layer 0, KV head 0)")),
     MethodPair("random", "random", "RandomPress", status="not_comparable",
                note="random scores: torch's and JAX's generators draw different numbers"),
 )

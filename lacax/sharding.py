@@ -40,7 +40,10 @@ planner needs, and the loop keeps it from one call to the next.
 whole cache is never gathered to one device. (KVMerger is not there yet: its planner reduces over flattened
 (layer, row, head, run) segment ids, which XLA partitions by all-gathering its [layers, batch, slots, kv_heads]
 plan arrays, and its Pallas merge kernel is not wrapped in `slot_local`, so on TPU/GPU XLA would replicate the
-kernel's operands; its keys and values stay local on CPU, where the jnp reference runs.)
+kernel's operands; its keys and values stay local on CPU, where the jnp reference runs. AdaKV's
+head-adaptive budget is one top-k across a layer's kv heads, so with kv heads split over the tensor axis its
+[layers, batch, slots, kv_heads] scores and keep mask are all-gathered there too; its keys and values stay
+local.)
 
 Fallback when a rule does not divide a dimension: the mesh axes of a dimension's rule are taken in order,
 skipping axes the mesh does not have, axes of size 1, and axes an earlier dimension of the same array already
