@@ -344,9 +344,17 @@ def check_sharded_loading(ctx: _Child) -> None:
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def group_names(group: str) -> list[str]:
+  """The checks of one child: "generate" (the prefill + decode checks of every policy) or "other" (forward,
+  streaming, sharded loading). Two children, so that two pytest workers run them side by side."""
+  if group not in ("generate", "other"):
+    return []
+  return [n for n in check_names() if n.startswith("generate_") == (group == "generate")]
+
+
 def run_child(report_path: str, only: str = "") -> int:
-  """Runs every check (or those whose name contains `only`), writes {name: {"ok", "error", "seconds"}} to
-  `report_path`; exit status 1 on failure."""
+  """Runs every check (or those of the group `only`, or whose name contains it), writes
+  {name: {"ok", "error", "seconds"}} to `report_path`; exit status 1 on failure."""
   report = {}
   start = time.perf_counter()
   try:
@@ -357,7 +365,7 @@ def run_child(report_path: str, only: str = "") -> int:
     ctx = None
   if ctx is not None:
     for name in check_names():
-      if only and only not in name:
+      if only and name not in group_names(only) and only not in name:
         continue
       kind, _, rest = name.partition("_")
       t0 = time.perf_counter()
@@ -383,13 +391,14 @@ def run_child(report_path: str, only: str = "") -> int:
 # The parent's tests.
 # ----------------------------------------------------------------------------------------------------------------
 
-_CHILD_TIMEOUT_S = 600
+_CHILD_TIMEOUT_S = 1500
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class EightDeviceTest(parameterized.TestCase):
-  """One test per child check; the child runs once for the class."""
+class _EightDeviceChild:
+  """Runs one group of child checks once per class (`GROUP`), and one test per check reads its report."""
 
+  GROUP = ""
   report: dict = {}
   child_output = ""
 
@@ -401,21 +410,41 @@ class EightDeviceTest(parameterized.TestCase):
       env = dict(os.environ)
       env.pop("XLA_FLAGS", None)
       try:
-        proc = subprocess.run([sys.executable, "-m", "tests.test_sharding", path], cwd=_REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", "tests.test_sharding", path, cls.GROUP], cwd=_REPO, env=env,
                               capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
         cls.child_output = proc.stdout[-4000:] + proc.stderr[-4000:]
       except subprocess.TimeoutExpired as e:
         cls.child_output = f"child timed out after {_CHILD_TIMEOUT_S}s: {e.stdout!r}"
+      cls.report = {}
       if os.path.isfile(path):
         with open(path) as f:
           cls.report = json.load(f)
 
-  @parameterized.named_parameters((name, name) for name in check_names())
-  def test_check(self, name):
+  def check(self, name):
     if name not in self.report:
       self.fail(f"the 8-device child reported nothing for {name}:\n{self.child_output}")
     entry = self.report[name]
     self.assertTrue(entry["ok"], f"{name} failed on 8 devices:\n{entry['error']}")
+
+
+class EightDeviceTest(_EightDeviceChild, parameterized.TestCase):
+  """Forward, streaming and sharded loading on 8 fake devices (one child process)."""
+
+  GROUP = "other"
+
+  @parameterized.named_parameters((name, name) for name in group_names("other"))
+  def test_check(self, name):
+    self.check(name)
+
+
+class EightDeviceGenerateTest(_EightDeviceChild, parameterized.TestCase):
+  """Prefill + decode of every registered policy on 8 fake devices (a second child, beside the first)."""
+
+  GROUP = "generate"
+
+  @parameterized.named_parameters((name, name) for name in group_names("generate"))
+  def test_check(self, name):
+    self.check(name)
 
 
 class RulesTest(parameterized.TestCase):
