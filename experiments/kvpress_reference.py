@@ -95,7 +95,7 @@ METHODS: tuple[MethodPair, ...] = (
                      "min, the window on top; lacax/cache/pyramidkv.py), kvpress counts the window inside each "
                      "layer's budget (kvpress/presses/pyramidkv_press.py)"),
                kvpress_definition={"pyramid_budget_rule": "kvpress"}),
-    # Methods the `kvmethods` branch adds; each is checked as soon as lacax's registry has its name.
+    # The kvpress scorers lacax has on base.ScorerPolicy.
     MethodPair("knorm", "knorm", "KnormPress"),
     MethodPair("expectedattention", "expectedattention", "ExpectedAttentionPress", status="not_comparable",
                note=("lacax's ExpectedAttention is kvpress's ExpectedAttentionStatsPress (query statistics "
