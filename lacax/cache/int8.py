@@ -61,8 +61,15 @@ class Int8KVPolicy(CachePolicy):
   def compacts_in_decode(self) -> bool:
     return self.inner.compacts_in_decode
 
+  @property
+  def compacts_in_prefill(self) -> bool:
+    return self.inner.compacts_in_prefill
+
   def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
     return self.inner.decode_capacity(cfg, max_tokens)
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    return self.inner.run_capacity(cfg, prompt_tokens, new_tokens)
 
   def init_state(self, cfg: ModelConfig):
     return self.inner.init_state(cfg)
