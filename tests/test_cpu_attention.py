@@ -63,6 +63,11 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       (6, 2, 1, 700, 3, 3, 64, True, "bfloat16", "bfloat16"),
       (7, 1, 2, 300, 2, 2, 128, False, "float32", "bfloat16"),
       (8, 2, 1, 65, 2, 2, 32, True, "bfloat16", "float32"),
+      # More than 64 query rows: the blocked (prefill) path.
+      (9, 2, 40, 300, 3, 3, 64, True, "float32", "float32"),
+      (10, 2, 33, 130, 2, 4, 32, False, "bfloat16", "bfloat16"),
+      (11, 1, 20, 77, 1, 8, 128, True, "float32", "bfloat16"),
+      (12, 2, 25, 200, 2, 7, 64, False, "float32", "float32"),  # 9 tokens of 7 heads per tile: 63 rows
   )
   def test_kernel_equals_reference(self, seed, B, T, S, KV, G, hd, rotate, q_dtype, cache_dtype):
     L = 3
@@ -87,6 +92,34 @@ class CpuAttentionKernelTest(parameterized.TestCase):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
       else:  # the result is rounded to bfloat16 (8 significant bits)
         np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=1e-3, rtol=2 ** -8)
+
+  @parameterized.parameters((False, "float32"), (True, "float32"), (True, "bfloat16"))
+  def test_blocked_prefill_of_a_causal_prompt_equals_reference(self, rotate, dtype):
+    """A prompt written from slot 0 (slot = position): key blocks in a tile's future are skipped, blocks it
+    sees whole are unmasked; row 1 is a shorter prompt with padding queries (position -1)."""
+    L, B, T, KV, G, hd = 2, 2, 300, 3, 3, 64
+    S = T + 20
+    rng = np.random.RandomState(3)
+    q = jnp.asarray(rng.randn(B, T, KV, G, hd), dtype)
+    k_all = jnp.asarray(rng.randn(L, B, S, KV, hd), dtype)
+    v_all = jnp.asarray(rng.randn(L, B, S, KV, hd), dtype)
+    lengths = np.array([T, 171])
+    t = np.arange(T)[None]
+    query_pos = np.where(t < lengths[:, None], t, -1).astype(np.int32)
+    pos = np.full((L, B, S, KV), -1, np.int32)
+    for b in range(B):
+      pos[:, b, :lengths[b]] = np.arange(lengths[b])[None, :, None]
+    tables = (jnp.zeros((1, hd)),) * 2
+    if rotate:
+      inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+      tables = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32), inv_freq)
+    got = jax.jit(lambda *a: cpu_attention._call(*a, rotate=rotate))(
+        q, k_all, v_all, jnp.asarray(pos), jnp.asarray(query_pos), jnp.int32(1), *tables)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = llama._cached_layer_attention(f32(q), f32(k_all), f32(v_all), jnp.asarray(pos), jnp.asarray(query_pos),
+                                         jnp.int32(1), *(tables if rotate else (None, None)))
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == "float32" else dict(atol=1e-3, rtol=2 ** -8)
+    np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), **tol)
 
   @parameterized.parameters("bfloat16", "float16", "float32")
   def test_cache_write_equals_the_scatter(self, dtype):
@@ -126,34 +159,42 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     jax.clear_caches()
     super().tearDown()
 
-  def _run(self, cfg, params, rope_mode, enabled):
+  def _run(self, cfg, params, rope_mode, enabled, prompt_len=12):
+    """Logits of a prefill of `prompt_len` tokens (row 1: 3 fewer) and 6 decode steps, and whether the
+    kernel is in the compiled decode step and in the compiled prefill."""
     cpu_attention.set_enabled(enabled)
     jax.clear_caches()
     fwd = jax.jit(llama.forward, static_argnames="cfg")
     rng = np.random.RandomState(0)
-    prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
-    positions = jnp.asarray(np.where(np.arange(12)[None] < np.array([[12], [9]]), np.arange(12)[None], -1),
+    n = prompt_len
+    prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, n)), jnp.int32)
+    positions = jnp.asarray(np.where(np.arange(n)[None] < np.array([[n], [n - 3]]), np.arange(n)[None], -1),
                             jnp.int32)
-    cache = init_cache(cfg, 2, 40, rope_mode=rope_mode)
+    cache = init_cache(cfg, 2, n + 28, rope_mode=rope_mode)
+    prefill_text = fwd.lower(params, prompt, positions, cache, cfg=cfg).as_text()
     logits, cache = fwd(params, prompt, positions, cache, cfg=cfg)
     steps = [np.asarray(logits)]
-    next_pos = jnp.asarray([[12], [9]], jnp.int32)
+    next_pos = jnp.asarray([[n], [n - 3]], jnp.int32)
     for step in range(6):
       token = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 1)), jnp.int32)
       logits, cache = fwd(params, token, next_pos + step, cache, cfg=cfg)
       steps.append(np.asarray(logits))
     text = fwd.lower(params, token, next_pos, cache, cfg=cfg).as_text()
+    self.last_prefill_used = "lacax_decode_attention" in prefill_text
     return steps, "lacax_decode_attention" in text
 
-  @parameterized.parameters(("slot", "float32"), ("stored", "float32"), ("slot", "bfloat16"))
-  def test_decode_logits_match_the_pure_jax_path(self, rope_mode, dtype):
+  @parameterized.parameters(("slot", "float32", 12), ("stored", "float32", 12), ("slot", "bfloat16", 12),
+                            ("slot", "float32", 90), ("stored", "bfloat16", 90))  # 90 tokens: 360 query rows
+  def test_decode_logits_match_the_pure_jax_path(self, rope_mode, dtype, prompt_len):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=3, num_heads=4,
                                  num_kv_heads=2, head_dim=64, dtype=dtype)
     params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
-    got, used = self._run(cfg, params, rope_mode, enabled=True)
-    want, used_without = self._run(cfg, params, rope_mode, enabled=False)
+    got, used = self._run(cfg, params, rope_mode, enabled=True, prompt_len=prompt_len)
+    self.assertTrue(self.last_prefill_used)
+    want, used_without = self._run(cfg, params, rope_mode, enabled=False, prompt_len=prompt_len)
     self.assertTrue(used)
     self.assertFalse(used_without)
+    self.assertFalse(self.last_prefill_used)
     for g, w in zip(got, want):
       if dtype == "float32":
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
@@ -168,7 +209,8 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     self.assertFalse(used)
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float16, jnp.float16, "slot"))
-    self.assertFalse(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))
+    self.assertTrue(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))  # prefill rows
+    self.assertFalse(cpu_attention.supports(8, 1, 65, 64, jnp.float32, jnp.float32, "slot"))  # 65 heads per kv
 
 
 _FAKE_COMPILER = """#!/bin/sh

@@ -1,4 +1,4 @@
-// Fused decode attention over one layer of a stacked KV cache, for XLA:CPU (an XLA FFI custom call).
+// Fused attention over one layer of a stacked KV cache (decode, and prefill through a blocked path), for XLA:CPU (an XLA FFI custom call).
 //
 // Why this exists: inside the decoder's `lax.scan`, XLA:CPU copies every layer's slice of the stacked cache
 // before its dot products can read it, and the skinny (T * heads)-column products run far below memory
@@ -103,6 +103,7 @@ inline float ExpNonPositive(float x) {
   return p * scale;
 }
 
+constexpr int64_t kDecodeRows = 64;  // KV * T * G up to which the decode path runs (more: AttendBlocked)
 constexpr int64_t kBlock = 64;   // slots per softmax block (logits of a block stay in L1)
 constexpr int64_t kChunk = 256;  // slots per work item handed to a thread
 
@@ -118,7 +119,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
                  bool rotate, float* m, float* l, float* acc) {
   constexpr int NV = HD / 16, HV = NV / 2;
   const int64_t rows = sh.KV * sh.n, KV = sh.KV, n = sh.n, G = sh.G;
-  float logits[64 * kBlock];  // rows <= 64 (checked by the caller)
+  float logits[kDecodeRows * kBlock];  // rows <= kDecodeRows (checked by the caller)
   for (int64_t r = 0; r < rows; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
@@ -306,13 +307,239 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   }
 }
 
+// --- Many query rows (prefill, chunked prefill): blocked attention ---------------------------------------
+//
+// Work item: one (batch row, kv head, block of tokens), i.e. up to kRows query rows r = (t - t0) * G + g.
+// The layer's keys are first rotated (if asked), converted to float32 and transposed per block of kKeys
+// slots, so that both products are broadcast-FMA loops over register tiles of 4 query rows (no horizontal
+// sums). A key block that no query of the item can see (all its slots empty, or every position after the
+// item's last query: the causal future of a prefill) is skipped; a block every query sees whole needs no
+// mask. Same semantics as the decode path above, including the uniform distribution for a query that sees
+// no slot.
+
+constexpr int64_t kRows = 64;  // query rows per work item
+constexpr int64_t kKeys = 64;  // slots per key block
+
+struct KeyBlock {
+  int32_t min_pos, max_pos;  // over the block's filled slots
+  bool any, all;             // some / every slot of the block filled (slots past S count as empty)
+};
+
+// logits[i][0..kKeys) = q_i . kt[., 0..kKeys) for the 4 query rows at q (row stride HD); kt is [HD][kKeys].
+template <int HD>
+inline void LogitsTile(const float* q, const float* kt, float* logits) {
+  v16 a[4][4] = {};
+#pragma GCC unroll 4
+  for (int d = 0; d < HD; ++d) {
+    const v16 k0 = Load16(kt + d * kKeys), k1 = Load16(kt + d * kKeys + 16), k2 = Load16(kt + d * kKeys + 32),
+              k3 = Load16(kt + d * kKeys + 48);
+    for (int i = 0; i < 4; ++i) {
+      const float x = q[i * HD + d];
+      a[i][0] += x * k0;
+      a[i][1] += x * k1;
+      a[i][2] += x * k2;
+      a[i][3] += x * k3;
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int c = 0; c < 4; ++c) Store16(logits + i * kKeys + c * 16, a[i][c]);
+}
+
+// acc_i[0..HD) += sum_s p_i[s] * v[s][0..HD) for the 4 rows at p (row stride kKeys) and acc (row stride HD);
+// v rows are `stride` elements apart.
+template <int HD, typename KT>
+inline void ValuesTile(const float* p, int64_t sb, const KT* v, int64_t stride, float* acc) {
+  constexpr int NV = HD / 16, CV = NV < 4 ? NV : 4;
+  for (int cb = 0; cb < NV; cb += CV) {
+    v16 o[4][CV];
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < CV; ++c) o[i][c] = Load16(acc + i * HD + (cb + c) * 16);
+    for (int64_t s = 0; s < sb; ++s) {
+      v16 x[CV];
+      for (int c = 0; c < CV; ++c) x[c] = Load16(v + s * stride + (cb + c) * 16);
+      for (int i = 0; i < 4; ++i) {
+        const float w = p[i * kKeys + s];
+        for (int c = 0; c < CV; ++c) o[i][c] += w * x[c];
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < CV; ++c) Store16(acc + i * HD + (cb + c) * 16, o[i][c]);
+  }
+}
+
+template <int HD, typename QT, typename KT>
+void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operands& op) {
+  const QT* q = static_cast<const QT*>(op.q);
+  const KT* k_all = static_cast<const KT*>(op.k_all);
+  const KT* v_all = static_cast<const KT*>(op.v_all);
+  KT* out = static_cast<KT*>(op.out);
+  const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S;
+  const int64_t blocks = (S + kKeys - 1) / kKeys;
+  const int64_t tokens_per_item = std::max<int64_t>(1, kRows / G);
+  const int64_t token_blocks = (T + tokens_per_item - 1) / tokens_per_item;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+  auto layer_offset = [&](int64_t b) { return (layer * B + b) * S; };
+
+  // Keys rotated, in float32, transposed per block: kt[((b * KV + j) * blocks + blk)][d][kKeys].
+  std::vector<float> kt(B * KV * blocks * HD * kKeys);
+  std::vector<KeyBlock> info(B * KV * blocks);
+  ParallelFor(pool, B * blocks, [&](int64_t item) {
+    const int64_t b = item / blocks, blk = item % blocks, s0 = blk * kKeys;
+    const KT* K = k_all + layer_offset(b) * KV * HD;
+    const int32_t* P = op.pos_all + layer_offset(b) * KV;
+    for (int64_t j = 0; j < KV; ++j) {
+      float* dst = kt.data() + ((b * KV + j) * blocks + blk) * HD * kKeys;
+      KeyBlock bi{INT32_MAX, INT32_MIN, false, true};
+      for (int64_t ds = 0; ds < kKeys; ++ds) {
+        const int64_t s = s0 + ds;
+        if (s >= S) {
+          bi.all = false;
+          for (int64_t d = 0; d < HD; ++d) dst[d * kKeys + ds] = 0.0f;
+          continue;
+        }
+        const int32_t kp = P[s * KV + j];
+        if (kp >= 0) {
+          bi.any = true;
+          bi.min_pos = std::min(bi.min_pos, kp);
+          bi.max_pos = std::max(bi.max_pos, kp);
+        } else {
+          bi.all = false;
+        }
+        const KT* kr = K + (s * KV + j) * HD;
+        if (op.rotate) {
+          const float* cs = op.cos_t + s * HD;
+          const float* sn = op.sin_t + s * HD;
+          for (int64_t d = 0; d < HD / 2; ++d) {
+            const float x1 = ToFloat(kr[d]), x2 = ToFloat(kr[d + HD / 2]);
+            dst[d * kKeys + ds] = x1 * cs[d] - x2 * sn[d];
+            dst[(d + HD / 2) * kKeys + ds] = x2 * cs[d + HD / 2] + x1 * sn[d + HD / 2];
+          }
+        } else {
+          for (int64_t d = 0; d < HD; ++d) dst[d * kKeys + ds] = ToFloat(kr[d]);
+        }
+      }
+      info[(b * KV + j) * blocks + blk] = bi;
+    }
+  });
+
+  ParallelFor(pool, B * KV * token_blocks, [&](int64_t item) {
+    const int64_t b = item / (KV * token_blocks), j = (item / token_blocks) % KV, tb = item % token_blocks;
+    const int64_t t0 = tb * tokens_per_item, t1 = std::min(T, t0 + tokens_per_item);
+    const int64_t rows = (t1 - t0) * G, tiles = (rows + 3) / 4, padded = tiles * 4;
+    const KT* V = v_all + layer_offset(b) * KV * HD + j * HD;
+    const int32_t* P = op.pos_all + layer_offset(b) * KV + j;
+    // On the heap: 80 KiB at head_dim 128 is more than a pool thread's stack should be asked for.
+    std::unique_ptr<float[]> buffer(new float[kRows * (2 * HD + kKeys)]);
+    float* qs = buffer.get();
+    float* acc = qs + kRows * HD;
+    float* w = acc + kRows * HD;
+    float m[kRows], l[kRows];
+    int32_t qp[kRows];
+    int32_t q_min = INT32_MAX, q_max = -1;
+    bool all_rows_see = true;  // every real row has a position (no padding query)
+    for (int64_t r = 0; r < padded; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+      std::fill(acc + r * HD, acc + (r + 1) * HD, 0.0f);
+      if (r >= rows) {
+        qp[r] = -1;
+        std::fill(qs + r * HD, qs + (r + 1) * HD, 0.0f);
+        continue;
+      }
+      const int64_t t = t0 + r / G, g = r % G;
+      qp[r] = op.query_pos[b * T + t];
+      if (qp[r] >= 0) {
+        q_min = std::min(q_min, qp[r]);
+        q_max = std::max(q_max, qp[r]);
+      } else {
+        all_rows_see = false;
+      }
+      const QT* qr = q + (((b * T + t) * KV + j) * G + g) * HD;
+      for (int64_t d = 0; d < HD; ++d) qs[r * HD + d] = ToFloat(qr[d]) * scale;
+    }
+    for (int64_t blk = 0; blk < blocks && q_max >= 0; ++blk) {
+      const KeyBlock& bi = info[(b * KV + j) * blocks + blk];
+      if (!bi.any || bi.min_pos > q_max) continue;  // no query of this item sees any of its slots
+      const int64_t s0 = blk * kKeys, sb = std::min(kKeys, S - s0);
+      const float* ktb = kt.data() + ((b * KV + j) * blocks + blk) * HD * kKeys;
+      for (int64_t i = 0; i < tiles; ++i) LogitsTile<HD>(qs + i * 4 * HD, ktb, w + i * 4 * kKeys);
+      if (!(bi.all && all_rows_see && bi.max_pos <= q_min)) {  // some (query, slot) pairs are masked
+        for (int64_t r = 0; r < padded; ++r) {
+          float* x = w + r * kKeys;
+          for (int64_t ds = 0; ds < kKeys; ++ds) {
+            const int32_t kp = ds < sb ? P[(s0 + ds) * KV] : -1;
+            const bool visible = kp >= 0 && qp[r] >= 0 && kp <= qp[r];
+            x[ds] = visible ? x[ds] : -INFINITY;
+          }
+        }
+      }
+      // Online softmax update: logits become weights relative to the new running max.
+      for (int64_t r = 0; r < padded; ++r) {
+        float* x = w + r * kKeys;
+        float block_max = -INFINITY;
+        for (int64_t ds = 0; ds < sb; ++ds) block_max = std::max(block_max, x[ds]);
+        if (block_max == -INFINITY) {
+          std::fill(x, x + kKeys, 0.0f);
+          continue;
+        }
+        const float new_max = std::max(m[r], block_max);
+        const float correction = m[r] == -INFINITY ? 0.0f : ExpNonPositive(m[r] - new_max);
+        m[r] = new_max;
+        float sum = 0.0f;
+        for (int64_t ds = 0; ds < sb; ++ds) {
+          const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
+          const float p = ExpNonPositive(x[ds] - new_max) * keep;
+          x[ds] = p;
+          sum += p;
+        }
+        l[r] = l[r] * correction + sum;
+        if (correction != 1.0f) {
+          for (int64_t d = 0; d < HD; ++d) acc[r * HD + d] *= correction;
+        }
+      }
+      for (int64_t i = 0; i < tiles; ++i)
+        ValuesTile<HD, KT>(w + i * 4 * kKeys, sb, V + s0 * KV * HD, KV * HD, acc + i * 4 * HD);
+    }
+    std::vector<float> uniform;  // the mean of the layer's values, for queries that see no slot
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r / G, g = r % G;
+      KT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
+      if (!(l[r] > 0.0f)) {
+        if (uniform.empty()) {
+          uniform.assign(HD, 0.0f);
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t d = 0; d < HD; ++d) uniform[d] += ToFloat(V[s * KV * HD + d]);
+          for (int64_t d = 0; d < HD; ++d) uniform[d] /= static_cast<float>(S);
+        }
+        for (int64_t d = 0; d < HD; ++d) FromFloat(uniform[d], dst + d);
+        continue;
+      }
+      const float inv = 1.0f / l[r];
+      for (int64_t d = 0; d < HD; ++d) FromFloat(acc[r * HD + d] * inv, dst + d);
+    }
+  });
+}
+
 using AttendFn = void (*)(ffi::ThreadPool&, const Shapes&, int64_t, const Operands&);
 
 // The instantiation for (head_dim, query dtype, cache dtype); uint16_t holds bfloat16.
 template <int HD>
-AttendFn Pick(bool q_bf16, bool kv_bf16) {
+AttendFn Pick(bool q_bf16, bool kv_bf16, bool blocked) {
+  if (blocked) {
+    if (q_bf16) return kv_bf16 ? &AttendBlocked<HD, uint16_t, uint16_t> : &AttendBlocked<HD, uint16_t, float>;
+    return kv_bf16 ? &AttendBlocked<HD, float, uint16_t> : &AttendBlocked<HD, float, float>;
+  }
   if (q_bf16) return kv_bf16 ? &Attend<HD, uint16_t, uint16_t> : &Attend<HD, uint16_t, float>;
   return kv_bf16 ? &Attend<HD, float, uint16_t> : &Attend<HD, float, float>;
+}
+
+template <typename A, typename B>
+bool SameDims(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
@@ -333,8 +560,18 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   }
   const Shapes sh{qd[0], qd[1], qd[2], qd[3], kd[2], qd[1] * qd[3]};
   const int64_t hd = qd[4], L = kd[0];
-  if (kd[1] != sh.B || kd[3] != sh.KV || kd[4] != hd || sh.KV * sh.n > 64) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cache/query shapes do not match (or > 64 query rows)");
+  if (kd[1] != sh.B || kd[3] != sh.KV || kd[4] != hd) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cache/query shapes do not match");
+  }
+  const auto pd = pos_all.dimensions();
+  const auto qpd = query_pos.dimensions();
+  if (pd.size() != 4 || pd[0] != kd[0] || pd[1] != sh.B || pd[2] != sh.S || pd[3] != sh.KV || qpd.size() != 2 ||
+      qpd[0] != sh.B || qpd[1] != sh.T || !SameDims(v_all.dimensions(), kd)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "positions, query positions or values do not match");
+  }
+  const bool blocked = sh.KV * sh.n > kDecodeRows;  // prefill: many query rows
+  if (blocked && sh.G > kRows) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "more than 64 query heads per kv head");
   }
   const int64_t li = layer.typed_data()[0];
   if (li < 0 || li >= L) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "layer index out of range");
@@ -344,9 +581,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
   }
   const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
   const bool kv_bf16 = k_all.element_type() == ffi::DataType::BF16;
-  AttendFn attend = hd == 32 ? Pick<32>(q_bf16, kv_bf16)
-                    : hd == 64 ? Pick<64>(q_bf16, kv_bf16)
-                    : hd == 128 ? Pick<128>(q_bf16, kv_bf16) : nullptr;
+  AttendFn attend = hd == 32 ? Pick<32>(q_bf16, kv_bf16, blocked)
+                    : hd == 64 ? Pick<64>(q_bf16, kv_bf16, blocked)
+                    : hd == 128 ? Pick<128>(q_bf16, kv_bf16, blocked) : nullptr;
   if (attend == nullptr) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
   attend(pool, sh, li,
          Operands{q.untyped_data(), k_all.untyped_data(), v_all.untyped_data(), pos_all.typed_data(),

@@ -1,4 +1,4 @@
-"""Decode attention as an XLA:CPU custom call (`cpu_attention.cc`), built on first use.
+"""Cached attention (decode and prefill) as an XLA:CPU custom call (`cpu_attention.cc`), built on first use.
 
 Inside the decoder's `lax.scan`, XLA:CPU copies each layer's slice of the stacked KV cache before its dot
 products read it, and the few-column products of decode run well below memory bandwidth: at 4k slots the
@@ -11,7 +11,10 @@ pure-JAX formulation computes (`llama.attention` is the reference, and the path 
   * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call), float32 or bfloat16
     queries and cache (arithmetic in float32: with bfloat16 the reference rounds rotated keys and
     probabilities to bfloat16 first, the kernel does not);
-  * few query rows (decode: T * KV * G <= 64), head_dim 32, 64 or 128;
+  * any number of query rows: up to 64 (T * KV * G, decode) an online softmax split over slot ranges; more
+    (prefill, chunked prefill) a blocked kernel over tiles of 64 query rows x 64 slots that skips key blocks
+    no query of a tile can see (the causal future of a prefill) and masks only blocks that need it;
+  * head_dim 32, 64 or 128, at most 64 query heads per kv head;
   * no probability hook (ACT), no recorded attention scores (H2O, TOVA, SnapKV, PyramidKV), no mesh;
   * rope_mode "slot" (keys rotated at their slot) or "stored" (keys cached rotated); "original" is not.
 Differentiation goes through the reference (a custom JVP), so gradients never need the kernel.
@@ -57,7 +60,8 @@ _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGETS = {"lacax_decode_attention": "LacaxDecodeAttention", "lacax_cache_write": "LacaxCacheWrite"}
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers that reject -march=native
 HEAD_DIMS = (32, 64, 128)
-MAX_QUERY_ROWS = 64  # T * KV * G
+DECODE_ROWS = 64  # T * KV * G up to which the decode path runs; more rows take the blocked (prefill) path
+MAX_GROUP = 64  # query heads per kv head
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"enabled": os.environ.get("LACAX_CPU_KERNELS", "1") != "0", "built": None}
@@ -230,7 +234,7 @@ def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mo
   """Static check: can the kernel compute this attention (T new tokens, KV kv heads of G queries each)?"""
   floats = (jnp.float32, jnp.bfloat16)
   return (jnp.dtype(dtype) in floats and jnp.dtype(cache_dtype) in floats and head_dim in HEAD_DIMS
-          and T * KV * G <= MAX_QUERY_ROWS and rope_mode in ("slot", "stored"))
+          and G <= MAX_GROUP and rope_mode in ("slot", "stored"))
 
 
 def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool):
