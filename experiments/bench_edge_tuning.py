@@ -25,9 +25,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 
 from absl import app
@@ -137,18 +134,12 @@ def measure(mode: str) -> dict:
 
 
 def _run_case(mode: str) -> dict:
-  out = os.path.join(tempfile.mkdtemp(prefix="lacax_bench_edge_"), "case.json")
+  from lacax import results as results_lib  # pylint: disable=g-import-not-at-top
+
   forwarded = [f"--{f.name}={f.value}" for f in (_BATCH, _SEQ_LEN, _STEPS, _WARMUP, _STRIDE, _EXIT_HEAD,
                                                   _LORA_RANK, _TINY)]
-  cmd = [sys.executable, "-m", "experiments.bench_edge_tuning", f"--worker={mode}:{out}", *forwarded]
-  t = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0 or not os.path.exists(out):
-    return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
-  with open(out) as f:
-    result = json.load(f)
-  result["process_s"] = time.perf_counter() - t
-  return result
+  return results_lib.measure_in_subprocess("experiments.bench_edge_tuning", mode, forwarded,
+                                           prefix="lacax_bench_edge_")
 
 
 def main(argv):

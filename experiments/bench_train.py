@@ -21,9 +21,6 @@ import datetime
 import json
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 
 from absl import app
@@ -171,21 +168,14 @@ def _worker(spec: str) -> None:
     json.dump(result, f)
 
 
-def _run_case(framework: str, mode: str, argv: list[str]) -> dict:
-  out = os.path.join(tempfile.mkdtemp(prefix="lacax_bench_train_"), "case.json")
-  del argv
+def _run_case(framework: str, mode: str) -> dict:
+  from lacax import results as results_lib  # pylint: disable=g-import-not-at-top
+
   forwarded = [f"--{f.name}={f.value}" for f in (_BATCH, _SEQ_LEN, _STEPS, _WARMUP, _LORA_RANK, _COMPUTE_DTYPE,
                                                   _TORCH_THREADS)]
   forwarded.append(f"--lora_targets={','.join(_LORA_TARGETS.value)}")
-  cmd = [sys.executable, "-m", "experiments.bench_train", f"--worker={framework}:{mode}:{out}", *forwarded]
-  t = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0 or not os.path.exists(out):
-    return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
-  with open(out) as f:
-    result = json.load(f)
-  result["process_s"] = time.perf_counter() - t
-  return result
+  return results_lib.measure_in_subprocess("experiments.bench_train", f"{framework}:{mode}", forwarded,
+                                           prefix="lacax_bench_train_")
 
 
 def main(argv):
@@ -201,7 +191,7 @@ def main(argv):
   for mode in _MODES.value:
     for framework in _FRAMEWORKS.value:
       print(f"measuring {framework} {mode} ...", flush=True)
-      cases[f"{framework}:{mode}"] = _run_case(framework, mode, argv)
+      cases[f"{framework}:{mode}"] = _run_case(framework, mode)
   rows = []
   for mode in _MODES.value:
     lx, pt = cases.get(f"lacax:{mode}", {}), cases.get(f"torch:{mode}", {})

@@ -3,15 +3,20 @@
 Every run directory holds `config.json` (the full config), `status.json`, the finished units of work,
 `results.json` (every figure, plus the lacax version, the git commit and the model fingerprint), and whatever
 plots the job makes: see `lacax.runs` (the run directory, units and resume) and `lacax.io` (atomic writes,
-standard JSON). Benchmarks write one timestamped JSON file (`timestamped_path`).
+standard JSON). Benchmarks write one timestamped JSON file (`timestamped_path`) and measure each case in its own
+process (`measure_in_subprocess`).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
-from typing import Any
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
 
 import lacax
 from lacax import io as lacax_io
@@ -64,3 +69,20 @@ def provenance(model_fingerprint: str | None = None) -> dict[str, Any]:
   return {"lacax_version": lacax.__version__, "git_commit": git_commit(), "jax_version": jax.__version__,
           "backend": jax.default_backend(), "model_fingerprint": model_fingerprint,
           "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def measure_in_subprocess(module: str, worker: str, flags: Sequence[str], *, prefix: str = "lacax_bench_"
+                          ) -> dict[str, Any]:
+  """Runs `python -m module --worker=<worker>:<json path> *flags` in a fresh process (so one measurement's
+  compiled programs, allocator state and peak RSS never leak into the next) and returns the JSON the worker
+  wrote there, with `process_s` added; or {"error": the end of its stderr, "returncode"} if it failed."""
+  out = os.path.join(tempfile.mkdtemp(prefix=prefix), "case.json")
+  cmd = [sys.executable, "-m", module, f"--worker={worker}:{out}", *flags]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0 or not os.path.exists(out):
+    return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
+  with open(out) as f:
+    result = json.load(f)
+  result["process_s"] = time.perf_counter() - start
+  return result

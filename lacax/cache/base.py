@@ -307,15 +307,10 @@ def lean_decode_cache(cache: KVCache) -> KVCache:
   return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)
 
 
-class WrapperPolicy(CachePolicy):
-  """A policy that composes another: `inner` (a dataclass field of the subclass) is a scorer policy whose
-  `keep_scores` the wrapper selects from with its own budgets, as kvpress's wrappers take any `ScorerPress`.
-
-  The cache is read and scored the way the inner policy needs (its `rope_mode`, `score_mode`, `score_agg` and
-  state), and the wrapper compresses when the inner one would: at every decode step for a decode-time inner
-  policy (H2O, TOVA, StreamingLLM), only in the prefill hand-off for a prompt compressor (SnapKV, PyramidKV),
-  whose decode cache is then lean (`lean_decode_cache`) like the inner policy's own.
-  """
+class DelegatingPolicy(CachePolicy):
+  """A policy built around another, `inner` (a dataclass field of the subclass): the cache is read and scored
+  the way `inner` needs (its `rope_mode`, `score_mode`, `score_agg` and state), and compressed when `inner`
+  would be. The base of the wrappers below and of `lacax.cache.int8.Int8KVPolicy`."""
 
   @property
   def rope_mode(self) -> str:
@@ -336,6 +331,16 @@ class WrapperPolicy(CachePolicy):
   def compacts_in_decode(self) -> bool:
     return self.inner.compacts_in_decode
 
+
+class WrapperPolicy(DelegatingPolicy):
+  """A policy that composes another: `inner` is a scorer policy whose `keep_scores` the wrapper selects from
+  with its own budgets, as kvpress's wrappers take any `ScorerPress`.
+
+  The wrapper compresses when the inner one would: at every decode step for a decode-time inner policy (H2O,
+  TOVA, StreamingLLM), only in the prefill hand-off for a prompt compressor (SnapKV, PyramidKV), whose decode
+  cache is then lean (`lean_decode_cache`) like the inner policy's own.
+  """
+
   def _check_inner(self, owner: str) -> None:
     if not isinstance(self.inner, CachePolicy) or not is_scorer(self.inner):
       name = type(self.inner).__name__
@@ -347,6 +352,29 @@ class WrapperPolicy(CachePolicy):
     if capacity is not None and not self.compacts_in_decode and getattr(self.inner, "lean_decode", False):
       return lean_decode_cache(cache)
     return cache
+
+
+class PromptChunkWrapper(WrapperPolicy):
+  """A wrapper that selects from the prompt chunk by chunk, once, in the prefill hand-off (kvpress's
+  ChunkPress and ChunkKVPress): subclasses have the fields `inner`, `budget` and `chunk_length`, and a decode
+  cache that holds what the hand-off kept plus the generated tokens."""
+
+  owner = "chunk wrapper"  # the name errors give
+
+  def __post_init__(self):
+    self._check_inner(self.owner)
+    plans.check_int(self.owner, "budget", self.budget, 1)
+    plans.check_int(self.owner, "chunk_length", self.chunk_length, 1)
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return False
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    return max_tokens
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
 
 
 class SelectingWrapper(WrapperPolicy):

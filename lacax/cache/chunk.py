@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, WrapperPolicy, ranked_scores
+from lacax.cache.base import CachePolicy, PromptChunkWrapper, ranked_scores
 from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
@@ -41,7 +41,7 @@ def chunk_counts(prompt_len: int, budget: int, chunk_length: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkPolicy(WrapperPolicy):
+class ChunkPolicy(PromptChunkWrapper):
   """Each `chunk_length`-slot chunk of the prompt keeps its share of the `budget` (see the module docstring).
 
   Attributes:
@@ -54,23 +54,10 @@ class ChunkPolicy(WrapperPolicy):
   budget: int
   chunk_length: int = 1024
 
-  def __post_init__(self):
-    self._check_inner("Chunk")
-    plans.check_int("Chunk", "budget", self.budget, 1)
-    plans.check_int("Chunk", "chunk_length", self.chunk_length, 1)
-
-  @property
-  def compacts_in_decode(self) -> bool:
-    return False
+  owner = "Chunk"
 
   def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
     return np.full(cfg.num_layers, int(chunk_counts(seen, self.budget, self.chunk_length).sum()))
-
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    return max_tokens
-
-  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
-    return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
 
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, WrapperPolicy, ranked_scores
+from lacax.cache.base import CachePolicy, PromptChunkWrapper, ranked_scores
 from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
@@ -34,7 +34,7 @@ def chunks_kept(prompt_len: int, budget: int, chunk_length: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkKVPolicy(WrapperPolicy):
+class ChunkKVPolicy(PromptChunkWrapper):
   """Whole chunks of `chunk_length` tokens by their mean inner score (see the module docstring).
 
   Attributes:
@@ -47,14 +47,7 @@ class ChunkKVPolicy(WrapperPolicy):
   budget: int
   chunk_length: int = 20
 
-  def __post_init__(self):
-    self._check_inner("ChunkKV")
-    plans.check_int("ChunkKV", "budget", self.budget, 1)
-    plans.check_int("ChunkKV", "chunk_length", self.chunk_length, 1)
-
-  @property
-  def compacts_in_decode(self) -> bool:
-    return False
+  owner = "ChunkKV"
 
   def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
     if seen <= self.budget:
@@ -65,18 +58,11 @@ class ChunkKVPolicy(WrapperPolicy):
       held = min(seen, chunks_kept(seen, self.budget, self.chunk_length) * self.chunk_length)
     return np.full(cfg.num_layers, held)
 
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    return max_tokens
-
-  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
-    return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
-
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)
     valid = cache.valid()
     L, B, S, KV = valid.shape
     cl = self.chunk_length
-    n = -(-S // cl)
     ranked = ranked_scores(scores, protected)
     token_valid = jnp.any(valid, axis=-1, keepdims=True)  # [L, B, S, 1]
     head_sum = jnp.sum(jnp.where(valid, ranked, 0.0), axis=-1, keepdims=True)

@@ -18,7 +18,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.base import CachePolicy
+from lacax.cache.base import CachePolicy, DelegatingPolicy
 from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
@@ -26,7 +26,7 @@ KV_BITS = (8, 16, 32)
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8KVPolicy(CachePolicy):
+class Int8KVPolicy(DelegatingPolicy):
   """`inner` with an int8 cache (per-token scales); every other behaviour and field is `inner`'s."""
 
   inner: CachePolicy
@@ -42,24 +42,8 @@ class Int8KVPolicy(CachePolicy):
     return f"{self.inner.name}+int8"
 
   @property
-  def rope_mode(self) -> str:
-    return self.inner.rope_mode
-
-  @property
-  def score_mode(self):
-    return self.inner.score_mode
-
-  @property
-  def score_agg(self) -> str:
-    return self.inner.score_agg
-
-  @property
   def sink_tokens(self) -> int:
     return self.inner.sink_tokens
-
-  @property
-  def compacts_in_decode(self) -> bool:
-    return self.inner.compacts_in_decode
 
   @property
   def compacts_in_prefill(self) -> bool:
@@ -70,9 +54,6 @@ class Int8KVPolicy(CachePolicy):
 
   def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
     return self.inner.run_capacity(cfg, prompt_tokens, new_tokens)
-
-  def init_state(self, cfg: ModelConfig):
-    return self.inner.init_state(cfg)
 
   def init(self, cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None) -> KVCache:
     del dtype  # the point of the wrapper

@@ -9,9 +9,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from lacax import errors
 from lacax import generate as generation
 from lacax.cache import registry
 from lacax.cache.base import CachePolicy
+from lacax.eval.texts import text_problems
+from lacax.weights import loader
 
 
 def oneshot_field_problems(config: ml_collections.ConfigDict, budget_of: str) -> list[str]:
@@ -79,3 +82,26 @@ def generate_group(model, prompts: Sequence[Sequence[int]], policies_for: Callab
         outputs[name][i] = result.tokens[name][row]
   return {"outputs": outputs, "prefill_seconds": prefill_seconds, "prompt_tokens": prompt_tokens,
           "decode_seconds": {name: float(decode_seconds[name]) for name in names}}
+
+
+def validate_before_loading(config: ml_collections.ConfigDict, field_problems: Sequence[str], *, lengths_field: str,
+                            lengths: Sequence[int], answer_room: int = 0, haystack: bool = True) -> None:
+  """The one-shot jobs' (passkey, NIAH, RULER) check before any work: their own field problems, the haystack
+  text (if the job reads one), the model path, every prompt length against the model's context (plus
+  `answer_room` generated tokens; 0 when the lengths already count them) and every policy against the model's
+  shape. Raises one `lacax.errors.ValidationError` listing every problem, before the model is loaded."""
+  problems = errors.Problems()
+  problems.extend(field_problems)
+  if haystack:
+    problems.extend(text_problems(config.haystack.path, config.haystack.field,
+                                  encoding=config.haystack.get("encoding", "utf-8"), option="haystack"))
+  problems.extend(loader.model_path_problems(config.model.path, "model.path"))
+  if not problems:
+    cfg = loader.read_model_config(config.model.path or None, dtype=config.model.dtype)
+    too_long = [n for n in lengths if n + answer_room > cfg.max_position_embeddings]
+    counted = f"(+ about {answer_room} answer tokens)" if answer_room else "(prompt + generated tokens)"
+    problems.check(not too_long, f"{lengths_field} has {too_long} tokens {counted}, beyond the context of "
+                   f"{cfg.name} (max_position_embeddings={cfg.max_position_embeddings}); drop those lengths or "
+                   "pass --config.model.path for a longer-context model")
+    problems.extend(policy_problems(config, cfg, lengths, protocol="niah"))
+  problems.raise_if_any(f"{config.experiment} config")

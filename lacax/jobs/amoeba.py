@@ -27,28 +27,8 @@ import numpy as np
 
 from lacax import jobs
 from lacax import train
-from lacax.model import llama
 from lacax.subnets import calibrate, depth, execute, export, oneforall, smol, width
 from lacax.subnets.shape import SubnetSpace
-from lacax.weights.loader import Model
-
-
-def _model(config) -> Model:
-  if config.model.init == "random":
-    from lacax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
-    from lacax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    from lacax.weights.gguf import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
-
-    r = config.model.random
-    tok = Tokenizer.from_gguf(smollm2_gguf_path())
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
-                      num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, dtype=config.model.dtype, name="random-tiny")
-    params = llama.init_params(cfg, jax.random.PRNGKey(r.seed), std=0.1)
-    return Model(cfg=cfg, params=params, tokenizer=tok, source=smollm2_gguf_path())
-  if config.model.init:
-    raise ValueError(f"model.init={config.model.init!r} is unknown; expected '' or 'random'")
-  return jobs.model_from_config(config)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "smol_cfg"))
@@ -97,7 +77,7 @@ def _plot(rows: list[dict[str, Any]], grid_before, grid_after, path: str, title:
 
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
-  model = _model(config)
+  model = jobs.model_from_config(config)
   cfg, base, tok = model.cfg, model.params, model.tokenizer
   if tok is None:
     raise ValueError(f"model.path={config.model.path!r} has no tokenizer; the amoeba job needs one")

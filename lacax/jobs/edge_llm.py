@@ -37,7 +37,6 @@ from lacax.errors import ValidationError
 from lacax.model import llama
 from lacax.model import lora as lora_lib
 from lacax.train.lm import LORA_SHORT_NAMES
-from lacax.weights.loader import Model
 
 
 def validate(config) -> None:
@@ -63,24 +62,6 @@ def validate(config) -> None:
     problems.append(f"train.steps={config.train.steps} must be >= 1")
   if problems:
     raise ValidationError(problems, what="the edge_llm config")
-
-
-def _model(config) -> Model:
-  if config.model.init == "random":
-    from lacax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
-    from lacax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    from lacax.weights.gguf import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
-
-    r = config.model.random
-    tok = Tokenizer.from_gguf(smollm2_gguf_path())
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=r.hidden_size, intermediate_size=r.intermediate_size,
-                      num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5, dtype=config.model.dtype, name="random-tiny")
-    return Model(cfg=cfg, params=llama.init_params(cfg, jax.random.PRNGKey(r.seed), std=0.1), tokenizer=tok,
-                 source=smollm2_gguf_path())
-  if config.model.init:
-    raise ValueError(f"model.init={config.model.init!r} is unknown; expected '' or 'random'")
-  return jobs.model_from_config(config)
 
 
 def _dense(params: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +159,7 @@ def _plots(run_dir, policies, points, cfg) -> None:
 def run(config, run_dir) -> dict[str, Any]:
   run_dir = runs.as_run_dir(run_dir)
   t_start = time.perf_counter()
-  model = _model(config)
+  model = jobs.model_from_config(config)
   cfg = model.cfg
   d = config.data
   data = train.text_dataset(model.tokenizer, d.path, seq_len=d.seq_len, batch_size=d.batch_size,

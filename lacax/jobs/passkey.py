@@ -50,10 +50,9 @@ from lacax.eval import needle_grid as ng
 from lacax.eval import oneshot
 from lacax.eval import passkey as pk
 from lacax.eval.longbench.metrics import rouge_l_f1
-from lacax.eval.texts import load_text, text_problems
+from lacax.eval.texts import load_text
 from lacax.progress import ProgressBar
 from lacax.tokenizer import prompt_encoder
-from lacax.weights import loader
 
 TASKS = ng.TASKS
 NIAH_DEFAULTS = ng.NIAH_DEFAULTS
@@ -102,22 +101,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """`validate_config`, plus the haystack file, the model path, every grid length against the model's context
   and every policy against the model's shape: all before the model is loaded, in one `ValidationError`."""
-  problems = errors.Problems()
-  problems.extend(_field_problems(config))
-  if config.task == "niah":
-    problems.extend(text_problems(config.haystack.path, config.haystack.field,
-                                  encoding=config.haystack.get("encoding", "utf-8"), option="haystack"))
-  model_problems = loader.model_path_problems(config.model.path, "model.path")
-  problems.extend(model_problems)
-  if not problems:
-    cfg = loader.read_model_config(config.model.path or None, dtype=config.model.dtype)
-    answer_room = (int(config.needle.digits) if config.task == "niah" else 5) + config.extra_new_tokens + 2
-    too_long = [n for n in config.grid.lengths if n + answer_room > cfg.max_position_embeddings]
-    problems.check(not too_long, f"grid.lengths has {too_long} tokens (+ about {answer_room} answer tokens), "
-                   f"beyond the context of {cfg.name} (max_position_embeddings={cfg.max_position_embeddings}); "
-                   "drop those lengths or pass --config.model.path for a longer-context model")
-    problems.extend(oneshot.policy_problems(config, cfg, config.grid.lengths, protocol="niah"))
-  problems.raise_if_any(f"{config.experiment} config")
+  answer_room = (int(config.needle.digits) if config.task == "niah" else 5) + config.extra_new_tokens + 2
+  oneshot.validate_before_loading(config, _field_problems(config), lengths_field="grid.lengths",
+                                  lengths=config.grid.lengths, answer_room=answer_room,
+                                  haystack=config.task == "niah")
 
 
 def _policies_for(config, cfg, prompt_len: int) -> dict[str, CachePolicy]:

@@ -34,9 +34,8 @@ from lacax.cache.base import CachePolicy
 from lacax.eval import oneshot
 from lacax.eval import ruler
 from lacax.eval.needle_grid import length_label
-from lacax.eval.texts import load_text, text_problems
+from lacax.eval.texts import load_text
 from lacax.progress import ProgressBar
-from lacax.weights import loader
 
 
 def _field_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -67,19 +66,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """`validate_config`, plus the haystack text, the model path, every length against the model's context and
   every policy against the model's shape: all before the model is loaded."""
-  problems = errors.Problems()
-  problems.extend(_field_problems(config))
-  problems.extend(text_problems(config.haystack.path, config.haystack.field,
-                                encoding=config.haystack.get("encoding", "utf-8"), option="haystack"))
-  problems.extend(loader.model_path_problems(config.model.path, "model.path"))
-  if not problems:
-    cfg = loader.read_model_config(config.model.path or None, dtype=config.model.dtype)
-    too_long = [n for n in config.lengths if n > cfg.max_position_embeddings]
-    problems.check(not too_long, f"lengths has {too_long} tokens (prompt + generated tokens), beyond the context "
-                   f"of {cfg.name} (max_position_embeddings={cfg.max_position_embeddings}); drop those lengths or "
-                   "pass --config.model.path for a longer-context model")
-    problems.extend(oneshot.policy_problems(config, cfg, config.lengths, protocol="niah"))
-  problems.raise_if_any(f"{config.experiment} config")
+  oneshot.validate_before_loading(config, _field_problems(config), lengths_field="lengths", lengths=config.lengths)
 
 
 def renderer(tokenizer, chat: bool):

@@ -103,6 +103,33 @@ inline float ExpNonPositive(float x) {
   return p * scale;
 }
 
+// One row's online-softmax step over a block of sb logits x (-inf = masked): x becomes the weights relative
+// to the new running max m, the running sum l and the row's unnormalised output acc[HD] are rescaled to it.
+// A row with nothing visible in the block gets all-zero weights.
+template <int HD>
+inline void SoftmaxUpdate(float* x, int64_t sb, float& m, float& l, float* acc) {
+  float block_max = -INFINITY;
+  for (int64_t ds = 0; ds < sb; ++ds) block_max = std::max(block_max, x[ds]);
+  if (block_max == -INFINITY) {
+    std::fill(x, x + sb, 0.0f);
+    return;
+  }
+  const float new_max = std::max(m, block_max);
+  const float correction = m == -INFINITY ? 0.0f : ExpNonPositive(m - new_max);
+  m = new_max;
+  float sum = 0.0f;
+  for (int64_t ds = 0; ds < sb; ++ds) {
+    const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
+    const float p = ExpNonPositive(x[ds] - new_max) * keep;
+    x[ds] = p;
+    sum += p;
+  }
+  l = l * correction + sum;
+  if (correction != 1.0f) {
+    for (int64_t d = 0; d < HD; ++d) acc[d] *= correction;
+  }
+}
+
 constexpr int64_t kDecodeRows = 64;  // KV * T * G up to which the decode path runs (more: AttendBlocked)
 constexpr int64_t kBlock = 64;   // slots per softmax block (logits of a block stay in L1)
 constexpr int64_t kChunk = 256;  // slots per work item handed to a thread
@@ -154,30 +181,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
         }
       }
     }
-    // Online softmax update: logits become weights relative to the new running max.
-    for (int64_t r = 0; r < rows; ++r) {
-      float* x = logits + r * kBlock;
-      float block_max = -INFINITY;
-      for (int64_t ds = 0; ds < sb; ++ds) block_max = std::max(block_max, x[ds]);
-      if (block_max == -INFINITY) {
-        std::fill(x, x + sb, 0.0f);
-        continue;
-      }
-      const float new_max = std::max(m[r], block_max);
-      const float correction = m[r] == -INFINITY ? 0.0f : ExpNonPositive(m[r] - new_max);
-      m[r] = new_max;
-      float sum = 0.0f;
-      for (int64_t ds = 0; ds < sb; ++ds) {
-        const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
-        const float p = ExpNonPositive(x[ds] - new_max) * keep;
-        x[ds] = p;
-        sum += p;
-      }
-      l[r] = l[r] * correction + sum;
-      if (correction != 1.0f) {
-        for (int64_t d = 0; d < HD; ++d) acc[r * HD + d] *= correction;
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r) SoftmaxUpdate<HD>(logits + r * kBlock, sb, m[r], l[r], acc + r * HD);
     // Weights x values, slot-major like the logits.
     for (int64_t ds = 0; ds < sb; ++ds) {
       for (int64_t j = 0; j < KV; ++j) {
@@ -473,30 +477,7 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
           }
         }
       }
-      // Online softmax update: logits become weights relative to the new running max.
-      for (int64_t r = 0; r < padded; ++r) {
-        float* x = w + r * kKeys;
-        float block_max = -INFINITY;
-        for (int64_t ds = 0; ds < sb; ++ds) block_max = std::max(block_max, x[ds]);
-        if (block_max == -INFINITY) {
-          std::fill(x, x + kKeys, 0.0f);
-          continue;
-        }
-        const float new_max = std::max(m[r], block_max);
-        const float correction = m[r] == -INFINITY ? 0.0f : ExpNonPositive(m[r] - new_max);
-        m[r] = new_max;
-        float sum = 0.0f;
-        for (int64_t ds = 0; ds < sb; ++ds) {
-          const float keep = x[ds] > -INFINITY ? 1.0f : 0.0f;
-          const float p = ExpNonPositive(x[ds] - new_max) * keep;
-          x[ds] = p;
-          sum += p;
-        }
-        l[r] = l[r] * correction + sum;
-        if (correction != 1.0f) {
-          for (int64_t d = 0; d < HD; ++d) acc[r * HD + d] *= correction;
-        }
-      }
+      for (int64_t r = 0; r < padded; ++r) SoftmaxUpdate<HD>(w + r * kKeys, sb, m[r], l[r], acc + r * HD);
       for (int64_t i = 0; i < tiles; ++i)
         ValuesTile<HD, KT>(w + i * 4 * kKeys, sb, V + s0 * KV * HD, KV * HD, acc + i * 4 * HD);
     }
