@@ -160,8 +160,8 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     super().tearDown()
 
   def _run(self, cfg, params, rope_mode, enabled, prompt_len=12):
-    """Logits of a prefill of `prompt_len` tokens (row 1: 3 fewer) and 6 decode steps, and whether the
-    kernel is in the compiled decode step and in the compiled prefill."""
+    """(logits of a prefill of `prompt_len` tokens (row 1: 3 fewer) and 6 decode steps, whether the kernel is
+    in the compiled decode step, whether it is in the compiled prefill)."""
     cpu_attention.set_enabled(enabled)
     jax.clear_caches()
     fwd = jax.jit(llama.forward, static_argnames="cfg")
@@ -180,8 +180,7 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
       logits, cache = fwd(params, token, next_pos + step, cache, cfg=cfg)
       steps.append(np.asarray(logits))
     text = fwd.lower(params, token, next_pos, cache, cfg=cfg).as_text()
-    self.last_prefill_used = "lacax_decode_attention" in prefill_text
-    return steps, "lacax_decode_attention" in text
+    return steps, "lacax_decode_attention" in text, "lacax_decode_attention" in prefill_text
 
   @parameterized.parameters(("slot", "float32", 12), ("stored", "float32", 12), ("slot", "bfloat16", 12),
                             ("slot", "float32", 90), ("stored", "bfloat16", 90))  # 90 tokens: 360 query rows
@@ -189,12 +188,13 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=3, num_heads=4,
                                  num_kv_heads=2, head_dim=64, dtype=dtype)
     params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
-    got, used = self._run(cfg, params, rope_mode, enabled=True, prompt_len=prompt_len)
-    self.assertTrue(self.last_prefill_used)
-    want, used_without = self._run(cfg, params, rope_mode, enabled=False, prompt_len=prompt_len)
+    got, used, prefill_used = self._run(cfg, params, rope_mode, enabled=True, prompt_len=prompt_len)
+    self.assertTrue(prefill_used)
+    want, used_without, prefill_used_without = self._run(cfg, params, rope_mode, enabled=False,
+                                                         prompt_len=prompt_len)
     self.assertTrue(used)
     self.assertFalse(used_without)
-    self.assertFalse(self.last_prefill_used)
+    self.assertFalse(prefill_used_without)
     for g, w in zip(got, want):
       if dtype == "float32":
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
@@ -205,7 +205,7 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=16)  # head_dim 16: not compiled
     params = llama.init_params(cfg, jax.random.PRNGKey(1), std=0.1)
-    _, used = self._run(cfg, params, "stored", enabled=True)
+    _, used, _ = self._run(cfg, params, "stored", enabled=True)
     self.assertFalse(used)
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float16, jnp.float16, "slot"))

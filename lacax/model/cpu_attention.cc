@@ -1,4 +1,5 @@
-// Fused attention over one layer of a stacked KV cache (decode, and prefill through a blocked path), for XLA:CPU (an XLA FFI custom call).
+// Fused attention over one layer of a stacked KV cache, for XLA:CPU (an XLA FFI custom call): decode, and
+// prefill through a blocked path.
 //
 // Why this exists: inside the decoder's `lax.scan`, XLA:CPU copies every layer's slice of the stacked cache
 // before its dot products can read it, and the skinny (T * heads)-column products run far below memory
@@ -128,6 +129,16 @@ inline void SoftmaxUpdate(float* x, int64_t sb, float& m, float& l, float* acc) 
   if (correction != 1.0f) {
     for (int64_t d = 0; d < HD; ++d) acc[d] *= correction;
   }
+}
+
+// What a query that sees no slot gets (the reference's uniform distribution over all S slots): the mean of
+// the S value rows at v (rows `stride` elements apart), written to dst.
+template <int HD, typename KT>
+void MeanValues(const KT* v, int64_t S, int64_t stride, KT* dst) {
+  float sum[HD] = {};
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d = 0; d < HD; ++d) sum[d] += ToFloat(v[s * stride + d]);
+  for (int64_t d = 0; d < HD; ++d) FromFloat(sum[d] / static_cast<float>(S), dst + d);
 }
 
 constexpr int64_t kDecodeRows = 64;  // KV * T * G up to which the decode path runs (more: AttendBlocked)
@@ -287,12 +298,8 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
             const float* p = partial.data() + (b * chunks + c) * stride;
             if (p[rows + r] > 0.0f) total_max = std::max(total_max, p[r]);
           }
-          if (total_max == -INFINITY) {  // sees no slot: the reference's uniform distribution over all slots
-            for (int64_t d = 0; d < HD; ++d) {
-              float sum = 0.0f;
-              for (int64_t s = 0; s < S; ++s) sum += ToFloat(V[(s * KV + j) * HD + d]);
-              FromFloat(sum / static_cast<float>(S), dst + d);
-            }
+          if (total_max == -INFINITY) {  // sees no slot
+            MeanValues<HD, KT>(V + j * HD, S, KV * HD, dst);
             continue;
           }
           float denom = 0.0f;
@@ -468,11 +475,12 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
       const float* ktb = kt.data() + ((b * KV + j) * blocks + blk) * HD * kKeys;
       for (int64_t i = 0; i < tiles; ++i) LogitsTile<HD>(qs + i * 4 * HD, ktb, w + i * 4 * kKeys);
       if (!(bi.all && all_rows_see && bi.max_pos <= q_min)) {  // some (query, slot) pairs are masked
+        int32_t kp[kKeys];
+        for (int64_t ds = 0; ds < kKeys; ++ds) kp[ds] = ds < sb ? P[(s0 + ds) * KV] : -1;
         for (int64_t r = 0; r < padded; ++r) {
           float* x = w + r * kKeys;
           for (int64_t ds = 0; ds < kKeys; ++ds) {
-            const int32_t kp = ds < sb ? P[(s0 + ds) * KV] : -1;
-            const bool visible = kp >= 0 && qp[r] >= 0 && kp <= qp[r];
+            const bool visible = kp[ds] >= 0 && qp[r] >= 0 && kp[ds] <= qp[r];
             x[ds] = visible ? x[ds] : -INFINITY;
           }
         }
@@ -481,18 +489,11 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
       for (int64_t i = 0; i < tiles; ++i)
         ValuesTile<HD, KT>(w + i * 4 * kKeys, sb, V + s0 * KV * HD, KV * HD, acc + i * 4 * HD);
     }
-    std::vector<float> uniform;  // the mean of the layer's values, for queries that see no slot
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = t0 + r / G, g = r % G;
       KT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
-      if (!(l[r] > 0.0f)) {
-        if (uniform.empty()) {
-          uniform.assign(HD, 0.0f);
-          for (int64_t s = 0; s < S; ++s)
-            for (int64_t d = 0; d < HD; ++d) uniform[d] += ToFloat(V[s * KV * HD + d]);
-          for (int64_t d = 0; d < HD; ++d) uniform[d] /= static_cast<float>(S);
-        }
-        for (int64_t d = 0; d < HD; ++d) FromFloat(uniform[d], dst + d);
+      if (!(l[r] > 0.0f)) {  // sees no slot
+        MeanValues<HD, KT>(V, S, KV * HD, dst);
         continue;
       }
       const float inv = 1.0f / l[r];
