@@ -21,14 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache import plans
+from lacax import generate as generation
+from lacax.cache import plans, registry
 from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.full import FullPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.kv_cache import StatsRecording, init_stats
 from lacax.cache.simlayerkv import SimLayerKVPolicy
+from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.think import ThinKPolicy
+from lacax.cache.tova import TOVAPolicy
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.model import rope as rope_lib
@@ -133,11 +136,14 @@ class RecordingTest(parameterized.TestCase):
 
     original = llama._record_stats  # pylint: disable=protected-access
     llama._record_stats = fail  # pylint: disable=protected-access
-    try:  # traced afresh (not the jitted one): prefill and a decode step (the CPU decode kernel's path)
-      logits_a, a = llama.forward(model(), jnp.asarray(inputs()[0]), jnp.asarray(inputs()[1]), plain, CFG)
-      llama.forward(model(), jnp.full((2, 1), 5, jnp.int32), jnp.asarray([[22], [13]], jnp.int32), a, CFG)
+    params, (tokens, positions) = model(), inputs()
+    try:  # traced afresh: a prefill and a decode step (the CPU decode kernel's path)
+      jax.eval_shape(lambda c: llama.forward(params, jnp.asarray(tokens), jnp.asarray(positions), c, CFG), plain)
+      jax.eval_shape(lambda c: llama.forward(params, jnp.full((2, 1), 5, jnp.int32),
+                                             jnp.asarray([[22], [13]], jnp.int32), c, CFG), plain)
     finally:
       llama._record_stats = original  # pylint: disable=protected-access
+    logits_a, a = prefill(plain)
     self.assertIsNone(a.stats)
     logits_b, b = prefill(plain.replace(stats=init_stats(CFG, len(LENGTHS), SLOTS, ALL_STATS)))
     np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), rtol=1e-5, atol=1e-5)
@@ -211,6 +217,35 @@ class CriticalKVTest(parameterized.TestCase):
       merged[first] = np.inf
       self.assertEqual(kept, top(merged, BUDGET), f"layer {l} row {b} kv head {h}")
       self.assertLen(kept, BUDGET)  # both rows are over the budget: exactly the budget
+
+  def test_inner_protection_and_decode_time_eviction(self):
+    """Over SnapKV its observation window is always kept; over TOVA (decode-time) every step evicts down to the
+    budget, and the recorded norms stay those of the values their slots hold through every compaction."""
+    policy = CriticalKVPolicy(SnapKVPolicy(capacity=BUDGET, window=4, kernel=3), BUDGET)
+    _, after = handoff(policy, capacity=BUDGET)
+    for (l, b, h), kept in kept_positions(after).items():
+      self.assertLen(kept, BUDGET)
+      self.assertContainsSubset(range(LENGTHS[b] - 4, LENGTHS[b]), kept, f"layer {l} row {b} kv head {h}")
+
+    policy = CriticalKVPolicy(TOVAPolicy(BUDGET), BUDGET)
+    self.assertTrue(policy.compacts_in_decode)
+    tokens = jnp.asarray(inputs()[0])
+
+    @jax.jit
+    def stream(cache):
+      def step(cache, t):
+        _, cache = llama.forward(model(), tokens[:, t][:, None], jnp.full((2, 1), t, jnp.int32), cache, CFG)
+        cache = policy.compact(cache)
+        return cache, plans.occupancy(cache)
+      return jax.lax.scan(step, cache, jnp.arange(T))
+
+    cache, held = stream(policy.init(CFG, len(LENGTHS), BUDGET + 1))
+    np.testing.assert_array_equal(np.asarray(held)[BUDGET:], BUDGET)
+    layers = jax.tree.map(lambda a: np.asarray(a, np.float64), model()["layers"])
+    wo = layers["wo"].reshape(CFG.num_layers, CFG.num_kv_heads, G, CFG.head_dim, -1)
+    want = np.abs(np.einsum("lbskd,lkgde->lbskge", np.asarray(cache.v, np.float64), wo)).sum(-1).mean(-1)
+    valid = np.asarray(cache.pos) >= 0
+    np.testing.assert_allclose(np.asarray(cache.stats.value_norm)[valid], want[valid], rtol=1e-5, atol=1e-6)
 
   def test_needs_a_value_norm_recording(self):
     policy = CriticalKVPolicy(KnormPolicy(BUDGET), BUDGET)
@@ -310,6 +345,16 @@ class ExpectedAttentionOnlineTest(parameterized.TestCase):
       score = probs.mean(1) * np.linalg.norm(v[l, b, n_sink:n, h], axis=-1)
       score = np.concatenate([np.full(n_sink, score.max() + 1), score])
       self.assertEqual(kept, top(score, BUDGET), f"layer {l} row {b} kv head {h}")
+
+  def test_registry_option_and_roomy_budget_equals_full(self):
+    """`cache.expected_attention_statistics="online"` reaches the policy, which needs no statistics file; with a
+    budget over the run it never evicts, so greedy generation equals the full cache's."""
+    prompts = [inputs()[0][b, :n].tolist() for b, n in enumerate(LENGTHS)]
+    roomy = registry.make_policy("expectedattention", {"size": 64, "expected_attention_statistics": "online"})
+    self.assertEqual((roomy.statistics, roomy.stats_path), ("online", ""))
+    got = generation.generate(model(), CFG, prompts, max_new_tokens=4, policy=roomy, bucket=8).tokens
+    want = generation.generate(model(), CFG, prompts, max_new_tokens=4, policy=FullPolicy(), bucket=8).tokens
+    self.assertEqual(got, want)
 
   def test_rejects_an_unknown_source(self):
     with self.assertRaisesRegex(ValueError, r"statistics='prompt' must be one of \['calibrated', 'online'\]"):

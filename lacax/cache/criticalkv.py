@@ -4,7 +4,8 @@ Reference NVIDIA/kvpress `presses/criticalkv_press.py::CriticalKVPress` (a `Scor
 `ScorerPress`). With the inner method's scores s and a budget of n tokens per (layer, row, kv head):
 
   1. stage one: the int(n * first_stage_ratio) tokens of largest s are kept (kvpress scatters
-     `finfo.max` into their scores);
+     `finfo.max` into their scores; it rounds int((1 - ratio) * k_len * first_stage_ratio) from the unrounded
+     budget, which can be one more token for some ratios: lacax's budget is a token count, so it rounds once);
   2. stage two: every other token is scored (s + epsilon) * ||W_o v||_1, the L1 norm over the model width of
      the value's output projection, per query head, averaged over the kv head's group (`vwl1norm`);
   3. the top n of the merged scores are kept.

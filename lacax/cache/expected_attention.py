@@ -26,7 +26,9 @@ Two sources of the statistics (`statistics`):
   both documented where they arise: the covariance is formed as E[q q^T] - mu mu^T from the running sums (the
   same number up to float32 rounding; kvpress centres first), and with `during_decode=True` the moments keep
   accumulating the decode steps' queries (kvpress's DecodingPress would recompute them from its hidden-state
-  buffer). After a prefill-time hand-off the moments are dropped (nothing reads them).
+  buffer). After a prefill-time hand-off the moments are dropped (nothing reads them). The moments cost
+  [layers, rows, heads, head_dim, head_dim] float32 while the prompt is prefilled (SmolLM2-135M: 4.4 MB a row;
+  Llama-3-8B: 67 MB a row), recorded even with `use_covariance=False`.
 """
 
 from __future__ import annotations
