@@ -5,7 +5,8 @@ Reference NVIDIA/kvpress `presses/criticalkv_press.py::CriticalKVPress` (a `Scor
 
   1. stage one: the int(n * first_stage_ratio) tokens of largest s are kept (kvpress scatters
      `finfo.max` into their scores; it rounds int((1 - ratio) * k_len * first_stage_ratio) from the unrounded
-     budget, which can be one more token for some ratios: lacax's budget is a token count, so it rounds once);
+     budget, which can be one more token for some ratios: lacax's budget is a token count, so it rounds once;
+     at least one token when first_stage_ratio > 0, as kvpress 0.5.5);
   2. stage two: every other token is scored (s + epsilon) * ||W_o v||_1, the L1 norm over the model width of
      the value's output projection, per query head, averaged over the kv head's group (`vwl1norm`);
   3. the top n of the merged scores are kept.
@@ -67,13 +68,14 @@ class CriticalKVPolicy(SelectingWrapper):
 
   @property
   def first_stage_budget(self) -> int:
-    """Tokens kept by the inner score alone (kvpress: int((1 - ratio) * k_len * first_stage_ratio))."""
-    return int(self.budget * self.first_stage_ratio)
+    """Tokens kept by the inner score alone (kvpress: int((1 - ratio) * k_len * first_stage_ratio), at least 1
+    when first_stage_ratio > 0, as kvpress 0.5.5 floors it)."""
+    return max(1, int(self.budget * self.first_stage_ratio)) if self.first_stage_ratio > 0 else 0
 
   @property
   def sink_tokens(self) -> int:
     # The inner policy's sinks score above its other tokens, so they are among the first stage's (if it has room).
-    return min(self.inner.sink_tokens, max(self.first_stage_budget, 0))
+    return min(self.inner.sink_tokens, self.first_stage_budget)
 
   def layer_bounds(self, cfg) -> np.ndarray:
     return np.full(cfg.num_layers, self.budget)
