@@ -23,6 +23,7 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax.cache import plans, registry
+from lacax.cache.composed import ComposedPolicy
 from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.full import FullPolicy
@@ -276,6 +277,27 @@ class ThinKTest(parameterized.TestCase):
             pruned = np.argsort(q2[l, h] * k2[l, h], kind="stable")[:CFG.head_dim // 2]
             want[:, pruned] = 0.0
           np.testing.assert_array_equal(got[l, b, :n, h], want, err_msg=f"layer {l} row {b} kv head {h}")
+
+  def test_after_snapkv_in_a_composition(self):
+    """kvpress runs ThinK as ComposedPress([SnapKVPress, ThinKPress]): SnapKV's kept tokens, then ThinK's
+    channels scored on those survivors' keys; the composed cache records both statistics."""
+    snap = SnapKVPolicy(capacity=BUDGET, window=4, kernel=3, rope_mode="stored")
+    policy = ComposedPolicy(snap, ThinKPolicy(window=4))
+    self.assertEqual(policy.stats_recording, StatsRecording(window_q2=4))
+    _, after = handoff(policy, capacity=BUDGET + 2)
+    _, alone = handoff(snap, capacity=BUDGET + 2)
+    self.assertEqual(kept_positions(after), kept_positions(alone))
+    k, got = np.asarray(alone.k, np.float64), np.asarray(after.k, np.float64)
+    q = np_queries()
+    for b, n in enumerate(LENGTHS):
+      rows = np_rope(q[:, b, n - 4:n], np.arange(n - 4, n)[:, None])
+      q2 = (rows ** 2).mean(1).reshape(CFG.num_layers, CFG.num_kv_heads, G, -1).mean(2)
+      k2 = (k[:, b, :BUDGET] ** 2).mean(1)  # the survivors' keys (every row kept BUDGET tokens)
+      for l in range(CFG.num_layers):
+        for h in range(CFG.num_kv_heads):
+          want = k[l, b, :BUDGET, h].copy()
+          want[:, np.argsort(q2[l, h] * k2[l, h], kind="stable")[:CFG.head_dim // 2]] = 0.0
+          np.testing.assert_array_equal(got[l, b, :BUDGET, h], want, err_msg=f"layer {l} row {b} kv head {h}")
 
   def test_needs_post_rope_keys(self):
     with self.assertRaisesRegex(ValueError, r"ThinK rope_mode='original' must be 'stored'"):

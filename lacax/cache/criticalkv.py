@@ -45,12 +45,15 @@ class CriticalKVPolicy(SelectingWrapper):
     budget: tokens kept per (layer, row, kv head) (kvpress: int(k_len * (1 - compression_ratio))).
     epsilon: added to the inner score before the re-weighting (1e-4, kvpress).
     first_stage_ratio: fraction of the budget chosen by the inner score alone (0.5, kvpress), in [0, 1].
+    lean_decode: after a prefill-only hand-off the decode cache records nothing (False inside a composition
+      whose other policy still reads the recordings).
   """
 
   inner: CachePolicy
   budget: int
   epsilon: float = 1e-4
   first_stage_ratio: float = 0.5
+  lean_decode: bool = True
 
   def __post_init__(self):
     self._check_inner("CriticalKV")
@@ -101,8 +104,11 @@ class CriticalKVPolicy(SelectingWrapper):
     rank = plans.descending_rank(ranked_scores(scores, protected), valid)
     return valid & (protected | (rank < self.budget))
 
+  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
+    return super()._lean(cache, capacity) if self.lean_decode else cache
+
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     out = super().compact(cache, capacity)
-    if capacity is not None and not self.compacts_in_decode:  # nothing reads a recording after the hand-off
+    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
       out = strip_recordings(out)
     return out

@@ -68,6 +68,8 @@ class SimLayerKVPolicy(CachePolicy):
     n_recent: recent tokens in the lazy score (1024, kvpress); a lazy layer keeps n_recent - n_last of them.
     n_initial: initial (sink) tokens kept by lazy layers (4, kvpress).
     rope_mode: "original" (default, kvpress's positions), "slot" or "stored".
+    lean_decode: the decode cache records nothing (`lean_decode_cache`; False inside a composition whose other
+      policy still reads the scores).
   """
 
   lazy_threshold: float = 0.9
@@ -75,6 +77,7 @@ class SimLayerKVPolicy(CachePolicy):
   n_recent: int = 1024
   n_initial: int = 4
   rope_mode: str = "original"
+  lean_decode: bool = True
 
   score_agg = "mean"
 
@@ -137,4 +140,4 @@ class SimLayerKVPolicy(CachePolicy):
       return cache
     plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
     out = plans.apply_plan(cache, plan, jnp.any(self.lazy(cache)), capacity)
-    return lean_decode_cache(out)
+    return lean_decode_cache(out) if self.lean_decode else out

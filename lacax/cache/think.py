@@ -71,12 +71,15 @@ class ThinKPolicy(CachePolicy):
     budget: prune only (layer, row, kv head) planes holding more tokens (the registry sets its shared budget);
       None prunes every prompt (kvpress).
     rope_mode: "stored" only (see the module docstring).
+    lean_decode: the decode cache after the hand-off records nothing (False inside a composition whose other
+      policy still reads the recordings).
   """
 
   key_channel_compression_ratio: float = 0.5
   window: int = 32
   budget: int | None = None
   rope_mode: str = "stored"
+  lean_decode: bool = True
 
   def __post_init__(self):
     r = self.key_channel_compression_ratio
@@ -132,4 +135,5 @@ class ThinKPolicy(CachePolicy):
       return cache
     prune = self.pruned(cache)[:, :, None]  # [L, B, 1, KV, D]
     k = jnp.where(prune & cache.valid()[..., None], jnp.zeros((), cache.k.dtype), cache.k)
-    return strip_recordings(resize(cache.replace(k=k), capacity))
+    out = resize(cache.replace(k=k), capacity)
+    return strip_recordings(out) if self.lean_decode else out
