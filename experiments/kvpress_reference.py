@@ -68,6 +68,8 @@ class MethodPair:
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
+_PROMPT = 64  # the parity prompt's length (tests/test_kvpress_parity.py), for presses sized in tokens
+_LAZY = 0.5  # SimLayerKV's threshold, between the tiny random model's layers' attention masses
 METHODS: tuple[MethodPair, ...] = (
     MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
                {"rope_mode": "original"}),
@@ -97,10 +99,10 @@ METHODS: tuple[MethodPair, ...] = (
                kvpress_definition={"pyramid_budget_rule": "kvpress"}),
     # The kvpress scorers lacax has on base.ScorerPolicy.
     MethodPair("knorm", "knorm", "KnormPress"),
-    MethodPair("expectedattention", "expectedattention", "ExpectedAttentionPress", status="not_comparable",
-               note=("lacax's ExpectedAttention is kvpress's ExpectedAttentionStatsPress (query statistics "
-                     "calibrated offline, cache.expected_attention_stats); kvpress's ExpectedAttentionPress "
-                     "estimates them from each prompt online, which lacax does not implement yet")),
+    # kvpress's ExpectedAttentionPress estimates the query statistics from each prompt: lacax's online statistics
+    # (the calibrated default is kvpress's ExpectedAttentionStatsPress, whose statistics are downloaded).
+    MethodPair("expectedattention", "expectedattention", "ExpectedAttentionPress", {},
+               {"expected_attention_statistics": "online"}),
     MethodPair("keydiff", "keydiff", "KeyDiffPress"),
     MethodPair("lagkv", "lagkv", "LagKVPress", {"n_sink": 4, "lag_size": 8}, {"n_sink": 4, "lag_size": 8},
                status="differs",
@@ -110,6 +112,16 @@ METHODS: tuple[MethodPair, ...] = (
                      "(on the test prompt: one token of layer 0, KV head 0)")),
     MethodPair("random", "random", "RandomPress", status="not_comparable",
                note="random scores: torch's and JAX's generators draw different numbers"),
+    # The policies on the forward's other recorded statistics (lacax.cache.kv_cache.StatsRecording).
+    MethodPair("criticalkv", "criticalkv", "CriticalKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"}),
+    MethodPair("think", "think", "ThinKPress", {"key_channel_compression_ratio": 0.5, "window_size": _WINDOW},
+               {"key_channel_compression_ratio": 0.5, "window": _WINDOW}),
+    # A lazy layer keeps n_initial + n_recent - n_last = the budget (lacax's registry sizes n_recent so; the
+    # kvpress side is sized for the parity test's compression ratio 0.5). On the test prompt layers 1 and 2 are
+    # lazy (attention masses 0.47, 0.54, 0.53 against the threshold 0.5).
+    MethodPair("simlayerkv", "simlayerkv", "SimLayerKVPress",
+               {"lazy_threshold": _LAZY, "n_initial": 4, "n_recent": _PROMPT // 2 - 4 + 1, "n_last": 1},
+               {"lazy_threshold": _LAZY, "start_size": 4}),
 )
 
 
@@ -203,6 +215,7 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
   cache = policy.init(cfg, 1, capacity)
   logits, cache = forward(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache,
                           cfg=cfg)
+  pruned = np.asarray(policy.pruned(cache))[:, 0] if hasattr(policy, "pruned") else None  # ThinK: [L, KV, D]
   cache = policy.compact(cache, capacity=capacity)
   pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
   kept = {str(layer): [sorted(int(p) for p in pos[layer, :, h] if p >= 0) for h in range(pos.shape[-1])]
@@ -212,7 +225,11 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
     logits, cache = forward(params, jnp.asarray([[tokens[-1]]], jnp.int32), jnp.asarray([[n + i]], jnp.int32),
                             cache, cfg=cfg)
     tokens.append(int(jnp.argmax(logits[0, 0])))
-  return {"kept": kept, "tokens": tokens}
+  out = {"kept": kept, "tokens": tokens}
+  if pruned is not None and pruned.any():  # key channels zeroed (ThinK), as the worker reports kvpress's
+    out["pruned"] = {str(layer): [sorted(int(c) for c in np.nonzero(heads)[0]) for heads in pruned[layer]]
+                     for layer in range(pruned.shape[0])}
+  return out
 
 
 def available_pairs(pairs: Sequence[MethodPair] = METHODS) -> list[MethodPair]:

@@ -7,7 +7,10 @@ Runs inside the kvpress environment (torch, the transformers kvpress pins, kvpre
 
 request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token ids], "new_tokens": N,
            "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}}, ...]}
+           (a wrapper's "press" kwarg is itself {"press": ..., "kwargs": ...}; "compression_ratio" goes to the
+           innermost press that takes one, and is dropped for presses that have none: ThinK, SimLayerKV)
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
+          (+ "pruned": {layer: [[zeroed key channels] per KV head]} for a press that prunes key channels)
 
 Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
 forward hook), then N tokens are decoded greedily from the compressed cache with positions continuing from the
@@ -15,6 +18,7 @@ prompt length, as kvpress's pipeline `generate_answer` does. Kept positions are 
 row to the layer's keys before compression (rows of a random model's keys are distinct).
 """
 
+import inspect
 import json
 import os
 import sys
@@ -36,14 +40,39 @@ def _kept_rows(keys: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
   return rows
 
 
+def build_press(name: str, kwargs: dict):
+  """The press `name` with `kwargs`; a nested {"press", "kwargs"} kwarg is built first and receives the
+  compression ratio (kvpress wrappers such as CriticalKVPress read it from their inner press)."""
+  cls = getattr(kvpress, name)
+  kwargs = dict(kwargs)
+  ratio = kwargs.pop("compression_ratio", None)
+  if isinstance(kwargs.get("press"), dict):
+    inner = kwargs["press"]
+    inner_kwargs = dict(inner.get("kwargs", {}))
+    if ratio is not None:
+      inner_kwargs.setdefault("compression_ratio", ratio)
+    kwargs["press"] = build_press(inner["press"], inner_kwargs)
+  elif ratio is not None and "compression_ratio" in inspect.signature(cls).parameters:
+    kwargs["compression_ratio"] = ratio
+  return cls(**kwargs)
+
+
 def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
-  press = getattr(kvpress, spec["press"])(**spec.get("kwargs", {}))
+  press = build_press(spec["press"], spec.get("kwargs", {}))
   kept: dict[int, list[list[int]]] = {}
+  pruned: dict[int, list[list[int]]] = {}
   compress = press.compress
 
   def recording_compress(module, hidden_states, keys, values, attentions, kwargs):
+    before = keys.clone()  # ThinK zeroes channels of `keys` in place
     out_keys, out_values = compress(module, hidden_states, keys, values, attentions, kwargs)
-    kept[int(module.layer_idx)] = _kept_rows(keys, out_keys)
+    layer = int(module.layer_idx)
+    if out_keys.shape == before.shape and not torch.equal(out_keys, before):  # channels pruned, no token dropped
+      zeroed = (out_keys[0] == 0).all(1) & ~(before[0] == 0).all(1)  # [H, d]
+      pruned[layer] = [sorted(int(c) for c in torch.nonzero(z).flatten()) for z in zeroed]
+      kept[layer] = [list(range(before.shape[2])) for _ in range(before.shape[1])]
+    else:
+      kept[layer] = _kept_rows(before, out_keys)
     return out_keys, out_values
 
   press.compress = recording_compress
@@ -61,7 +90,10 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
       out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
                   position_ids=torch.tensor([[length + i]]))
       tokens.append(int(out.logits[0, -1].argmax()))
-  return {"kept": {str(layer): rows for layer, rows in sorted(kept.items())}, "tokens": tokens}
+  out = {"kept": {str(layer): rows for layer, rows in sorted(kept.items())}, "tokens": tokens}
+  if pruned:
+    out["pruned"] = {str(layer): rows for layer, rows in sorted(pruned.items())}
+  return out
 
 
 def main(request_path: str, response_path: str) -> None:

@@ -28,6 +28,9 @@ from tests import hf_models
 _RATIO = 0.5
 _NEW_TOKENS = 6
 _PROMPT_LEN = 64
+# Pairs whose layers keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes key
+# channels, keeps every token), SimLayerKV (only lazy layers are compressed).
+_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv")
 
 
 class KvpressParityTest(parameterized.TestCase):
@@ -63,8 +66,9 @@ class KvpressParityTest(parameterized.TestCase):
     for layer, heads in theirs["kept"].items():
       for head, kept in enumerate(heads):
         self.assertEqual(ours["kept"][layer][head], kept, f"{what}: layer {layer}, KV head {head}")
-        if what.split("@")[0] != "pyramidkv":
+        if what.split("@")[0] not in _OWN_BUDGETS:
           self.assertLen(kept, budget)
+    self.assertEqual(ours.get("pruned"), theirs.get("pruned"), f"{what}: pruned key channels")
     self.assertEqual(ours["tokens"], theirs["tokens"], f"{what}: greedy tokens")
 
   @parameterized.named_parameters((p.key, p) for p in ref.METHODS)

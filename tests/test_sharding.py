@@ -74,10 +74,17 @@ def meshes_for(policy_name: str):
   """The meshes a policy is checked on: all four, except for the kvpress scorers (`ScorerPolicy`), which share
   one compaction (per (layer, row, kv head) top-k of a score reduced over slots and channels only): they run on
   the mesh that splits both rows and kv heads, which exercises every axis their scores could mix (four meshes
-  each would take the child past its timeout)."""
+  each would take the child past its timeout). So do the policies on the forward's other recorded statistics
+  (CriticalKV, ThinK: per (layer, row, kv head) selections; SimLayerKV: a per-(layer, row) decision averaged
+  over the kv heads), which passed on all four meshes when they were added and would add 12 checks to the
+  child otherwise."""
   from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.simlayerkv import SimLayerKVPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.think import ThinKPolicy  # pylint: disable=g-import-not-at-top
 
-  if isinstance(cache_policies.tiny_policy(policy_name), ScorerPolicy):
+  one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy)
+  if isinstance(cache_policies.tiny_policy(policy_name), one_mesh):
     return tuple(m for m in MESHES if mesh_name(*m) == "data2xtensor4")
   return MESHES
 

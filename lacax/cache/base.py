@@ -29,7 +29,9 @@ against:
 
 Content-agnostic policies (full, streaming, ladder) set `score_mode=None`, so the forward never materialises
 attention statistics for them; score-based ones (H2O, TOVA, SnapKV, PyramidKV, KVMerger) name the statistic
-they consume and the cache records it.
+they consume and the cache records it. Statistics that are not attention probabilities (||W_o v|| for
+CriticalKV, the window's squared queries for ThinK, running query moments for ExpectedAttention's online
+statistics) are declared the same way, as `stats_recording` (a `lacax.cache.kv_cache.StatsRecording`).
 
 Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (scores, protected)` (its
 ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
@@ -58,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.kv_cache import KVCache, gather_slots, init_cache
+from lacax.cache.kv_cache import KVCache, gather_slots, init_cache, strip_recordings
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -67,14 +69,15 @@ from lacax.model.config import ModelConfig
 class CachePolicy:
   """Base class: subclasses implement `decode_capacity`, `compact` and `max_held`.
 
-  `rope_mode`, `score_mode` and `score_agg` are plain class attributes here (not dataclass fields), so a
-  subclass may declare any of them as its own field, property or constant without shifting its positional
-  fields.
+  `rope_mode`, `score_mode`, `score_agg` and `stats_recording` are plain class attributes here (not dataclass
+  fields), so a subclass may declare any of them as its own field, property or constant without shifting its
+  positional fields.
   """
 
   rope_mode = "slot"
   score_mode = None
   score_agg = "mean"
+  stats_recording = None  # a `StatsRecording`: the per-layer statistics besides attention the policy reads
 
   @property
   def name(self) -> str:
@@ -96,7 +99,8 @@ class CachePolicy:
   def init(self, cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None) -> KVCache:
     """An empty cache of `capacity` slots read and scored the way this policy needs."""
     return init_cache(cfg, batch_size, capacity, dtype=dtype, rope_mode=self.rope_mode,
-                      score_mode=self.score_mode, score_agg=self.score_agg, state=self.init_state(cfg))
+                      score_mode=self.score_mode, score_agg=self.score_agg, state=self.init_state(cfg),
+                      stats=self.stats_recording)
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     raise NotImplementedError
@@ -286,14 +290,15 @@ ScorerState = RopeState
 def lean_decode_cache(cache: KVCache) -> KVCache:
   """The decode cache of a policy that reads no attention statistic and moves no key after its hand-off.
 
-  Drops the statistics (the forward then records nothing and may use the CPU decode kernel) and, for
+  Drops the recordings (`strip_recordings`: attention scores and `stats`; the forward then records nothing and
+  may use the CPU decode kernel) and, for
   `rope_mode="original"`, rotates every key once at its original position and switches to "stored": the
   keys every later step reads are the same numbers the "original" path computes from pre-RoPE keys (the
   same `rope_lib.rotate` of the same tables), without the per-step rotation. Needs the RoPE frequencies in
   `cache.state` (`RopeState`, or any state with an `inv_freq` field) for "original"; "slot" and "stored"
   keys are left as they are.
   """
-  cache = cache.replace(scores=None, score_mode=None)
+  cache = strip_recordings(cache)
   if cache.rope_mode != "original":
     return cache
   inv_freq = getattr(cache.state, "inv_freq", None)
@@ -323,6 +328,10 @@ class DelegatingPolicy(CachePolicy):
   @property
   def score_agg(self) -> str:
     return self.inner.score_agg
+
+  @property
+  def stats_recording(self):
+    return self.inner.stats_recording
 
   def init_state(self, cfg: ModelConfig):
     return self.inner.init_state(cfg)

@@ -13,7 +13,8 @@ is read one way, so the two must agree on it:
 
 A prompt compressor composed with another keeps its scores through the hand-off (its `lean_decode` is off
 inside the composition, since the second policy still reads them); the composed decode cache is lean only when
-neither policy compacts during decode.
+neither policy compacts during decode. The cache records both policies' other statistics (`stats_recording`,
+merged).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from lacax.cache.base import CachePolicy, lean_decode_cache
-from lacax.cache.kv_cache import KVCache
+from lacax.cache.kv_cache import KVCache, StatsRecording
 from lacax.model.config import ModelConfig
 
 
@@ -75,6 +76,13 @@ class ComposedPolicy(CachePolicy):
   @property
   def score_agg(self) -> str:
     return self.first.score_agg if self.first.score_mode is not None else self.second.score_agg
+
+  @property
+  def stats_recording(self):
+    """Both policies' other statistics, recorded by the one cache (e.g. SnapKV then ThinK, kvpress's way of
+    running ThinK)."""
+    a, b = self.first.stats_recording, self.second.stats_recording
+    return b if a is None else StatsRecording.merge(a, b)
 
   def init_state(self, cfg: ModelConfig):
     states = [p.init_state(cfg) for p in (self.first, self.second)]

@@ -13,14 +13,22 @@ calibration text). Per (layer, row, query head), with the mean mu and covariance
   3. reduce the query heads of each KV head's group (`score_agg`: "mean", kvpress's, "max" or "sum");
   4. with `use_vnorm`: (score + epsilon) * ||v||; the first `n_sink` tokens score max + 1 (always kept).
 
-The statistics come from `calibrate` (lacax computes them from calibration text with any lacax model: the
-pre-RoPE queries of every layer, each text without its first `n_sink` tokens; mean and covariance with N - 1,
-as kvpress's `collect_queries`), written by `save` and loaded by path (`stats_path`); nothing is downloaded.
+Two sources of the statistics (`statistics`):
 
-Not implemented: kvpress's default, online statistics (mean and covariance of the *current prompt's* queries,
-recomputed from its hidden states inside the attention hook). A lacax policy sees only the cache after the
-forward, and the forward records no query statistics; that variant needs a new forward statistic (a
-`ScoreRecording` kind) and is left out.
+* "calibrated": from `calibrate` (lacax computes them from calibration text with any lacax model: the
+  pre-RoPE queries of every layer, each text without its first `n_sink` tokens; mean and covariance with N - 1,
+  as kvpress's `collect_queries`), written by `save` and loaded by path (`stats_path`); nothing is downloaded.
+* "online": kvpress's default `ExpectedAttentionPress.get_query_statistics`: the mean and covariance of the
+  *current prompt's* pre-RoPE queries at positions >= n_sink, per row and query head, the covariance divided by
+  N (not N - 1). kvpress recomputes them from the prefill's hidden states inside its hook; lacax's forward
+  accumulates the count, sum and sum of outer products of those queries while it runs
+  (`StatsRecording(query_moments=n_sink)`), so a chunked prefill gives the one-shot numbers. Two departures,
+  both documented where they arise: the covariance is formed as E[q q^T] - mu mu^T from the running sums (the
+  same number up to float32 rounding; kvpress centres first), and with `during_decode=True` the moments keep
+  accumulating the decode steps' queries (kvpress's DecodingPress would recompute them from its hidden-state
+  buffer). After a prefill-time hand-off the moments are dropped (nothing reads them). The moments cost
+  [layers, rows, heads, head_dim, head_dim] float32 while the prompt is prefilled (SmolLM2-135M: 4.4 MB a row;
+  Llama-3-8B: 67 MB a row), recorded even with `use_covariance=False`.
 """
 
 from __future__ import annotations
@@ -39,10 +47,11 @@ from lacax import errors
 from lacax import io as lacax_io
 from lacax.cache import plans
 from lacax.cache.base import ScorerPolicy
-from lacax.cache.kv_cache import SCORE_AGGS, KVCache
+from lacax.cache.kv_cache import SCORE_AGGS, KVCache, StatsRecording
 from lacax.model.config import ModelConfig
 
 FORMAT = "lacax-expected-attention-stats-v1"
+STATISTICS = ("calibrated", "online")
 
 
 def average_rope(start: jax.Array, inv_freq: jax.Array, n_future: int) -> jax.Array:
@@ -152,6 +161,8 @@ class ExpectedAttentionPolicy(ScorerPolicy):
       (the future positions then start after the newest token).
     rope_mode: "original" (default), "slot" or "stored".
     max_new_tokens: decode tokens a prefill-time policy's decode cache leaves room for (None: the whole run).
+    statistics: "calibrated" (default: the file `stats_path`) or "online" (the prompt's own queries, kvpress's
+      ExpectedAttentionPress; `stats_path` is then not read).
   """
 
   budget: int
@@ -165,9 +176,12 @@ class ExpectedAttentionPolicy(ScorerPolicy):
   during_decode: bool = False
   rope_mode: str = "original"
   max_new_tokens: int | None = None
+  statistics: str = "calibrated"
 
   def __post_init__(self):
     self._validate("ExpectedAttention")
+    if self.statistics not in STATISTICS:
+      raise ValueError(f"ExpectedAttention statistics={self.statistics!r} must be one of {list(STATISTICS)}")
     plans.check_int("ExpectedAttention", "n_future_positions", self.n_future_positions, 1)
     plans.check_int("ExpectedAttention", "n_sink", self.n_sink, 0)
     if self.score_agg not in SCORE_AGGS:
@@ -179,7 +193,12 @@ class ExpectedAttentionPolicy(ScorerPolicy):
   def name(self) -> str:
     return "expectedattention"
 
-  def statistics(self, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+  @property
+  def stats_recording(self) -> StatsRecording | None:
+    return StatsRecording(query_moments=self.n_sink) if self.statistics == "online" else None
+
+  def calibrated_statistics(self, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [L, H, hd], cov [L, H, hd, hd]) from `stats_path`, checked against the cache's shape."""
     if not self.stats_path:
       raise ValueError("ExpectedAttention stats_path is empty: compute query statistics with "
                        "lacax.cache.expected_attention.calibrate, save them with expected_attention.save and pass "
@@ -196,19 +215,37 @@ class ExpectedAttentionPolicy(ScorerPolicy):
   def sink_tokens(self) -> int:
     return min(self.n_sink, self.budget)  # they score above every other token; ties go to the older one
 
+  def query_statistics(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """(mean, cov) of the pre-RoPE queries, by `statistics`: [L, H, hd] and [L, H, hd, hd] from the file
+    ("calibrated"), [L, B, H, hd] and [L, B, H, hd, hd] float32 of each row's prompt ("online")."""
+    if self.statistics == "calibrated":
+      mean, cov = self.calibrated_statistics(cache)
+      return jnp.asarray(mean), jnp.asarray(cov)
+    if cache.stats is None or cache.stats.q_sum is None:
+      raise ValueError("ExpectedAttention statistics='online' needs a cache recording query moments "
+                       "(StatsRecording(query_moments=n_sink)); build the cache with the policy's init()")
+    return cache.stats.query_mean_cov()
+
   def score(self, cache: KVCache) -> jax.Array:
-    mean, cov = self.statistics(cache)
-    num_layers, num_heads, d = mean.shape
+    mean, cov = self.query_statistics(cache)
+    num_layers, num_heads, d = mean.shape[0], mean.shape[-2], mean.shape[-1]
     kv = cache.k.shape[3]
     inv_freq = self.inv_freq(cache)
     start = jnp.max(cache.pos, axis=(2, 3)) + 1  # [L, B]: the next position, kvpress's q_len at prefill
     rot = average_rope(start, inv_freq, self.n_future_positions)  # [L, B, D, D]
-    mean_r = jnp.einsum("lbij,lhj->lbhi", rot, jnp.asarray(mean)).reshape(num_layers, -1, kv, num_heads // kv, d)
+    b = "b" if mean.ndim == 4 else ""  # online statistics are per row
+    mean_r = jnp.einsum(f"lbij,l{b}hj->lbhi", rot, mean).reshape(num_layers, -1, kv, num_heads // kv, d)
     cov_r = None
     if self.use_covariance:
-      cov_r = jnp.einsum("lbij,lhjk,lbmk->lbhim", rot, jnp.asarray(cov), rot)
+      cov_r = jnp.einsum(f"lbij,l{b}hjk,lbmk->lbhim", rot, cov, rot)
       cov_r = cov_r.reshape(num_layers, -1, kv, num_heads // kv, d, d)
     keys = plans.head_major(plans.scoring_keys(cache, "post_rope", inv_freq))
     scores = score_heads(keys, plans.head_major(cache.v), plans.head_major(cache.valid()), mean_r, cov_r,
                          n_sink=self.n_sink, use_vnorm=self.use_vnorm, epsilon=self.epsilon, agg=self.score_agg)
     return plans.slot_major(scores)
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    out = super().compact(cache, capacity)
+    if capacity is not None and not self.during_decode and out.stats is not None:
+      out = out.replace(stats=None)  # the online moments are read once, in the prefill hand-off
+    return out

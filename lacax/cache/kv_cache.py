@@ -8,6 +8,9 @@ Layout (L = layers, B = batch, S = slots, KV = kv heads, D = head_dim):
   length:  [L, B]            int32 write cursor: the next token of (layer, row) is written at slot `length`.
   scores:  [L, B, S, KV]     float32 attention statistics per slot, only for score-based policies (else None).
   state:   the policy's own small pytree (e.g. the ladder cursor), or None.
+  stats:   a `CacheStats` of per-layer statistics besides attention (`StatsRecording`: ||W_o v||_1 per slot,
+           the observation window's squared queries, running query moments), only for policies that declare
+           them (CriticalKV, ThinK, ExpectedAttention's online statistics; else None).
   k_scale, v_scale: [L, B, S, KV] float32 per-token (and kv-head) scales of an int8 cache (`init_cache(...,
            dtype=jnp.int8)`; else None): slot values are round(x / scale) with scale = max|x| / 127 over
            head_dim, written by the forward and dequantized when read (`quantize_kv` / `dequantize_kv`).
@@ -110,6 +113,117 @@ class ScoreRecording:
     return {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[self.agg](probs, axis=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class StatsRecording:
+  """Which per-layer statistics besides attention probabilities the forward writes into `cache.stats`.
+
+  The second half of the recording extension point (`ScoreRecording` is the first): a policy declares what it
+  reads (`CachePolicy.stats_recording`), its `init` builds a cache with a `CacheStats` of that recording, and
+  the forward computes only what is asked (a cache without stats runs the forward of before, bit for bit).
+  None of these needs the attention probabilities, so the CPU decode kernel still serves a recording cache.
+
+  Attributes:
+    value_norm: record ||W_o v||_1 of every written token per kv head (the L1 norm over the model width of each
+      query head's output projection of the value, averaged over the heads of the group: kvpress's
+      `CriticalKVPress.vwl1norm`), at the token's slot; it moves with its slot under every plan.
+    window_q2: W > 0 records, per (layer, row, kv head), the mean over the step's last W real queries and over
+      the group's query heads of the squared rotated queries (ThinK's query channel magnitude); replaced at
+      every step, like the "window" attention score. 0 = off.
+    query_moments: n >= 0 accumulates the count, sum and sum of outer products of the pre-RoPE queries of every
+      query head over the tokens at positions >= n (ExpectedAttention's online statistics, kvpress's n_sink);
+      running over every step, so a chunked prefill gives the one-shot prefill's numbers. None = off.
+  """
+
+  value_norm: bool = False
+  window_q2: int = 0
+  query_moments: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.value_norm, bool):
+      raise ValueError(f"StatsRecording.value_norm={self.value_norm!r} must be True or False")
+    if isinstance(self.window_q2, bool) or not isinstance(self.window_q2, int) or self.window_q2 < 0:
+      raise ValueError(f"StatsRecording.window_q2={self.window_q2!r} must be an int >= 0 (0 = off)")
+    q = self.query_moments
+    if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 0):
+      raise ValueError(f"StatsRecording.query_moments={q!r} must be None or an int >= 0 (the positions skipped)")
+
+  @property
+  def empty(self) -> bool:
+    return not self.value_norm and not self.window_q2 and self.query_moments is None
+
+  def merge(self, other: "StatsRecording | None") -> "StatsRecording":
+    """The union of two recordings (a wrapper's and its inner policy's).
+
+    Raises:
+      ValueError: both ask for a window or for query moments with different parameters.
+    """
+    if other is None:
+      return self
+    clashes = {"window_q2": self.window_q2 and other.window_q2 and self.window_q2 != other.window_q2,
+               "query_moments": None not in (self.query_moments, other.query_moments)
+                                and self.query_moments != other.query_moments}
+    for name, clash in clashes.items():
+      if clash:
+        raise ValueError(f"StatsRecording.{name}: two policies of one cache ask for {getattr(self, name)} and "
+                         f"{getattr(other, name)}; use one value")
+    return StatsRecording(value_norm=self.value_norm or other.value_norm,
+                          window_q2=self.window_q2 or other.window_q2,
+                          query_moments=self.query_moments if self.query_moments is not None else other.query_moments)
+
+
+@flax.struct.dataclass
+class CacheStats:
+  """The statistics a `StatsRecording` asks for (None where it does not), L layers, B rows, S slots, KV kv heads,
+  H query heads, D head_dim, all float32:
+
+    value_norm [L, B, S, KV]   ||W_o v||_1 of the token in each slot (0 for empty slots);
+    window_q2  [L, B, KV, D]   mean squared rotated query of the last step's window, per kv head;
+    q_count    [L, B]          queries counted in the moments;
+    q_sum      [L, B, H, D]    their sum (pre-RoPE);
+    q_outer    [L, B, H, D, D] the sum of their outer products.
+  """
+
+  recording: StatsRecording = flax.struct.field(pytree_node=False)
+  value_norm: jax.Array | None = None
+  window_q2: jax.Array | None = None
+  q_count: jax.Array | None = None
+  q_sum: jax.Array | None = None
+  q_outer: jax.Array | None = None
+
+  def query_mean_cov(self) -> tuple[jax.Array, jax.Array]:
+    """(mean [L, B, H, D], covariance [L, B, H, D, D]) of the counted queries, the covariance normalised by
+    the count (kvpress's online statistics divide by N, not N - 1)."""
+    if self.q_sum is None:
+      raise ValueError("these cache statistics hold no query moments (StatsRecording.query_moments is None)")
+    n = jnp.maximum(self.q_count, 1.0)[:, :, None, None]
+    mean = self.q_sum / n
+    cov = self.q_outer / n[..., None] - mean[..., :, None] * mean[..., None, :]
+    return mean, cov
+
+
+def init_stats(cfg: ModelConfig, batch_size: int, capacity: int, recording: StatsRecording | None
+               ) -> CacheStats | None:
+  """Zeroed `CacheStats` for `recording` (None for no recording or an empty one)."""
+  if recording is None or recording.empty:
+    return None
+  L, B, KV, H, D = cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+  moments = recording.query_moments is not None
+  return CacheStats(recording=recording,
+                    value_norm=zeros(L, B, capacity, KV) if recording.value_norm else None,
+                    window_q2=zeros(L, B, KV, D) if recording.window_q2 else None,
+                    q_count=zeros(L, B) if moments else None,
+                    q_sum=zeros(L, B, H, D) if moments else None,
+                    q_outer=zeros(L, B, H, D, D) if moments else None)
+
+
+def strip_recordings(cache: "KVCache") -> "KVCache":
+  """The cache without its recordings (attention scores and `stats`): what a policy that read them in its
+  prefill hand-off decodes with, so the forward records nothing afterwards (and may use the CPU decode
+  kernel again)."""
+  return cache.replace(scores=None, score_mode=None, stats=None)
+
+
 def validate_score_mode(score_mode: str | None) -> None:
   ScoreRecording.parse(score_mode)
 
@@ -130,6 +244,7 @@ class KVCache:
   mesh_rules: Any = flax.struct.field(pytree_node=False, default=None)
   k_scale: jax.Array | None = None
   v_scale: jax.Array | None = None
+  stats: CacheStats | None = None
 
   @property
   def quantized(self) -> bool:
@@ -164,10 +279,11 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, rope_mode: str = "slot",
                score_mode: str | None = None, score_agg: str = "mean", state: Any = None,
-               mesh_rules: Any = None) -> KVCache:
+               mesh_rules: Any = None, stats: StatsRecording | None = None) -> KVCache:
   """An empty cache of `capacity` slots per (layer, row).
 
-  `dtype=jnp.int8` stores keys and values as int8 with per-token scales (`k_scale` / `v_scale`).
+  `dtype=jnp.int8` stores keys and values as int8 with per-token scales (`k_scale` / `v_scale`). `stats` (a
+  `StatsRecording`) adds the zeroed statistics the forward then records.
 
   With `mesh_rules` (a `lacax.sharding.MeshRules`) the cache is created in the rules' layout, each device
   allocating only its blocks (outside jit; inside jit, `MeshRules.shard_cache` lays a cache out). Without it,
@@ -199,6 +315,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, capacity: int, *, dtype=None, 
       rope_mode=rope_mode,
       score_mode=score_mode,
       score_agg=score_agg,
+      stats=init_stats(cfg, batch_size, capacity, stats),
   )
   if mesh_rules is not None:
     return mesh_rules.create_cache(build)
@@ -244,9 +361,9 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
     impl: "auto" (Pallas kernel on TPU/GPU, jax.numpy on CPU), "pallas" or "reference".
 
   Returns:
-    A cache of S_out slots with k, v, pos and scores gathered, and `length` set to the number of occupied
-    output slots (plans keep occupied slots at the front; a head with fewer survivors has empty slots
-    before the cursor, which the attention mask ignores).
+    A cache of S_out slots with k, v, pos, scores and the per-slot statistics gathered, and `length` set to the
+    number of occupied output slots (plans keep occupied slots at the front; a head with fewer survivors has
+    empty slots before the cursor, which the attention mask ignores).
   """
   from pallas_kernels import compaction  # pylint: disable=g-import-not-at-top
 
@@ -268,6 +385,9 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
   if cache.quantized:  # per-token scales travel with their slots
     scales = {name: jnp.where(src >= 0, jnp.take_along_axis(getattr(cache, name), safe, axis=2), 0.0)
               for name in ("k_scale", "v_scale")}
+  stats = cache.stats
+  if stats is not None and stats.value_norm is not None:  # the per-slot statistic travels with its slot
+    stats = stats.replace(value_norm=jnp.where(src >= 0, jnp.take_along_axis(stats.value_norm, safe, axis=2), 0.0))
   length = jnp.max(jnp.sum(pos >= 0, axis=2), axis=-1).astype(jnp.int32)
-  out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length, **scales)
+  out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length, stats=stats, **scales)
   return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)

@@ -71,6 +71,11 @@ class PrefillDecodingPolicy(CachePolicy):
   def score_agg(self) -> str:
     return self.decoding.score_agg
 
+  @property
+  def stats_recording(self):
+    a, b = self.prefill.stats_recording, self.decoding.stats_recording
+    return b if a is None else a.merge(b)
+
   def init_state(self, cfg: ModelConfig) -> PrefillDecodingState:
     return PrefillDecodingState(self.prefill.init_state(cfg), self.decoding.init_state(cfg))
 

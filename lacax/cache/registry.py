@@ -22,7 +22,8 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
 Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPress`), built by this registry at
 the same `cache.size` from the same `cache` section:
 
-  inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation
+  inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation,
+               criticalkv
                ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
                pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
@@ -43,7 +44,17 @@ keep `size` tokens per (layer, row, KV head) and read:
   leverage_type   CUR's combination of key and value leverage; sketch_dimension  LeverageScore's sketch;
   qfilter_path the Q-Filter file (`lacax.cache.qfilter.calibrate` + `save`; never downloaded);
   expected_attention_stats, n_future_positions   ExpectedAttention's query-statistics file
-               (`lacax.cache.expected_attention.calibrate` + `save`) and RoPE averaging horizon (512).
+               (`lacax.cache.expected_attention.calibrate` + `save`) and RoPE averaging horizon (512);
+  expected_attention_statistics   "calibrated" (the file) or "online" (the prompt's own queries, kvpress's
+               default ExpectedAttentionPress).
+
+Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.StatsRecording`):
+  think        ThinK key-channel pruning of prompts over `size` tokens: key_channel_compression_ratio (0.5),
+               window (the observation window, shared with SnapKV);
+  simlayerkv   SimLayerKV: lazy layers keep start_size initial + (size - start_size) recent tokens (n_recent =
+               size - start_size + n_last, so a lazy layer holds exactly `size`), the others all;
+               lazy_threshold (0.9);
+  criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -77,6 +88,7 @@ from lacax.cache.pyramidkv import PyramidKVPolicy
 from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
+from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
@@ -85,6 +97,8 @@ from lacax.cache.lagkv import LagKVPolicy
 from lacax.cache.leverage import LeverageScorePolicy
 from lacax.cache.qfilter import QFilterPolicy
 from lacax.cache.random_policy import RandomPolicy
+from lacax.cache.simlayerkv import SimLayerKVPolicy
+from lacax.cache.think import ThinKPolicy
 from lacax.model.config import ModelConfig
 
 _NO_DEFAULT = object()
@@ -202,14 +216,21 @@ POLICIES.update({
     "qfilter": PolicySpec(QFilterPolicy, fields={**_SCORER, "qfilter_path": "filters_path"}, sized=_BUDGET),
     "expectedattention": PolicySpec(ExpectedAttentionPolicy, fields={
         **_SCORER, **_SCORED, "n_sink": "n_sink", "n_future_positions": "n_future_positions",
-        "expected_attention_stats": "stats_path"}, sized=_BUDGET),
+        "expected_attention_stats": "stats_path", "expected_attention_statistics": "statistics"}, sized=_BUDGET),
+    # Policies on the forward's other statistics (lacax.cache.kv_cache.StatsRecording) and attention scores.
+    "think": PolicySpec(ThinKPolicy, fields={"window": "window",
+                                             "key_channel_compression_ratio": "key_channel_compression_ratio"},
+                        sized=_BUDGET),
+    "simlayerkv": PolicySpec(SimLayerKVPolicy, fields={"start_size": "n_initial", "lazy_threshold": "lazy_threshold"},
+                             sized=lambda size, read: {"n_recent": size - read("n_initial") + read("n_last")}),
 })
 
 
 # The wrappers' config fields that name or size other policies (not fields of one dataclass, so their defaults
 # live here, once).
 COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
-WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation")
+WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation",
+            "criticalkv")
 
 
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
@@ -273,6 +294,9 @@ POLICIES.update({
                            sized=lambda size, read: {"target_size": size}, composite=_inner("decoding")),
     "prefilldecoding": PolicySpec(PrefillDecodingPolicy, composite=_prefill_decoding),
     "keyrerotation": PolicySpec(KeyRerotationPolicy, composite=_inner("keyrerotation")),
+    "criticalkv": PolicySpec(CriticalKVPolicy, fields={"critical_epsilon": "epsilon",
+                                                       "first_stage_ratio": "first_stage_ratio"},
+                             sized=lambda size, read: {"budget": size}, composite=_inner("criticalkv")),
 })
 
 

@@ -47,6 +47,11 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
   * attention probabilities: `probs_hook(probs [B, KV, G, T, S] float32, layer) -> probs` (ACT).
   * attention statistics: `scores` (a `lacax.cache.kv_cache.ScoreRecording`; default the cache's own,
     `cache.recording`, which its policy declared) says which statistic is written into `cache.scores`.
+  * other per-layer statistics: a cache with `stats` (a `lacax.cache.kv_cache.CacheStats`, built by a policy
+    that declares a `StatsRecording`) gets what its recording asks for: ||W_o v||_1 of each written token at
+    its slot, the squared rotated queries of the step's last W queries, running pre-RoPE query moments. They
+    need no attention probabilities (the CPU decode kernel still serves the attention); a cache without
+    `stats` runs exactly the forward without them.
   * int8 KV cache (a cache from `init_cache(..., dtype=jnp.int8)`, any policy): new keys / values are
     quantized per token and kv head when written and dequantized when a layer reads the cache.
   * placement: `mesh_rules` (a `lacax.sharding.MeshRules`; default the cache's) keeps activations and the cache
@@ -66,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, ScoreRecording, dequantize_kv, quantize_kv, write_slots
+from lacax.cache.kv_cache import CacheStats, KVCache, ScoreRecording, dequantize_kv, quantize_kv, write_slots
 from lacax.model import cpu_attention
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
@@ -458,6 +463,55 @@ def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -
         raise ValueError(f"ForwardOptions.lora targets {unknown}; expected a subset of {sorted(LORA_TARGETS)}")
 
 
+def _record_stats(stats: CacheStats, layer: jax.Array, slots: jax.Array, positions: jax.Array, q_pre: jax.Array,
+                  q: jax.Array, v_new: jax.Array, wo: Any, kv_cache: int, num_heads: int) -> CacheStats:
+  """`stats` with layer `layer`'s statistics of this step recorded (what `stats.recording` asks for).
+
+  Args:
+    stats: the cache's statistics (float32 arrays, see `CacheStats`).
+    layer: the layer index (traced, inside the scan).
+    slots: [B, T] slots the step's tokens were written to (capacity = dropped, for padding).
+    positions: [B, T] the tokens' original positions, -1 for padding.
+    q_pre: [B, T, H_s, D] pre-RoPE queries (biases and adapters included); q: [B, T, KV_s, G_s, D] the same
+      rotated as the attention reads them.
+    v_new: [B, T, KV_s, D] the step's values; wo: the layer's output projection [H_s, D, model width] (or a
+      `ProjectedWeight`; the value norm uses its dense weight, as kvpress reads `o_proj.weight`).
+    kv_cache, num_heads: the cache's kv heads and the model's query heads (a narrower segment is padded).
+  """
+  rec = stats.recording
+  f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
+  B, T, kv_s, g_s, hd = q.shape
+  pad_kv = [(0, 0), (0, 0), (0, kv_cache - kv_s)]
+  out = {}
+  if rec.value_norm:  # kvpress CriticalKVPress.vwl1norm: |v_h W_o[h]|_1 over the model width, mean over the group
+    w = (wo.dense() if isinstance(wo, ProjectedWeight) else wo).astype(f32)
+    w = w.reshape(kv_s, g_s, hd, w.shape[-1])
+    norm = jnp.zeros((B, T, kv_s), f32)
+    for g in range(g_s):  # one query head per kv head at a time: [B, T, KV, width], not [B, T, H, width]
+      norm = norm + jnp.sum(jnp.abs(jnp.einsum("btkd,kde->btke", v_new.astype(f32), w[:, g], precision=hi)), -1)
+    norm = jnp.pad(norm / g_s, pad_kv)
+    out["value_norm"] = _write_layer(stats.value_norm, norm, layer, slots)
+  if rec.window_q2:  # ThinK: mean over the window and the group of the squared rotated queries
+    rows, row_pos = last_query_rows(q.astype(f32), positions, rec.window_q2)
+    weight = (row_pos >= 0).astype(f32)  # a row shorter than the window averages its own queries
+    count = jnp.sum(weight, axis=1)
+    q2 = jnp.einsum("bt,btkgd->bkd", weight, rows * rows, precision=hi)
+    q2 = q2 / (jnp.maximum(count, 1.0) * g_s)[:, None, None]
+    q2 = jnp.pad(q2, [(0, 0), (0, kv_cache - kv_s), (0, 0)])
+    old = stats.window_q2[layer]
+    out["window_q2"] = stats.window_q2.at[layer].set(jnp.where((count > 0)[:, None, None], q2, old))
+  if rec.query_moments is not None:  # ExpectedAttention online: moments of the queries at positions >= n_sink
+    weight = (positions >= rec.query_moments).astype(f32)
+    qf = q_pre.astype(f32)
+    pad_h = [(0, 0), (0, num_heads - qf.shape[2]), (0, 0)]
+    q_sum = jnp.pad(jnp.einsum("bt,bthd->bhd", weight, qf, precision=hi), pad_h)
+    q_outer = jnp.pad(jnp.einsum("bt,bthd,bthe->bhde", weight, qf, qf, precision=hi), pad_h + [(0, 0)])
+    out["q_count"] = stats.q_count.at[layer].add(jnp.sum(weight, axis=1))
+    out["q_sum"] = stats.q_sum.at[layer].add(q_sum)
+    out["q_outer"] = stats.q_outer.at[layer].add(q_outer)
+  return stats.replace(**out)
+
+
 def _rows(value: jax.Array | None, ids: np.ndarray) -> jax.Array | None:
   """Rows `ids` of an [L, W] option; a [W] option is shared by every layer (None stays None)."""
   if value is None:
@@ -578,7 +632,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
                                        constant_values=value)
 
     def layer(carry, inputs):
-      x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all = carry
+      x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all, stats_all = carry
       p, i, gate, head_mask, ffn_mask, lora_p = inputs
       rng = None if options.lora_rng is None else jax.random.fold_in(options.lora_rng, i)
       x_in = x
@@ -588,6 +642,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       v_new = projection("wv", h, p, "btd,dhk->bthk", lora_p, rng)
       if cfg.attention_bias:
         q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
+      q_pre = q  # [B, T, H_s, hd] before RoPE (the query moments' input)
       if rope_mode == "stored":  # keys enter the cache rotated at their original position
         k_new = rope_lib.rotate(k_new, new_cos, new_sin)
       hook = None if probs_hook is None else (lambda probs: probs_hook(probs, i))
@@ -639,6 +694,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
           if window_rows:  # only the rows the statistic reads: [B, KV, G, W, S]
             q_rows, row_pos = last_query_rows(q, positions, window_rows)
             probs = attention_probs(q_rows, k_layer, pos_layer, row_pos)
+        if stats_all is not None:
+          stats_all = _record_stats(stats_all, i, slots, positions, q_pre, q, v_new, p["wo"], kv_cache, cfg.num_heads)
       out = out.reshape(B, T, kv_s * g_s, cfg.head_dim)
       if head_mask is not None:
         out = out * head_mask[:kv_s * g_s, None].astype(out.dtype)
@@ -668,7 +725,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       x = x + mlp
       if gate is not None:  # a layer that is off passes the residual stream through exactly
         x = jnp.where(gate != 0, x, x_in)
-      return ((x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all),
+      return ((x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all, stats_all),
               (x if options.hidden_layers else None))
 
     if not uncached:  # the cache rows of an off layer are still written (a later call may turn it on)
@@ -687,12 +744,12 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
 
   if uncached:
     empty = jnp.zeros((), jnp.float32)
-    carry = (x, empty, empty, empty, empty, empty, empty, empty)
+    carry = (x, empty, empty, empty, empty, empty, empty, empty, None)
   else:
     empty = jnp.zeros((), jnp.float32)
     scores = cache.scores if cache.scores is not None else empty
     carry = (x, cache.k, cache.v, cache.pos, cache.length, scores, cache.k_scale if quantized else empty,
-             cache.v_scale if quantized else empty)
+             cache.v_scale if quantized else empty, cache.stats)
   lora_segments = None
   if options.lora is not None:
     lora_segments = list(options.lora) if isinstance(options.lora, (list, tuple)) else [options.lora]
@@ -729,7 +786,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
         hidden_steps.extend(ys[n] for n in range(ids.size))
       executed.extend(int(i) for i in ids)
     start = stop
-  x, k_all, v_all, pos_all, length_all, scores, k_scale, v_scale = carry
+  x, k_all, v_all, pos_all, length_all, scores, k_scale, v_scale, stats = carry
 
   hidden = None
   if options.hidden_layers:
@@ -745,7 +802,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
   if uncached:
     return ForwardOutput(logits, None, hidden)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,
-                        scores=scores if cache.scores is not None else None)
+                        scores=scores if cache.scores is not None else None, stats=stats)
   if quantized:
     cache = cache.replace(k_scale=k_scale, v_scale=v_scale)
   if mesh_rules is not None:
