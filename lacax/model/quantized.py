@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lacax.model import cpu_quant_matmul
 from lacax.model.llama import ProjectedWeight
 
 # Contracted (input) axes of every layer projection in the stacked layout of lacax.model.llama (axis 0 = layer).
@@ -119,7 +120,8 @@ class PackedWeight(ProjectedWeight):
             int8), or [..., K / group_size, N] (affine, Q4_1: w = scale * code + min)
 
   `dense` computes exactly what `gguf.quants.dequantize` computes (float32 products of the float16 block
-  scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA.
+  scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA, or, on
+  XLA:CPU for decode-sized inputs, a custom call reads the packed codes directly (`lacax.model.cpu_quant_matmul`).
   """
 
   data: jax.Array
@@ -159,6 +161,16 @@ class PackedWeight(ProjectedWeight):
     return w.reshape(tuple(lead) + tuple(self.in_shape) + tuple(self.out_shape)).astype(dtype)
 
   def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    """The product with the dense weight: on XLA:CPU for decode-sized inputs the low-bit matmul kernel
+    (`lacax.model.cpu_quant_matmul`, which reads the packed codes once), else `_xla_project`."""
+    if cpu_quant_matmul.supports(self, x, equation) and cpu_quant_matmul.available():
+      return cpu_quant_matmul.project(self, x, equation, lambda x, w: w._xla_project(x, equation,
+                                                                                     preferred_element_type),
+                                      preferred_element_type)
+    return self._xla_project(x, equation, preferred_element_type)
+
+  def _xla_project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    """The reference product: the dequantized weight into XLA's einsum (XLA fuses what it can)."""
     return jnp.einsum(equation, x, self.dense(x.dtype), preferred_element_type=preferred_element_type)
 
   @classmethod
