@@ -17,13 +17,14 @@
 // affine. Result: y [M, N] f32.
 //
 // Work: tiles of 64 output columns (one cache line of int8 codes per input row) are split over XLA's intra-op
-// thread pool; inside a tile the accumulators of up to 4 rows of x stay in registers over all of K. The
+// thread pool; inside a tile the accumulators of up to 2 rows of x stay in registers over all of K. The
 // vector code is GCC/Clang vector extensions, so -march=native makes it AVX-512 (or AVX2, or SSE) and a
 // portable build stays correct; the last N % 64 columns take a scalar loop.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -44,7 +45,7 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 constexpr int64_t kTile = 64;  // output columns per work item
 constexpr int kVecs = kTile / 16;
-constexpr int kRowBlock = 4;  // rows of x whose accumulators stay in registers
+constexpr int kRowBlock = 2;  // rows of x whose accumulators (total and group partial) stay in registers
 
 template <typename T>
 inline T LoadAs(const void* p) {
@@ -141,36 +142,50 @@ inline i32x16 LoadUnsignedBytes(const uint8_t* p) {
 #endif
 }
 
+// Packed codes -> float (code - offset) for the lanes of `bits` (code j of each byte already shifted to the
+// bottom). AVX-512 looks them up in a 16-entry table with one permute (which reads only the low 4 index
+// bits, so a table of period 2**SB also masks); elsewhere mask, subtract and convert.
+template <int SB, int32_t OFFSET>
+inline v16 CodesToFloat(i32x16 bits) {
+#if defined(__AVX512F__)
+  alignas(64) float table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<float>((i & ((1 << SB) - 1)) - OFFSET);
+  return (v16)_mm512_permutexvar_ps((__m512i)bits, _mm512_load_ps(table));
+#else
+  return __builtin_convertvector((bits & ((1 << SB) - 1)) - OFFSET, v16);
+#endif
+}
+
 struct Problem {
   int64_t M, K, N, G;
   const float* x;
   const uint8_t* data;
   const void* scales;
   const void* mins;
+  const float* xsum;  // [M, K / G] sums of x over each group (affine only: the mins' factor)
   float* y;
 };
 
 // One tile of kTile columns starting at n0, rows [m0, m0 + MR) of x. SB: storage bits (8 = signed int8).
+// Per group the codes (offset subtracted in integers: exact) are multiplied into partial sums, which meet
+// the group's scale once: W[k, n] = s * q[k, n] (+ min) gives sum_k x[k] W[k, n] = s * sum_k x[k] q[k, n]
+// (+ min * sum_k x[k]), one multiply per group instead of one per weight.
 template <int SB, bool AFFINE, int MR, typename ST>
 void Tile(const Problem& p, int64_t n0, int64_t m0) {
   constexpr int P = 8 / SB;
-  constexpr uint32_t kMask = (1u << SB) - 1u;
   constexpr int32_t kOffset = SB == 8 ? 0 : (AFFINE ? 0 : (1 << (SB - 1)));
   const ST* scales = static_cast<const ST*>(p.scales);
   const ST* mins = static_cast<const ST*>(p.mins);
-  const int64_t N = p.N, K = p.K, G = p.G;
+  const int64_t N = p.N, K = p.K, G = p.G, groups = K / G;
   const float* x = p.x + m0 * K;
   v16 acc[MR][kVecs];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < kVecs; ++c) acc[r][c] = v16{};
-  for (int64_t g0 = 0; g0 < K; g0 += G) {
-    v16 s[kVecs], mn[kVecs];
-    const int64_t srow = (g0 / G) * N + n0;
-    for (int c = 0; c < kVecs; ++c) {
-      s[c] = LoadScales(scales + srow + 16 * c);
-      if (AFFINE) mn[c] = LoadScales(mins + srow + 16 * c);
-    }
-    for (int64_t kb = g0 / P; kb < (g0 + G) / P; ++kb) {
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    v16 part[MR][kVecs];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kVecs; ++c) part[r][c] = v16{};
+    for (int64_t kb = gi * G / P; kb < (gi + 1) * G / P; ++kb) {
       const uint8_t* row = p.data + kb * N + n0;
       __builtin_prefetch(row + 16 * N);
       i32x16 bytes[kVecs];
@@ -179,16 +194,24 @@ void Tile(const Problem& p, int64_t n0, int64_t m0) {
       }
       for (int j = 0; j < P; ++j) {
         const int64_t k = kb * P + j;
-        v16 w[kVecs];
+        v16 q[kVecs];
         for (int c = 0; c < kVecs; ++c) {
-          const i32x16 code = SB == 8 ? bytes[c] : (i32x16)(((u32x16)bytes[c] >> (SB * j)) & kMask) - kOffset;
-          const v16 q = __builtin_convertvector(code, v16);
-          w[c] = AFFINE ? s[c] * q + mn[c] : s[c] * q;
+          q[c] = SB == 8 ? __builtin_convertvector(bytes[c], v16)
+                         : CodesToFloat<SB, kOffset>((i32x16)((u32x16)bytes[c] >> (SB * j)));
         }
         for (int r = 0; r < MR; ++r) {
           const float xv = x[r * K + k];
-          for (int c = 0; c < kVecs; ++c) acc[r][c] += xv * w[c];
+          for (int c = 0; c < kVecs; ++c) part[r][c] += xv * q[c];
         }
+      }
+    }
+    const int64_t srow = gi * N + n0;
+    for (int c = 0; c < kVecs; ++c) {
+      const v16 s = LoadScales(scales + srow + 16 * c);
+      for (int r = 0; r < MR; ++r) acc[r][c] += s * part[r][c];
+      if (AFFINE) {
+        const v16 mn = LoadScales(mins + srow + 16 * c);
+        for (int r = 0; r < MR; ++r) acc[r][c] += p.xsum[(m0 + r) * groups + gi] * mn;
       }
     }
   }
@@ -220,7 +243,16 @@ void TailColumns(const Problem& p, int64_t n0) {
 }
 
 template <int SB, bool AFFINE, typename ST>
-void Run(ffi::ThreadPool& pool, const Problem& p) {
+void Run(ffi::ThreadPool& pool, const Problem& problem) {
+  Problem p = problem;
+  std::vector<float> xsum;
+  if (AFFINE) {
+    const int64_t groups = p.K / p.G;
+    xsum.assign(p.M * groups, 0.0f);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k = 0; k < p.K; ++k) xsum[m * groups + k / p.G] += p.x[m * p.K + k];
+    p.xsum = xsum.data();
+  }
   const int64_t tiles = p.N / kTile;
   const bool tail = p.N % kTile != 0;
   ParallelFor(pool, tiles + (tail ? 1 : 0), [&](int64_t t) {
@@ -230,12 +262,7 @@ void Run(ffi::ThreadPool& pool, const Problem& p) {
     }
     int64_t m0 = 0;
     for (; m0 + kRowBlock <= p.M; m0 += kRowBlock) Tile<SB, AFFINE, kRowBlock, ST>(p, t * kTile, m0);
-    switch (p.M - m0) {
-      case 1: Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0); break;
-      case 2: Tile<SB, AFFINE, 2, ST>(p, t * kTile, m0); break;
-      case 3: Tile<SB, AFFINE, 3, ST>(p, t * kTile, m0); break;
-      default: break;
-    }
+    if (m0 < p.M) Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0);
   });
 }
 
@@ -278,7 +305,7 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const RunFn run = storage_bits == 8 ? PickScales<8>(false, half)
                     : storage_bits == 4 ? PickScales<4>(affine != 0, half) : PickScales<2>(affine != 0, half);
   run(pool, Problem{M, K, N, G, x.typed_data(), static_cast<const uint8_t*>(data.untyped_data()),
-                    scales.untyped_data(), mins.untyped_data(), y->typed_data()});
+                    scales.untyped_data(), mins.untyped_data(), nullptr, y->typed_data()});
   return ffi::Error::Success();
 }
 
