@@ -138,14 +138,14 @@ class KernelParityTest(_KernelOn):
 
 
 def _tiny_model():
-  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=2)
   params = llama.init_params(cfg, jax.random.PRNGKey(0))
   return cfg, params
 
 
 def _greedy(params, cfg, prompts):
-  return generation.generate(params, cfg, prompts, max_new_tokens=12, bucket=8).tokens
+  return generation.generate(params, cfg, prompts, max_new_tokens=8, bucket=8).tokens
 
 
 @absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
@@ -174,7 +174,7 @@ class PackedModelTest(_KernelOn):
 
   def test_compressed_model_int8_and_int4_segments(self):
     cfg, params = _tiny_model()
-    layers = packed.compress_layers(params["layers"], [8, 4, 4], [None] * 3, storage="packed", group_size=32)
+    layers = packed.compress_layers(params["layers"], [8, 4], [None] * 2, storage="packed", group_size=32)
     params = {**params, "layers": layers}
     self._compare(params, cfg, [[5, 17, 3, 44, 9], [2, 7]])
 

@@ -106,38 +106,24 @@ inline v16 LoadScales(const uint16_t* p) {  // 16 float16 values
 #endif
 }
 
-// 16 signed bytes -> 16 int32 lanes.
-inline i32x16 LoadSignedBytes(const uint8_t* p) {
+// 16 bytes -> 16 int32 lanes, sign- or zero-extended.
+template <bool SIGNED>
+inline i32x16 LoadBytes(const uint8_t* p) {
 #if defined(__AVX512F__)
-  return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (i32x16)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
 #elif defined(__AVX2__)
-  const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m128i b0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i b1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
+  const __m256i lo = SIGNED ? _mm256_cvtepi8_epi32(b0) : _mm256_cvtepu8_epi32(b0);
+  const __m256i hi = SIGNED ? _mm256_cvtepi8_epi32(b1) : _mm256_cvtepu8_epi32(b1);
   i32x16 v;
   std::memcpy(&v, &lo, 32);
   std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
   return v;
 #else
   i32x16 v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<int8_t>(p[i]);
-  return v;
-#endif
-}
-
-// 16 unsigned bytes -> 16 int32 lanes.
-inline i32x16 LoadUnsignedBytes(const uint8_t* p) {
-#if defined(__AVX512F__)
-  return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#elif defined(__AVX2__)
-  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-  i32x16 v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
-#else
-  i32x16 v;
-  for (int i = 0; i < 16; ++i) v[i] = p[i];
+  for (int i = 0; i < 16; ++i) v[i] = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(p[i])) : p[i];
   return v;
 #endif
 }
@@ -190,7 +176,7 @@ void Tile(const Problem& p, int64_t n0, int64_t m0) {
       __builtin_prefetch(row + 16 * N);
       i32x16 bytes[kVecs];
       for (int c = 0; c < kVecs; ++c) {
-        bytes[c] = SB == 8 ? LoadSignedBytes(row + 16 * c) : LoadUnsignedBytes(row + 16 * c);
+        bytes[c] = LoadBytes<SB == 8>(row + 16 * c);
       }
       for (int j = 0; j < P; ++j) {
         const int64_t k = kb * P + j;

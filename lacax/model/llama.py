@@ -54,6 +54,8 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
 
 The CPU decode kernel (lacax.model.cpu_attention) serves the attention wherever it computes the same numbers:
 XLA:CPU, a cache, no hook, no recorded statistics, no mesh; width masks, gates and LoRA do not change that.
+Packed low-bit projections (lacax.model.quantized.PackedWeight) run their decode products through a second
+CPU kernel (lacax.model.cpu_quant_matmul) under the same rule: only where it computes the same numbers.
 """
 
 from __future__ import annotations
