@@ -3,6 +3,7 @@
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest, parameterized
 import gguf
@@ -12,6 +13,7 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax.compress import packed
+from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.model import llama
 from lacax.model.config import ModelConfig
@@ -135,6 +137,31 @@ class KernelParityTest(_KernelOn):
     got = jax.jit(lambda x, p: p.project(x, _EQ))(prefill, pw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(_EQ, prefill, pw.dense())), rtol=1e-5,
                                atol=1e-4)
+
+
+class FallbackTest(absltest.TestCase):
+
+  def test_without_a_compiler_one_warning_and_the_xla_path(self):
+    """The library is built by the one mechanism of lacax.model.cpu_kernels: no compiler (and an empty kernel
+    cache) means one warning naming this kernel, and the XLA path computes the same product."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    library = cpu_kernels.KernelLibrary(cpu_quant_matmul.SOURCE, cpu_quant_matmul.KERNELS.targets,
+                                        cpu_quant_matmul.KERNELS.what)
+    rng = np.random.default_rng(4)
+    pw = _weight(rng, 64, 96, 4, 32)
+    x = jnp.asarray(rng.normal(size=(1, 1, 64)), jnp.float32)
+    with mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": tmp}), \
+        mock.patch.object(cpu_kernels, "_compiler", return_value=None), \
+        mock.patch.object(cpu_quant_matmul, "KERNELS", library), self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(cpu_quant_matmul.available())
+      self.assertFalse(cpu_quant_matmul.available())  # asked again: no second build, no second warning
+      self.assertFalse(_uses_kernel(lambda x, p: p.project(x, _EQ), x, pw))
+      got = jax.jit(lambda x, p: p.project(x, _EQ))(x, pw)
+    self.assertLen(logs.output, 1)
+    self.assertIn("lacax: CPU low-bit matmul kernel unavailable, using the pure-JAX path (no C++ compiler",
+                  logs.output[0])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(_EQ, x, pw.dense())), rtol=1e-5, atol=1e-4)
 
 
 def _tiny_model():
