@@ -1,6 +1,7 @@
 """The XLA:CPU low-bit matmul kernel (lacax/model/cpu_quant_matmul.cc) against the XLA dequantize-and-dot path."""
 
 import os
+import re
 import shutil
 import tempfile
 from unittest import mock
@@ -204,6 +205,24 @@ class PackedModelTest(_KernelOn):
     layers = packed.compress_layers(params["layers"], [8, 4], [None] * 2, storage="packed", group_size=32)
     params = {**params, "layers": layers}
     self._compare(params, cfg, [[5, 17, 3, 44, 9], [2, 7]])
+
+  def test_scan_reads_packed_layers_in_place(self):
+    """The decoder's scan passes packed weights whole (`PackedWeight.at_layer`): no layer's codes are copied
+    out of the stack before the kernel reads them, and each layer's product is that layer's."""
+    cfg, params = _tiny_model()
+    layers = packed.compress_layers(params["layers"], [4, 4], [None] * 2, storage="packed", group_size=32)
+    params = {**params, "layers": layers}
+    tokens = jnp.asarray([[3]], jnp.int32)
+    step = jax.jit(lambda p: llama.forward(p, tokens, jnp.zeros_like(tokens), None, cfg)[0])
+    hlo = step.lower(params).compile().as_text()
+    self.assertIn("lacax_quant_matmul", hlo)
+    self.assertIsNone(re.search(r"= [us]8\[[^\]]*\]\S* dynamic-slice\(", hlo), "a packed layer is sliced (copied)")
+    stacked = layers[0]["w_up"]
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 1, cfg.hidden_size)), jnp.float32)
+    for layer in range(2):
+      got = jax.jit(lambda x, w, i: w.at_layer(i).project(x, "btd,df->btf"))(x, stacked, layer)
+      want = jnp.einsum("btd,df->btf", x, stacked.dense()[layer], precision="highest")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
   def test_gguf_q4_1_kept_quantized(self):
     from tests import test_gguf  # pylint: disable=g-import-not-at-top

@@ -28,7 +28,7 @@
 #include <thread>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,6 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using lacax::ParallelFor;
+using lacax::SameDims;
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -485,15 +486,6 @@ AttendFn Pick(bool q_bf16, bool kv_bf16, bool blocked) {
   }
   if (q_bf16) return kv_bf16 ? &Attend<HD, uint16_t, uint16_t> : &Attend<HD, uint16_t, float>;
   return kv_bf16 ? &Attend<HD, float, uint16_t> : &Attend<HD, float, float>;
-}
-
-template <typename A, typename B>
-bool SameDims(const A& a, const B& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i] != b[i]) return false;
-  }
-  return true;
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }

@@ -135,7 +135,7 @@ def _fsync(path: Path) -> None:
 def build(source: Path) -> Path:
   """Compiles `source` (once per source/headers/compiler/CPU) and returns the verified shared library.
 
-  The headers beside the source (`*.h`, e.g. `cpu_parallel.h`) are on the include path and in the cache key.
+  The headers beside the source (`*.h`, e.g. `cpu_kernels.h`) are on the include path and in the cache key.
   """
   source = Path(source)
   cxx = _compiler()

@@ -12,9 +12,11 @@
 //   with storage_bits 8: int8 codes, offset 0; storage_bits 4 or 2: uint8 bytes holding P = 8 / storage_bits
 //   codes each, code k of byte k / P at bit offset storage_bits * (k % P), offset 2**(storage_bits - 1).
 //
-// Operands: x [M, K] f32; data s8 [K, N] or u8 [K / P, N]; scales [K / G, N] f32 or f16; mins like scales
-// (affine) or a [1] dummy (symmetric). Attributes: storage_bits, group_size G (a multiple of P dividing K),
-// affine. Result: y [M, N] f32.
+// Operands: x [M, K] f32; data s8 [L, K, N] or u8 [L, K / P, N]; scales [L, K / G, N] f32 or f16; mins like
+// scales (affine) or a [1] dummy (symmetric); layer [] s32: the product uses layer `layer` of the stacked
+// leaves, read in place (inside the decoder's scan XLA would otherwise copy each layer's slice of the packed
+// weight before every call). Attributes: storage_bits, group_size G (a multiple of P dividing K), affine.
+// Result: y [M, N] f32.
 //
 // Work: tiles of 64 output columns (one cache line of int8 codes per input row) are split over XLA's intra-op
 // thread pool; inside a tile the accumulators of up to 2 rows of x stay in registers over all of K. The
@@ -30,7 +32,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu_parallel.h"
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -38,6 +40,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using lacax::ParallelFor;
+using lacax::SameDims;
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -153,13 +156,15 @@ struct Problem {
 };
 
 // One tile of kTile columns starting at n0, rows [m0, m0 + MR) of x. SB: storage bits (8 = signed int8).
-// Per group the codes (offset subtracted in integers: exact) are multiplied into partial sums, which meet
-// the group's scale once: W[k, n] = s * q[k, n] (+ min) gives sum_k x[k] W[k, n] = s * sum_k x[k] q[k, n]
+// Per group the codes (offset subtracted exactly) are multiplied into partial sums, which meet the group's
+// scale once: W[k, n] = s * q[k, n] (+ min) gives sum_k x[k] W[k, n] = s * sum_k x[k] q[k, n]
 // (+ min * sum_k x[k]), one multiply per group instead of one per weight.
 template <int SB, bool AFFINE, int MR, typename ST>
 void Tile(const Problem& p, int64_t n0, int64_t m0) {
   constexpr int P = 8 / SB;
-  constexpr int32_t kOffset = SB == 8 ? 0 : (AFFINE ? 0 : (1 << (SB - 1)));
+  // Codes are centred in the affine form too (the group's min absorbs offset * scale): the partial sums then
+  // stay small and do not cancel against min * sum(x), which kept Q4_1 products ~3x off the XLA path's.
+  constexpr int32_t kOffset = SB == 8 ? 0 : (1 << (SB - 1));
   const ST* scales = static_cast<const ST*>(p.scales);
   const ST* mins = static_cast<const ST*>(p.mins);
   const int64_t N = p.N, K = p.K, G = p.G, groups = K / G;
@@ -196,7 +201,7 @@ void Tile(const Problem& p, int64_t n0, int64_t m0) {
       const v16 s = LoadScales(scales + srow + 16 * c);
       for (int r = 0; r < MR; ++r) acc[r][c] += s * part[r][c];
       if (AFFINE) {
-        const v16 mn = LoadScales(mins + srow + 16 * c);
+        const v16 mn = LoadScales(mins + srow + 16 * c) + s * static_cast<float>(kOffset);
         for (int r = 0; r < MR; ++r) acc[r][c] += p.xsum[(m0 + r) * groups + gi] * mn;
       }
     }
@@ -263,35 +268,40 @@ RunFn PickScales(bool affine, bool half) {
 ffi::Error Error(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
 
 ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::AnyBuffer scales,
-                       ffi::AnyBuffer mins, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t storage_bits,
-                       int64_t group_size, int64_t affine) {
+                       ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                       int64_t storage_bits, int64_t group_size, int64_t affine) {
   const auto xd = x.dimensions();
   const auto dd = data.dimensions();
   const auto sd = scales.dimensions();
-  if (xd.size() != 2 || dd.size() != 2 || sd.size() != 2) return Error("x, data and scales must be rank 2");
+  if (xd.size() != 2 || dd.size() != 3 || sd.size() != 3) return Error("x must be rank 2, data and scales rank 3");
   if (storage_bits != 8 && storage_bits != 4 && storage_bits != 2) return Error("storage_bits must be 8, 4 or 2");
-  const int64_t M = xd[0], K = xd[1], N = dd[1], P = 8 / storage_bits, G = group_size;
+  const int64_t M = xd[0], K = xd[1], L = dd[0], N = dd[2], P = 8 / storage_bits, G = group_size;
   const auto want = storage_bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
-  if (data.element_type() != want || dd[0] * P != K) return Error("data must be s8 [K, N] or u8 [K / P, N]");
+  if (data.element_type() != want || dd[1] * P != K) return Error("data must be s8 [L, K, N] or u8 [L, K / P, N]");
   if (G <= 0 || G % P != 0 || K % G != 0) return Error("group_size must be a multiple of P that divides K");
   if (storage_bits == 8 && affine) return Error("8-bit codes are symmetric");
   const auto st = scales.element_type();
-  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || sd[0] != K / G || sd[1] != N) {
-    return Error("scales must be f32 or f16 [K / group_size, N]");
+  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || sd[0] != L || sd[1] != K / G || sd[2] != N) {
+    return Error("scales must be f32 or f16 [L, K / group_size, N]");
   }
-  if (affine) {
-    const auto md = mins.dimensions();
-    if (mins.element_type() != st || md.size() != 2 || md[0] != sd[0] || md[1] != N) {
-      return Error("mins must match the scales");
-    }
+  if (affine && (mins.element_type() != st || !SameDims(mins.dimensions(), sd))) {
+    return Error("mins must match the scales");
   }
   const auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return Error("layer index out of range");
   const bool half = st == ffi::DataType::F16;
+  const size_t scale_bytes = half ? 2 : 4;
+  const int64_t per_layer_scales = (K / G) * N;
   const RunFn run = storage_bits == 8 ? PickScales<8>(false, half)
                     : storage_bits == 4 ? PickScales<4>(affine != 0, half) : PickScales<2>(affine != 0, half);
-  run(pool, Problem{M, K, N, G, x.typed_data(), static_cast<const uint8_t*>(data.untyped_data()),
-                    scales.untyped_data(), mins.untyped_data(), nullptr, y->typed_data()});
+  run(pool, Problem{M, K, N, G, x.typed_data(),
+                    static_cast<const uint8_t*>(data.untyped_data()) + li * (K / P) * N,
+                    static_cast<const char*>(scales.untyped_data()) + li * per_layer_scales * scale_bytes,
+                    affine ? static_cast<const char*>(mins.untyped_data()) + li * per_layer_scales * scale_bytes
+                           : mins.untyped_data(),
+                    nullptr, y->typed_data()});
   return ffi::Error::Success();
 }
 
@@ -304,6 +314,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
                                   .Arg<ffi::AnyBuffer>()         // data (codes)
                                   .Arg<ffi::AnyBuffer>()         // scales
                                   .Arg<ffi::AnyBuffer>()         // mins (or a dummy)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Attr<int64_t>("storage_bits")
                                   .Attr<int64_t>("group_size")

@@ -8,9 +8,10 @@ into the few rows of x that a decode step has (float32 arithmetic and accumulati
 It is an implementation detail of `lacax.model.quantized.PackedWeight.project`, used only where it computes
 what the XLA path computes (that path is the reference, and the path everywhere else):
   * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call);
-  * one layer's weight (`data` of rank 2: inside the decoder's scan), 8-bit codes or codes packed two (3/4-bit)
-    or four (2-bit) per byte, symmetric or affine (GGUF Q4_1 mins), float32 or float16 scales, a group size
-    that is a multiple of the codes per byte;
+  * one layer's weight (`data` of rank 2), or one layer of a stacked one (`PackedWeight.at_layer`: the
+    decoder's scan passes packed weights whole, and the kernel reads the layer in place); 8-bit codes or codes
+    packed two (3/4-bit) or four (2-bit) per byte, symmetric or affine (GGUF Q4_1 mins), float32 or float16
+    scales, a group size that is a multiple of the codes per byte;
   * an einsum "<lead><in>,<in><out>-><lead><out>" (every layer projection of lacax.model.llama), with at most
     `MAX_ROWS` rows (the product of the lead axes: batch x new tokens); longer prefills keep XLA's GEMM, which
     amortises the dequantization over many rows;
@@ -81,7 +82,7 @@ def supports(w, x: jax.Array, equation: str) -> bool:
   sb = storage_bits(w.bits)
   per_byte = 8 // sb
   k = int(np.prod(w.in_shape, dtype=np.int64))
-  if (w.data.ndim != 2 or sb not in STORAGE_BITS or w.group_size % per_byte or k % w.group_size
+  if (w.data.ndim != (2 if w.layer is None else 3) or sb not in STORAGE_BITS or w.group_size % per_byte or k % w.group_size
       or jnp.dtype(w.scales.dtype) not in SCALE_DTYPES or jnp.dtype(x.dtype) not in INPUT_DTYPES
       or (w.mins is not None and w.mins.dtype != w.scales.dtype)):
     return False
@@ -92,12 +93,13 @@ def supports(w, x: jax.Array, equation: str) -> bool:
   return 1 <= rows <= MAX_ROWS
 
 
-def _call(x2: jax.Array, data: jax.Array, scales: jax.Array, mins: jax.Array, *, storage_bits: int,
-          group_size: int, affine: bool) -> jax.Array:
-  """y [M, N] float32 = x2 [M, K] float32 @ the dequantized weight (operands as in the .cc header)."""
-  return jax.ffi.ffi_call("lacax_quant_matmul", jax.ShapeDtypeStruct((x2.shape[0], data.shape[1]), jnp.float32),
+def _call(x2: jax.Array, data: jax.Array, scales: jax.Array, mins: jax.Array, layer: jax.Array, *,
+          storage_bits: int, group_size: int, affine: bool) -> jax.Array:
+  """y [M, N] float32 = x2 [M, K] float32 @ layer `layer` of the stacked dequantized weight (operands as in the
+  .cc header: data [L, K', N], scales [L, K / group_size, N])."""
+  return jax.ffi.ffi_call("lacax_quant_matmul", jax.ShapeDtypeStruct((x2.shape[0], data.shape[-1]), jnp.float32),
                           vmap_method="sequential")(
-      x2, data, scales, mins, storage_bits=np.int64(storage_bits), group_size=np.int64(group_size),
+      x2, data, scales, mins, layer, storage_bits=np.int64(storage_bits), group_size=np.int64(group_size),
       affine=np.int64(affine))
 
 
@@ -118,14 +120,17 @@ def project(w, x: jax.Array, equation: str, reference, preferred_element_type=No
   rows, k = int(np.prod(lead, dtype=np.int64)), int(np.prod(w.in_shape, dtype=np.int64))
   out_dtype = preferred_element_type or x.dtype
   affine = w.mins is not None
+  if w.layer is None:  # one layer: a stack of one (a bitcast, no copy)
+    w = w.replace(data=w.data[None], scales=w.scales[None], mins=w.mins[None] if affine else None,
+                  layer=jnp.zeros((), jnp.int32))
   mins = w.mins if affine else jnp.zeros((1,), w.scales.dtype)  # the custom call needs an operand
 
-  def kernel(x, data, scales, mins):
-    y = _call(x.reshape(rows, k).astype(jnp.float32), data, scales, mins, storage_bits=storage_bits(w.bits),
-              group_size=w.group_size, affine=affine)
+  def kernel(x, data, scales, mins, layer):
+    y = _call(x.reshape(rows, k).astype(jnp.float32), data, scales, mins, layer,
+              storage_bits=storage_bits(w.bits), group_size=w.group_size, affine=affine)
     return y.reshape(tuple(lead) + tuple(w.out_shape)).astype(out_dtype)
 
-  def _reference(x, data, scales, mins):
-    return reference(x, w.replace(data=data, scales=scales, mins=mins if affine else None))
+  def _reference(x, data, scales, mins, layer):
+    return reference(x, w.replace(data=data, scales=scales, mins=mins if affine else None, layer=layer))
 
-  return cpu_kernels.on_cpu(kernel, _reference, x, w.data, w.scales, mins)
+  return cpu_kernels.on_cpu(kernel, _reference, x, w.data, w.scales, mins, w.layer)

@@ -118,6 +118,8 @@ class PackedWeight(ProjectedWeight):
     scales: [..., K / group_size, N] (float16 for GGUF blocks, float32 for lacax's own quantizer)
     mins:   None (symmetric: w = scale * (code - offset), offset 2**(storage_bits - 1) for packed codes, 0 for
             int8), or [..., K / group_size, N] (affine, Q4_1: w = scale * code + min)
+    layer:  None, or an int32 scalar: the leaves are stacked on a leading layer axis and the weight is that
+            layer of them (`at_layer`: the forward's scan reads packed layers in place, not as copied slices)
 
   `dense` computes exactly what `gguf.quants.dequantize` computes (float32 products of the float16 block
   scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA, or, on
@@ -127,14 +129,32 @@ class PackedWeight(ProjectedWeight):
   data: jax.Array
   scales: jax.Array
   mins: jax.Array | None = None
+  layer: jax.Array | None = None
   bits: int = flax.struct.field(pytree_node=False, default=8)
   group_size: int = flax.struct.field(pytree_node=False, default=32)
   in_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
+  reads_layers_in_place = True
+
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.data.shape[:-2]) + tuple(self.in_shape) + tuple(self.out_shape)
+    lead = tuple(self.data.shape[:-2])[0 if self.layer is None else 1:]
+    return lead + tuple(self.in_shape) + tuple(self.out_shape)
+
+  def at_layer(self, index: jax.Array) -> "PackedWeight":
+    """Layer `index` of this weight stacked on one leading layer axis, reading the stacked leaves in place."""
+    if self.layer is not None or self.data.ndim != 3:
+      raise ValueError(f"at_layer needs leaves [layers, K', N] and no layer yet; data is {self.data.shape}, "
+                       f"layer {self.layer}")
+    return self.replace(layer=jnp.asarray(index, jnp.int32))
+
+  def _one_layer(self) -> "PackedWeight":
+    """The weight with `layer` applied: leaves sliced (XLA fuses the slice into what reads it)."""
+    if self.layer is None:
+      return self
+    pick = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False)
+    return self.replace(data=pick(self.data), scales=pick(self.scales), mins=pick(self.mins), layer=None)
 
   @property
   def nbytes(self) -> int:
@@ -144,12 +164,16 @@ class PackedWeight(ProjectedWeight):
 
   def codes(self) -> jax.Array:
     """Integer codes [..., K, N]: signed (symmetric) values, or unsigned ones for the affine form."""
+    if self.layer is not None:
+      return self._one_layer().codes()
     if storage_bits(self.bits) == 8:
       return self.data.astype(jnp.int32)
     codes = unpack_codes(self.data, self.bits).astype(jnp.int32)
     return codes if self.mins is not None else codes - (1 << (storage_bits(self.bits) - 1))
 
   def dense(self, dtype=jnp.float32) -> jax.Array:
+    if self.layer is not None:
+      return self._one_layer().dense(dtype)
     codes = self.codes()
     *lead, k, n = codes.shape
     g = self.group_size

@@ -1,9 +1,9 @@
-// Work splitting on XLA:CPU's intra-op thread pool, shared by lacax's CPU custom-call kernels
-// (cpu_attention.cc, cpu_quant_matmul.cc; lacax/model/cpu_kernels.py puts this directory on the include path
-// and hashes this header into every kernel's cache key).
+// What lacax's CPU custom-call kernels share (cpu_attention.cc, cpu_quant_matmul.cc): work splitting on XLA:CPU's
+// intra-op thread pool and shape checks. lacax/model/cpu_kernels.py puts this directory on the include path and
+// hashes this header into every kernel's cache key.
 
-#ifndef LACAX_MODEL_CPU_PARALLEL_H_
-#define LACAX_MODEL_CPU_PARALLEL_H_
+#ifndef LACAX_MODEL_CPU_KERNELS_H_
+#define LACAX_MODEL_CPU_KERNELS_H_
 
 #include <algorithm>
 #include <atomic>
@@ -43,6 +43,15 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t total, const F& fn) {
   while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
+template <typename A, typename B>
+bool SameDims(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
 }  // namespace lacax
 
-#endif  // LACAX_MODEL_CPU_PARALLEL_H_
+#endif  // LACAX_MODEL_CPU_KERNELS_H_
