@@ -82,7 +82,8 @@ def supports(w, x: jax.Array, equation: str) -> bool:
   sb = storage_bits(w.bits)
   per_byte = 8 // sb
   k = int(np.prod(w.in_shape, dtype=np.int64))
-  if (w.data.ndim != (2 if w.layer is None else 3) or sb not in STORAGE_BITS or w.group_size % per_byte or k % w.group_size
+  one_layer = w.data.ndim == (2 if w.layer is None else 3)
+  if (not one_layer or sb not in STORAGE_BITS or w.group_size % per_byte or k % w.group_size
       or jnp.dtype(w.scales.dtype) not in SCALE_DTYPES or jnp.dtype(x.dtype) not in INPUT_DTYPES
       or (w.mins is not None and w.mins.dtype != w.scales.dtype)):
     return False
@@ -107,7 +108,7 @@ def project(w, x: jax.Array, equation: str, reference, preferred_element_type=No
   """`jnp.einsum(equation, x, w.dense(x.dtype))` with the kernel on CPU (call only where `supports`).
 
   Args:
-    w: a `PackedWeight` of one layer.
+    w: a `PackedWeight` of one layer (`data` of rank 2, or stacked with `layer` set).
     x: [lead..., in...] float input.
     equation: "<lead><in>,<in><out>-><lead><out>".
     reference: the XLA path, reference(x, w) -> the product (used off CPU and for derivatives).

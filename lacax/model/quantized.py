@@ -188,9 +188,8 @@ class PackedWeight(ProjectedWeight):
     """The product with the dense weight: on XLA:CPU for decode-sized inputs the low-bit matmul kernel
     (`lacax.model.cpu_quant_matmul`, which reads the packed codes once), else `_xla_project`."""
     if cpu_quant_matmul.supports(self, x, equation) and cpu_quant_matmul.available():
-      return cpu_quant_matmul.project(self, x, equation, lambda x, w: w._xla_project(x, equation,
-                                                                                     preferred_element_type),
-                                      preferred_element_type)
+      reference = lambda x, w: w._xla_project(x, equation, preferred_element_type)  # pylint: disable=protected-access
+      return cpu_quant_matmul.project(self, x, equation, reference, preferred_element_type)
     return self._xla_project(x, equation, preferred_element_type)
 
   def _xla_project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
