@@ -19,7 +19,7 @@
 // Result: y [M, N] f32.
 //
 // Work: tiles of 64 output columns (one cache line of int8 codes per input row) are split over XLA's intra-op
-// thread pool; inside a tile the accumulators of up to 2 rows of x stay in registers over all of K. The
+// thread pool; a tile is read once per block of 4 rows of x, whose partial sums stay in registers. The
 // vector code is GCC/Clang vector extensions, so -march=native makes it AVX-512 (or AVX2, or SSE) and a
 // portable build stays correct; the last N % 64 columns take a scalar loop.
 
@@ -48,7 +48,7 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 constexpr int64_t kTile = 64;  // output columns per work item
 constexpr int kVecs = kTile / 16;
-constexpr int kRowBlock = 2;  // rows of x whose accumulators (total and group partial) stay in registers
+constexpr int kRowBlock = 4;  // rows of x per pass over a tile (the group partial sums stay in registers)
 
 template <typename T>
 inline T LoadAs(const void* p) {
@@ -253,7 +253,12 @@ void Run(ffi::ThreadPool& pool, const Problem& problem) {
     }
     int64_t m0 = 0;
     for (; m0 + kRowBlock <= p.M; m0 += kRowBlock) Tile<SB, AFFINE, kRowBlock, ST>(p, t * kTile, m0);
-    if (m0 < p.M) Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0);
+    switch (p.M - m0) {
+      case 3: Tile<SB, AFFINE, 3, ST>(p, t * kTile, m0); break;
+      case 2: Tile<SB, AFFINE, 2, ST>(p, t * kTile, m0); break;
+      case 1: Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0); break;
+      default: break;
+    }
   });
 }
 
@@ -261,8 +266,12 @@ using RunFn = void (*)(ffi::ThreadPool&, const Problem&);
 
 template <int SB>
 RunFn PickScales(bool affine, bool half) {
-  if (affine) return half ? &Run<SB, true, uint16_t> : &Run<SB, true, float>;
-  return half ? &Run<SB, false, uint16_t> : &Run<SB, false, float>;
+  if constexpr (SB == 8) {  // int8 codes are symmetric: no affine instantiation
+    return half ? &Run<SB, false, uint16_t> : &Run<SB, false, float>;
+  } else {
+    if (affine) return half ? &Run<SB, true, uint16_t> : &Run<SB, true, float>;
+    return half ? &Run<SB, false, uint16_t> : &Run<SB, false, float>;
+  }
 }
 
 ffi::Error Error(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
@@ -295,7 +304,8 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const size_t scale_bytes = half ? 2 : 4;
   const int64_t per_layer_scales = (K / G) * N;
   const RunFn run = storage_bits == 8 ? PickScales<8>(false, half)
-                    : storage_bits == 4 ? PickScales<4>(affine != 0, half) : PickScales<2>(affine != 0, half);
+                    : storage_bits == 4 ? PickScales<4>(affine != 0, half)
+                                        : PickScales<2>(affine != 0, half);
   run(pool, Problem{M, K, N, G, x.typed_data(),
                     static_cast<const uint8_t*>(data.untyped_data()) + li * (K / P) * N,
                     static_cast<const char*>(scales.untyped_data()) + li * per_layer_scales * scale_bytes,
