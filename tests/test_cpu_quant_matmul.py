@@ -1,5 +1,6 @@
 """The XLA:CPU low-bit matmul kernel (lacax/model/cpu_quant_matmul.cc) against the XLA dequantize-and-dot path."""
 
+import ctypes
 import os
 import re
 import shutil
@@ -124,6 +125,31 @@ class KernelParityTest(_KernelOn):
     g_kernel = jax.jit(jax.grad(loss))(x[0], pw)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(pw._xla_project(x, _EQ))))(x[0])  # pylint: disable=protected-access
     np.testing.assert_allclose(np.asarray(g_kernel), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+  def test_portable_build_computes_the_same(self):
+    """Built without -march=native (no AVX2 / AVX-512 / F16C paths: the generic vector code of older CPUs),
+    the library computes the same products as the native build."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    with mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": tmp}):
+      library = ctypes.CDLL(str(cpu_kernels.build(cpu_quant_matmul.SOURCE, flag_sets=(["-O3"],))))
+    jax.ffi.register_ffi_target("lacax_quant_matmul_portable", jax.ffi.pycapsule(library.LacaxQuantMatmul),
+                                platform="cpu")
+    rng = np.random.default_rng(6)
+    for K, N, bits, group, M, affine, scale_dtype in ((77, 131, 8, 7, 3, False, jnp.float32),
+                                                      (128, 160, 4, 32, 5, True, jnp.float16),
+                                                      (96, 70, 2, 32, 1, False, jnp.float32)):
+      pw = _weight(rng, K, N, bits, group, affine=affine, scale_dtype=scale_dtype)
+      x = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
+      mins = pw.mins[None] if affine else jnp.zeros((1,), pw.scales.dtype)
+      args = (x, pw.data[None], pw.scales[None], mins, jnp.zeros((), jnp.int32))
+      attrs = dict(storage_bits=8 if bits == 8 else (4 if bits > 2 else 2), group_size=pw.group_size, affine=affine)
+      call = cpu_quant_matmul._call  # pylint: disable=protected-access
+      native, portable = call(*args, **attrs), call(*args, **attrs, target="lacax_quant_matmul_portable")
+      want = jnp.einsum("mk,kn->mn", x, pw.dense(), precision="highest")
+      scale = float(jnp.max(jnp.abs(want)))
+      np.testing.assert_allclose(np.asarray(portable), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+      np.testing.assert_allclose(np.asarray(portable), np.asarray(native), rtol=0, atol=2e-6 * scale * np.sqrt(K))
 
   def test_unsupported_inputs_keep_the_xla_path(self):
     rng = np.random.default_rng(3)

@@ -132,10 +132,11 @@ def _fsync(path: Path) -> None:
     os.close(fd)
 
 
-def build(source: Path) -> Path:
-  """Compiles `source` (once per source/headers/compiler/CPU) and returns the verified shared library.
+def build(source: Path, flag_sets=_FLAG_SETS) -> Path:
+  """Compiles `source` (once per source/headers/flags/compiler/CPU) and returns the verified shared library.
 
   The headers beside the source (`*.h`, e.g. `cpu_kernels.h`) are on the include path and in the cache key.
+  `flag_sets` are tried in order (tests pass `(["-O3"],)` to check the portable build of the vector code).
   """
   source = Path(source)
   cxx = _compiler()
@@ -149,7 +150,7 @@ def build(source: Path) -> Path:
   root.mkdir(parents=True, exist_ok=True)
   _sweep(root)
   errors = []
-  for flags in _FLAG_SETS:
+  for flags in flag_sets:
     args = [*flags, "-std=c++17", "-shared", "-fPIC", "-I", include, "-I", str(source.parent), str(source)]
     key = hashlib.sha256(b"\0".join([_CACHE_FORMAT, text, " ".join(args).encode(), version.encode(),
                                      jax.__version__.encode(), _cpu_fingerprint().encode()])).hexdigest()[:16]

@@ -95,10 +95,10 @@ def supports(w, x: jax.Array, equation: str) -> bool:
 
 
 def _call(x2: jax.Array, data: jax.Array, scales: jax.Array, mins: jax.Array, layer: jax.Array, *,
-          storage_bits: int, group_size: int, affine: bool) -> jax.Array:
+          storage_bits: int, group_size: int, affine: bool, target: str = "lacax_quant_matmul") -> jax.Array:
   """y [M, N] float32 = x2 [M, K] float32 @ layer `layer` of the stacked dequantized weight (operands as in the
   .cc header: data [L, K', N], scales [L, K / group_size, N])."""
-  return jax.ffi.ffi_call("lacax_quant_matmul", jax.ShapeDtypeStruct((x2.shape[0], data.shape[-1]), jnp.float32),
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], data.shape[-1]), jnp.float32),
                           vmap_method="sequential")(
       x2, data, scales, mins, layer, storage_bits=np.int64(storage_bits), group_size=np.int64(group_size),
       affine=np.int64(affine))
