@@ -2,6 +2,7 @@
 
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
                                     [--rope_modes=slot,stored] [--cpu_kernel=on,off]
+                                    [--weights=dense,int8,int4,q4_1] [--quant_kernel=on,off]
   python -m experiments.bench_decode --contexts=512,4096,8192 --dtypes=float32 --rope_modes=slot \
       --new_tokens=2 --repeats=3                 # prefill speed (both sides: the best of 3, every time kept)
 
@@ -14,6 +15,11 @@ pure-JAX attention). lacax runs its compiled prefill and its compiled decode loo
 `past_key_values` loop, which is what `generate` does, without its per-step logits processing), in a separate
 process, with the faster of `--torch_threads`. Reports tokens/s, the lacax/transformers ratio, and the
 achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
+
+`--weights` adds rows with packed low-bit layer projections (embedding and head stay float): int8 per channel
+and int4 in groups of 32 (lacax's symmetric quantizer, `lacax.compress.packed.compress_layers`), and q4_1 (the
+GGUF's own Q4_1 tensors kept as codes, `load_model(keep_quantized=True)`). `--quant_kernel=on,off` measures
+them with and without the XLA:CPU low-bit matmul kernel (rows marked "/dequant": XLA dequantizes every step).
 Writes `results/bench_decode/<timestamp>.json` and prints a table.
 
   python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
@@ -31,6 +37,7 @@ policy's decode speed relative to StreamingLLM's in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,7 +53,9 @@ import numpy as np
 from lacax import generate as generation
 from lacax import results as results_lib
 from lacax.cache.full import FullPolicy
+from lacax.compress import packed
 from lacax.model import cpu_attention
+from lacax.model import cpu_quant_matmul
 from lacax.weights.loader import load_model
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Prompt lengths.")
@@ -56,6 +65,12 @@ _ROPE_MODES = flags.DEFINE_list("rope_modes", ["slot", "stored"], "Full-cache ke
 _CPU_KERNEL = flags.DEFINE_list(
     "cpu_kernel", ["on"], "on: decode attention through the XLA:CPU kernel where it applies; off: the "
     "pure-JAX formulation (lacax.model.cpu_attention). Both: one row each.")
+_WEIGHTS = flags.DEFINE_list(
+    "weights", ["dense"], "dense: the model's float weights; int8 / int4: layer projections packed per channel / "
+    "in groups of 32; q4_1: the GGUF's Q4_1 tensors kept as codes (see above). One row each.")
+_QUANT_KERNEL = flags.DEFINE_list(
+    "quant_kernel", ["on"], "on: packed weights multiply through the XLA:CPU low-bit matmul kernel; off: XLA "
+    "dequantizes them every step (lacax.model.cpu_quant_matmul). Both: one row each.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
@@ -69,6 +84,25 @@ _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure
 
 def _prompt(context: int, vocab: int) -> list[int]:
   return np.random.RandomState(context).randint(10, min(vocab, 30000), context).tolist()
+
+
+# --weights: (bits, group size) of lacax's quantizer; q4_1 is read from the GGUF instead.
+_PACKED = {"int8": (8, None), "int4": (4, 32)}
+
+
+def with_weights(model, weights: str, dtype: str):
+  """`model` with its layer projections as `--weights` asks (dense: unchanged)."""
+  if weights == "dense":
+    return model
+  if weights == "q4_1":
+    return load_model(_MODEL.value or None, dtype=dtype, keep_quantized=True)
+  if weights not in _PACKED:
+    raise ValueError(f"--weights: got {weights!r}, expected dense, int8, int4 or q4_1")
+  bits, group = _PACKED[weights]
+  L = model.cfg.num_layers
+  layers = packed.compress_layers(model.params["layers"], [bits] * L, [None] * L, storage="packed",
+                                  group_size=group)
+  return dataclasses.replace(model, params={**model.params, "layers": layers})
 
 
 def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot") -> dict:
@@ -258,36 +292,46 @@ def main(argv):
     print(f"\nwritten: {path}")
     return
   for dtype in _DTYPES.value:
-    model = load_model(_MODEL.value or None, dtype=dtype)
-    record["model"] = model.cfg.name
-    for kernel in _CPU_KERNEL.value:
-      if kernel not in ("on", "off"):
-        raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
-      cpu_attention.set_enabled(kernel == "on")
-      jax.clear_caches()  # the choice is made at trace time
-      used = kernel == "on" and cpu_attention.available()
-      for rope_mode in _ROPE_MODES.value:
-        for context in contexts:
-          got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
-          record["runs"].append({"impl": "lacax", "dtype": dtype, "rope_mode": rope_mode, "cpu_kernel": used,
-                                 "context": context, **got})
-          label = f"lacax/{rope_mode}" + ("" if used else "/jnp")
-          rows.append((label, dtype, context, got))
-          print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
+    dense_model = load_model(_MODEL.value or None, dtype=dtype)
+    record["model"] = dense_model.cfg.name
+    for weights in _WEIGHTS.value:
+      model = with_weights(dense_model, weights, dtype)
+      quant_kernels = ["on"] if weights == "dense" else _QUANT_KERNEL.value
+      for kernel in _CPU_KERNEL.value:
+        if kernel not in ("on", "off"):
+          raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
+        for quant_kernel in quant_kernels:
+          if quant_kernel not in ("on", "off"):
+            raise ValueError(f"--quant_kernel: got {quant_kernel!r}, expected 'on' or 'off'")
+          cpu_attention.set_enabled(kernel == "on")
+          cpu_quant_matmul.set_enabled(quant_kernel == "on")
+          jax.clear_caches()  # the choice is made at trace time
+          used = kernel == "on" and cpu_attention.available()
+          quant_used = weights != "dense" and quant_kernel == "on" and cpu_quant_matmul.available()
+          for rope_mode in _ROPE_MODES.value:
+            for context in contexts:
+              got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
+              record["runs"].append({"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
+                                     "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got})
+              label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
+                       + ("/dequant" if weights != "dense" and not quant_used else ""))
+              rows.append((label, dtype, context, got))
+              print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
     cpu_attention.set_enabled(True)
+    cpu_quant_matmul.set_enabled(True)
   if _TORCH.value:
     for run in _torch_runs(contexts):
       record["runs"].append(run)
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
-  print(f"\n{'impl':<20}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
+  print(f"\n{'impl':<32}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}")
   for impl, dtype, context, got in rows:
     ratio = got["decode_tokens_per_second"] / torch_speed[context] if context in torch_speed else float("nan")
     got["ratio_vs_transformers"] = ratio
     bw = got.get("bandwidth_GBps", float("nan"))
-    print(f"{impl:<20}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
+    print(f"{impl:<32}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
           f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}")
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:

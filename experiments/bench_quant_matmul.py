@@ -2,7 +2,9 @@
 
 For SmolLM2-135M's MLP shapes (576 x 1536 and 1536 x 576), decode (1 token) and prefill (128 tokens): time per
 jitted einsum, resident weight bytes, and the max error of the dequantized weight against float32, for int8
-per-channel and int4 with groups of 32. Writes JSON under results/bench_quant_matmul/ and prints a table.
+per-channel and int4 with groups of 32. "lacax" is `PackedWeight.project` as the forward runs it (the XLA:CPU
+low-bit kernel where it applies: decode), "dequant" the XLA path it replaces (dequantize, then the dot).
+Writes JSON under results/bench_quant_matmul/ and prints a table.
 
     python -m experiments.bench_quant_matmul            # lacax only
     /path/to/venv-with-qwix/bin/python -m experiments.bench_quant_matmul   # adds the qwix rows
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax import results
+from lacax.model import cpu_quant_matmul
 from lacax.model.quantized import PackedWeight
 
 flags.DEFINE_integer("repeats", 50, "timed calls per case")
@@ -64,7 +67,13 @@ def main(argv):
         t = _time(jax.jit(lambda x, p: p.project(x, "btk,kn->btn")), x, pw, repeats=FLAGS.repeats)
         err = float(jnp.abs(pw.dense() - w).max())
         rows.append({"impl": "lacax", "bits": bits, "group": group, "shape": [k, n], "tokens": tokens,
-                     "seconds": t, "bytes": pw.nbytes, "max_err": err})
+                     "seconds": t, "bytes": pw.nbytes, "max_err": err,
+                     "cpu_kernel": cpu_quant_matmul.supports(pw, x, "btk,kn->btn") and cpu_quant_matmul.available()})
+        # The XLA path the kernel replaces in decode: the whole weight dequantized, then the dot.
+        xla_path = jax.jit(lambda x, p: p._xla_project(x, "btk,kn->btn"))  # pylint: disable=protected-access
+        td = _time(xla_path, x, pw, repeats=FLAGS.repeats)
+        rows.append({"impl": "dequant", "bits": bits, "group": group, "shape": [k, n], "tokens": tokens,
+                     "seconds": td, "bytes": pw.nbytes, "max_err": err})
         if qwix is not None:
           qtype = jnp.int8 if bits == 8 else jnp.int4
           tiled = {} if group is None else {0: group}

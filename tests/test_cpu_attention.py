@@ -18,6 +18,7 @@ import numpy as np
 from lacax.cache.kv_cache import init_cache
 from lacax.model import config as config_lib
 from lacax.model import cpu_attention
+from lacax.model import cpu_kernels
 from lacax.model import llama
 from lacax.model import rope as rope_lib
 
@@ -234,7 +235,7 @@ class KernelCacheTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cpu_attention.set_enabled(True)
-    cls.good = cpu_attention._build()  # the real build in the default cache (a hit after the tests above)
+    cls.good = cpu_attention.KERNELS.build()  # the real build in the default cache (a hit after the tests above)
     cls.good_bytes = cls.good.read_bytes()
 
   def setUp(self):
@@ -261,11 +262,11 @@ class KernelCacheTest(absltest.TestCase):
       self.assertTrue(hasattr(loaded, symbol), symbol)
 
   def corrupt_and_rebuild(self, corrupt):
-    first = cpu_attention._build()
+    first = cpu_attention.KERNELS.build()
     self.assert_working(first, load=False)
     corrupt(first)
     with self.assertLogs(level="WARNING") as logs:
-      again = cpu_attention._build()
+      again = cpu_attention.KERNELS.build()
     self.assertEqual(again, first)
     self.assertLen(logs.output, 1)
     self.assertIn("lacax: cached CPU kernel is corrupt, rebuilding it", logs.output[0])
@@ -293,7 +294,7 @@ class KernelCacheTest(absltest.TestCase):
 
   def test_a_build_killed_half_way_leaves_nothing_that_is_used(self):
     env = dict(os.environ, PAUSE="60")
-    child = subprocess.Popen([sys.executable, "-c", "from lacax.model import cpu_attention as c; c._build()"],
+    child = subprocess.Popen([sys.executable, "-c", "from lacax.model import cpu_attention as c; c.KERNELS.build()"],
                              env=env, cwd=_REPO)
     try:
       deadline = time.time() + 120
@@ -310,28 +311,28 @@ class KernelCacheTest(absltest.TestCase):
     self.assertLess(half.stat().st_size, len(self.good_bytes))
     self.assertEqual([d for d in self.build_dirs() if d.startswith("cpu_attention-")], [])
     # The next build ignores the leftover (it may belong to a running build) and builds afresh...
-    library = cpu_attention._build()
+    library = cpu_attention.KERNELS.build()
     self.assert_working(library, load=False)
     self.assertTrue(half.exists())
     # ... and once the leftover is an hour old, a build deletes it.
     old = time.time() - 2 * 3600
     os.utime(half.parent, (old, old))
     shutil.rmtree(library.parent)
-    self.assert_working(cpu_attention._build())
+    self.assert_working(cpu_attention.KERNELS.build())
     self.assertFalse(half.parent.exists())
 
   def test_corrupt_kernel_without_a_compiler_falls_back_with_one_warning(self):
-    first = cpu_attention._build()
+    first = cpu_attention.KERNELS.build()
     os.truncate(first, 100)
-    state = dict(cpu_attention._state)
-    cpu_attention._state.update(built=None)
+    state = dict(cpu_attention.KERNELS._state)
+    cpu_attention.KERNELS._state.update(built=None)
     try:
-      with mock.patch.object(cpu_attention, "_compiler", return_value=None), \
+      with mock.patch.object(cpu_kernels, "_compiler", return_value=None), \
           self.assertLogs(level="WARNING") as logs:
         self.assertFalse(cpu_attention.available())
     finally:
-      cpu_attention._state.clear()
-      cpu_attention._state.update(state)
+      cpu_attention.KERNELS._state.clear()
+      cpu_attention.KERNELS._state.update(state)
     self.assertLen(logs.output, 1)
     self.assertIn("lacax: CPU decode-attention kernel unavailable, using the pure-JAX path (no C++ compiler",
                   logs.output[0])

@@ -28,11 +28,15 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using lacax::ParallelFor;
+using lacax::SameDims;
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -207,37 +211,6 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
       }
     }
   }
-}
-
-// Runs fn(0..total-1) on the calling thread and on up to (pool threads - 1) helpers. Items are claimed
-// from an atomic counter, so the caller never waits for a helper that has not started (no deadlock when
-// the pool is busy or has one thread); it waits only for items a helper has claimed.
-struct WorkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-template <typename F>
-void Drain(WorkQueue& queue, int64_t total, const F& fn) {
-  for (int64_t i = queue.next.fetch_add(1); i < total; i = queue.next.fetch_add(1)) {
-    fn(i);
-    queue.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Runs fn(0..total-1) on the calling thread and on up to (pool threads - 1) helpers. Items are claimed
-// from an atomic counter, so the caller never waits for a helper that has not started (no deadlock when
-// the pool is busy or has a single thread), only for items a helper has claimed. A helper that starts
-// after every item is claimed touches only the queue, which its shared_ptr keeps alive.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, const F& fn) {
-  auto queue = std::make_shared<WorkQueue>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([queue, total, &fn]() { Drain(*queue, total, fn); });
-  }
-  Drain(*queue, total, fn);
-  while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
 // The custom call's operands, typed by the Attend instantiation that reads them.
@@ -513,15 +486,6 @@ AttendFn Pick(bool q_bf16, bool kv_bf16, bool blocked) {
   }
   if (q_bf16) return kv_bf16 ? &Attend<HD, uint16_t, uint16_t> : &Attend<HD, uint16_t, float>;
   return kv_bf16 ? &Attend<HD, float, uint16_t> : &Attend<HD, float, float>;
-}
-
-template <typename A, typename B>
-bool SameDims(const A& a, const B& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i] != b[i]) return false;
-  }
-  return true;
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }

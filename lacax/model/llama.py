@@ -59,6 +59,8 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
 
 The CPU decode kernel (lacax.model.cpu_attention) serves the attention wherever it computes the same numbers:
 XLA:CPU, a cache, no hook, no recorded statistics, no mesh; width masks, gates and LoRA do not change that.
+Packed low-bit projections (lacax.model.quantized.PackedWeight) run their decode products through a second
+CPU kernel (lacax.model.cpu_quant_matmul) under the same rule: only where it computes the same numbers.
 """
 
 from __future__ import annotations
@@ -351,6 +353,14 @@ class ProjectedWeight:
     """The dense weight (for export, merging and references)."""
     raise NotImplementedError
 
+  # True for types whose `at_layer` reads one layer out of the stacked leaves: the forward's scan then passes
+  # the stacked weight whole instead of slicing it (a slice is a copy where a custom call reads it).
+  reads_layers_in_place = False
+
+  def at_layer(self, index: jax.Array) -> "ProjectedWeight":
+    """Layer `index` (int32 scalar, traced) of this weight stacked on a leading layer axis."""
+    raise NotImplementedError
+
 
 def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None) -> jax.Array:
   """The one function every projection of the forward goes through: x times the weight by `equation`."""
@@ -623,8 +633,9 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     delta = lora_delta(name, inp, lora_p, rng)
     return y if delta is None else y + delta.astype(y.dtype)
 
-  def layer_body(kv_s, g_s, use_cpu_kernel):
-    """The decoder layer for a segment of kv_s kv heads with g_s query heads each."""
+  def layer_body(kv_s, g_s, use_cpu_kernel, in_place):
+    """The decoder layer for a segment of kv_s kv heads with g_s query heads each; `in_place` holds the stacked
+    weights that read their layer in place (`ProjectedWeight.at_layer`) instead of being sliced by the scan."""
     pad = kv_cache - kv_s
 
     def pad_heads(a, value=0):  # [B, T, kv_s, ...] -> [B, T, kv_cache, ...]
@@ -633,7 +644,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
 
     def layer(carry, inputs):
       x, k_all, v_all, pos_all, length_all, scores_all, ks_all, vs_all, stats_all = carry
-      p, i, gate, head_mask, ffn_mask, lora_p = inputs
+      (p, step), i, gate, head_mask, ffn_mask, lora_p = inputs
+      p = {**p, **{name: w.at_layer(step) for name, w in in_place.items()}}
       rng = None if options.lora_rng is None else jax.random.fold_in(options.lora_rng, i)
       x_in = x
       h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -779,9 +791,14 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
                         and cpu_attention.supports(T, kv_cache, g_s, cfg.head_dim, dtype, cache.k.dtype,
                                                    cache.rope_mode)
                         and cpu_attention.available())
-      xs = (seg_p, jnp.asarray(ids, jnp.int32), gate, _rows(options.head_mask, ids),
-            _rows(options.ffn_mask, ids), lora_p)
-      carry, ys = jax.lax.scan(layer_body(kv_s, g_s, use_cpu_kernel), carry, xs)
+      # Weights that can read their layer out of the stacked leaves stay out of the scanned inputs: XLA:CPU
+      # would copy each layer's slice before a custom call (the low-bit matmul) could read it.
+      in_place = {name: w for name, w in seg_p.items()
+                  if isinstance(w, ProjectedWeight) and w.reads_layers_in_place}
+      sliced = {name: w for name, w in seg_p.items() if name not in in_place}
+      xs = ((sliced, jnp.arange(ids.size, dtype=jnp.int32)), jnp.asarray(ids, jnp.int32), gate,
+            _rows(options.head_mask, ids), _rows(options.ffn_mask, ids), lora_p)
+      carry, ys = jax.lax.scan(layer_body(kv_s, g_s, use_cpu_kernel, in_place), carry, xs)
       if hidden_steps is not None:
         hidden_steps.extend(ys[n] for n in range(ids.size))
       executed.extend(int(i) for i in ids)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lacax.model import cpu_quant_matmul
 from lacax.model.llama import ProjectedWeight
 
 # Contracted (input) axes of every layer projection in the stacked layout of lacax.model.llama (axis 0 = layer).
@@ -117,22 +118,43 @@ class PackedWeight(ProjectedWeight):
     scales: [..., K / group_size, N] (float16 for GGUF blocks, float32 for lacax's own quantizer)
     mins:   None (symmetric: w = scale * (code - offset), offset 2**(storage_bits - 1) for packed codes, 0 for
             int8), or [..., K / group_size, N] (affine, Q4_1: w = scale * code + min)
+    layer:  None, or an int32 scalar: the leaves are stacked on a leading layer axis and the weight is that
+            layer of them (`at_layer`: the forward's scan reads packed layers in place, not as copied slices)
 
   `dense` computes exactly what `gguf.quants.dequantize` computes (float32 products of the float16 block
-  scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA.
+  scales), and `project` multiplies by it: the dequantization is fused into the matmul's operand by XLA, or, on
+  XLA:CPU for decode-sized inputs, a custom call reads the packed codes directly (`lacax.model.cpu_quant_matmul`).
   """
 
   data: jax.Array
   scales: jax.Array
   mins: jax.Array | None = None
+  layer: jax.Array | None = None
   bits: int = flax.struct.field(pytree_node=False, default=8)
   group_size: int = flax.struct.field(pytree_node=False, default=32)
   in_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
+  reads_layers_in_place = True
+
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.data.shape[:-2]) + tuple(self.in_shape) + tuple(self.out_shape)
+    lead = tuple(self.data.shape[:-2])[0 if self.layer is None else 1:]
+    return lead + tuple(self.in_shape) + tuple(self.out_shape)
+
+  def at_layer(self, index: jax.Array) -> "PackedWeight":
+    """Layer `index` of this weight stacked on one leading layer axis, reading the stacked leaves in place."""
+    if self.layer is not None or self.data.ndim != 3:
+      raise ValueError(f"at_layer needs leaves [layers, K', N] and no layer yet; data is {self.data.shape}, "
+                       f"layer {self.layer}")
+    return self.replace(layer=jnp.asarray(index, jnp.int32))
+
+  def _one_layer(self) -> "PackedWeight":
+    """The weight with `layer` applied: leaves sliced (XLA fuses the slice into what reads it)."""
+    if self.layer is None:
+      return self
+    pick = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False)
+    return self.replace(data=pick(self.data), scales=pick(self.scales), mins=pick(self.mins), layer=None)
 
   @property
   def nbytes(self) -> int:
@@ -142,12 +164,16 @@ class PackedWeight(ProjectedWeight):
 
   def codes(self) -> jax.Array:
     """Integer codes [..., K, N]: signed (symmetric) values, or unsigned ones for the affine form."""
+    if self.layer is not None:
+      return self._one_layer().codes()
     if storage_bits(self.bits) == 8:
       return self.data.astype(jnp.int32)
     codes = unpack_codes(self.data, self.bits).astype(jnp.int32)
     return codes if self.mins is not None else codes - (1 << (storage_bits(self.bits) - 1))
 
   def dense(self, dtype=jnp.float32) -> jax.Array:
+    if self.layer is not None:
+      return self._one_layer().dense(dtype)
     codes = self.codes()
     *lead, k, n = codes.shape
     g = self.group_size
@@ -159,6 +185,15 @@ class PackedWeight(ProjectedWeight):
     return w.reshape(tuple(lead) + tuple(self.in_shape) + tuple(self.out_shape)).astype(dtype)
 
   def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    """The product with the dense weight: on XLA:CPU for decode-sized inputs the low-bit matmul kernel
+    (`lacax.model.cpu_quant_matmul`, which reads the packed codes once), else `_xla_project`."""
+    if cpu_quant_matmul.supports(self, x, equation) and cpu_quant_matmul.available():
+      reference = lambda x, w: w._xla_project(x, equation, preferred_element_type)  # pylint: disable=protected-access
+      return cpu_quant_matmul.project(self, x, equation, reference, preferred_element_type)
+    return self._xla_project(x, equation, preferred_element_type)
+
+  def _xla_project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    """The reference product: the dequantized weight into XLA's einsum (XLA fuses what it can)."""
     return jnp.einsum(equation, x, self.dense(x.dtype), preferred_element_type=preferred_element_type)
 
   @classmethod

@@ -1,0 +1,331 @@
+// Decode-time matmul with packed low-bit weights, for XLA:CPU (an XLA FFI custom call): y = x @ W, where W
+// is a `lacax.model.quantized.PackedWeight` kept as its integer codes and per-group scales (and offsets).
+//
+// Why this exists: the XLA path dequantizes W into a float32 [K, N] matrix every step and then runs the dot,
+// so a decode step reads the codes, writes 4 bytes per weight and reads them again: decode time does not
+// fall with the bit width. This kernel reads each code once, dequantizes it in registers and multiplies it
+// into the few rows of x a decode step has, so the bytes read per step are the packed bytes.
+//
+// Semantics (as `PackedWeight.dense`, then the product; float32 arithmetic and accumulation):
+//   W[k, n] = scale[k / G, n] * (code[k, n] - offset)          symmetric (mins absent)
+//   W[k, n] = scale[k / G, n] * code[k, n] + min[k / G, n]     affine (GGUF Q4_1)
+//   with storage_bits 8: int8 codes, offset 0; storage_bits 4 or 2: uint8 bytes holding P = 8 / storage_bits
+//   codes each, code k of byte k / P at bit offset storage_bits * (k % P), offset 2**(storage_bits - 1).
+//
+// Operands: x [M, K] f32; data s8 [L, K, N] or u8 [L, K / P, N]; scales [L, K / G, N] f32 or f16; mins like
+// scales (affine) or a [1] dummy (symmetric); layer [] s32: the product uses layer `layer` of the stacked
+// leaves, read in place (inside the decoder's scan XLA would otherwise copy each layer's slice of the packed
+// weight before every call). Attributes: storage_bits, group_size G (a multiple of P dividing K), affine.
+// Result: y [M, N] f32.
+//
+// Work: tiles of 64 output columns (one cache line of int8 codes per input row) are split over XLA's intra-op
+// thread pool; a tile is read once per block of 4 rows of x, whose partial sums stay in registers. The
+// vector code is GCC/Clang vector extensions, so -march=native makes it AVX-512 (or AVX2, or SSE) and a
+// portable build stays correct; the last N % 64 columns take a scalar loop.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using lacax::ParallelFor;
+using lacax::SameDims;
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+constexpr int64_t kTile = 64;  // output columns per work item
+constexpr int kVecs = kTile / 16;
+constexpr int kRowBlock = 4;  // rows of x per pass over a tile (the group partial sums stay in registers)
+
+template <typename T>
+inline T LoadAs(const void* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// float16 -> float32, exact for every value (normals, subnormals, infinities, NaN).
+inline float HalfToFloat(uint16_t h) {
+#ifdef __FLT16_MAX__
+  _Float16 f;
+  std::memcpy(&f, &h, sizeof(f));
+  return static_cast<float>(f);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113u;
+    while (!(mant & 0x400u)) {
+      mant <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+inline float ScaleAt(const float* p) { return *p; }
+inline float ScaleAt(const uint16_t* p) { return HalfToFloat(*p); }  // uint16_t holds float16
+
+// Widening loads. GCC scalarises __builtin_convertvector from 8- or 16-bit lanes to 32-bit ones, so the
+// instruction sets that have the widening instructions get them spelt out; the generic code stays correct.
+inline v16 LoadScales(const float* p) { return LoadAs<v16>(p); }
+inline v16 LoadScales(const uint16_t* p) {  // 16 float16 values
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  v16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16 v;
+  for (int i = 0; i < 16; ++i) v[i] = HalfToFloat(p[i]);
+  return v;
+#endif
+}
+
+// 16 bytes -> 16 int32 lanes, sign- or zero-extended.
+template <bool SIGNED>
+inline i32x16 LoadBytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (i32x16)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i b1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
+  const __m256i lo = SIGNED ? _mm256_cvtepi8_epi32(b0) : _mm256_cvtepu8_epi32(b0);
+  const __m256i hi = SIGNED ? _mm256_cvtepi8_epi32(b1) : _mm256_cvtepu8_epi32(b1);
+  i32x16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  i32x16 v;
+  for (int i = 0; i < 16; ++i) v[i] = SIGNED ? static_cast<int32_t>(static_cast<int8_t>(p[i])) : p[i];
+  return v;
+#endif
+}
+
+// Packed codes -> float (code - offset) for the lanes of `bits` (code j of each byte already shifted to the
+// bottom). AVX-512 looks them up in a 16-entry table with one permute (which reads only the low 4 index
+// bits, so a table of period 2**SB also masks); elsewhere mask, subtract and convert.
+template <int SB, int32_t OFFSET>
+inline v16 CodesToFloat(i32x16 bits) {
+#if defined(__AVX512F__)
+  alignas(64) float table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<float>((i & ((1 << SB) - 1)) - OFFSET);
+  return (v16)_mm512_permutexvar_ps((__m512i)bits, _mm512_load_ps(table));
+#else
+  return __builtin_convertvector((bits & ((1 << SB) - 1)) - OFFSET, v16);
+#endif
+}
+
+struct Problem {
+  int64_t M, K, N, G;
+  const float* x;
+  const uint8_t* data;
+  const void* scales;
+  const void* mins;
+  const float* xsum;  // [M, K / G] sums of x over each group (affine only: the mins' factor)
+  float* y;
+};
+
+// One tile of kTile columns starting at n0, rows [m0, m0 + MR) of x. SB: storage bits (8 = signed int8).
+// Per group the codes (offset subtracted exactly) are multiplied into partial sums, which meet the group's
+// scale once: W[k, n] = s * q[k, n] (+ min) gives sum_k x[k] W[k, n] = s * sum_k x[k] q[k, n]
+// (+ min * sum_k x[k]), one multiply per group instead of one per weight.
+template <int SB, bool AFFINE, int MR, typename ST>
+void Tile(const Problem& p, int64_t n0, int64_t m0) {
+  constexpr int P = 8 / SB;
+  // Codes are centred in the affine form too (the group's min absorbs offset * scale): the partial sums then
+  // stay small and do not cancel against min * sum(x), which kept Q4_1 products ~3x off the XLA path's.
+  constexpr int32_t kOffset = SB == 8 ? 0 : (1 << (SB - 1));
+  const ST* scales = static_cast<const ST*>(p.scales);
+  const ST* mins = static_cast<const ST*>(p.mins);
+  const int64_t N = p.N, K = p.K, G = p.G, groups = K / G;
+  const float* x = p.x + m0 * K;
+  v16 acc[MR][kVecs];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kVecs; ++c) acc[r][c] = v16{};
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    v16 part[MR][kVecs];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kVecs; ++c) part[r][c] = v16{};
+    for (int64_t kb = gi * G / P; kb < (gi + 1) * G / P; ++kb) {
+      const uint8_t* row = p.data + kb * N + n0;
+      __builtin_prefetch(row + 16 * N);
+      i32x16 bytes[kVecs];
+      for (int c = 0; c < kVecs; ++c) {
+        bytes[c] = LoadBytes<SB == 8>(row + 16 * c);
+      }
+      for (int j = 0; j < P; ++j) {
+        const int64_t k = kb * P + j;
+        v16 q[kVecs];
+        for (int c = 0; c < kVecs; ++c) {
+          q[c] = SB == 8 ? __builtin_convertvector(bytes[c], v16)
+                         : CodesToFloat<SB, kOffset>((i32x16)((u32x16)bytes[c] >> (SB * j)));
+        }
+        for (int r = 0; r < MR; ++r) {
+          const float xv = x[r * K + k];
+          for (int c = 0; c < kVecs; ++c) part[r][c] += xv * q[c];
+        }
+      }
+    }
+    const int64_t srow = gi * N + n0;
+    for (int c = 0; c < kVecs; ++c) {
+      const v16 s = LoadScales(scales + srow + 16 * c);
+      for (int r = 0; r < MR; ++r) acc[r][c] += s * part[r][c];
+      if (AFFINE) {
+        const v16 mn = LoadScales(mins + srow + 16 * c) + s * static_cast<float>(kOffset);
+        for (int r = 0; r < MR; ++r) acc[r][c] += p.xsum[(m0 + r) * groups + gi] * mn;
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kVecs; ++c) std::memcpy(p.y + (m0 + r) * N + n0 + 16 * c, &acc[r][c], sizeof(v16));
+}
+
+// The columns [n0, N) that do not fill a tile, every row: scalar.
+template <int SB, bool AFFINE, typename ST>
+void TailColumns(const Problem& p, int64_t n0) {
+  constexpr int P = 8 / SB;
+  constexpr uint32_t kMask = (1u << SB) - 1u;
+  constexpr int32_t kOffset = SB == 8 ? 0 : (AFFINE ? 0 : (1 << (SB - 1)));
+  const ST* scales = static_cast<const ST*>(p.scales);
+  const ST* mins = static_cast<const ST*>(p.mins);
+  const int64_t N = p.N, K = p.K;
+  for (int64_t n = n0; n < N; ++n) {
+    for (int64_t m = 0; m < p.M; ++m) p.y[m * N + n] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t si = (k / p.G) * N + n;
+      const uint8_t byte = p.data[(k / P) * N + n];
+      const int32_t code = SB == 8 ? static_cast<int32_t>(static_cast<int8_t>(byte))
+                                   : static_cast<int32_t>((byte >> (SB * (k % P))) & kMask) - kOffset;
+      const float q = static_cast<float>(code);
+      const float w = AFFINE ? ScaleAt(scales + si) * q + ScaleAt(mins + si) : ScaleAt(scales + si) * q;
+      for (int64_t m = 0; m < p.M; ++m) p.y[m * N + n] += p.x[m * K + k] * w;
+    }
+  }
+}
+
+template <int SB, bool AFFINE, typename ST>
+void Run(ffi::ThreadPool& pool, const Problem& problem) {
+  Problem p = problem;
+  std::vector<float> xsum;
+  if (AFFINE) {
+    const int64_t groups = p.K / p.G;
+    xsum.assign(p.M * groups, 0.0f);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k = 0; k < p.K; ++k) xsum[m * groups + k / p.G] += p.x[m * p.K + k];
+    p.xsum = xsum.data();
+  }
+  const int64_t tiles = p.N / kTile;
+  const bool tail = p.N % kTile != 0;
+  ParallelFor(pool, tiles + (tail ? 1 : 0), [&](int64_t t) {
+    if (t == tiles) {
+      TailColumns<SB, AFFINE, ST>(p, tiles * kTile);
+      return;
+    }
+    int64_t m0 = 0;
+    for (; m0 + kRowBlock <= p.M; m0 += kRowBlock) Tile<SB, AFFINE, kRowBlock, ST>(p, t * kTile, m0);
+    switch (p.M - m0) {
+      case 3: Tile<SB, AFFINE, 3, ST>(p, t * kTile, m0); break;
+      case 2: Tile<SB, AFFINE, 2, ST>(p, t * kTile, m0); break;
+      case 1: Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0); break;
+      default: break;
+    }
+  });
+}
+
+using RunFn = void (*)(ffi::ThreadPool&, const Problem&);
+
+template <int SB>
+RunFn PickScales(bool affine, bool half) {
+  if constexpr (SB == 8) {  // int8 codes are symmetric: no affine instantiation
+    return half ? &Run<SB, false, uint16_t> : &Run<SB, false, float>;
+  } else {
+    if (affine) return half ? &Run<SB, true, uint16_t> : &Run<SB, true, float>;
+    return half ? &Run<SB, false, uint16_t> : &Run<SB, false, float>;
+  }
+}
+
+ffi::Error Error(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
+
+ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::AnyBuffer scales,
+                       ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                       int64_t storage_bits, int64_t group_size, int64_t affine) {
+  const auto xd = x.dimensions();
+  const auto dd = data.dimensions();
+  const auto sd = scales.dimensions();
+  if (xd.size() != 2 || dd.size() != 3 || sd.size() != 3) return Error("x must be rank 2, data and scales rank 3");
+  if (storage_bits != 8 && storage_bits != 4 && storage_bits != 2) return Error("storage_bits must be 8, 4 or 2");
+  const int64_t M = xd[0], K = xd[1], L = dd[0], N = dd[2], P = 8 / storage_bits, G = group_size;
+  const auto want = storage_bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (data.element_type() != want || dd[1] * P != K) return Error("data must be s8 [L, K, N] or u8 [L, K / P, N]");
+  if (G <= 0 || G % P != 0 || K % G != 0) return Error("group_size must be a multiple of P that divides K");
+  if (storage_bits == 8 && affine) return Error("8-bit codes are symmetric");
+  const auto st = scales.element_type();
+  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || sd[0] != L || sd[1] != K / G || sd[2] != N) {
+    return Error("scales must be f32 or f16 [L, K / group_size, N]");
+  }
+  if (affine && (mins.element_type() != st || !SameDims(mins.dimensions(), sd))) {
+    return Error("mins must match the scales");
+  }
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return Error("layer index out of range");
+  const bool half = st == ffi::DataType::F16;
+  const size_t scale_bytes = half ? 2 : 4;
+  const int64_t per_layer_scales = (K / G) * N;
+  const RunFn run = storage_bits == 8 ? PickScales<8>(false, half)
+                    : storage_bits == 4 ? PickScales<4>(affine != 0, half)
+                                        : PickScales<2>(affine != 0, half);
+  run(pool, Problem{M, K, N, G, x.typed_data(),
+                    static_cast<const uint8_t*>(data.untyped_data()) + li * (K / P) * N,
+                    static_cast<const char*>(scales.untyped_data()) + li * per_layer_scales * scale_bytes,
+                    affine ? static_cast<const char*>(mins.untyped_data()) + li * per_layer_scales * scale_bytes
+                           : mins.untyped_data(),
+                    nullptr, y->typed_data()});
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // data (codes)
+                                  .Arg<ffi::AnyBuffer>()         // scales
+                                  .Arg<ffi::AnyBuffer>()         // mins (or a dummy)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("storage_bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("affine"));

@@ -1,0 +1,137 @@
+"""Decode-time products with packed low-bit weights as an XLA:CPU custom call (`cpu_quant_matmul.cc`).
+
+`PackedWeight.project`'s XLA path dequantizes the whole weight to float32 every step and then runs the dot:
+a decode step reads the codes, writes four bytes per weight and reads them back, so decode time does not fall
+with the bit width. The kernel reads each packed code once, dequantizes it in registers and multiplies it
+into the few rows of x that a decode step has (float32 arithmetic and accumulation).
+
+It is an implementation detail of `lacax.model.quantized.PackedWeight.project`, used only where it computes
+what the XLA path computes (that path is the reference, and the path everywhere else):
+  * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call);
+  * one layer's weight (`data` of rank 2), or one layer of a stacked one (`PackedWeight.at_layer`: the
+    decoder's scan passes packed weights whole, and the kernel reads the layer in place); 8-bit codes or codes
+    packed two (3/4-bit) or four (2-bit) per byte, symmetric or affine (GGUF Q4_1 mins), float32 or float16
+    scales, a group size that is a multiple of the codes per byte;
+  * an einsum "<lead><in>,<in><out>-><lead><out>" (every layer projection of lacax.model.llama), with at most
+    `MAX_ROWS` rows (the product of the lead axes: batch x new tokens); longer prefills keep XLA's GEMM, which
+    amortises the dequantization over many rows;
+  * float inputs (bfloat16/float16 ones are multiplied in float32 and the result rounded once: the XLA path
+    rounds the dequantized weight to the input's dtype first, so the kernel is the closer of the two).
+Differentiation goes through the XLA path (a custom JVP), so gradients never need the kernel. Under `vmap`
+the call runs once per batch element ("sequential"). On a mesh, XLA's partitioner sees an opaque custom
+call and gathers its operands (correct, not fast); sharded decode should run on an accelerator.
+
+The library is built at first use by `lacax.model.cpu_kernels` (one build, cache and checksum mechanism for
+lacax's CPU kernels). Without a compiler, or if the build fails, lacax logs one warning, "lacax: CPU low-bit
+matmul kernel unavailable, using the pure-JAX path (<why>)", and uses the XLA path. `LACAX_CPU_KERNELS=0`
+turns it off; `set_enabled` does the same from Python (call `jax.clear_caches()` afterwards: the choice is
+made when a function is traced).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax.model import cpu_kernels
+
+SOURCE = Path(__file__).with_name("cpu_quant_matmul.cc")
+KERNELS = cpu_kernels.KernelLibrary(SOURCE, {"lacax_quant_matmul": "LacaxQuantMatmul"},
+                                    "CPU low-bit matmul kernel")
+MAX_ROWS = 16  # rows of x (batch x tokens) up to which the kernel runs; more keep XLA's dequantize + GEMM
+STORAGE_BITS = (8, 4, 2)
+SCALE_DTYPES = (jnp.float32, jnp.float16)
+INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def set_enabled(enabled: bool) -> None:
+  """Turns the kernel on or off for functions traced from now on (see the module docstring)."""
+  KERNELS.set_enabled(enabled)
+
+
+def available() -> bool:
+  """Whether the kernel is enabled, built and registered (builds it on the first call); False off CPU."""
+  return KERNELS.available()
+
+
+def _lead_axes(equation: str, x_ndim: int, in_ndim: int, out_ndim: int) -> int | None:
+  """The number of x's leading (row) axes if `equation` is "<lead><in>,<in><out>-><lead><out>", else None."""
+  if "->" not in equation or "." in equation:
+    return None
+  inputs, out = equation.replace(" ", "").split("->")
+  operands = inputs.split(",")
+  if len(operands) != 2:
+    return None
+  xs, ws = operands
+  if len(xs) != x_ndim or len(ws) != in_ndim + out_ndim or len(set(xs + ws)) != len(xs) + out_ndim:
+    return None
+  n_lead = x_ndim - in_ndim
+  lead, contracted, produced = xs[:n_lead], ws[:in_ndim], ws[in_ndim:]
+  if n_lead < 0 or xs[n_lead:] != contracted or out != lead + produced:
+    return None
+  return n_lead
+
+
+def supports(w, x: jax.Array, equation: str) -> bool:
+  """Static check: can the kernel compute `jnp.einsum(equation, x, w.dense())` for this PackedWeight?"""
+  from lacax.model.quantized import storage_bits  # pylint: disable=g-import-not-at-top
+
+  sb = storage_bits(w.bits)
+  per_byte = 8 // sb
+  k = int(np.prod(w.in_shape, dtype=np.int64))
+  one_layer = w.data.ndim == (2 if w.layer is None else 3)
+  if (not one_layer or sb not in STORAGE_BITS or w.group_size % per_byte or k % w.group_size
+      or jnp.dtype(w.scales.dtype) not in SCALE_DTYPES or jnp.dtype(x.dtype) not in INPUT_DTYPES
+      or (w.mins is not None and w.mins.dtype != w.scales.dtype)):
+    return False
+  n_lead = _lead_axes(equation, x.ndim, len(w.in_shape), len(w.out_shape))
+  if n_lead is None or tuple(x.shape[n_lead:]) != tuple(w.in_shape):
+    return False
+  rows = int(np.prod(x.shape[:n_lead], dtype=np.int64))
+  return 1 <= rows <= MAX_ROWS
+
+
+def _call(x2: jax.Array, data: jax.Array, scales: jax.Array, mins: jax.Array, layer: jax.Array, *,
+          storage_bits: int, group_size: int, affine: bool, target: str = "lacax_quant_matmul") -> jax.Array:
+  """y [M, N] float32 = x2 [M, K] float32 @ layer `layer` of the stacked dequantized weight (operands as in the
+  .cc header: data [L, K', N], scales [L, K / group_size, N])."""
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], data.shape[-1]), jnp.float32),
+                          vmap_method="sequential")(
+      x2, data, scales, mins, layer, storage_bits=np.int64(storage_bits), group_size=np.int64(group_size),
+      affine=np.int64(affine))
+
+
+def project(w, x: jax.Array, equation: str, reference, preferred_element_type=None) -> jax.Array:
+  """`jnp.einsum(equation, x, w.dense(x.dtype))` with the kernel on CPU (call only where `supports`).
+
+  Args:
+    w: a `PackedWeight` of one layer (`data` of rank 2, or stacked with `layer` set).
+    x: [lead..., in...] float input.
+    equation: "<lead><in>,<in><out>-><lead><out>".
+    reference: the XLA path, reference(x, w) -> the product (used off CPU and for derivatives).
+    preferred_element_type: the result's dtype (None: x's dtype, as the XLA path gives).
+  """
+  from lacax.model.quantized import storage_bits  # pylint: disable=g-import-not-at-top
+
+  n_lead = x.ndim - len(w.in_shape)
+  lead = x.shape[:n_lead]
+  rows, k = int(np.prod(lead, dtype=np.int64)), int(np.prod(w.in_shape, dtype=np.int64))
+  out_dtype = preferred_element_type or x.dtype
+  affine = w.mins is not None
+  if w.layer is None:  # one layer: a stack of one (a bitcast, no copy)
+    w = w.replace(data=w.data[None], scales=w.scales[None], mins=w.mins[None] if affine else None,
+                  layer=jnp.zeros((), jnp.int32))
+  mins = w.mins if affine else jnp.zeros((1,), w.scales.dtype)  # the custom call needs an operand
+
+  def kernel(x, data, scales, mins, layer):
+    y = _call(x.reshape(rows, k).astype(jnp.float32), data, scales, mins, layer,
+              storage_bits=storage_bits(w.bits), group_size=w.group_size, affine=affine)
+    return y.reshape(tuple(lead) + tuple(w.out_shape)).astype(out_dtype)
+
+  def _reference(x, data, scales, mins, layer):
+    return reference(x, w.replace(data=data, scales=scales, mins=mins if affine else None, layer=layer))
+
+  return cpu_kernels.on_cpu(kernel, _reference, x, w.data, w.scales, mins, w.layer)

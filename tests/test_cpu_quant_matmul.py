@@ -1,0 +1,267 @@
+"""The XLA:CPU low-bit matmul kernel (lacax/model/cpu_quant_matmul.cc) against the XLA dequantize-and-dot path."""
+
+import ctypes
+import os
+import re
+import shutil
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest, parameterized
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lacax import generate as generation
+from lacax.compress import packed
+from lacax.model import cpu_kernels
+from lacax.model import cpu_quant_matmul
+from lacax.model import llama
+from lacax.model.config import ModelConfig
+from lacax.model.quantized import PackedWeight
+from lacax.weights import gguf as gguf_weights
+
+_HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+_EQ = "btk,kn->btn"
+
+
+def _uses_kernel(fn, *args) -> bool:
+  return "lacax_quant_matmul" in jax.jit(fn).lower(*args).as_text()
+
+
+def _weight(rng, K, N, bits, group, *, affine=False, scale_dtype=jnp.float32) -> PackedWeight:
+  """A one-layer PackedWeight [K, N]: lacax's symmetric quantizer, or GGUF-style affine codes with float16
+  block scales and mins (Q4_1)."""
+  if not affine:
+    w = jnp.asarray(rng.normal(size=(1, K, N)), jnp.float32)
+    pw = jax.tree.map(lambda a: a[0], PackedWeight.quantize(w, 1, bits, group))
+    return pw.replace(scales=pw.scales.astype(scale_dtype))
+  g = K if group is None else group
+  codes = rng.integers(0, 2 ** bits, size=(K, N)).astype(np.uint8)
+  scales = (rng.uniform(0.01, 0.1, size=(K // g, N))).astype(scale_dtype)
+  mins = (-rng.uniform(0.0, 0.5, size=(K // g, N))).astype(scale_dtype)
+  return PackedWeight.from_codes(codes, jnp.asarray(scales), jnp.asarray(mins), bits=bits, group_size=g,
+                                 in_shape=(K,), out_shape=(N,))
+
+
+class _KernelOn(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    cpu_quant_matmul.set_enabled(True)
+    self.assertTrue(cpu_quant_matmul.available(), "a compiler is present, so the kernel must build")
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
+class KernelParityTest(_KernelOn):
+
+  @parameterized.parameters(
+      # K, N, bits, group, M, affine, scale dtype
+      (576, 1536, 8, None, 1, False, "float32"),  # SmolLM2 w_gate / w_up, per-channel int8
+      (576, 1536, 4, 32, 1, False, "float32"),
+      (1536, 576, 4, 32, 3, False, "float32"),  # w_down
+      (77, 131, 8, 7, 3, False, "float32"),  # odd K and N: two full tiles + 3 tail columns
+      (78, 37, 4, 26, 8, False, "float32"),  # odd N below one tile, group not a power of two
+      (64, 200, 3, 16, 8, False, "float32"),  # 3-bit codes stored as 4
+      (96, 70, 2, 32, 5, False, "float32"),  # 2-bit, four codes per byte
+      (64, 96, 8, 32, 3, False, "float16"),  # GGUF Q8_0 (float16 block scales)
+      (64, 96, 4, 32, 1, False, "float16"),  # GGUF Q4_0
+      (128, 160, 4, 32, 8, True, "float16"),  # GGUF Q4_1 (affine, float16 scales and mins)
+      (64, 80, 4, 16, 3, True, "float32"),
+      (64, 64, 4, 32, 16, False, "float32"),  # MAX_ROWS: four blocks of 4 rows
+  )
+  def test_equals_xla_dequant_reference(self, K, N, bits, group, M, affine, scale_dtype):
+    rng = np.random.default_rng(K * N + bits + M)
+    pw = _weight(rng, K, N, bits, group, affine=affine, scale_dtype=jnp.dtype(scale_dtype))
+    x = jnp.asarray(rng.normal(size=(1, M, K)), jnp.float32)
+    self.assertTrue(cpu_quant_matmul.supports(pw, x, _EQ))
+    kernel = lambda x, p: p.project(x, _EQ)
+    self.assertTrue(_uses_kernel(kernel, x, pw))
+    got = jax.jit(kernel)(x, pw)
+    want = jnp.einsum(_EQ, x, pw.dense(), precision="highest")
+    self.assertEqual(got.shape, (1, M, N))
+    self.assertEqual(got.dtype, jnp.float32)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+
+  def test_multi_axis_projections_and_bfloat16(self):
+    """wq-like (one input axis, two output axes) and wo-like (two input axes) einsums; bfloat16 inputs are
+    multiplied in float32 and rounded once (the XLA path rounds the weight to bfloat16 first)."""
+    rng = np.random.default_rng(1)
+    w_q = jnp.asarray(rng.normal(size=(1, 64, 4, 16)), jnp.float32)
+    w_o = jnp.asarray(rng.normal(size=(1, 4, 16, 64)), jnp.float32)
+    pq = jax.tree.map(lambda a: a[0], PackedWeight.quantize(w_q, 1, 4, 32))
+    po = jax.tree.map(lambda a: a[0], PackedWeight.quantize(w_o, 2, 8, None))
+    h = jnp.asarray(rng.normal(size=(2, 1, 64)), jnp.float32)
+    heads = jnp.asarray(rng.normal(size=(2, 1, 4, 16)), jnp.float32)
+    for x, pw, eq in ((h, pq, "btd,dhk->bthk"), (heads, po, "bthk,hkd->btd")):
+      self.assertTrue(_uses_kernel(lambda x, p: p.project(x, eq), x, pw))
+      want = jnp.einsum(eq, x, pw.dense(), precision="highest")
+      got = jax.jit(lambda x, p: p.project(x, eq))(x, pw)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+      got16 = jax.jit(lambda x, p: p.project(x, eq))(x.astype(jnp.bfloat16), pw)
+      self.assertEqual(got16.dtype, jnp.bfloat16)
+      exact = jnp.einsum(eq, x.astype(jnp.bfloat16).astype(jnp.float32), pw.dense(), precision="highest")
+      np.testing.assert_allclose(np.asarray(got16, np.float32), np.asarray(exact), rtol=1e-2, atol=1e-2)
+      self.assertFalse(np.array_equal(np.asarray(got16), np.asarray(got)))  # it really ran in bfloat16
+
+  def test_vmap_and_gradient_go_through_the_reference_where_needed(self):
+    rng = np.random.default_rng(2)
+    pw = _weight(rng, 64, 96, 4, 32)
+    x = jnp.asarray(rng.normal(size=(5, 1, 1, 64)), jnp.float32)
+    # vmap over rows of x (the custom call runs once per element) and over a stacked weight (as the
+    # PackedWeight tests of test_compress_quant do).
+    got = jax.jit(jax.vmap(lambda x: pw.project(x, _EQ)))(x)
+    want = jnp.einsum("ebtk,kn->ebtn", x, pw.dense(), precision="highest")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1]]), pw)
+    got = jax.jit(jax.vmap(lambda p: p.project(x[0], _EQ)))(stacked)
+    want = jnp.einsum("btk,lkn->lbtn", x[0], stacked.dense(), precision="highest")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    # Derivatives come from the XLA path (inference-only kernel): same gradient as without the kernel.
+    loss = lambda x, p: jnp.sum(jnp.sin(p.project(x, _EQ)))
+    self.assertTrue(_uses_kernel(loss, x[0], pw))
+    g_kernel = jax.jit(jax.grad(loss))(x[0], pw)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(pw._xla_project(x, _EQ))))(x[0])  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(g_kernel), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+  def test_portable_build_computes_the_same(self):
+    """Built without -march=native (no AVX2 / AVX-512 / F16C paths: the generic vector code of older CPUs),
+    the library computes the same products as the native build."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    with mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": tmp}):
+      library = ctypes.CDLL(str(cpu_kernels.build(cpu_quant_matmul.SOURCE, flag_sets=(["-O3"],))))
+    jax.ffi.register_ffi_target("lacax_quant_matmul_portable", jax.ffi.pycapsule(library.LacaxQuantMatmul),
+                                platform="cpu")
+    rng = np.random.default_rng(6)
+    for K, N, bits, group, M, affine, scale_dtype in ((77, 131, 8, 7, 3, False, jnp.float32),
+                                                      (128, 160, 4, 32, 5, True, jnp.float16),
+                                                      (96, 70, 2, 32, 1, False, jnp.float32)):
+      pw = _weight(rng, K, N, bits, group, affine=affine, scale_dtype=scale_dtype)
+      x = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
+      mins = pw.mins[None] if affine else jnp.zeros((1,), pw.scales.dtype)
+      args = (x, pw.data[None], pw.scales[None], mins, jnp.zeros((), jnp.int32))
+      attrs = dict(storage_bits=8 if bits == 8 else (4 if bits > 2 else 2), group_size=pw.group_size, affine=affine)
+      call = cpu_quant_matmul._call  # pylint: disable=protected-access
+      native, portable = call(*args, **attrs), call(*args, **attrs, target="lacax_quant_matmul_portable")
+      want = jnp.einsum("mk,kn->mn", x, pw.dense(), precision="highest")
+      scale = float(jnp.max(jnp.abs(want)))
+      np.testing.assert_allclose(np.asarray(portable), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+      np.testing.assert_allclose(np.asarray(portable), np.asarray(native), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+
+  def test_unsupported_inputs_keep_the_xla_path(self):
+    rng = np.random.default_rng(3)
+    pw = _weight(rng, 64, 96, 4, 32)
+    prefill = jnp.asarray(rng.normal(size=(1, cpu_quant_matmul.MAX_ROWS + 1, 64)), jnp.float32)
+    stacked = jax.tree.map(lambda a: a[None], pw)  # a layer axis: not one layer
+    self.assertFalse(cpu_quant_matmul.supports(pw, prefill, _EQ))
+    self.assertFalse(cpu_quant_matmul.supports(stacked, prefill[:, :1], _EQ))
+    self.assertFalse(cpu_quant_matmul.supports(pw, prefill[:, :1], "btk,kn->bnt"))  # output axes reordered
+    self.assertFalse(cpu_quant_matmul.supports(pw, prefill[:, :1].astype(jnp.int32), _EQ))
+    self.assertFalse(_uses_kernel(lambda x, p: p.project(x, _EQ), prefill, pw))
+    got = jax.jit(lambda x, p: p.project(x, _EQ))(prefill, pw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(_EQ, prefill, pw.dense())), rtol=1e-5,
+                               atol=1e-4)
+
+
+class FallbackTest(absltest.TestCase):
+
+  def test_without_a_compiler_one_warning_and_the_xla_path(self):
+    """The library is built by the one mechanism of lacax.model.cpu_kernels: no compiler (and an empty kernel
+    cache) means one warning naming this kernel, and the XLA path computes the same product."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    library = cpu_kernels.KernelLibrary(cpu_quant_matmul.SOURCE, cpu_quant_matmul.KERNELS.targets,
+                                        cpu_quant_matmul.KERNELS.what)
+    rng = np.random.default_rng(4)
+    pw = _weight(rng, 64, 96, 4, 32)
+    x = jnp.asarray(rng.normal(size=(1, 1, 64)), jnp.float32)
+    with mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": tmp}), \
+        mock.patch.object(cpu_kernels, "_compiler", return_value=None), \
+        mock.patch.object(cpu_quant_matmul, "KERNELS", library), self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(cpu_quant_matmul.available())
+      self.assertFalse(cpu_quant_matmul.available())  # asked again: no second build, no second warning
+      self.assertFalse(_uses_kernel(lambda x, p: p.project(x, _EQ), x, pw))
+      got = jax.jit(lambda x, p: p.project(x, _EQ))(x, pw)
+    self.assertLen(logs.output, 1)
+    self.assertIn("lacax: CPU low-bit matmul kernel unavailable, using the pure-JAX path (no C++ compiler",
+                  logs.output[0])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum(_EQ, x, pw.dense())), rtol=1e-5, atol=1e-4)
+
+
+def _tiny_model():
+  cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2)
+  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  return cfg, params
+
+
+def _greedy(params, cfg, prompts):
+  return generation.generate(params, cfg, prompts, max_new_tokens=8, bucket=8).tokens
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
+class PackedModelTest(_KernelOn):
+  """A packed model decodes the same greedy tokens with and without the kernel."""
+
+  def tearDown(self):
+    cpu_quant_matmul.set_enabled(True)
+    jax.clear_caches()
+    super().tearDown()
+
+  def _compare(self, params, cfg, prompts):
+    tokens = jnp.asarray([prompts[0][:1]], jnp.int32)
+    step = lambda p: llama.forward(p, tokens, jnp.zeros_like(tokens), None, cfg)[0]
+    self.assertTrue(_uses_kernel(step, params))
+    with_kernel = _greedy(params, cfg, prompts)
+    logits_kernel = jax.jit(step)(params)
+    cpu_quant_matmul.set_enabled(False)
+    jax.clear_caches()
+    self.assertFalse(_uses_kernel(step, params))
+    without = _greedy(params, cfg, prompts)
+    logits_xla = jax.jit(step)(params)
+    self.assertEqual(with_kernel, without)
+    self.assertGreater(len(set(with_kernel[0])), 1)  # not a degenerate repetition
+    np.testing.assert_allclose(np.asarray(logits_kernel), np.asarray(logits_xla), rtol=1e-4, atol=1e-4)
+
+  def test_compressed_model_int8_and_int4_segments(self):
+    cfg, params = _tiny_model()
+    layers = packed.compress_layers(params["layers"], [8, 4], [None] * 2, storage="packed", group_size=32)
+    params = {**params, "layers": layers}
+    self._compare(params, cfg, [[5, 17, 3, 44, 9], [2, 7]])
+
+  def test_scan_reads_packed_layers_in_place(self):
+    """The decoder's scan passes packed weights whole (`PackedWeight.at_layer`): no layer's codes are copied
+    out of the stack before the kernel reads them, and each layer's product is that layer's."""
+    cfg, params = _tiny_model()
+    layers = packed.compress_layers(params["layers"], [4, 4], [None] * 2, storage="packed", group_size=32)
+    params = {**params, "layers": layers}
+    tokens = jnp.asarray([[3]], jnp.int32)
+    step = jax.jit(lambda p: llama.forward(p, tokens, jnp.zeros_like(tokens), None, cfg)[0])
+    hlo = step.lower(params).compile().as_text()
+    self.assertIn("lacax_quant_matmul", hlo)
+    self.assertIsNone(re.search(r"= [us]8\[[^\]]*\]\S* dynamic-slice\(", hlo), "a packed layer is sliced (copied)")
+    stacked = layers[0]["w_up"]
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 1, cfg.hidden_size)), jnp.float32)
+    for layer in range(2):
+      got = jax.jit(lambda x, w, i: w.at_layer(i).project(x, "btd,df->btf"))(x, stacked, layer)
+      want = jnp.einsum("btd,df->btf", x, stacked.dense()[layer], precision="highest")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+  def test_gguf_q4_1_kept_quantized(self):
+    from tests import test_gguf  # pylint: disable=g-import-not-at-top
+
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    path = os.path.join(tmp, "model.gguf")
+    hf = test_gguf._hf_weights(np.random.default_rng(0), tied=True, bias=False)  # pylint: disable=protected-access
+    test_gguf._write_gguf(path, hf, qtype=gguf.GGMLQuantizationType.Q4_1)  # pylint: disable=protected-access
+    cfg, kept = gguf_weights.read_gguf(path, keep_quantized=True)
+    self.assertIsNotNone(kept["layers"]["w_up"].mins)
+    self._compare(jax.tree.map(jnp.asarray, kept), cfg, [[1, 4, 2, 8], [3]])
+
+
+if __name__ == "__main__":
+  absltest.main()
