@@ -181,12 +181,28 @@ class LauncherTest(absltest.TestCase):
     self.assertIn("model.path='/nonexistent/model' does not exist", message)
 
 
-class _JobRun:
-  """A launcher subprocess whose units directory is watched."""
+# Runs the launcher with RunDir.save_unit holding the run after each unit it stores, so a test that signals the
+# run after its first unit cannot lose the race to the remaining units (a tiny job's whole run took 8 s).
+_HOLD_AFTER_UNIT = """
+import runpy, sys, time
+from lacax import runs
+_save = runs.RunDir.save_unit
+def _save_and_hold(self, key, value):
+  _save(self, key, value)
+  time.sleep(600)  # the test's signal arrives here
+runs.RunDir.save_unit = _save_and_hold
+sys.argv = ["experiments/run.py", *sys.argv[1:]]
+runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
+"""
 
-  def __init__(self, args, results_dir):
+
+class _JobRun:
+  """A launcher subprocess whose units directory is watched; `hold=True` pauses it after every stored unit."""
+
+  def __init__(self, args, results_dir, hold=False):
     self.results_dir = results_dir
-    self.process = subprocess.Popen([sys.executable, "-m", "experiments.run", *args,
+    launcher = ["-c", _HOLD_AFTER_UNIT] if hold else ["-m", "experiments.run"]
+    self.process = subprocess.Popen([sys.executable, *launcher, *args,
                                      f"--config.results_dir={results_dir}"], cwd=_REPO,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -233,12 +249,12 @@ class KillAndResumeTest(absltest.TestCase):
   def _kill_resume_compare(self, args, sig, expected_status):
     killed = tempfile.mkdtemp(prefix="lacax_killed_")
     reference = tempfile.mkdtemp(prefix="lacax_reference_")
-    run = _JobRun(args, killed)
+    run = _JobRun(args, killed, hold=True)
     run.kill_after_first_unit(sig)
     run_dir = runs.RunDir(_run_dir(killed))
     done_at_kill = run_dir.finished_units()
     status = run_dir.status()
-    self.assertEqual(status["state"], expected_status, status)
+    self.assertEqual(status["state"], expected_status, str(status))
     if sig == signal.SIGKILL:
       self.assertFalse(status["alive"])  # "running", but its process is gone
     else:
