@@ -77,13 +77,20 @@ def meshes_for(policy_name: str):
   each would take the child past its timeout). So do the policies on the forward's other recorded statistics
   (CriticalKV, ThinK: per (layer, row, kv head) selections; SimLayerKV: a per-(layer, row) decision averaged
   over the kv heads), which passed on all four meshes when they were added and would add 12 checks to the
-  child otherwise."""
+  child otherwise. And so do the wrappers that only run their inner scorer on parts of the prompt or of the
+  model (Chunk, ChunkKV, per-layer budgets, key re-rotation: the inner's compaction, nothing reduced across
+  rows or kv heads of their own); AdaKV, whose one top-k spans a layer's kv heads, keeps all four meshes."""
+  from lacax.cache.base import PromptChunkWrapper  # pylint: disable=g-import-not-at-top
   from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.simlayerkv import SimLayerKVPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.think import ThinKPolicy  # pylint: disable=g-import-not-at-top
 
-  one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy)
+  from lacax.cache.key_rerotation import KeyRerotationPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.perlayer import PerLayerPolicy  # pylint: disable=g-import-not-at-top
+
+  one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy, PromptChunkWrapper, PerLayerPolicy,
+              KeyRerotationPolicy)
   if isinstance(cache_policies.tiny_policy(policy_name), one_mesh):
     return tuple(m for m in MESHES if mesh_name(*m) == "data2xtensor4")
   return MESHES
