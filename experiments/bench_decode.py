@@ -20,6 +20,9 @@ achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 and int4 in groups of 32 (lacax's symmetric quantizer, `lacax.compress.packed.compress_layers`), and q4_1 (the
 GGUF's own Q4_1 tensors kept as codes, `load_model(keep_quantized=True)`). `--quant_kernel=on,off` measures
 them with and without the XLA:CPU low-bit matmul kernel (rows marked "/dequant": XLA dequantizes every step).
+`--llama_cpp_python=<python>` adds llama.cpp rows on the same GGUF file and prompts (flash attention off
+and on, all cores), measured by `experiments/llamacpp_worker.py` in that Python (a venv with
+`pip install llama-cpp-python`, which builds its vendored llama.cpp from source: PyPI has no Linux wheel).
 Writes `results/bench_decode/<timestamp>.json` and prints a table.
 
   python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
@@ -56,6 +59,7 @@ from lacax.cache.full import FullPolicy
 from lacax.compress import packed
 from lacax.model import cpu_attention
 from lacax.model import cpu_quant_matmul
+from lacax.weights.loader import default_model_path
 from lacax.weights.loader import load_model
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Prompt lengths.")
@@ -79,6 +83,9 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
                                    "torch thread counts to try (0 = torch's default); the fastest is the baseline.")
 _POLICIES = flags.DEFINE_list("policies", [], "Registered cache policies to compare at --budget (see above).")
 _BUDGET = flags.DEFINE_integer("budget", 256, "cache.size for --policies.")
+_LLAMA_CPP_PYTHON = flags.DEFINE_string(
+    "llama_cpp_python", "", "A Python with llama-cpp-python installed: adds llama.cpp rows on the same GGUF "
+    "(flash attention off and on, 2 threads), measured by experiments/llamacpp_worker.py in that Python.")
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
@@ -259,6 +266,23 @@ def _torch_runs(contexts: list[int]) -> list[dict]:
   return [best[c] for c in contexts]
 
 
+def _llama_cpp_runs(contexts: list[int], vocab: int) -> list[dict]:
+  """llama.cpp's runs on the same GGUF and prompts, in `--llama_cpp_python` (its own environment: llama.cpp
+  is not a lacax dependency). The model must be a GGUF file."""
+  path = _MODEL.value or default_model_path()
+  if not path.endswith(".gguf"):
+    raise ValueError(f"--llama_cpp_python needs a GGUF model; --model={path!r} is not a .gguf file")
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_worker.py")
+  with tempfile.TemporaryDirectory() as tmp:
+    request, out = os.path.join(tmp, "request.json"), os.path.join(tmp, "runs.json")
+    results_lib.write_json(request, {"model": path, "prompts": {str(c): _prompt(c, vocab) for c in contexts},
+                                     "new_tokens": _NEW_TOKENS.value, "repeats": _REPEATS.value,
+                                     "threads": os.cpu_count(), "flash_attn": [False, True]})
+    subprocess.run([_LLAMA_CPP_PYTHON.value, worker, request, out], check=True)
+    with open(out) as f:
+      return json.load(f)
+
+
 def main(argv):
   del argv
   contexts = [int(c) for c in _CONTEXTS.value]
@@ -324,6 +348,10 @@ def main(argv):
       record["runs"].append(run)
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
+  if _LLAMA_CPP_PYTHON.value:
+    for run in _llama_cpp_runs(contexts, dense_model.cfg.vocab_size):
+      record["runs"].append(run)
+      rows.append((f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}", "gguf", run["context"], run))
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
   print(f"\n{'impl':<32}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}")
