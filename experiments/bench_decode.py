@@ -85,7 +85,7 @@ _POLICIES = flags.DEFINE_list("policies", [], "Registered cache policies to comp
 _BUDGET = flags.DEFINE_integer("budget", 256, "cache.size for --policies.")
 _LLAMA_CPP_PYTHON = flags.DEFINE_string(
     "llama_cpp_python", "", "A Python with llama-cpp-python installed: adds llama.cpp rows on the same GGUF "
-    "(flash attention off and on, 2 threads), measured by experiments/llamacpp_worker.py in that Python.")
+    "(flash attention off and on, all cores), measured by experiments/llamacpp_worker.py in that Python.")
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 

@@ -76,3 +76,15 @@ def prefill_names() -> tuple[str, ...]:
   """Policies whose prefill hand-off differs from streaming: prompt compressors and one-shot set-ups."""
   return tuple(n for n in registry.policy_names()
                if not tiny_policy(n).compacts_in_decode or registry.POLICIES[n].prefill is not None)
+
+
+def kept_positions(cache) -> dict:
+  """{(layer, row, kv head): sorted original positions the cache holds}."""
+  pos = np.asarray(cache.pos)
+  return {(l, b, h): sorted(int(p) for p in pos[l, b, :, h] if p >= 0)
+          for l in range(pos.shape[0]) for b in range(pos.shape[1]) for h in range(pos.shape[3])}
+
+
+def top_budget(score: np.ndarray, budget: int) -> list[int]:
+  """Positions of the `budget` largest scores (ties: the older token), sorted."""
+  return sorted(np.argsort(-score, kind="stable")[:budget].tolist())

@@ -23,6 +23,7 @@ from lacax.cache import cur, expected_attention, keydiff, knorm, lagkv, leverage
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.model import rope as rope_lib
+from tests.cache_policies import kept_positions, top_budget
 
 CFG = config_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                              num_kv_heads=2, head_dim=8)
@@ -59,17 +60,6 @@ def filled_cache(policy, keys, values):
   return cache.replace(k=jnp.asarray(np.where(valid, k, 0)), v=jnp.asarray(np.where(valid, values, 0)),
                        pos=jnp.asarray(pos),
                        length=jnp.asarray(np.broadcast_to(np.asarray(LENGTHS, np.int32), cache.length.shape)))
-
-
-def kept_positions(cache) -> dict:
-  pos = np.asarray(cache.pos)
-  return {(l, b, h): sorted(int(p) for p in pos[l, b, :, h] if p >= 0)
-          for l in range(pos.shape[0]) for b in range(pos.shape[1]) for h in range(pos.shape[3])}
-
-
-def top_budget(score: np.ndarray, budget: int) -> list[int]:
-  """Positions of the `budget` largest scores (ties: the older token)."""
-  return sorted(np.argsort(-score, kind="stable")[:budget].tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------

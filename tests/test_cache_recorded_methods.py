@@ -36,6 +36,7 @@ from lacax.cache.tova import TOVAPolicy
 from lacax.model import config as config_lib
 from lacax.model import llama
 from lacax.model import rope as rope_lib
+from tests.cache_policies import kept_positions, top_budget
 
 CFG = config_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                              num_kv_heads=2, head_dim=8)
@@ -98,17 +99,6 @@ def post_rope_keys(cache) -> np.ndarray:
   """[L, B, S, KV, D] float64 keys rotated at their original positions, whatever the cache stores."""
   k, pos = np.asarray(cache.k, np.float64), np.asarray(cache.pos)
   return k if cache.rope_mode == "stored" else np_rope(k, np.maximum(pos, 0))
-
-
-def kept_positions(cache) -> dict:
-  pos = np.asarray(cache.pos)
-  return {(l, b, h): sorted(int(p) for p in pos[l, b, :, h] if p >= 0)
-          for l in range(pos.shape[0]) for b in range(pos.shape[1]) for h in range(pos.shape[3])}
-
-
-def top(score: np.ndarray, count: int) -> list[int]:
-  """Indices of the `count` largest scores (ties: the older token)."""
-  return sorted(np.argsort(-score, kind="stable")[:count].tolist())
 
 
 def handoff(policy, chunks: int = 1, capacity: int = SLOTS):
@@ -212,11 +202,11 @@ class CriticalKVTest(parameterized.TestCase):
     for (l, b, h), kept in kept_positions(after).items():
       n = LENGTHS[b]
       score = -np.linalg.norm(k[l, b, :n, h], axis=-1)  # KnormPress.score
-      first = top(score, int(BUDGET * ratio))  # stage 1
+      first = top_budget(score, int(BUDGET * ratio))  # stage 1
       vwl1 = np.abs(np.einsum("sd,gde->sge", v[l, b, :n, h], wo[l, h])).sum(-1).mean(-1)  # vwl1norm
       merged = (score + 1e-4) * vwl1  # stage 2
       merged[first] = np.inf
-      self.assertEqual(kept, top(merged, BUDGET), f"layer {l} row {b} kv head {h}")
+      self.assertEqual(kept, top_budget(merged, BUDGET), f"layer {l} row {b} kv head {h}")
       self.assertLen(kept, BUDGET)  # both rows are over the budget: exactly the budget
 
   def test_inner_protection_and_decode_time_eviction(self):
@@ -366,7 +356,7 @@ class ExpectedAttentionOnlineTest(parameterized.TestCase):
       probs = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
       score = probs.mean(1) * np.linalg.norm(v[l, b, n_sink:n, h], axis=-1)
       score = np.concatenate([np.full(n_sink, score.max() + 1), score])
-      self.assertEqual(kept, top(score, BUDGET), f"layer {l} row {b} kv head {h}")
+      self.assertEqual(kept, top_budget(score, BUDGET), f"layer {l} row {b} kv head {h}")
 
   def test_registry_option_and_roomy_budget_equals_full(self):
     """`cache.expected_attention_statistics="online"` reaches the policy, which needs no statistics file; with a

@@ -55,9 +55,7 @@ class AdaKVPolicy(SelectingWrapper):
   def __post_init__(self):
     self._check_inner("AdaKV")
     plans.check_int("AdaKV", "budget", self.budget, 1)
-    a = self.alpha_safeguard
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
-      raise ValueError(f"AdaKV alpha_safeguard={a!r} must be a number in [0, 1]")
+    plans.check_number("AdaKV", "alpha_safeguard", self.alpha_safeguard, 0, 1)
 
   @property
   def n_safe(self) -> int:

@@ -58,12 +58,8 @@ class CriticalKVPolicy(SelectingWrapper):
   def __post_init__(self):
     self._check_inner("CriticalKV")
     plans.check_int("CriticalKV", "budget", self.budget, 1)
-    r = self.first_stage_ratio
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
-      raise ValueError(f"CriticalKV first_stage_ratio={r!r} must be a number in [0, 1]")
-    e = self.epsilon
-    if isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0:
-      raise ValueError(f"CriticalKV epsilon={e!r} must be a number >= 0")
+    plans.check_number("CriticalKV", "first_stage_ratio", self.first_stage_ratio, 0, 1)
+    plans.check_number("CriticalKV", "epsilon", self.epsilon, 0)
 
   @property
   def stats_recording(self) -> StatsRecording:

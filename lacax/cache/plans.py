@@ -215,6 +215,18 @@ def check_int(owner: str, name: str, value, minimum: int) -> None:
     raise ValueError(f"{owner} {name}={value} must be >= {minimum}")
 
 
+def check_number(owner: str, name: str, value, low, high=None, *, high_open: bool = False) -> None:
+  """`owner name=value` is a real number >= low, and <= high (< high if `high_open`) when high is given."""
+  ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  if high is None:
+    ok, want = ok and value >= low, f">= {low}"
+  else:
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    want = f"in [{low}, {high}{')' if high_open else ']'}"
+  if not ok:
+    raise ValueError(f"{owner} {name}={value!r} must be a number {want}")
+
+
 def check_rope_and_agg(owner: str, policy) -> None:
   """The policy's `score_agg` and `rope_mode` are supported values (the message names the owner)."""
   if policy.score_agg not in SCORE_AGGS:

@@ -82,9 +82,7 @@ class SimLayerKVPolicy(CachePolicy):
   score_agg = "mean"
 
   def __post_init__(self):
-    t = self.lazy_threshold
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
-      raise ValueError(f"SimLayerKV lazy_threshold={t!r} must be a number in [0, 1]")
+    plans.check_number("SimLayerKV", "lazy_threshold", self.lazy_threshold, 0, 1)
     plans.check_int("SimLayerKV", "n_last", self.n_last, 1)
     plans.check_int("SimLayerKV", "n_initial", self.n_initial, 0)
     plans.check_int("SimLayerKV", "n_recent", self.n_recent, 1)

@@ -82,9 +82,8 @@ class ThinKPolicy(CachePolicy):
   lean_decode: bool = True
 
   def __post_init__(self):
-    r = self.key_channel_compression_ratio
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
-      raise ValueError(f"ThinK key_channel_compression_ratio={r!r} must be a number in [0, 1)")
+    plans.check_number("ThinK", "key_channel_compression_ratio", self.key_channel_compression_ratio, 0, 1,
+                       high_open=True)
     plans.check_int("ThinK", "window", self.window, 1)
     if self.budget is not None:
       plans.check_int("ThinK", "budget", self.budget, 1)
