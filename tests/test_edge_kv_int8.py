@@ -11,12 +11,15 @@ largest single-token |dNLL| 0.03-0.04).
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import int8, registry
+from lacax.cache.base import CachePolicy
 from lacax.cache.kv_cache import dequantize_kv, gather_slots, init_cache, quantize_kv
 from lacax.eval import perplexity
 from lacax.model import llama
@@ -57,6 +60,16 @@ class Int8KVTest(parameterized.TestCase):
       init_cache(self.cfg, 2, 8, dtype=jnp.int16)
     with self.assertRaisesRegex(ValueError, "kv_bits=4"):
       registry.make_policy("full", {**CACHE, "kv_bits": 4})
+
+  @parameterized.named_parameters(*[(w, w) for w in ("adakv", "criticalkv", "chunk", "perlayer", "composed",
+                                                       "prefilldecoding")])
+  def test_a_wrapper_quantizes_once_around_a_float_inner(self, wrapper):
+    # kv_bits applies to the whole composite: its inner parts are built in float (an int8 inner is no scorer).
+    policy = registry.make_policy(wrapper, {**CACHE, "kv_bits": 8, "inner": "snapkv"})
+    self.assertIsInstance(policy, int8.Int8KVPolicy)
+    parts = [getattr(policy.inner, f.name) for f in dataclasses.fields(policy.inner)]
+    self.assertTrue(any(isinstance(p, CachePolicy) for p in parts))
+    self.assertFalse(any(isinstance(p, int8.Int8KVPolicy) for p in parts))
 
   def test_gather_moves_scales_with_their_slots(self):
     cache = init_cache(self.cfg, 1, 6, dtype=jnp.int8)

@@ -241,7 +241,9 @@ def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> 
                      f"of {sorted(POLICIES)}")
   if name == owner:
     raise ValueError(f"cache.{field}={name!r} for policy {owner!r} names the wrapper itself")
-  policy = make_policy(name, {**_as_dict(cache), "size": size})
+  # The parts of a composite are built in float: `cache.kv_bits` applies once, to the whole (an int8 inner would
+  # no longer be a scorer, and a composition would quantize twice).
+  policy = make_policy(name, {**_as_dict(cache), "size": size, "kv_bits": None})
   if scorer and not is_scorer(policy):
     scorers = sorted(n for n in POLICIES if n not in WRAPPERS and is_scorer(make_policy(n, {"size": 64})))
     raise ValueError(f"cache.{field}={name!r} for policy {owner!r} must name a scorer policy (one that ranks "
