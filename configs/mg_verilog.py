@@ -12,7 +12,8 @@ samples 20 completions at temperature 0.7 for pass@1/5/10; the "cpu" variant sam
 
 Variants of this config: "" (full), "cpu" (sized for about an hour on 2 idle cores, an estimate from step
 costs, not a measured run: 2 tasks per template, 60 steps per fine-tune, 8 tasks per held-out set, n=5, 192
-new tokens), "smoke" (one fine-tune of 4 steps, 2 tasks per set, 2 levels: checks the pipeline).
+new tokens), "smoke" (one fine-tune of 4 steps, 2 tasks per set, 2 levels: checks the pipeline), "tiny" (smoke
+on a tiny random model: the job's test).
 """
 
 import ml_collections
@@ -22,7 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "mg_verilog"
   c.results_dir = "results"
-  c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))  # "" = embedded SmolLM2-135M-Instruct
+  c.model = ml_collections.ConfigDict(dict(  # path "" = embedded SmolLM2-135M-Instruct; init "random" = tiny model
+      path="", dtype="float32", init="",
+      random=dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, seed=0)))
   c.data = ml_collections.ConfigDict(dict(per_template=8, seed=0))
   c.split = ml_collections.ConfigDict(dict(held_out_families=("fsm",), test_fraction=0.25))
   c.variants = ("base", "union", "random_level", "single:high_level", "single:detailed", "single:block",
@@ -46,12 +49,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.variants = ("base", "union", "single:high_level", "single:detailed", "single:block", "single:line")
       c.train.steps, c.train.batch_size, c.train.seq_len, c.train.learning_rate = 60, 2, 640, 5e-4
       c.eval.n, c.eval.ks, c.eval.max_tokens, c.eval.max_tasks_per_set = 5, (1, 5), 192, 8
-    elif v == "smoke":
+    elif v in ("smoke", "tiny"):
       c.data.per_template = 2
       c.variants = ("base", "union")
       c.train.steps, c.train.batch_size, c.train.seq_len = 4, 2, 512
       c.eval.n, c.eval.ks, c.eval.max_tokens, c.eval.max_tasks_per_set = 2, (1, 2), 96, 2
       c.eval.levels = ("high_level", "detailed")
+      if v == "tiny":
+        c.model.init = "random"
+        c.train.seq_len, c.eval.n, c.eval.ks, c.eval.max_tokens, c.eval.max_tasks_per_set = 384, 2, (1, 2), 24, 1
     else:
-      raise ValueError(f"unknown variant {v!r} of configs/mg_verilog.py (cpu, smoke)")
+      raise ValueError(f"unknown variant {v!r} of configs/mg_verilog.py (cpu, smoke, tiny)")
   return c

@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 
 from lacax import jobs
+from lacax import runs
 from lacax.hw.backends import base
 from lacax.hw.bench import harness, loaders
 from lacax.hw.mg_verilog import finetune as ft
@@ -63,9 +64,52 @@ def _plot(rows, sets, levels, variants, path, k):
   os.replace(tmp, path)
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
+def _variant_unit(model, variant, config, train_tasks, sets, levels, bench_problems, sampling, ks, lora,
+                  run_dir) -> dict[str, Any]:
+  """Fine-tunes one variant ("base": none) and evaluates it on every held-out set and benchmark."""
   from lacax.hw.backends.local import LocalBackend  # pylint: disable=g-import-not-at-top
 
+  tv = time.monotonic()
+  rows, training = [], None
+  if variant == "base":
+    params = model.params
+  else:
+    fcfg = ft.FinetuneConfig(mode=variant, epochs=config.train.epochs, steps=config.train.steps,
+                             batch_size=config.train.batch_size, accum_steps=config.train.accum_steps,
+                             seq_len=config.train.seq_len, learning_rate=config.train.learning_rate,
+                             warmup_steps=config.train.warmup_steps, lora=lora,
+                             weights=dict(config.train.weights) if variant == "weighted" else None,
+                             compute_dtype=config.train.compute_dtype, seed=config.data.seed)
+    vdir = os.path.join(run_dir.path, "train_" + variant.replace(":", "_"))
+    os.makedirs(vdir, exist_ok=True)
+    params, info = ft.finetune(model, train_tasks, fcfg, run_dir=vdir, levels=levels)
+    training = {k: v for k, v in info.items() if k != "records"}
+  backend = LocalBackend(dataclasses.replace(model, params=params), max_batch=config.eval.max_batch)
+  # One harness call for every (set, level): one batch of prompts, so the local model compiles once or twice.
+  keyed = [(set_name, level, t.problem(level)) for set_name, ts in sets.items() for level in levels for t in ts]
+  probs = [dataclasses.replace(p, task_id=f"{set_name}/{p.task_id}") for set_name, _, p in keyed]
+  rep = harness.evaluate(probs, backend, sampling, style="chat", system="", workers=config.workers or None,
+                         batch_size=config.eval.batch_size)
+  rep.write(run_dir.path, f"{variant.replace(':', '_')}__synthetic", ks=ks)
+  for set_name in sets:
+    for level in levels:
+      rs = [r for (sn, lv, _), r in zip(keyed, rep.results) if sn == set_name and lv == level]
+      sub = dataclasses.replace(rep, results=tuple(rs))
+      rows.append({"variant": variant, "set": set_name, "level": level, "tasks": len(rs),
+                   **{f"pass@{k}": sub.pass_at(k) for k in ks}, "categories": sub.categories()})
+      logging.info("mg_verilog: %s", rows[-1])
+  for bname, bprobs in bench_problems.items():
+    rep = harness.evaluate(bprobs, backend, sampling, style="chat", system="", workers=config.workers or None,
+                           batch_size=config.eval.batch_size)
+    rep.write(run_dir.path, f"{variant.replace(':', '_')}__{bname}", ks=ks)
+    rows.append({"variant": variant, "set": bname, "level": "benchmark", "tasks": len(bprobs),
+                 **{f"pass@{k}": rep.pass_at(k) for k in ks}, "categories": rep.categories()})
+  logging.info("mg_verilog: variant %s done in %.0fs", variant, time.monotonic() - tv)
+  return {"rows": rows, "training": training}
+
+
+def run(config: ml_collections.ConfigDict, run_dir: str | runs.RunDir) -> dict[str, Any]:
+  run_dir = runs.as_run_dir(run_dir)
   t0 = time.monotonic()
   model = jobs.model_from_config(config)
   all_tasks = tasks_lib.generate(config.data.per_template, seed=config.data.seed)
@@ -95,47 +139,19 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
                              dropout=config.lora.get("dropout", 0.0), targets=tuple(config.lora.targets))
   rows, training = [], {}
   for variant in config.variants:
-    tv = time.monotonic()
-    if variant == "base":
-      params = model.params
-    else:
-      fcfg = ft.FinetuneConfig(mode=variant, epochs=config.train.epochs, steps=config.train.steps,
-                               batch_size=config.train.batch_size, accum_steps=config.train.accum_steps,
-                               seq_len=config.train.seq_len, learning_rate=config.train.learning_rate,
-                               warmup_steps=config.train.warmup_steps, lora=lora,
-                               weights=dict(config.train.weights) if variant == "weighted" else None,
-                               compute_dtype=config.train.compute_dtype, seed=config.data.seed)
-      vdir = os.path.join(run_dir, "train_" + variant.replace(":", "_"))
-      os.makedirs(vdir, exist_ok=True)
-      params, info = ft.finetune(model, train_tasks, fcfg, run_dir=vdir, levels=levels)
-      training[variant] = {k: v for k, v in info.items() if k != "records"}
-    backend = LocalBackend(dataclasses.replace(model, params=params), max_batch=config.eval.max_batch)
-    # One harness call for every (set, level): one batch of prompts, so the local model compiles once or twice.
-    keyed = [(set_name, level, t.problem(level)) for set_name, ts in sets.items() for level in levels for t in ts]
-    probs = [dataclasses.replace(p, task_id=f"{set_name}/{p.task_id}") for set_name, _, p in keyed]
-    rep = harness.evaluate(probs, backend, sampling, style="chat", system="", workers=config.workers or None,
-                           batch_size=config.eval.batch_size)
-    rep.write(run_dir, f"{variant.replace(':', '_')}__synthetic", ks=ks)
-    for set_name in sets:
-      for level in levels:
-        rs = [r for (sn, lv, _), r in zip(keyed, rep.results) if sn == set_name and lv == level]
-        sub = dataclasses.replace(rep, results=tuple(rs))
-        rows.append({"variant": variant, "set": set_name, "level": level, "tasks": len(rs),
-                     **{f"pass@{k}": sub.pass_at(k) for k in ks}, "categories": sub.categories()})
-        logging.info("mg_verilog: %s", rows[-1])
-    for bname, probs in bench_problems.items():
-      rep = harness.evaluate(probs, backend, sampling, style="chat", system="", workers=config.workers or None,
-                             batch_size=config.eval.batch_size)
-      rep.write(run_dir, f"{variant.replace(':', '_')}__{bname}", ks=ks)
-      rows.append({"variant": variant, "set": bname, "level": "benchmark", "tasks": len(probs),
-                   **{f"pass@{k}": rep.pass_at(k) for k in ks}, "categories": rep.categories()})
-    logging.info("mg_verilog: variant %s done in %.0fs", variant, time.monotonic() - tv)
+    # One unit per variant (its fine-tune and every evaluation): a killed run resumes at the next variant.
+    unit = run_dir.unit(f"variant:{variant}", lambda variant=variant: _variant_unit(
+        model, variant, config, train_tasks, sets, levels, bench_problems, sampling, ks, lora, run_dir))
+    rows.extend(unit["rows"])
+    if unit["training"] is not None:
+      training[variant] = unit["training"]
   cols = ["variant", "set", "level", "tasks", *(f"pass@{k}" for k in ks)]
   print(harness.table(rows, cols))
   for v, info in training.items():
     print(f"{v}: {info['pairs']} pairs {info['pairs_per_level']}, {info['steps']} steps, "
           f"loss {info['first_loss']:.3f} -> {info['last_loss']:.3f}")
-  _plot(rows, list(sets), levels, list(config.variants), os.path.join(run_dir, "per_level.png"), ks[0])
-  return {"rows": rows, "training": training, "train_tasks": len(train_tasks),
+  plot_error = runs.safe_plot("mg_verilog", _plot, rows, list(sets), levels, list(config.variants),
+                              run_dir.file("per_level.png"), ks[0])
+  return {"plot_error": plot_error, "rows": rows, "training": training, "train_tasks": len(train_tasks),
           "held_out": {k: [t.task_id for t in v] for k, v in sets.items()}, "sampling": sampling.to_json(),
           "backend": "local", "model": model.source, "wall_s": time.monotonic() - t0}
