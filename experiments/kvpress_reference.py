@@ -122,6 +122,12 @@ METHODS: tuple[MethodPair, ...] = (
     MethodPair("simlayerkv", "simlayerkv", "SimLayerKVPress",
                {"lazy_threshold": _LAZY, "n_initial": 4, "n_recent": _PROMPT // 2 - 4 + 1, "n_last": 1},
                {"lazy_threshold": _LAZY, "start_size": 4}),
+    # NonCausalAttn in chunks of 16 (the 64-token prompt ends in a full chunk); Compactor with its default chunk
+    # of 256, so the 52 tokens between its sinks are one zero-padded chunk (kvpress's 0 / -1e-9 padding logits).
+    # Compactor's leverage term uses an unseeded torch.randn sketch in kvpress, so the pair runs with
+    # blending=0 (attention + sinks, token for token); the leverage term is LeverageScore's (its own tests).
+    MethodPair("noncausal", "noncausal", "NonCausalAttnPress", {"chunk_size": 16}, {"attention_chunk_size": 16}),
+    MethodPair("compactor", "compactor", "CompactorPress", {"blending": 0.0}, {"compactor_blending": 0.0}),
 )
 
 

@@ -255,12 +255,14 @@ def param_logical_axes(params: Any) -> Any:
 
 def cache_axes(path: Sequence[Any], leaf: Any) -> tuple[str | None, ...]:
   """Logical axes of the cache leaf at `path` (a `KVCache` field; anything under `state` is replicated, and so
-  are the per-layer statistics of `stats` but the per-slot value norms, which are laid out like `scores`)."""
+  are the per-layer statistics of `stats` but the per-slot value norms and queries, laid out like `scores`)."""
   field = _key_name(path[0])
   if field in CACHE_AXES:
     return CACHE_AXES[field]
   if field == "stats" and len(path) > 1 and _key_name(path[1]) == "value_norm":
     return CACHE_AXES["scores"]
+  if field == "stats" and len(path) > 1 and _key_name(path[1]) == "queries":  # [L, B, S, KV, G, D]
+    return CACHE_AXES["scores"] + (None, None)
   return (None,) * np.ndim(leaf)
 
 

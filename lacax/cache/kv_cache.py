@@ -132,15 +132,21 @@ class StatsRecording:
     query_moments: n >= 0 accumulates the count, sum and sum of outer products of the pre-RoPE queries of every
       query head over the tokens at positions >= n (ExpectedAttention's online statistics, kvpress's n_sink);
       running over every step, so a chunked prefill gives the one-shot prefill's numbers. None = off.
+    queries: record every written token's pre-RoPE query (each query head, grouped by its kv head) at the
+      token's slot; it moves with its slot, like the value norm (a scorer that attends with the prompt's own
+      queries: NonCausalAttn, Compactor). H x D floats per token and layer: as much as a float32 KV cache
+      times the group size / 2, so it is for prefill-time scorers that drop it at the hand-off.
   """
 
   value_norm: bool = False
   window_q2: int = 0
   query_moments: int | None = None
+  queries: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.value_norm, bool):
-      raise ValueError(f"StatsRecording.value_norm={self.value_norm!r} must be True or False")
+    for name in ("value_norm", "queries"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"StatsRecording.{name}={getattr(self, name)!r} must be True or False")
     if isinstance(self.window_q2, bool) or not isinstance(self.window_q2, int) or self.window_q2 < 0:
       raise ValueError(f"StatsRecording.window_q2={self.window_q2!r} must be an int >= 0 (0 = off)")
     q = self.query_moments
@@ -149,7 +155,7 @@ class StatsRecording:
 
   @property
   def empty(self) -> bool:
-    return not self.value_norm and not self.window_q2 and self.query_moments is None
+    return not self.value_norm and not self.window_q2 and self.query_moments is None and not self.queries
 
   def merge(self, other: "StatsRecording | None") -> "StatsRecording":
     """The union of two recordings (a wrapper's and its inner policy's).
@@ -168,7 +174,8 @@ class StatsRecording:
                          f"{getattr(other, name)}; use one value")
     return StatsRecording(value_norm=self.value_norm or other.value_norm,
                           window_q2=self.window_q2 or other.window_q2,
-                          query_moments=self.query_moments if self.query_moments is not None else other.query_moments)
+                          query_moments=self.query_moments if self.query_moments is not None else other.query_moments,
+                          queries=self.queries or other.queries)
 
 
 @flax.struct.dataclass
@@ -180,7 +187,9 @@ class CacheStats:
     window_q2  [L, B, KV, D]   mean squared rotated query of the last step's window, per kv head;
     q_count    [L, B]          queries counted in the moments;
     q_sum      [L, B, H, D]    their sum (pre-RoPE);
-    q_outer    [L, B, H, D, D] the sum of their outer products.
+    q_outer    [L, B, H, D, D] the sum of their outer products;
+    queries    [L, B, S, KV, G, D] the pre-RoPE queries of the token in each slot, G = H / KV query heads per
+               kv head (0 for empty slots).
   """
 
   recording: StatsRecording = flax.struct.field(pytree_node=False)
@@ -189,6 +198,7 @@ class CacheStats:
   q_count: jax.Array | None = None
   q_sum: jax.Array | None = None
   q_outer: jax.Array | None = None
+  queries: jax.Array | None = None
 
   def query_mean_cov(self) -> tuple[jax.Array, jax.Array]:
     """(mean [L, B, H, D], covariance [L, B, H, D, D]) of the counted queries, the covariance normalised by
@@ -214,7 +224,8 @@ def init_stats(cfg: ModelConfig, batch_size: int, capacity: int, recording: Stat
                     window_q2=zeros(L, B, KV, D) if recording.window_q2 else None,
                     q_count=zeros(L, B) if moments else None,
                     q_sum=zeros(L, B, H, D) if moments else None,
-                    q_outer=zeros(L, B, H, D, D) if moments else None)
+                    q_outer=zeros(L, B, H, D, D) if moments else None,
+                    queries=zeros(L, B, capacity, KV, H // KV, D) if recording.queries else None)
 
 
 def strip_recordings(cache: "KVCache") -> "KVCache":
@@ -386,8 +397,11 @@ def gather_slots(cache: KVCache, src: jax.Array, *, impl: str = "auto") -> KVCac
     scales = {name: jnp.where(src >= 0, jnp.take_along_axis(getattr(cache, name), safe, axis=2), 0.0)
               for name in ("k_scale", "v_scale")}
   stats = cache.stats
-  if stats is not None and stats.value_norm is not None:  # the per-slot statistic travels with its slot
+  if stats is not None and stats.value_norm is not None:  # the per-slot statistics travel with their slots
     stats = stats.replace(value_norm=jnp.where(src >= 0, jnp.take_along_axis(stats.value_norm, safe, axis=2), 0.0))
+  if stats is not None and stats.queries is not None:
+    stats = stats.replace(queries=jnp.where((src >= 0)[..., None, None], jnp.take_along_axis(
+        stats.queries, safe[..., None, None], axis=2), 0.0))
   length = jnp.max(jnp.sum(pos >= 0, axis=2), axis=-1).astype(jnp.int32)
   out = cache.replace(k=k, v=v, pos=pos, scores=scores, length=length, stats=stats, **scales)
   return out if cache.mesh_rules is None else cache.mesh_rules.constrain_cache(out)

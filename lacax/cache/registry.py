@@ -55,6 +55,9 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
                size - start_size + n_last, so a lazy layer holds exactly `size`), the others all;
                lazy_threshold (0.9);
   criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
+  noncausal    NonCausalAttn (the prompt's own queries, recorded): attention_chunk_size (256);
+  compactor    Compactor: leverage + NonCausalAttn between sink_size_start (8) and sink_size_end (4) sinks;
+               attention_chunk_size, sketch_dimension, seed, compactor_blending (None = the ratio 1 - size/n).
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -74,6 +77,7 @@ from lacax.cache.adakv import AdaKVPolicy
 from lacax.cache.base import CachePolicy, is_scorer
 from lacax.cache.chunk import ChunkPolicy
 from lacax.cache.chunkkv import ChunkKVPolicy
+from lacax.cache.compactor import CompactorPolicy
 from lacax.cache.composed import ComposedPolicy
 from lacax.cache.decoding import DecodingPolicy
 from lacax.cache.full import FullPolicy
@@ -95,6 +99,7 @@ from lacax.cache.keydiff import KeyDiffPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
 from lacax.cache.leverage import LeverageScorePolicy
+from lacax.cache.noncausal import NonCausalAttnPolicy
 from lacax.cache.qfilter import QFilterPolicy
 from lacax.cache.random_policy import RandomPolicy
 from lacax.cache.simlayerkv import SimLayerKVPolicy
@@ -223,6 +228,12 @@ POLICIES.update({
                         sized=_BUDGET),
     "simlayerkv": PolicySpec(SimLayerKVPolicy, fields={"start_size": "n_initial", "lazy_threshold": "lazy_threshold"},
                              sized=lambda size, read: {"n_recent": size - read("n_initial") + read("n_last")}),
+    "noncausal": PolicySpec(NonCausalAttnPolicy, fields={**_SCORER, "attention_chunk_size": "chunk_size"},
+                            sized=_BUDGET),
+    "compactor": PolicySpec(CompactorPolicy, fields={
+        **_SCORER, "attention_chunk_size": "chunk_size", "sink_size_start": "sink_size_start",
+        "sink_size_end": "sink_size_end", "sketch_dimension": "sketch_dimension", "seed": "seed",
+        "compactor_blending": "blending"}, sized=_BUDGET),
 })
 
 

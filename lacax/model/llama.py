@@ -510,6 +510,11 @@ def _record_stats(stats: CacheStats, layer: jax.Array, slots: jax.Array, positio
     q2 = jnp.pad(q2, [(0, 0), (0, kv_cache - kv_s), (0, 0)])
     old = stats.window_q2[layer]
     out["window_q2"] = stats.window_q2.at[layer].set(jnp.where((count > 0)[:, None, None], q2, old))
+  if rec.queries:  # per-slot pre-RoPE queries, grouped by kv head (NonCausalAttn, Compactor)
+    g_full = stats.queries.shape[4]
+    grouped = q_pre.astype(f32).reshape(B, T, kv_s, g_s, hd)
+    grouped = jnp.pad(grouped, [(0, 0), (0, 0), (0, kv_cache - kv_s), (0, g_full - g_s), (0, 0)])
+    out["queries"] = _write_layer(stats.queries, grouped, layer, slots)
   if rec.query_moments is not None:  # ExpectedAttention online: moments of the queries at positions >= n_sink
     weight = (positions >= rec.query_moments).astype(f32)
     qf = q_pre.astype(f32)
