@@ -128,6 +128,10 @@ METHODS: tuple[MethodPair, ...] = (
     # blending=0 (attention + sinks, token for token); the leverage term is LeverageScore's (its own tests).
     MethodPair("noncausal", "noncausal", "NonCausalAttnPress", {"chunk_size": 16}, {"attention_chunk_size": 16}),
     MethodPair("compactor", "compactor", "CompactorPress", {"blending": 0.0}, {"compactor_blending": 0.0}),
+    MethodPair("cam", "cam", "CAMPress", status="not_comparable",
+               note=("decode-time (this protocol compresses the prompt once, at prefill) and random: kvpress draws "
+                     "the merges with torch.bernoulli; tests/test_cache_cam.py restates one CaM step in NumPy "
+                     "with lacax's draws")),
 )
 
 

@@ -23,7 +23,7 @@ Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPre
 the same `cache.size` from the same `cache` section:
 
   inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation,
-               criticalkv
+               criticalkv, cam (cam: knorm when unset)
                ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
                pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
@@ -55,6 +55,9 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
                size - start_size + n_last, so a lazy layer holds exactly `size`), the others all;
                lazy_threshold (0.9);
   criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
+  cam          CaM (a wrapper, decode-time): every compression_interval steps, evicted values merge into the
+               merge_budget (32) kept tokens after them, then `size` tokens stay; inner (default knorm here: it
+               must read no attention), cam_merge_probability ("bernoulli", or "threshold"), seed.
   noncausal    NonCausalAttn (the prompt's own queries, recorded): attention_chunk_size (256);
   compactor    Compactor: leverage + NonCausalAttn between sink_size_start (8) and sink_size_end (4) sinks;
                attention_chunk_size, sketch_dimension, seed, compactor_blending (None = the ratio 1 - size/n).
@@ -75,6 +78,7 @@ from typing import Any, Callable, Mapping
 
 from lacax.cache.adakv import AdaKVPolicy
 from lacax.cache.base import CachePolicy, is_scorer
+from lacax.cache.cam import CAMPolicy
 from lacax.cache.chunk import ChunkPolicy
 from lacax.cache.chunkkv import ChunkKVPolicy
 from lacax.cache.compactor import CompactorPolicy
@@ -241,7 +245,7 @@ POLICIES.update({
 # live here, once).
 COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
 WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation",
-            "criticalkv")
+            "criticalkv", "cam")
 
 
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
@@ -294,6 +298,14 @@ def _prefill_decoding(cache, size: int) -> dict[str, Any]:
   return {"prefill": inner, "decoding": DecodingPolicy(inner, target_size=size, compression_interval=interval)}
 
 
+def _cam_inner(cache, size: int) -> dict[str, Any]:
+  """CaM's inner scorer: `cache.inner`, or Knorm when the section names none (CaM's cache records its own
+  attention sum, so the wrappers' default inner, SnapKV, which reads attention, cannot serve)."""
+  if _get(cache, "inner") is None:
+    cache = {**_as_dict(cache), "inner": "knorm"}
+  return _inner("cam")(cache, size)
+
+
 POLICIES.update({
     "adakv": PolicySpec(AdaKVPolicy, fields={"alpha_safeguard": "alpha_safeguard"},
                         sized=lambda size, read: {"budget": size}, composite=_inner("adakv")),
@@ -310,6 +322,10 @@ POLICIES.update({
     "criticalkv": PolicySpec(CriticalKVPolicy, fields={"critical_epsilon": "epsilon",
                                                        "first_stage_ratio": "first_stage_ratio"},
                              sized=lambda size, read: {"budget": size}, composite=_inner("criticalkv")),
+    "cam": PolicySpec(CAMPolicy, fields={"compression_interval": "compression_interval",
+                                         "merge_budget": "merge_budget", "seed": "seed",
+                                         "cam_merge_probability": "merge_probability"},
+                      sized=lambda size, read: {"target_size": size}, composite=_cam_inner),
 })
 
 
