@@ -64,6 +64,17 @@ class MaskTest(parameterized.TestCase):
       self.assertEqual(artisan.keep_count(30, sparsity), int(np.ceil(round((1 - sparsity) * 30, 9))))
       np.testing.assert_array_equal(mask, numpy_mask(scores, row, sparsity))
 
+  def test_topk_mask_equals_lax_top_k_on_signed_scores_and_ties(self):
+    rng = np.random.default_rng(4)
+    for scores in (rng.standard_normal((40, 33)), np.round(rng.standard_normal((40, 33)) * 2) / 2,
+                   np.concatenate([[-0.0, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38], rng.standard_normal(93)])):
+      flat = jnp.asarray(scores, jnp.float32).reshape(-1)
+      for keep in (1, 7, flat.size // 2, flat.size - 1, flat.size):
+        _, idx = jax.lax.top_k(jnp.where(flat == 0, 0.0, flat), keep)
+        want = np.zeros(flat.size)
+        want[np.asarray(idx)] = 1
+        np.testing.assert_array_equal(np.asarray(artisan.topk_hard(flat, keep)), want, err_msg=f"keep={keep}")
+
   def test_same_row_same_mask_different_subsets_differ(self):
     rng = np.random.default_rng(0)
     scores = jnp.asarray(rng.standard_normal((4, 16, 16)), jnp.float32)
