@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "amoeba"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   # init: "" loads model.path (default: the embedded SmolLM2-135M-Instruct); "random" builds model.random.
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", init="", random=ml_collections.ConfigDict(
       dict(num_layers=6, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, seed=0))))

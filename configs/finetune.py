@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "finetune"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   # dtype: the stored weights (float32 master weights for the trained part either way).
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.mode = "lora"  # "lora" or "full"

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "master_asr"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.seed = 0
   # Finished stages are saved here; rerunning with the same work_dir resumes ("" = <run dir>/stages).
   c.work_dir = ""

@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "mg_verilog"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(  # path "" = embedded SmolLM2-135M-Instruct; init "random" = tiny model
       path="", dtype="float32", init="",
       random=dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, seed=0)))

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "transcribe"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.recognizer = ""  # recognizer.npz written by the master_asr job
   c.audio = ""  # a WAV / FLAC file (or a comma-separated list)
   c.language = ""  # a language the recognizer has a model for

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = "verilog_eval"
   c.results_dir = "results"
+  c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.benchmark = ml_collections.ConfigDict(dict(
       kind="verilog_eval",   # verilog_eval | rtllm | logikbench | mg_synthetic
       path="",               # your checkout (lacax ships no benchmark data)

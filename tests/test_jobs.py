@@ -318,6 +318,19 @@ class ConfigTest(parameterized.TestCase):
     if variant == "cpu" and config.experiment in ("passkey", "niah"):
       self.assertLessEqual(max(config.grid.lengths), 1024)
 
+  def test_every_experiment_config_can_be_resumed(self):
+    # The launcher tells a failed run to finish with --config.resume=<dir>: every config must have the field.
+    import glob  # pylint: disable=g-import-not-at-top
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(_config_path("passkey.py")), "*.py"))):
+      name = os.path.basename(path)[:-3]
+      if name.startswith("_"):
+        continue
+      config = importlib.import_module(f"configs.{name}").get_config(None)
+      self.assertIn("resume", config, f"configs/{name}.py has no resume field")
+      self.assertEqual(config.resume, "", name)
+
   def test_override_typo_is_rejected_and_good_override_applies(self):
     config = _parse_config([f"--config={_config_path('passkey.py')}:cpu", "--config.cache.budget=0.25",
                             "--config.grid.lengths=(256,)"])
