@@ -54,6 +54,9 @@ class MethodPair:
       `note`), or "not_comparable" (`note` says why).
     kvpress_definition: for "differs": the lacax `cache` fields that select kvpress's definition, once lacax
       has that option (then the pair is checked as exact with them); None until it lands.
+    prefill_attention: the attention implementation of kvpress's prefill: "eager" (observed-attention presses
+      read its weights) or "sdpa" (head-wise presses, which mask keys through kvpress's attention patch and
+      assert a non-eager attention).
   """
 
   key: str
@@ -65,6 +68,7 @@ class MethodPair:
   status: str = "exact"
   note: str = ""
   kvpress_definition: dict | None = None
+  prefill_attention: str = "eager"
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
@@ -114,6 +118,20 @@ METHODS: tuple[MethodPair, ...] = (
                note="random scores: torch's and JAX's generators draw different numbers"),
     # The policies on the forward's other recorded statistics (lacax.cache.kv_cache.StatsRecording).
     MethodPair("criticalkv", "criticalkv", "CriticalKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"}),
+    # Head-wise budgets: kvpress masks the evicted keys (the worker reads the unmasked ones), lacax drops them.
+    MethodPair("adakv", "adakv", "AdaKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"},
+               prefill_attention="sdpa", status="differs",
+               note=("ties: layer 0's keys depend only on the token and its position, and key norms not on the "
+                     "position, so a token repeated in the prompt scores exactly the same twice; at the layer's "
+                     "budget boundary torch.topk over the flattened heads (kvpress/presses/adakv_press.py) and "
+                     "lacax's ranking (older token first, lacax/cache/plans.py) keep different copies (on the test "
+                     "prompt: positions 44 and 61 of layer 0, KV head 0; the greedy tokens agree)")),
+    MethodPair("criticaladakv", "criticaladakv", "CriticalAdaKVPress", {"press": {"press": "KnormPress"}},
+               {"inner": "knorm"}, prefill_attention="sdpa"),
+    # Block over KeyDiff (the KeyDiff paper's block prompt processing): the anchor is re-computed per block.
+    # kvpress's BlockPress asserts that it gets no attention weights, hence SDPA.
+    MethodPair("block", "block", "BlockPress", {"press": {"press": "KeyDiffPress"}, "block_size": 8},
+               {"inner": "keydiff", "block_size": 8}, prefill_attention="sdpa"),
     MethodPair("think", "think", "ThinKPress", {"key_channel_compression_ratio": 0.5, "window_size": _WINDOW},
                {"key_channel_compression_ratio": 0.5, "window": _WINDOW}),
     # A lazy layer keeps n_initial + n_recent - n_last = the budget (lacax's registry sizes n_recent so; the
@@ -173,7 +191,8 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
   """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
              "presses": [{"key": p.key, "press": p.press,
-                          "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs}} for p in pairs]}
+                          "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs},
+                          "prefill_attention": p.prefill_attention} for p in pairs]}
   with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
     request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
     with open(request_path, "w") as f:

@@ -35,9 +35,9 @@ statistics) are declared the same way, as `stats_recording` (a `lacax.cache.kv_c
 
 Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (scores, protected)` (its
 ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
-(`WrapperPolicy` / `SelectingWrapper` here; one module each: adakv, perlayer, composed, chunk, chunkkv,
-decoding, prefill_decoding, key_rerotation) take any scorer as `inner` and select with their own budgets, so a
-new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
+(`WrapperPolicy` / `SelectingWrapper` / `HeadAdaptiveWrapper` here; one module each: adakv, criticaladakv,
+perlayer, composed, chunk, chunkkv, block, decoding, prefill_decoding, key_rerotation) take any scorer as
+`inner` and select with their own budgets, so a new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
 contract test whether a hand-off over the budget evicts.
 
 `ScorerPolicy` is kvpress's `ScorerPress` (score every held token per KV head, keep the top budget) for the
@@ -424,6 +424,25 @@ class SelectingWrapper(WrapperPolicy):
       return cache
     plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity or c.capacity)  # noqa: E731
     return self._lean(plans.apply_plan(cache, plan, self.over_budget(cache), capacity), capacity)
+
+
+class HeadAdaptiveWrapper(SelectingWrapper):
+  """A selecting wrapper with AdaKV's head-adaptive budgets (`plans.head_adaptive_keep`): subclasses have the
+  fields `inner`, `budget` (mean tokens per kv head) and `alpha_safeguard`; a layer keeps KV * budget tokens,
+  each head at least its n_safe = max(1, int(budget * alpha_safeguard)) (0 when alpha_safeguard = 0), so a
+  head holds at most KV * budget - (KV - 1) * n_safe (AdaKV, CriticalAdaKV)."""
+
+  @property
+  def n_safe(self) -> int:
+    return max(1, int(self.budget * self.alpha_safeguard)) if self.alpha_safeguard > 0 else 0
+
+  def layer_bounds(self, cfg: ModelConfig) -> np.ndarray:
+    kv = cfg.num_kv_heads
+    return np.full(cfg.num_layers, max(self.budget, kv * self.budget - (kv - 1) * self.n_safe))
+
+  def over_budget(self, cache: KVCache) -> jax.Array:
+    kv = cache.pos.shape[-1]
+    return jnp.any(jnp.sum(plans.occupancy(cache), axis=-1) > kv * self.budget)
 
 
 class ScorerPolicy(CachePolicy):

@@ -16,7 +16,7 @@ that moves with its slot), since a policy sees the cache, not the model's weight
 and the values of its cache; lacax reads the layer's dense W_o (the base weight without LoRA deltas, as kvpress)
 and the values the forward writes (before int8 quantization, for an int8 cache). The inner policy's protected
 tokens (SnapKV's window, sinks) rank before both stages, as the inner policy's own top score makes them rank
-first in kvpress. CriticalAdaKV (the head-adaptive variant) is not implemented here.
+first in kvpress. CriticalAdaKV (the head-adaptive variant) is `lacax.cache.criticaladakv`.
 """
 
 from __future__ import annotations
@@ -85,13 +85,10 @@ class CriticalKVPolicy(SelectingWrapper):
   def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
     """The merged two-stage scores (stage-one tokens at float32 max) and the inner policy's protected tokens,
     so that CriticalKV is itself a scorer other wrappers can take (kvpress's CriticalKVPress is a ScorerPress)."""
-    if cache.stats is None or cache.stats.value_norm is None:
-      raise ValueError("CriticalKV needs a cache recording value norms (StatsRecording(value_norm=True)); build "
-                       "the cache with the policy's init()")
     scores, protected = self.inner.keep_scores(cache)
+    second = plans.value_weighted(scores, cache, self.epsilon, "CriticalKV")
     valid = cache.valid()
     first = valid & (plans.descending_rank(ranked_scores(scores, protected), valid) < self.first_stage_budget)
-    second = (scores.astype(jnp.float32) + self.epsilon) * cache.stats.value_norm
     return jnp.where(first, jnp.finfo(jnp.float32).max, second), protected
 
   def keep_mask(self, cache: KVCache) -> jax.Array:

@@ -10,6 +10,8 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
   within_chunks      the slot axis cut into fixed-size chunks (chunked selection);
   descending_rank    the rank of every eligible slot by a score, largest first (ties: the older token);
   recent_mask        the `count` newest occupied slots;
+  head_adaptive_keep AdaKV's allocation of a layer's budget across its kv heads (AdaKV, CriticalAdaKV);
+  value_weighted     CriticalKV's stage-two score (s + epsilon) * ||W_o v||_1 (CriticalKV, CriticalAdaKV);
   pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
   occupancy          tokens held per (layer, row, kv head);
   scoring_keys       the cached keys before or after RoPE, whatever the cache stores (key-based scorers);
@@ -119,6 +121,37 @@ def recent_mask(valid: jax.Array, count) -> jax.Array:
   # Occupied slots at index >= s; a slot is among the `count` newest iff at most `count` of them remain.
   at_or_after = jnp.flip(jnp.cumsum(jnp.flip(valid, axis=2), axis=2, dtype=jnp.int32), axis=2)
   return valid & (at_or_after <= per_plane(count))
+
+
+def head_adaptive_keep(scores: jax.Array, protected: jax.Array, valid: jax.Array, budget: int,
+                       n_safe: int) -> tuple[jax.Array, jax.Array]:
+  """AdaKV's allocation (kvpress `presses/adakv_press.py::AdaKVPress.compress`): every kv head keeps its
+  protected tokens and its `n_safe` best, then the layer's remaining budget (KV * budget in all) goes to the
+  best-scored of all its heads' other tokens together (one ranking over the (slot, head) pairs, slot-major:
+  ties go to the older token, then to the lower head).
+
+  Args:
+    scores, protected, valid: [L, B, S, KV] (an inner policy's `keep_scores` and the cache's occupied slots).
+    budget: mean tokens kept per kv head; n_safe: the per-head safeguard.
+
+  Returns:
+    (forced, keep): [L, B, S, KV] bool: the safeguarded and protected tokens, and every kept token.
+  """
+  L, B, S, KV = valid.shape
+  own_rank = descending_rank(jnp.where(protected, jnp.inf, scores.astype(jnp.float32)), valid)
+  forced = valid & (protected | (own_rank < n_safe))
+  flat = jnp.where(forced, jnp.inf, scores.astype(jnp.float32)).reshape(L, B, S * KV, 1)
+  layer_rank = descending_rank(flat, valid.reshape(L, B, S * KV, 1)).reshape(L, B, S, KV)
+  return forced, forced | (valid & (layer_rank < KV * budget))
+
+
+def value_weighted(scores: jax.Array, cache: KVCache, epsilon: float, owner: str) -> jax.Array:
+  """CriticalKV's stage-two score (kvpress `presses/criticalkv_press.py`): (s + epsilon) * ||W_o v||_1, with the
+  value norms the forward recorded (`StatsRecording(value_norm=True)`)."""
+  if cache.stats is None or cache.stats.value_norm is None:
+    raise ValueError(f"{owner} needs a cache recording value norms (StatsRecording(value_norm=True)); build "
+                     "the cache with the policy's init()")
+  return (scores.astype(jnp.float32) + epsilon) * cache.stats.value_norm
 
 
 def topk_keep_plan(scores: jax.Array, valid: jax.Array, keep_count, protected: jax.Array | None,

@@ -23,13 +23,14 @@ Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPre
 the same `cache.size` from the same `cache` section:
 
   inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation,
-               criticalkv
+               criticalkv, criticaladakv, block
                ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
                pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
   layer_fractions   per-layer budgets as fractions of `size` (budget_l = max(1, round(f_l * size))); () =
                every layer `size`;
   chunk_length, chunkkv_length   Chunk's (1024) and ChunkKV's (20) chunk sizes;
+  block_size   Block's block of tokens re-scored with the kept ones at each step (128);
   compression_interval   decode steps between DecodingPolicy's compressions (512), down to `size` tokens;
   first, second   the composed policy: `first` built at 2 * size, then `second` at size (built with the
                first's rope_mode when it has that field), so the composition holds at most `size` tokens.
@@ -54,7 +55,9 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
   simlayerkv   SimLayerKV: lazy layers keep start_size initial + (size - start_size) recent tokens (n_recent =
                size - start_size + n_last, so a lazy layer holds exactly `size`), the others all;
                lazy_threshold (0.9);
-  criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
+  criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4);
+  criticaladakv   CriticalAdaKV over `inner` (a wrapper): AdaKV's alpha_safeguard (0.2) with CriticalKV's
+               first_stage_ratio and critical_epsilon.
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -72,6 +75,7 @@ from typing import Any, Callable, Mapping
 
 from lacax.cache.adakv import AdaKVPolicy
 from lacax.cache.base import CachePolicy, is_scorer
+from lacax.cache.block import BlockPolicy
 from lacax.cache.chunk import ChunkPolicy
 from lacax.cache.chunkkv import ChunkKVPolicy
 from lacax.cache.composed import ComposedPolicy
@@ -88,6 +92,7 @@ from lacax.cache.pyramidkv import PyramidKVPolicy
 from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
+from lacax.cache.criticaladakv import CriticalAdaKVPolicy
 from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
@@ -230,7 +235,7 @@ POLICIES.update({
 # live here, once).
 COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
 WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation",
-            "criticalkv")
+            "criticalkv", "criticaladakv", "block")
 
 
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
@@ -297,6 +302,12 @@ POLICIES.update({
     "criticalkv": PolicySpec(CriticalKVPolicy, fields={"critical_epsilon": "epsilon",
                                                        "first_stage_ratio": "first_stage_ratio"},
                              sized=lambda size, read: {"budget": size}, composite=_inner("criticalkv")),
+    "criticaladakv": PolicySpec(CriticalAdaKVPolicy, fields={"alpha_safeguard": "alpha_safeguard",
+                                                             "critical_epsilon": "epsilon",
+                                                             "first_stage_ratio": "first_stage_ratio"},
+                                sized=lambda size, read: {"budget": size}, composite=_inner("criticaladakv")),
+    "block": PolicySpec(BlockPolicy, fields={"block_size": "block_size"}, sized=lambda size, read: {"budget": size},
+                        composite=_inner("block")),
 })
 
 
