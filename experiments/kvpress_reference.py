@@ -57,6 +57,7 @@ class MethodPair:
     prefill_attention: the attention implementation of kvpress's prefill: "eager" (observed-attention presses
       read its weights) or "sdpa" (head-wise presses, which mask keys through kvpress's attention patch and
       assert a non-eager attention).
+    question_tokens: q > 0 for FinchPress: the worker puts its delimiter before the prompt's last q tokens.
   """
 
   key: str
@@ -69,6 +70,7 @@ class MethodPair:
   note: str = ""
   kvpress_definition: dict | None = None
   prefill_attention: str = "eager"
+  question_tokens: int = 0
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
@@ -116,6 +118,12 @@ METHODS: tuple[MethodPair, ...] = (
                      "(on the test prompt: one token of layer 0, KV head 0)")),
     MethodPair("random", "random", "RandomPress", status="not_comparable",
                note="random scores: torch's and JAX's generators draw different numbers"),
+    # Finch: the question is the prompt's last _WINDOW tokens (kvpress: after its delimiter, which the worker
+    # inserts). rerotate_keys=False keeps the keys where the worker can match them (lacax's rope_mode="original").
+    MethodPair("finch", "finch", "FinchPress", {"rerotate_keys": False}, {"window": _WINDOW},
+               question_tokens=_WINDOW),
+    MethodPair("finch_chunked", "finch", "FinchPress", {"rerotate_keys": False, "chunk_length": 24},
+               {"window": _WINDOW, "finch_chunk_length": 24}, question_tokens=_WINDOW),
     # The policies on the forward's other recorded statistics (lacax.cache.kv_cache.StatsRecording).
     MethodPair("criticalkv", "criticalkv", "CriticalKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"}),
     # Head-wise budgets: kvpress masks the evicted keys (the worker reads the unmasked ones), lacax drops them.
@@ -192,7 +200,8 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
              "presses": [{"key": p.key, "press": p.press,
                           "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs},
-                          "prefill_attention": p.prefill_attention} for p in pairs]}
+                          "prefill_attention": p.prefill_attention, "question_tokens": p.question_tokens}
+                         for p in pairs]}
   with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
     request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
     with open(request_path, "w") as f:

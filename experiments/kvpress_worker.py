@@ -12,6 +12,9 @@ request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
           (for a press that masks keys instead of dropping them, AdaKV-style `module.masked_key_indices`, the
           kept positions are the unmasked ones)
+A spec's "question_tokens": q > 0 (FinchPress) prefills context + a delimiter token (the smallest id the
+prompt does not use, set as the press's `delimiter_token_id`) + the prompt's last q tokens; the press's
+embedding hook removes it, so the model sees the prompt and the window is its last q tokens.
           (+ "pruned": {layer: [[zeroed key channels] per KV head]} for a press that prunes key channels)
 
 Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
@@ -87,13 +90,19 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
   for module in model.modules():  # a previous press's masks (kvpress clears them only in a patched attention)
     if hasattr(module, "masked_key_indices"):
       module.masked_key_indices = None
+  question = int(spec.get("question_tokens", 0))
+  ids = prompt
+  if question:  # FinchPress: context + delimiter + question; its embedding hook drops the delimiter again
+    press.delimiter_token_id = min(set(range(model.config.vocab_size)) - set(prompt[0].tolist()))
+    delimiter = torch.tensor([[press.delimiter_token_id]])
+    ids = torch.cat([prompt[:, :-question], delimiter, prompt[:, -question:]], dim=1)
   cache = transformers.DynamicCache()
   with torch.no_grad():
     # Observed-attention presses need the attention weights (eager); head-wise presses mask keys through
     # kvpress's patch of the attention functions, which eager attention does not go through.
     model.set_attn_implementation(spec.get("prefill_attention", "eager"))
     with press(model):
-      logits = model(input_ids=prompt, past_key_values=cache).logits
+      logits = model(input_ids=ids, past_key_values=cache).logits
     # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on
     # presses that keep a different number of tokens per layer, e.g. PyramidKV).
     model.set_attn_implementation("sdpa")

@@ -13,10 +13,13 @@ import numpy as np
 
 from lacax.cache.block import BlockPolicy
 from lacax.cache.criticaladakv import CriticalAdaKVPolicy
+from lacax.cache.finch import FinchPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
 from lacax.cache.knorm import KnormPolicy
 from tests.cache_policies import kept_positions, top_budget
-from tests.test_cache_recorded_methods import BUDGET, CFG, G, LENGTHS, handoff, model, post_rope_keys
+from lacax.cache import plans
+from tests.test_cache_recorded_methods import (BUDGET, CFG, G, LENGTHS, handoff, model, np_queries, np_rope,
+                                               post_rope_keys)
 
 
 def np_value_norms(v: np.ndarray) -> np.ndarray:
@@ -108,6 +111,72 @@ class BlockTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"Block inner=FullPolicy must be a scorer policy"):
       from lacax.cache.full import FullPolicy  # pylint: disable=g-import-not-at-top
       BlockPolicy(FullPolicy(), BUDGET)
+
+
+def np_finch_scores(before, l: int, b: int, h: int, window: int, normalize: bool) -> np.ndarray:
+  """[n] kvpress `FinchPress.score` of row b's n-token prompt: the last `window` queries' causal attention
+  over the prompt, cut to the context, each row times its query index (normalize_scores), averaged over the
+  window and the kv head's group; the window padded with max + 1."""
+  n = LENGTHS[b]
+  t = np.arange(n - window, n)
+  q = np_rope(np_queries()[l, b, n - window:n, h * G:(h + 1) * G], t[:, None])  # [w, G, D]
+  k = post_rope_keys(before)[l, b, :n, h]  # [n, D]
+  logits = np.einsum("wgd,sd->gws", q, k) / np.sqrt(CFG.head_dim)
+  logits = np.where(np.arange(n)[None, None, :] <= t[None, :, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs = (probs / probs.sum(-1, keepdims=True))[..., :n - window]
+  if normalize:
+    probs = probs * t[None, :, None]
+  scores = probs.mean(1).mean(0)
+  return np.concatenate([scores, np.full(window, scores.max() + 1)])
+
+
+class FinchTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("_normalized", True, 4), ("_plain", False, 4), ("_window6", True, 6))
+  def test_kept_positions_equal_numpy(self, normalize, window):
+    policy = FinchPolicy(BUDGET, window=window, normalize_scores=normalize)
+    before, after = handoff(policy, capacity=BUDGET)
+    self.assertEqual(after.capacity, BUDGET)
+    for (l, b, h), kept in kept_positions(after).items():
+      want = top_budget(np_finch_scores(before, l, b, h, window, normalize), BUDGET)
+      self.assertEqual(kept, want, f"layer {l} row {b} kv head {h}")
+      self.assertContainsSubset(range(LENGTHS[b] - window, LENGTHS[b]), kept)
+
+  @parameterized.named_parameters(("_normalized", True), ("_plain", False))
+  def test_recorded_statistic_is_the_window_sum(self, normalize):
+    """The forward's `window_by_position` statistic is w times kvpress's score at every context slot (the
+    position weights applied per query row, before the sum over the window)."""
+    window = 4
+    before, _ = handoff(FinchPolicy(BUDGET, window=window, normalize_scores=normalize), capacity=BUDGET)
+    recorded = np.asarray(before.scores, np.float64)
+    for l in range(CFG.num_layers):
+      for b, n in enumerate(LENGTHS):
+        for h in range(CFG.num_kv_heads):
+          want = window * np_finch_scores(before, l, b, h, window, normalize)[:n - window]
+          np.testing.assert_allclose(recorded[l, b, :n - window, h], want, rtol=2e-5, atol=1e-7)
+
+  def test_chunked_selection_equals_numpy(self):
+    """kvpress's chunk_length: every chunk of the prompt (window included) keeps its own share."""
+    chunk = 8
+    policy = FinchPolicy(BUDGET, window=4, chunk_length=chunk)
+    before, after = handoff(policy)
+    for (l, b, h), kept in kept_positions(after).items():
+      n = LENGTHS[b]
+      scores = np_finch_scores(before, l, b, h, 4, True)
+      want = []
+      for c, count in enumerate(plans.chunk_counts(n, BUDGET, chunk)):
+        want += [c * chunk + i for i in top_budget(scores[c * chunk:(c + 1) * chunk], int(count))]
+      self.assertEqual(kept, sorted(want), f"layer {l} row {b} kv head {h}")
+    self.assertEqual(int(policy.max_held(CFG, 22)[0]), int(plans.chunk_counts(22, BUDGET, chunk).sum()))
+
+  def test_rejects_bad_fields(self):
+    with self.assertRaisesRegex(ValueError, r"Finch window=10 must be < capacity=10"):
+      FinchPolicy(BUDGET, window=BUDGET)
+    with self.assertRaisesRegex(ValueError, r"Finch chunk_length=0 must be >= 1"):
+      FinchPolicy(BUDGET, window=4, chunk_length=0)
+    with self.assertRaisesRegex(ValueError, r"Finch normalize_scores=1 must be True or False"):
+      FinchPolicy(BUDGET, window=4, normalize_scores=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
   apply_plan         gathers a plan when needed (`lax.cond` skips steps that keep everything);
   topk_keep_plan     protected tokens + the top-k others by score, kept in slot order (ties: the older token);
   keep_mask_plan     the plan of a keep mask (kept slots front-packed in slot order);
-  within_chunks      the slot axis cut into fixed-size chunks (chunked selection);
+  within_chunks      the slot axis cut into fixed-size chunks; chunked_keep  each chunk's share of a budget;
   descending_rank    the rank of every eligible slot by a score, largest first (ties: the older token);
   recent_mask        the `count` newest occupied slots;
   head_adaptive_keep AdaKV's allocation of a layer's budget across its kv heads (AdaKV, CriticalAdaKV);
@@ -207,6 +207,43 @@ def within_chunks(x: jax.Array, chunk_length: int, fill) -> jax.Array:
   n = -(-S // chunk_length)
   x = jnp.pad(x, ((0, 0), (0, 0), (0, n * chunk_length - S), (0, 0)), constant_values=fill)
   return x.reshape(L, B, n, chunk_length, H)
+
+
+def chunk_counts(prompt_len: int, budget: int, chunk_length: int) -> np.ndarray:
+  """Tokens each chunk of a `prompt_len`-token prompt keeps under `chunked_keep` (NumPy; the statement it
+  computes)."""
+  lengths = np.minimum(chunk_length, prompt_len - np.arange(0, prompt_len, chunk_length))
+  if prompt_len <= budget:
+    return lengths
+  return np.minimum(lengths, np.maximum(1, lengths * budget // prompt_len))
+
+
+def chunked_keep(ranked: jax.Array, valid: jax.Array, budget: int, chunk_length: int) -> jax.Array:
+  """Chunked selection (kvpress's ChunkPress and FinchPress's `chunk_length`): the slot axis cut into chunks of
+  `chunk_length`; on a P-token prompt chunk c keeps its max(1, (len_c * budget) // P) best (kvpress:
+  max(1, int(len_c * (1 - r))) with 1 - r = budget / P, in integer arithmetic; nothing is dropped when
+  P <= budget).
+
+  Args:
+    ranked: [L, B, S, KV] float32, higher = keep (protected tokens at +inf).
+    valid: [L, B, S, KV] bool; every kv head of a (layer, row) holds the whole prompt.
+    budget, chunk_length: static ints.
+
+  Returns:
+    [L, B, S, KV] bool, the kept slots.
+  """
+  L, B, S, KV = valid.shape
+  n, cl = -(-S // chunk_length), chunk_length
+  prompt = jnp.max(jnp.sum(valid, axis=2, dtype=jnp.int32), axis=-1)[:, :, None]  # [L, B, 1]
+  start = jnp.arange(n, dtype=jnp.int32)[None, None, :] * cl
+  length = jnp.clip(prompt - start, 0, cl)  # [L, B, n] tokens per chunk
+  count = jnp.where(prompt <= budget, length,
+                    jnp.minimum(length, jnp.maximum(1, length * budget // jnp.maximum(prompt, 1))))
+  chunks = within_chunks(ranked, cl, -jnp.inf)
+  ok = within_chunks(valid, cl, False)
+  rank = descending_rank(chunks.reshape(L, B * n, cl, KV), ok.reshape(L, B * n, cl, KV))
+  keep = ok & (rank.reshape(L, B, n, cl, KV) < count[:, :, :, None, None])
+  return keep.reshape(L, B, n * cl, KV)[:, :, :S]
 
 
 def pool_scores(scores: jax.Array, mask: jax.Array, kernel: int, pooling: str) -> jax.Array:

@@ -10,6 +10,9 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
   span, overlap, layer_mapping   the LaCache ladder;
   score_agg    GQA reduction for score-based policies ("mean", "max", "sum");
   window, kernel, pooling, beta  SnapKV / PyramidKV observation window, pooling and pyramid steepness;
+               `window` is also Finch's question length (the prompt's last `window` tokens);
+  finch_chunk_length, finch_normalize_scores   Finch's chunked selection (None: one selection over the prompt)
+               and its position normalisation of the question's attention (True);
   merge_threshold, exact_budget   KVMerger's cosine threshold (0.75) and whether it merges down to exactly
                `size` slots (True in the registry, so that it is compared at the same budget as the others;
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
@@ -96,6 +99,7 @@ from lacax.cache.criticaladakv import CriticalAdaKVPolicy
 from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
+from lacax.cache.finch import FinchPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
@@ -200,6 +204,9 @@ POLICIES: dict[str, PolicySpec] = {
     "snapkv": PolicySpec(SnapKVPolicy, fields=_WINDOW, sized=lambda size, read: {"capacity": size}),
     "pyramidkv": PolicySpec(PyramidKVPolicy, fields={**_WINDOW, "beta": "beta", "pyramid_budget_rule": "budget_rule"},
                             sized=lambda size, read: {"capacity": size}),
+    "finch": PolicySpec(FinchPolicy, fields={"window": "window", "finch_chunk_length": "chunk_length",
+                                             "finch_normalize_scores": "normalize_scores", **_SCORED},
+                        sized=lambda size, read: {"capacity": size}),
     "kvmerger": PolicySpec(KVMergerPolicy, fields={"merge_threshold": "eps", "exact_budget": "exact_budget",
                                                    **_SCORED},
                            sized=lambda size, read: {"budget": size}, overrides={"exact_budget": True}),
