@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.kv_cache import KVCache, gather_slots, init_cache, strip_recordings
+from lacax.cache.kv_cache import KVCache, StatsRecording, gather_slots, init_cache, strip_recordings
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -365,8 +365,9 @@ class WrapperPolicy(DelegatingPolicy):
 
 class PromptChunkWrapper(WrapperPolicy):
   """A wrapper that selects from the prompt chunk by chunk, once, in the prefill hand-off (kvpress's
-  ChunkPress and ChunkKVPress): subclasses have the fields `inner`, `budget` and `chunk_length`, and a decode
-  cache that holds what the hand-off kept plus the generated tokens."""
+  ChunkPress, ChunkKVPress and BlockPress): subclasses have the fields `inner`, `budget` and `chunk_length`
+  (or their own `__post_init__`) and define `keep_mask`; the decode cache holds what the hand-off kept plus the
+  generated tokens."""
 
   owner = "chunk wrapper"  # the name errors give
 
@@ -384,6 +385,18 @@ class PromptChunkWrapper(WrapperPolicy):
 
   def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
     return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
+
+  def keep_mask(self, cache: KVCache) -> jax.Array:
+    """[L, B, S, KV] bool: the prompt tokens kept in the hand-off."""
+    raise NotImplementedError
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    """The hand-off keeps `keep_mask` of a prompt over the budget; decode calls keep everything."""
+    if capacity is None:
+      return cache
+    needed = jnp.any(plans.occupancy(cache) > self.budget)
+    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
+    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)
 
 
 class SelectingWrapper(WrapperPolicy):
@@ -443,6 +456,26 @@ class HeadAdaptiveWrapper(SelectingWrapper):
   def over_budget(self, cache: KVCache) -> jax.Array:
     kv = cache.pos.shape[-1]
     return jnp.any(jnp.sum(plans.occupancy(cache), axis=-1) > kv * self.budget)
+
+
+class ValueNormWrapper:
+  """Mixin of the wrappers that read the forward's ||W_o v||_1 (`StatsRecording(value_norm=True)`; CriticalKV,
+  CriticalAdaKV), placed before their selecting base: the cache records the norms besides what the inner
+  policy records, and after a prefill-only hand-off the decode cache records nothing (unless `lean_decode` is
+  False: a composition whose other policy still reads the recordings)."""
+
+  @property
+  def stats_recording(self) -> StatsRecording:
+    return StatsRecording(value_norm=True).merge(self.inner.stats_recording)
+
+  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
+    return super()._lean(cache, capacity) if self.lean_decode else cache
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    out = super().compact(cache, capacity)
+    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
+      out = strip_recordings(out)
+    return out
 
 
 class ScorerPolicy(CachePolicy):

@@ -92,10 +92,3 @@ class BlockPolicy(PromptChunkWrapper):
     mask = jnp.zeros(cache.pos.shape[:2] + (S + 1, cache.pos.shape[3]), bool)
     mask = jnp.put_along_axis(mask, jnp.where(kept >= 0, kept, S), True, axis=2, inplace=False)
     return mask[:, :, :S] & cache.valid()
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    if capacity is None:
-      return cache
-    needed = jnp.any(plans.occupancy(cache) > self.budget)
-    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
-    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
@@ -55,10 +54,3 @@ class ChunkPolicy(PromptChunkWrapper):
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)
     return plans.chunked_keep(ranked_scores(scores, protected), cache.valid(), self.budget, self.chunk_length)
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    if capacity is None:
-      return cache
-    needed = jnp.any(plans.occupancy(cache) > self.budget)
-    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
-    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, HeadAdaptiveWrapper
-from lacax.cache.kv_cache import KVCache, StatsRecording, strip_recordings
+from lacax.cache.base import CachePolicy, HeadAdaptiveWrapper, ValueNormWrapper
+from lacax.cache.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
-class CriticalAdaKVPolicy(HeadAdaptiveWrapper):
+class CriticalAdaKVPolicy(ValueNormWrapper, HeadAdaptiveWrapper):
   """CriticalAdaKV: `budget` tokens per kv head on average (AdaKV's allocation), each head's share chosen by
   CriticalKV's two stages (see the module docstring).
 
@@ -64,10 +64,6 @@ class CriticalAdaKVPolicy(HeadAdaptiveWrapper):
     plans.check_number("CriticalAdaKV", "first_stage_ratio", self.first_stage_ratio, 0, 1)
     plans.check_number("CriticalAdaKV", "epsilon", self.epsilon, 0)
 
-  @property
-  def stats_recording(self) -> StatsRecording:
-    return StatsRecording(value_norm=True).merge(self.inner.stats_recording)
-
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)
     second = plans.value_weighted(scores, cache, self.epsilon, "CriticalAdaKV")
@@ -80,12 +76,3 @@ class CriticalAdaKVPolicy(HeadAdaptiveWrapper):
                      < first_budget)
     merged = jnp.where(first | forced, jnp.inf, second)
     return valid & (plans.descending_rank(merged, valid) < head_budget)
-
-  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
-    return super()._lean(cache, capacity) if self.lean_decode else cache
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
-      out = strip_recordings(out)
-    return out

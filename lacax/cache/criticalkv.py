@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, SelectingWrapper, ranked_scores
-from lacax.cache.kv_cache import KVCache, StatsRecording, strip_recordings
+from lacax.cache.base import CachePolicy, SelectingWrapper, ValueNormWrapper, ranked_scores
+from lacax.cache.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
-class CriticalKVPolicy(SelectingWrapper):
+class CriticalKVPolicy(ValueNormWrapper, SelectingWrapper):
   """CriticalKV: `budget` tokens per (layer, row, kv head), half by the inner score, half by it times ||W_o v||_1.
 
   It compresses when the inner policy would (the prefill hand-off for a prompt compressor or a prefill-time
@@ -60,10 +60,6 @@ class CriticalKVPolicy(SelectingWrapper):
     plans.check_int("CriticalKV", "budget", self.budget, 1)
     plans.check_number("CriticalKV", "first_stage_ratio", self.first_stage_ratio, 0, 1)
     plans.check_number("CriticalKV", "epsilon", self.epsilon, 0)
-
-  @property
-  def stats_recording(self) -> StatsRecording:
-    return StatsRecording(value_norm=True).merge(self.inner.stats_recording)
 
   @property
   def first_stage_budget(self) -> int:
@@ -96,12 +92,3 @@ class CriticalKVPolicy(SelectingWrapper):
     valid = cache.valid()
     rank = plans.descending_rank(ranked_scores(scores, protected), valid)
     return valid & (protected | (rank < self.budget))
-
-  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
-    return super()._lean(cache, capacity) if self.lean_decode else cache
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
-      out = strip_recordings(out)
-    return out
