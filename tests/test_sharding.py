@@ -284,8 +284,8 @@ def check_generate(ctx: _Child, policy_name: str, name: str) -> None:
   np.testing.assert_allclose(np.asarray(state.cache.k), np.asarray(ref.cache.k), atol=2e-5, rtol=1e-5)
   # KVMerger's planner runs segment reductions over flattened (layer, row, head, run) ids, which XLA can only
   # partition by gathering its [L, B, S, KV] plan arrays; AdaKV's (and CriticalAdaKV's) one top-k across a
-  # layer's kv heads (its head-adaptive budget) gathers its [L, B, S, KV] scores and keep mask over the tensor axis. In both, the keys
-  # and values stay local (see the report).
+  # layer's kv heads (its head-adaptive budget) gathers its [L, B, S, KV] scores and keep mask over the tensor
+  # axis. In all, the keys and values stay local (see the report).
   assert_cache_stays_local(hlo, mr, state.cache, "prefill + decode",
                            keys_values_only=policy_name in ("kvmerger", "adakv", "criticaladakv"))
   # The public entry point with the rules gives the same tokens (the same compiled programs).

@@ -37,8 +37,9 @@ Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (
 ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
 (`WrapperPolicy` / `SelectingWrapper` / `HeadAdaptiveWrapper` here; one module each: adakv, criticaladakv,
 perlayer, composed, chunk, chunkkv, block, decoding, prefill_decoding, key_rerotation) take any scorer as
-`inner` and select with their own budgets, so a new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
-contract test whether a hand-off over the budget evicts.
+`inner` and select with their own budgets, so a new scorer module gets every wrapper for free.
+`compacts_in_prefill` (True but for DecodingPolicy) tells the contract test whether a hand-off over the budget
+evicts.
 
 `ScorerPolicy` is kvpress's `ScorerPress` (score every held token per KV head, keep the top budget) for the
 scorer methods (Knorm, Random, KeyDiff, LagKV, CUR, LeverageScore, Q-Filter, ExpectedAttention); its
