@@ -14,7 +14,7 @@ The forced and stage-one tokens rank first in stage two (kvpress gives them (fin
 which puts them first unless a value norm is below about 1e-30). ||W_o v||_1 is recorded by the forward
 (`StatsRecording(value_norm=True)`), as for CriticalKV. Ties go to the older token, then to the lower head.
 Batches: kvpress counts `head_budgets` over the whole batch (one `scatter_add_` over every row's top indices),
-so at batch > 1 a row's heads share budgets with the other rows'; lacax allocates per row (the batch-1
+so at batch > 1 every row is given the heads' budgets summed over all rows; lacax allocates per row (the batch-1
 definition, which the parity check runs).
 
 Memory. kvpress keeps the whole cache and masks the evicted keys (`module.masked_key_indices`, the fake keys
