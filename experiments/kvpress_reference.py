@@ -54,6 +54,10 @@ class MethodPair:
       `note`), or "not_comparable" (`note` says why).
     kvpress_definition: for "differs": the lacax `cache` fields that select kvpress's definition, once lacax
       has that option (then the pair is checked as exact with them); None until it lands.
+    prefill_attention: the attention implementation of kvpress's prefill: "eager" (observed-attention presses
+      read its weights) or "sdpa" (head-wise presses, which mask keys through kvpress's attention patch and
+      assert a non-eager attention).
+    question_tokens: q > 0 for FinchPress: the worker puts its delimiter before the prompt's last q tokens.
   """
 
   key: str
@@ -65,6 +69,8 @@ class MethodPair:
   status: str = "exact"
   note: str = ""
   kvpress_definition: dict | None = None
+  prefill_attention: str = "eager"
+  question_tokens: int = 0
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
@@ -112,8 +118,28 @@ METHODS: tuple[MethodPair, ...] = (
                      "(on the test prompt: one token of layer 0, KV head 0)")),
     MethodPair("random", "random", "RandomPress", status="not_comparable",
                note="random scores: torch's and JAX's generators draw different numbers"),
+    # Finch: the question is the prompt's last _WINDOW tokens (kvpress: after its delimiter, which the worker
+    # inserts). rerotate_keys=False keeps the keys where the worker can match them (lacax's rope_mode="original").
+    MethodPair("finch", "finch", "FinchPress", {"rerotate_keys": False}, {"window": _WINDOW},
+               question_tokens=_WINDOW),
+    MethodPair("finch_chunked", "finch", "FinchPress", {"rerotate_keys": False, "chunk_length": 24},
+               {"window": _WINDOW, "finch_chunk_length": 24}, question_tokens=_WINDOW),
     # The policies on the forward's other recorded statistics (lacax.cache.kv_cache.StatsRecording).
     MethodPair("criticalkv", "criticalkv", "CriticalKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"}),
+    # Head-wise budgets: kvpress masks the evicted keys (the worker reads the unmasked ones), lacax drops them.
+    MethodPair("adakv", "adakv", "AdaKVPress", {"press": {"press": "KnormPress"}}, {"inner": "knorm"},
+               prefill_attention="sdpa", status="differs",
+               note=("ties: layer 0's keys depend only on the token and its position, and key norms not on the "
+                     "position, so a token repeated in the prompt scores exactly the same twice; at the layer's "
+                     "budget boundary torch.topk over the flattened heads (kvpress/presses/adakv_press.py) and "
+                     "lacax's ranking (older token first, lacax/cache/plans.py) keep different copies (on the test "
+                     "prompt: positions 44 and 61 of layer 0, KV head 0; the greedy tokens agree)")),
+    MethodPair("criticaladakv", "criticaladakv", "CriticalAdaKVPress", {"press": {"press": "KnormPress"}},
+               {"inner": "knorm"}, prefill_attention="sdpa"),
+    # Block over KeyDiff (the KeyDiff paper's block prompt processing): the anchor is re-computed per block.
+    # kvpress's BlockPress asserts that it gets no attention weights, hence SDPA.
+    MethodPair("block", "block", "BlockPress", {"press": {"press": "KeyDiffPress"}, "block_size": 8},
+               {"inner": "keydiff", "block_size": 8}, prefill_attention="sdpa"),
     MethodPair("think", "think", "ThinKPress", {"key_channel_compression_ratio": 0.5, "window_size": _WINDOW},
                {"key_channel_compression_ratio": 0.5, "window": _WINDOW}),
     # A lazy layer keeps n_initial + n_recent - n_last = the budget (lacax's registry sizes n_recent so; the
@@ -183,7 +209,9 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
   """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
              "presses": [{"key": p.key, "press": p.press,
-                          "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs}} for p in pairs]}
+                          "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs},
+                          "prefill_attention": p.prefill_attention, "question_tokens": p.question_tokens}
+                         for p in pairs]}
   with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
     request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
     with open(request_path, "w") as f:

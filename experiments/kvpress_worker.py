@@ -6,10 +6,15 @@ Runs inside the kvpress environment (torch, the transformers kvpress pins, kvpre
   <venv>/bin/python experiments/kvpress_worker.py request.json response.json
 
 request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token ids], "new_tokens": N,
-           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}}, ...]}
+           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}, "prefill_attention": "eager"}, ...]}
            (a wrapper's "press" kwarg is itself {"press": ..., "kwargs": ...}; "compression_ratio" goes to the
            innermost press that takes one, and is dropped for presses that have none: ThinK, SimLayerKV)
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
+          (for a press that masks keys instead of dropping them, AdaKV-style `module.masked_key_indices`, the
+          kept positions are the unmasked ones)
+A spec's "question_tokens": q > 0 (FinchPress) prefills context + a delimiter token (the smallest id the
+prompt does not use, set as the press's `delimiter_token_id`) + the prompt's last q tokens; the press's
+embedding hook removes it, so the model sees the prompt and the window is its last q tokens.
           (+ "pruned": {layer: [[zeroed key channels] per KV head]} for a press that prunes key channels)
 
 Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
@@ -67,7 +72,13 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
     before = keys.clone()  # ThinK zeroes channels of `keys` in place
     out_keys, out_values = compress(module, hidden_states, keys, values, attentions, kwargs)
     layer = int(module.layer_idx)
-    if out_keys.shape == before.shape and not torch.equal(out_keys, before):  # channels pruned, no token dropped
+    masked = getattr(module, "masked_key_indices", None)
+    if masked is not None:  # head-wise budgets (AdaKV, CriticalAdaKV): the cache is whole, evicted keys masked
+      kept_mask = torch.ones(before.shape[1:3], dtype=torch.bool)
+      batch, head, seq = masked
+      kept_mask[head[batch == 0], seq[batch == 0]] = False
+      kept[layer] = [sorted(int(i) for i in torch.nonzero(row).flatten()) for row in kept_mask]
+    elif out_keys.shape == before.shape and not torch.equal(out_keys, before):  # channels pruned, no token dropped
       zeroed = (out_keys[0] == 0).all(1) & ~(before[0] == 0).all(1)  # [H, d]
       pruned[layer] = [sorted(int(c) for c in torch.nonzero(z).flatten()) for z in zeroed]
       kept[layer] = [list(range(before.shape[2])) for _ in range(before.shape[1])]
@@ -76,11 +87,22 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
     return out_keys, out_values
 
   press.compress = recording_compress
+  for module in model.modules():  # a previous press's masks (kvpress clears them only in a patched attention)
+    if hasattr(module, "masked_key_indices"):
+      module.masked_key_indices = None
+  question = int(spec.get("question_tokens", 0))
+  ids = prompt
+  if question:  # FinchPress: context + delimiter + question; its embedding hook drops the delimiter again
+    press.delimiter_token_id = min(set(range(model.config.vocab_size)) - set(prompt[0].tolist()))
+    delimiter = torch.tensor([[press.delimiter_token_id]])
+    ids = torch.cat([prompt[:, :-question], delimiter, prompt[:, -question:]], dim=1)
   cache = transformers.DynamicCache()
   with torch.no_grad():
-    model.set_attn_implementation("eager")  # observed-attention presses need the attention weights
+    # Observed-attention presses need the attention weights (eager); head-wise presses mask keys through
+    # kvpress's patch of the attention functions, which eager attention does not go through.
+    model.set_attn_implementation(spec.get("prefill_attention", "eager"))
     with press(model):
-      logits = model(input_ids=prompt, past_key_values=cache).logits
+      logits = model(input_ids=ids, past_key_values=cache).logits
     # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on
     # presses that keep a different number of tokens per layer, e.g. PyramidKV).
     model.set_attn_implementation("sdpa")

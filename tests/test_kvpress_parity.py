@@ -28,9 +28,10 @@ from tests import hf_models
 _RATIO = 0.5
 _NEW_TOKENS = 6
 _PROMPT_LEN = 64
-# Pairs whose layers keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes key
-# channels, keeps every token), SimLayerKV (only lazy layers are compressed).
-_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv")
+# Pairs whose layers or heads keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes
+# key channels, keeps every token), SimLayerKV (only lazy layers are compressed), AdaKV and CriticalAdaKV
+# (head-wise budgets).
+_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "adakv", "criticaladakv")
 
 
 class KvpressParityTest(parameterized.TestCase):

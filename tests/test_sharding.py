@@ -79,7 +79,8 @@ def meshes_for(policy_name: str):
   over the kv heads), which passed on all four meshes when they were added and would add 12 checks to the
   child otherwise. And so do the wrappers that only run their inner scorer on parts of the prompt or of the
   model (Chunk, ChunkKV, per-layer budgets, key re-rotation: the inner's compaction, nothing reduced across
-  rows or kv heads of their own); AdaKV, whose one top-k spans a layer's kv heads, keeps all four meshes."""
+  rows or kv heads of their own; Block, whose blocks re-run the inner scorer, is one of these); AdaKV and
+  CriticalAdaKV, whose one top-k spans a layer's kv heads, keep all four meshes."""
   from lacax.cache.base import PromptChunkWrapper  # pylint: disable=g-import-not-at-top
   from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
@@ -282,11 +283,11 @@ def check_generate(ctx: _Child, policy_name: str, name: str) -> None:
   np.testing.assert_array_equal(np.asarray(state.out), np.asarray(ref.out))
   np.testing.assert_allclose(np.asarray(state.cache.k), np.asarray(ref.cache.k), atol=2e-5, rtol=1e-5)
   # KVMerger's planner runs segment reductions over flattened (layer, row, head, run) ids, which XLA can only
-  # partition by gathering its [L, B, S, KV] plan arrays; AdaKV's one top-k across a layer's kv heads (its
-  # head-adaptive budget) gathers its [L, B, S, KV] scores and keep mask over the tensor axis. In both, the keys
-  # and values stay local (see the report).
+  # partition by gathering its [L, B, S, KV] plan arrays; AdaKV's (and CriticalAdaKV's) one top-k across a
+  # layer's kv heads (its head-adaptive budget) gathers its [L, B, S, KV] scores and keep mask over the tensor
+  # axis. In all, the keys and values stay local (see the report).
   assert_cache_stays_local(hlo, mr, state.cache, "prefill + decode",
-                           keys_values_only=policy_name in ("kvmerger", "adakv"))
+                           keys_values_only=policy_name in ("kvmerger", "adakv", "criticaladakv"))
   # The public entry point with the rules gives the same tokens (the same compiled programs).
   result = generation.generate(params, cfg, ctx.prompts, max_new_tokens=MAX_NEW, policy=policy, bucket=8,
                                mesh_rules=mr)

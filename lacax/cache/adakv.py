@@ -20,16 +20,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, SelectingWrapper, ranked_scores
+from lacax.cache.base import CachePolicy, HeadAdaptiveWrapper
 from lacax.cache.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKVPolicy(SelectingWrapper):
+class AdaKVPolicy(HeadAdaptiveWrapper):
   """AdaKV: `budget` tokens per kv head on average, allocated across the heads of a layer by score.
 
   Per (layer, row), with n = budget and KV kv heads (kvpress `AdaKVPress.compress`):
@@ -57,25 +55,6 @@ class AdaKVPolicy(SelectingWrapper):
     plans.check_int("AdaKV", "budget", self.budget, 1)
     plans.check_number("AdaKV", "alpha_safeguard", self.alpha_safeguard, 0, 1)
 
-  @property
-  def n_safe(self) -> int:
-    return max(1, int(self.budget * self.alpha_safeguard)) if self.alpha_safeguard > 0 else 0
-
-  def layer_bounds(self, cfg) -> np.ndarray:
-    kv = cfg.num_kv_heads
-    return np.full(cfg.num_layers, max(self.budget, kv * self.budget - (kv - 1) * self.n_safe))
-
-  def over_budget(self, cache: KVCache) -> jax.Array:
-    kv = cache.pos.shape[-1]
-    return jnp.any(jnp.sum(plans.occupancy(cache), axis=-1) > kv * self.budget)
-
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)
-    valid = cache.valid()
-    L, B, S, KV = valid.shape
-    own_rank = plans.descending_rank(ranked_scores(scores, protected), valid)
-    forced = valid & (protected | (own_rank < self.n_safe))
-    # One ranking over the layer's S * KV (slot, head) pairs, slot-major: ties go to the older token.
-    flat = ranked_scores(scores, forced).reshape(L, B, S * KV, 1)
-    layer_rank = plans.descending_rank(flat, valid.reshape(L, B, S * KV, 1)).reshape(L, B, S, KV)
-    return forced | (valid & (layer_rank < KV * self.budget))
+    return plans.head_adaptive_keep(scores, protected, cache.valid(), self.budget, self.n_safe)[1]

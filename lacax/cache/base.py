@@ -35,10 +35,11 @@ statistics) are declared the same way, as `stats_recording` (a `lacax.cache.kv_c
 
 Scorers and wrappers. A score-based policy also exposes `keep_scores(cache) -> (scores, protected)` (its
 ranking of the held tokens and the tokens it always keeps; kvpress's `ScorerPress.score`). The wrappers
-(`WrapperPolicy` / `SelectingWrapper` here; one module each: adakv, perlayer, composed, chunk, chunkkv,
-decoding, prefill_decoding, key_rerotation) take any scorer as `inner` and select with their own budgets, so a
-new scorer module gets every wrapper for free. `compacts_in_prefill` (True but for DecodingPolicy) tells the
-contract test whether a hand-off over the budget evicts.
+(`WrapperPolicy` / `SelectingWrapper` / `HeadAdaptiveWrapper` here; one module each: adakv, criticaladakv,
+perlayer, composed, chunk, chunkkv, block, decoding, prefill_decoding, key_rerotation) take any scorer as
+`inner` and select with their own budgets, so a new scorer module gets every wrapper for free.
+`compacts_in_prefill` (True but for DecodingPolicy) tells the contract test whether a hand-off over the budget
+evicts.
 
 `ScorerPolicy` is kvpress's `ScorerPress` (score every held token per KV head, keep the top budget) for the
 scorer methods (Knorm, Random, KeyDiff, LagKV, CUR, LeverageScore, Q-Filter, ExpectedAttention); its
@@ -60,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.kv_cache import KVCache, gather_slots, init_cache, strip_recordings
+from lacax.cache.kv_cache import KVCache, StatsRecording, gather_slots, init_cache, strip_recordings
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -363,10 +364,38 @@ class WrapperPolicy(DelegatingPolicy):
     return cache
 
 
+class IntervalDecodeWrapper(WrapperPolicy):
+  """A wrapper that compresses every `compression_interval` decode steps down to `target_size` (its dataclass
+  fields) and never at prefill: the capacities of kvpress's DecodingPress family (Decoding, CaM)."""
+
+  @property
+  def compacts_in_decode(self) -> bool:
+    return True
+
+  @property
+  def compacts_in_prefill(self) -> bool:
+    return False
+
+  @property
+  def sink_tokens(self) -> int:
+    return self.inner.sink_tokens
+
+  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
+    return min(max_tokens, self.target_size + self.compression_interval)
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    return min(prompt_tokens + new_tokens, max(prompt_tokens, self.target_size) + self.compression_interval)
+
+  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
+    # The hand-off keeps the whole prompt, so `seen` alone bounds nothing tighter.
+    return np.full(cfg.num_layers, seen)
+
+
 class PromptChunkWrapper(WrapperPolicy):
   """A wrapper that selects from the prompt chunk by chunk, once, in the prefill hand-off (kvpress's
-  ChunkPress and ChunkKVPress): subclasses have the fields `inner`, `budget` and `chunk_length`, and a decode
-  cache that holds what the hand-off kept plus the generated tokens."""
+  ChunkPress, ChunkKVPress and BlockPress): subclasses have the fields `inner`, `budget` and `chunk_length`
+  (or their own `__post_init__`) and define `keep_mask`; the decode cache holds what the hand-off kept plus the
+  generated tokens."""
 
   owner = "chunk wrapper"  # the name errors give
 
@@ -384,6 +413,18 @@ class PromptChunkWrapper(WrapperPolicy):
 
   def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
     return int(np.max(self.max_held(cfg, prompt_tokens))) + new_tokens
+
+  def keep_mask(self, cache: KVCache) -> jax.Array:
+    """[L, B, S, KV] bool: the prompt tokens kept in the hand-off."""
+    raise NotImplementedError
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    """The hand-off keeps `keep_mask` of a prompt over the budget; decode calls keep everything."""
+    if capacity is None:
+      return cache
+    needed = jnp.any(plans.occupancy(cache) > self.budget)
+    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
+    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)
 
 
 class SelectingWrapper(WrapperPolicy):
@@ -424,6 +465,45 @@ class SelectingWrapper(WrapperPolicy):
       return cache
     plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity or c.capacity)  # noqa: E731
     return self._lean(plans.apply_plan(cache, plan, self.over_budget(cache), capacity), capacity)
+
+
+class HeadAdaptiveWrapper(SelectingWrapper):
+  """A selecting wrapper with AdaKV's head-adaptive budgets (`plans.head_adaptive_keep`): subclasses have the
+  fields `inner`, `budget` (mean tokens per kv head) and `alpha_safeguard`; a layer keeps KV * budget tokens,
+  each head at least its n_safe = max(1, int(budget * alpha_safeguard)) (0 when alpha_safeguard = 0), so a
+  head holds at most KV * budget - (KV - 1) * n_safe (AdaKV, CriticalAdaKV)."""
+
+  @property
+  def n_safe(self) -> int:
+    return max(1, int(self.budget * self.alpha_safeguard)) if self.alpha_safeguard > 0 else 0
+
+  def layer_bounds(self, cfg: ModelConfig) -> np.ndarray:
+    kv = cfg.num_kv_heads
+    return np.full(cfg.num_layers, max(self.budget, kv * self.budget - (kv - 1) * self.n_safe))
+
+  def over_budget(self, cache: KVCache) -> jax.Array:
+    kv = cache.pos.shape[-1]
+    return jnp.any(jnp.sum(plans.occupancy(cache), axis=-1) > kv * self.budget)
+
+
+class ValueNormWrapper:
+  """Mixin of the wrappers that read the forward's ||W_o v||_1 (`StatsRecording(value_norm=True)`; CriticalKV,
+  CriticalAdaKV), placed before their selecting base: the cache records the norms besides what the inner
+  policy records, and after a prefill-only hand-off the decode cache records nothing (unless `lean_decode` is
+  False: a composition whose other policy still reads the recordings)."""
+
+  @property
+  def stats_recording(self) -> StatsRecording:
+    return StatsRecording(value_norm=True).merge(self.inner.stats_recording)
+
+  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
+    return super()._lean(cache, capacity) if self.lean_decode else cache
+
+  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
+    out = super().compact(cache, capacity)
+    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
+      out = strip_recordings(out)
+    return out
 
 
 class ScorerPolicy(CachePolicy):

@@ -23,7 +23,7 @@ ExpectedAttention, ...), since the cache records one. The Bernoulli draws come f
 compressions (kvpress: torch's global generator), so the merges are reproducible but not torch's; with
 `merge_probability="threshold"` a merge happens when p >= 0.5 instead (deterministic, an option of lacax).
 kvpress scores with its buffer of the last `hidden_states_buffer_size` decode hidden states; lacax's inner
-scorer reads the cache (see `lacax.cache.decoding`). Decode-time only: nothing happens at prefill.
+scorer reads the cache (as lacax's DecodingPolicy). Decode-time only: nothing happens at prefill.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, ranked_scores, resize
-from lacax.cache.decoding import DecodingPolicy
+from lacax.cache.base import CachePolicy, IntervalDecodeWrapper, ranked_scores, resize
 from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
@@ -91,7 +90,7 @@ def merge_plan(scores: jax.Array, attention: jax.Array, valid: jax.Array, target
 
 
 @dataclasses.dataclass(frozen=True)
-class CAMPolicy(DecodingPolicy):
+class CAMPolicy(IntervalDecodeWrapper):
   """CaM: every `compression_interval` decode steps, merge the evicted tokens' values into kept neighbours and
   keep `target_size` tokens per (layer, row), chosen by `inner`.
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
@@ -30,14 +29,7 @@ from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
 
-def chunk_counts(prompt_len: int, budget: int, chunk_length: int) -> np.ndarray:
-  """Tokens each chunk of a `prompt_len`-token prompt keeps (NumPy; the statement the policy computes)."""
-  lengths = np.minimum(chunk_length, prompt_len - np.arange(0, prompt_len, chunk_length))
-  if prompt_len <= budget:
-    return lengths
-  return np.minimum(lengths, np.maximum(1, lengths * budget // prompt_len))
-
-
+chunk_counts = plans.chunk_counts  # the NumPy statement of each chunk's share (ChunkPolicy.max_held)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,23 +53,4 @@ class ChunkPolicy(PromptChunkWrapper):
 
   def keep_mask(self, cache: KVCache) -> jax.Array:
     scores, protected = self.inner.keep_scores(cache)
-    valid = cache.valid()
-    L, B, S, KV = valid.shape
-    n, cl = -(-S // self.chunk_length), self.chunk_length
-    prompt = jnp.max(plans.occupancy(cache), axis=-1)[:, :, None]  # [L, B, 1]
-    start = jnp.arange(n, dtype=jnp.int32)[None, None, :] * cl
-    length = jnp.clip(prompt - start, 0, cl)  # [L, B, n] tokens per chunk
-    count = jnp.where(prompt <= self.budget, length, jnp.minimum(length, jnp.maximum(1, length * self.budget
-                                                                                   // jnp.maximum(prompt, 1))))
-    ranked = plans.within_chunks(ranked_scores(scores, protected), cl, -jnp.inf)
-    ok = plans.within_chunks(valid, cl, False)
-    rank = plans.descending_rank(ranked.reshape(L, B * n, cl, KV), ok.reshape(L, B * n, cl, KV))
-    keep = ok & (rank.reshape(L, B, n, cl, KV) < count[:, :, :, None, None])
-    return keep.reshape(L, B, n * cl, KV)[:, :, :S]
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    if capacity is None:
-      return cache
-    needed = jnp.any(plans.occupancy(cache) > self.budget)
-    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
-    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)
+    return plans.chunked_keep(ranked_scores(scores, protected), cache.valid(), self.budget, self.chunk_length)

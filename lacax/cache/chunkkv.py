@@ -80,10 +80,3 @@ class ChunkKVPolicy(PromptChunkWrapper):
     # A prompt shorter than one chunk: the inner policy's own top-`budget` per head.
     top = valid & (plans.descending_rank(ranked, valid) < self.budget)
     return jnp.where((prompt < cl)[:, :, None, None], top, per_token)
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    if capacity is None:
-      return cache
-    needed = jnp.any(plans.occupancy(cache) > self.budget)
-    plan = lambda c: plans.keep_mask_plan(self.keep_mask(c), capacity)  # noqa: E731
-    return self._lean(plans.apply_plan(cache, plan, needed, capacity), capacity)

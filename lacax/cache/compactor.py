@@ -7,7 +7,7 @@ held tokens in order (the prompt at the prefill hand-off):
   1. the first `sink_size_start` (8) and the last `sink_size_end` (4) tokens are kept (kvpress pads their
      scores with the largest score; lacax ranks them first, which differs only when the budget is smaller than
      the sinks plus one);
-  2. on the tokens between them: l = z-normalised leverage of the pre-RoPE keys (`lacax.cache.leverage`, a
+  2. on the tokens between them: l = z-normalised leverage of the pre-RoPE keys (`lacax.cache.scoring.leverage`, a
      Gaussian sketch of `sketch_dimension` columns, centred over these tokens) and a = NonCausalAttn's score
      (`lacax.cache.noncausal`, chunks of `chunk_size` counted from the first token after the sinks);
   3. score = blending * l + a.
@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from lacax.cache import plans
 from lacax.cache.base import ScorerPolicy
 from lacax.cache.kv_cache import KVCache, StatsRecording
-from lacax.cache.leverage import gaussian_sketch, leverage, zscore
-from lacax.cache.noncausal import HeldSequence, attention_scores, sequence_inputs
+from lacax.cache.scoring import HeldSequence, attention_scores, gaussian_sketch, leverage, sequence_inputs, zscore
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ that moves with its slot), since a policy sees the cache, not the model's weight
 and the values of its cache; lacax reads the layer's dense W_o (the base weight without LoRA deltas, as kvpress)
 and the values the forward writes (before int8 quantization, for an int8 cache). The inner policy's protected
 tokens (SnapKV's window, sinks) rank before both stages, as the inner policy's own top score makes them rank
-first in kvpress. CriticalAdaKV (the head-adaptive variant) is not implemented here.
+first in kvpress. CriticalAdaKV (the head-adaptive variant) is `lacax.cache.criticaladakv`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, SelectingWrapper, ranked_scores
-from lacax.cache.kv_cache import KVCache, StatsRecording, strip_recordings
+from lacax.cache.base import CachePolicy, SelectingWrapper, ValueNormWrapper, ranked_scores
+from lacax.cache.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
-class CriticalKVPolicy(SelectingWrapper):
+class CriticalKVPolicy(ValueNormWrapper, SelectingWrapper):
   """CriticalKV: `budget` tokens per (layer, row, kv head), half by the inner score, half by it times ||W_o v||_1.
 
   It compresses when the inner policy would (the prefill hand-off for a prompt compressor or a prefill-time
@@ -62,10 +62,6 @@ class CriticalKVPolicy(SelectingWrapper):
     plans.check_number("CriticalKV", "epsilon", self.epsilon, 0)
 
   @property
-  def stats_recording(self) -> StatsRecording:
-    return StatsRecording(value_norm=True).merge(self.inner.stats_recording)
-
-  @property
   def first_stage_budget(self) -> int:
     """Tokens kept by the inner score alone (kvpress: int((1 - ratio) * k_len * first_stage_ratio), at least 1
     when first_stage_ratio > 0, as kvpress 0.5.5 floors it)."""
@@ -85,13 +81,10 @@ class CriticalKVPolicy(SelectingWrapper):
   def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
     """The merged two-stage scores (stage-one tokens at float32 max) and the inner policy's protected tokens,
     so that CriticalKV is itself a scorer other wrappers can take (kvpress's CriticalKVPress is a ScorerPress)."""
-    if cache.stats is None or cache.stats.value_norm is None:
-      raise ValueError("CriticalKV needs a cache recording value norms (StatsRecording(value_norm=True)); build "
-                       "the cache with the policy's init()")
     scores, protected = self.inner.keep_scores(cache)
+    second = plans.value_weighted(scores, cache, self.epsilon, "CriticalKV")
     valid = cache.valid()
     first = valid & (plans.descending_rank(ranked_scores(scores, protected), valid) < self.first_stage_budget)
-    second = (scores.astype(jnp.float32) + self.epsilon) * cache.stats.value_norm
     return jnp.where(first, jnp.finfo(jnp.float32).max, second), protected
 
   def keep_mask(self, cache: KVCache) -> jax.Array:
@@ -99,12 +92,3 @@ class CriticalKVPolicy(SelectingWrapper):
     valid = cache.valid()
     rank = plans.descending_rank(ranked_scores(scores, protected), valid)
     return valid & (protected | (rank < self.budget))
-
-  def _lean(self, cache: KVCache, capacity: int | None) -> KVCache:
-    return super()._lean(cache, capacity) if self.lean_decode else cache
-
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.compacts_in_decode and self.lean_decode:  # nothing reads them later
-      out = strip_recordings(out)
-    return out

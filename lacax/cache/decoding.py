@@ -22,10 +22,9 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lacax.cache import plans
-from lacax.cache.base import CachePolicy, WrapperPolicy, ranked_scores, resize
+from lacax.cache.base import CachePolicy, IntervalDecodeWrapper, ranked_scores, resize
 from lacax.cache.kv_cache import KVCache
 from lacax.model.config import ModelConfig
 
@@ -39,7 +38,7 @@ class DecodingState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodingPolicy(WrapperPolicy):
+class DecodingPolicy(IntervalDecodeWrapper):
   """Every `compression_interval` decode steps, compress to `target_size` tokens per kv head by `inner`.
 
   Attributes:
@@ -59,28 +58,6 @@ class DecodingPolicy(WrapperPolicy):
 
   def init_state(self, cfg: ModelConfig) -> DecodingState:
     return DecodingState(steps=jnp.zeros((), jnp.int32), inner=self.inner.init_state(cfg))
-
-  @property
-  def compacts_in_decode(self) -> bool:
-    return True
-
-  @property
-  def compacts_in_prefill(self) -> bool:
-    return False
-
-  @property
-  def sink_tokens(self) -> int:
-    return self.inner.sink_tokens
-
-  def decode_capacity(self, cfg: ModelConfig, max_tokens: int) -> int:
-    return min(max_tokens, self.target_size + self.compression_interval)
-
-  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
-    return min(prompt_tokens + new_tokens, max(prompt_tokens, self.target_size) + self.compression_interval)
-
-  def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
-    # The hand-off keeps the whole prompt, so `seen` alone bounds nothing tighter.
-    return np.full(cfg.num_layers, seen)
 
   def _state(self, cache: KVCache) -> DecodingState:
     if not isinstance(cache.state, DecodingState):

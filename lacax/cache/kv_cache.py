@@ -36,7 +36,9 @@ Two static fields say how the cache is read and what the attention must record:
   score_mode: None        no attention statistics (content-agnostic policies never pay for them);
               "accumulate"  scores += attention received, summed over the step's queries (H2O);
               "last"      scores = attention received from the step's last query (TOVA);
-              "window:W"  scores = attention received from the last W queries of the step (SnapKV).
+              "window:W"  scores = attention received from the last W queries of the step (SnapKV);
+              "window_by_position:W"  the same, each query's row weighted by its position (Finch's
+                          normalisation by the number of keys before the query).
   score_agg:  how the query heads of a GQA group are reduced to their KV head: "mean", "max" or "sum".
   mesh_rules: the `lacax.sharding.MeshRules` the cache is laid out by (None = one device). The forward and
               `gather_slots` read it to keep the layout and to compact shard by shard along the slot axis.
@@ -69,11 +71,14 @@ class ScoreRecording:
       received from the step's last real query) or "window" (from its last `width` real queries).
     width: the window width (kind "window" only).
     agg: how the query heads of a GQA group are reduced to their kv head: "mean", "max" or "sum".
+    by_position: each query's attention row is weighted by the query's position (kvpress FinchPress's
+      `normalize_scores`: a query at prompt index t, which sees t + 1 keys, counts t times; kind "window" only).
   """
 
   kind: str
   width: int = 0
   agg: str = "mean"
+  by_position: bool = False
 
   def __post_init__(self):
     if self.kind not in ("accumulate", "last", "window"):
@@ -83,20 +88,30 @@ class ScoreRecording:
       raise ValueError(f"ScoreRecording.width={self.width} must be > 0 for kind='window'")
     if self.agg not in SCORE_AGGS:
       raise ValueError(f"score_agg={self.agg!r} is not supported; expected one of {SCORE_AGGS}")
+    if self.by_position and self.kind != "window":
+      raise ValueError(f"ScoreRecording.by_position is for kind='window' only, not {self.kind!r}")
 
   @classmethod
   def parse(cls, score_mode: str | None, agg: str = "mean") -> "ScoreRecording | None":
-    """None, "accumulate", "last" or "window:<W>" (the `score_mode` strings of the policies)."""
+    """None, "accumulate", "last", "window:<W>" or "window_by_position:<W>" (the `score_mode` strings of the
+    policies)."""
     if score_mode is None:
       return None
     if score_mode in ("accumulate", "last"):
       return cls(score_mode, agg=agg)
-    if isinstance(score_mode, str) and score_mode.startswith("window:"):
-      width = score_mode.split(":", 1)[1]
-      if width.isdigit() and int(width) > 0:
-        return cls("window", int(width), agg)
-    raise ValueError(f"score_mode={score_mode!r} is not supported; expected None, 'accumulate', 'last' or "
-                     "'window:<positive int>'")
+    for prefix, by_position in (("window:", False), ("window_by_position:", True)):
+      if isinstance(score_mode, str) and score_mode.startswith(prefix):
+        width = score_mode[len(prefix):]
+        if width.isdigit() and int(width) > 0:
+          return cls("window", int(width), agg, by_position)
+    raise ValueError(f"score_mode={score_mode!r} is not supported; expected None, 'accumulate', 'last', "
+                     "'window:<positive int>' or 'window_by_position:<positive int>'")
+
+  def row_weights(self, positions: jax.Array) -> jax.Array:
+    """[B, W] float32 weight of each of a window's query rows (positions, -1 = none): 1, or the position."""
+    if self.by_position:
+      return jnp.maximum(positions, 0).astype(jnp.float32) * (positions >= 0)
+    return (positions >= 0).astype(jnp.float32)
 
   def query_weights(self, positions: jax.Array) -> jax.Array:
     """[B, T] float32 weight of each query of a step (positions [B, T], -1 = padding) in the statistic."""
@@ -106,7 +121,7 @@ class ScoreRecording:
     n_valid = jnp.sum(valid, axis=1, keepdims=True)
     t = jnp.arange(positions.shape[1])[None, :]
     width = 1 if self.kind == "last" else self.width
-    return (valid & (t >= n_valid - width)).astype(jnp.float32)
+    return self.row_weights(jnp.where(valid & (t >= n_valid - width), positions, -1))
 
   def reduce_heads(self, probs: jax.Array) -> jax.Array:
     """[B, KV, G, T, S] probabilities -> [B, KV, T, S], the query heads of each group reduced by `agg`."""

@@ -7,9 +7,11 @@ Pallas kernel on TPU/GPU). The helpers here build plans from slot arithmetic and
   apply_plan         gathers a plan when needed (`lax.cond` skips steps that keep everything);
   topk_keep_plan     protected tokens + the top-k others by score, kept in slot order (ties: the older token);
   keep_mask_plan     the plan of a keep mask (kept slots front-packed in slot order);
-  within_chunks      the slot axis cut into fixed-size chunks (chunked selection);
+  within_chunks      the slot axis cut into fixed-size chunks; chunked_keep  each chunk's share of a budget;
   descending_rank    the rank of every eligible slot by a score, largest first (ties: the older token);
   recent_mask        the `count` newest occupied slots;
+  head_adaptive_keep AdaKV's allocation of a layer's budget across its kv heads (AdaKV, CriticalAdaKV);
+  value_weighted     CriticalKV's stage-two score (s + epsilon) * ||W_o v||_1 (CriticalKV, CriticalAdaKV);
   pool_scores        SnapKV's 1-D pooling of scores over the slot axis;
   occupancy          tokens held per (layer, row, kv head);
   scoring_keys       the cached keys before or after RoPE, whatever the cache stores (key-based scorers);
@@ -121,6 +123,37 @@ def recent_mask(valid: jax.Array, count) -> jax.Array:
   return valid & (at_or_after <= per_plane(count))
 
 
+def head_adaptive_keep(scores: jax.Array, protected: jax.Array, valid: jax.Array, budget: int,
+                       n_safe: int) -> tuple[jax.Array, jax.Array]:
+  """AdaKV's allocation (kvpress `presses/adakv_press.py::AdaKVPress.compress`): every kv head keeps its
+  protected tokens and its `n_safe` best, then the layer's remaining budget (KV * budget in all) goes to the
+  best-scored of all its heads' other tokens together (one ranking over the (slot, head) pairs, slot-major:
+  ties go to the older token, then to the lower head).
+
+  Args:
+    scores, protected, valid: [L, B, S, KV] (an inner policy's `keep_scores` and the cache's occupied slots).
+    budget: mean tokens kept per kv head; n_safe: the per-head safeguard.
+
+  Returns:
+    (forced, keep): [L, B, S, KV] bool: the safeguarded and protected tokens, and every kept token.
+  """
+  L, B, S, KV = valid.shape
+  own_rank = descending_rank(jnp.where(protected, jnp.inf, scores.astype(jnp.float32)), valid)
+  forced = valid & (protected | (own_rank < n_safe))
+  flat = jnp.where(forced, jnp.inf, scores.astype(jnp.float32)).reshape(L, B, S * KV, 1)
+  layer_rank = descending_rank(flat, valid.reshape(L, B, S * KV, 1)).reshape(L, B, S, KV)
+  return forced, forced | (valid & (layer_rank < KV * budget))
+
+
+def value_weighted(scores: jax.Array, cache: KVCache, epsilon: float, owner: str) -> jax.Array:
+  """CriticalKV's stage-two score (kvpress `presses/criticalkv_press.py`): (s + epsilon) * ||W_o v||_1, with the
+  value norms the forward recorded (`StatsRecording(value_norm=True)`)."""
+  if cache.stats is None or cache.stats.value_norm is None:
+    raise ValueError(f"{owner} needs a cache recording value norms (StatsRecording(value_norm=True)); build "
+                     "the cache with the policy's init()")
+  return (scores.astype(jnp.float32) + epsilon) * cache.stats.value_norm
+
+
 def topk_keep_plan(scores: jax.Array, valid: jax.Array, keep_count, protected: jax.Array | None,
                    out_capacity: int) -> jax.Array:
   """Keep plan: every protected token plus the `keep_count` best-scored other tokens, in slot order.
@@ -174,6 +207,43 @@ def within_chunks(x: jax.Array, chunk_length: int, fill) -> jax.Array:
   n = -(-S // chunk_length)
   x = jnp.pad(x, ((0, 0), (0, 0), (0, n * chunk_length - S), (0, 0)), constant_values=fill)
   return x.reshape(L, B, n, chunk_length, H)
+
+
+def chunk_counts(prompt_len: int, budget: int, chunk_length: int) -> np.ndarray:
+  """Tokens each chunk of a `prompt_len`-token prompt keeps under `chunked_keep` (NumPy; the statement it
+  computes)."""
+  lengths = np.minimum(chunk_length, prompt_len - np.arange(0, prompt_len, chunk_length))
+  if prompt_len <= budget:
+    return lengths
+  return np.minimum(lengths, np.maximum(1, lengths * budget // prompt_len))
+
+
+def chunked_keep(ranked: jax.Array, valid: jax.Array, budget: int, chunk_length: int) -> jax.Array:
+  """Chunked selection (kvpress's ChunkPress and FinchPress's `chunk_length`): the slot axis cut into chunks of
+  `chunk_length`; on a P-token prompt chunk c keeps its max(1, (len_c * budget) // P) best (kvpress:
+  max(1, int(len_c * (1 - r))) with 1 - r = budget / P, in integer arithmetic; nothing is dropped when
+  P <= budget).
+
+  Args:
+    ranked: [L, B, S, KV] float32, higher = keep (protected tokens at +inf).
+    valid: [L, B, S, KV] bool; every kv head of a (layer, row) holds the whole prompt.
+    budget, chunk_length: static ints.
+
+  Returns:
+    [L, B, S, KV] bool, the kept slots.
+  """
+  L, B, S, KV = valid.shape
+  n, cl = -(-S // chunk_length), chunk_length
+  prompt = jnp.max(jnp.sum(valid, axis=2, dtype=jnp.int32), axis=-1)[:, :, None]  # [L, B, 1]
+  start = jnp.arange(n, dtype=jnp.int32)[None, None, :] * cl
+  length = jnp.clip(prompt - start, 0, cl)  # [L, B, n] tokens per chunk
+  count = jnp.where(prompt <= budget, length,
+                    jnp.minimum(length, jnp.maximum(1, length * budget // jnp.maximum(prompt, 1))))
+  chunks = within_chunks(ranked, cl, -jnp.inf)
+  ok = within_chunks(valid, cl, False)
+  rank = descending_rank(chunks.reshape(L, B * n, cl, KV), ok.reshape(L, B * n, cl, KV))
+  keep = ok & (rank.reshape(L, B, n, cl, KV) < count[:, :, :, None, None])
+  return keep.reshape(L, B, n * cl, KV)[:, :, :S]
 
 
 def pool_scores(scores: jax.Array, mask: jax.Array, kernel: int, pooling: str) -> jax.Array:

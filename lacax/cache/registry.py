@@ -10,6 +10,9 @@ the dataclass; `cache_defaults()` derives a config's `cache` section from them (
   span, overlap, layer_mapping   the LaCache ladder;
   score_agg    GQA reduction for score-based policies ("mean", "max", "sum");
   window, kernel, pooling, beta  SnapKV / PyramidKV observation window, pooling and pyramid steepness;
+               `window` is also Finch's question length (the prompt's last `window` tokens);
+  finch_chunk_length, finch_normalize_scores   Finch's chunked selection (None: one selection over the prompt)
+               and its position normalisation of the question's attention (True);
   merge_threshold, exact_budget   KVMerger's cosine threshold (0.75) and whether it merges down to exactly
                `size` slots (True in the registry, so that it is compared at the same budget as the others;
                with False it merges by threshold only, the paper's mode, and `size` is an upper bound);
@@ -23,13 +26,14 @@ Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPre
 the same `cache.size` from the same `cache` section:
 
   inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation,
-               criticalkv, cam (cam: knorm when unset)
+               criticalkv, criticaladakv, block, cam (cam: knorm when unset)
                ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
                pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
   layer_fractions   per-layer budgets as fractions of `size` (budget_l = max(1, round(f_l * size))); () =
                every layer `size`;
   chunk_length, chunkkv_length   Chunk's (1024) and ChunkKV's (20) chunk sizes;
+  block_size   Block's block of tokens re-scored with the kept ones at each step (128);
   compression_interval   decode steps between DecodingPolicy's compressions (512), down to `size` tokens;
   first, second   the composed policy: `first` built at 2 * size, then `second` at size (built with the
                first's rope_mode when it has that field), so the composition holds at most `size` tokens.
@@ -54,7 +58,9 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
   simlayerkv   SimLayerKV: lazy layers keep start_size initial + (size - start_size) recent tokens (n_recent =
                size - start_size + n_last, so a lazy layer holds exactly `size`), the others all;
                lazy_threshold (0.9);
-  criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
+  criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4);
+  criticaladakv   CriticalAdaKV over `inner` (a wrapper): AdaKV's alpha_safeguard (0.2) with CriticalKV's
+               first_stage_ratio and critical_epsilon.
   cam          CaM (a wrapper, decode-time): every compression_interval steps, evicted values merge into the
                merge_budget (32) kept tokens after them, then `size` tokens stay; inner (default knorm here: it
                must read no attention), cam_merge_probability ("bernoulli", or "threshold"), seed.
@@ -78,6 +84,7 @@ from typing import Any, Callable, Mapping
 
 from lacax.cache.adakv import AdaKVPolicy
 from lacax.cache.base import CachePolicy, is_scorer
+from lacax.cache.block import BlockPolicy
 from lacax.cache.cam import CAMPolicy
 from lacax.cache.chunk import ChunkPolicy
 from lacax.cache.chunkkv import ChunkKVPolicy
@@ -96,9 +103,11 @@ from lacax.cache.pyramidkv import PyramidKVPolicy
 from lacax.cache.snapkv import SnapKVPolicy
 from lacax.cache.streaming import StreamingPolicy
 from lacax.cache.tova import TOVAPolicy
+from lacax.cache.criticaladakv import CriticalAdaKVPolicy
 from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
+from lacax.cache.finch import FinchPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
@@ -204,6 +213,9 @@ POLICIES: dict[str, PolicySpec] = {
     "snapkv": PolicySpec(SnapKVPolicy, fields=_WINDOW, sized=lambda size, read: {"capacity": size}),
     "pyramidkv": PolicySpec(PyramidKVPolicy, fields={**_WINDOW, "beta": "beta", "pyramid_budget_rule": "budget_rule"},
                             sized=lambda size, read: {"capacity": size}),
+    "finch": PolicySpec(FinchPolicy, fields={"window": "window", "finch_chunk_length": "chunk_length",
+                                             "finch_normalize_scores": "normalize_scores", **_SCORED},
+                        sized=lambda size, read: {"capacity": size}),
     "kvmerger": PolicySpec(KVMergerPolicy, fields={"merge_threshold": "eps", "exact_budget": "exact_budget",
                                                    **_SCORED},
                            sized=lambda size, read: {"budget": size}, overrides={"exact_budget": True}),
@@ -245,7 +257,7 @@ POLICIES.update({
 # live here, once).
 COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
 WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation",
-            "criticalkv", "cam")
+            "criticalkv", "criticaladakv", "block", "cam")
 
 
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
@@ -322,6 +334,12 @@ POLICIES.update({
     "criticalkv": PolicySpec(CriticalKVPolicy, fields={"critical_epsilon": "epsilon",
                                                        "first_stage_ratio": "first_stage_ratio"},
                              sized=lambda size, read: {"budget": size}, composite=_inner("criticalkv")),
+    "criticaladakv": PolicySpec(CriticalAdaKVPolicy, fields={"alpha_safeguard": "alpha_safeguard",
+                                                             "critical_epsilon": "epsilon",
+                                                             "first_stage_ratio": "first_stage_ratio"},
+                                sized=lambda size, read: {"budget": size}, composite=_inner("criticaladakv")),
+    "block": PolicySpec(BlockPolicy, fields={"block_size": "block_size"}, sized=lambda size, read: {"budget": size},
+                        composite=_inner("block")),
     "cam": PolicySpec(CAMPolicy, fields={"compression_interval": "compression_interval",
                                          "merge_budget": "merge_budget", "seed": "seed",
                                          "cam_merge_probability": "merge_probability"},

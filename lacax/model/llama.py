@@ -722,7 +722,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       x = x + attn
 
       if score_weights is not None:
-        weights = (row_pos >= 0).astype(jnp.float32) if window_rows else score_weights
+        weights = recording.row_weights(row_pos) if window_rows else score_weights
         received = jnp.einsum("bkts,bt->bsk", recording.reduce_heads(probs), weights)
         if pad:
           received = jnp.pad(received, ((0, 0), (0, 0), (0, pad)))
