@@ -54,6 +54,8 @@ class MethodPair:
       `note`), or "not_comparable" (`note` says why).
     kvpress_definition: for "differs": the lacax `cache` fields that select kvpress's definition, once lacax
       has that option (then the pair is checked as exact with them); None until it lands.
+    pattern: for DuoAttentionPress, the head pattern both sides get ({"sink_size", "recent_size",
+      "head_scores"}; the worker hands it to kvpress in place of the download).
   """
 
   key: str
@@ -65,11 +67,16 @@ class MethodPair:
   status: str = "exact"
   note: str = ""
   kvpress_definition: dict | None = None
+  pattern: dict | None = None
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
 _PROMPT = 64  # the parity prompt's length (tests/test_kvpress_parity.py), for presses sized in tokens
 _LAZY = 0.5  # SimLayerKV's threshold, between the tiny random model's layers' attention masses
+# DuoAttention's head pattern for the tiny Llama (3 layers x 2 kv heads): distinct scores, so kvpress's
+# np.argsort and lacax's stable sort pick the same 3 streaming heads; streaming heads keep 4 + 28 tokens (lacax's
+# registry: start_size sinks + size - start_size recent, size = 32 for the 64-token prompt at ratio 0.5).
+_DUO_SCORES = ((0.9, 0.2), (0.1, 0.7), (0.4, 0.6))
 METHODS: tuple[MethodPair, ...] = (
     MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
                {"rope_mode": "original"}),
@@ -122,6 +129,10 @@ METHODS: tuple[MethodPair, ...] = (
     MethodPair("simlayerkv", "simlayerkv", "SimLayerKVPress",
                {"lazy_threshold": _LAZY, "n_initial": 4, "n_recent": _PROMPT // 2 - 4 + 1, "n_last": 1},
                {"lazy_threshold": _LAZY, "start_size": 4}),
+    # Head-wise: kvpress masks the streaming heads' middle keys (fake keys in decoding), lacax drops them.
+    MethodPair("duoattention", "duoattention", "DuoAttentionPress", {"head_compression_ratio": 0.5},
+               {"start_size": 4, "head_compression_ratio": 0.5, "duo_head_scores": _DUO_SCORES},
+               pattern={"sink_size": 4, "recent_size": _PROMPT // 2 - 4, "head_scores": _DUO_SCORES}),
 )
 
 
@@ -172,7 +183,7 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
                 compression_ratio: float, new_tokens: int, *, timeout: float = 900) -> dict[str, Any]:
   """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
-             "presses": [{"key": p.key, "press": p.press,
+             "presses": [{"key": p.key, "press": p.press, "pattern": p.pattern,
                           "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs}} for p in pairs]}
   with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
     request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")

@@ -6,20 +6,28 @@ Runs inside the kvpress environment (torch, the transformers kvpress pins, kvpre
   <venv>/bin/python experiments/kvpress_worker.py request.json response.json
 
 request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token ids], "new_tokens": N,
-           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}}, ...]}
+           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}, "pattern": {...}}, ...]}
            (a wrapper's "press" kwarg is itself {"press": ..., "kwargs": ...}; "compression_ratio" goes to the
            innermost press that takes one, and is dropped for presses that have none: ThinK, SimLayerKV)
+           ("pattern", DuoAttentionPress only: {"sink_size", "recent_size", "head_scores": [L][KV]} stands in for
+           the pattern kvpress downloads: its `load_attention_pattern` returns them, and kvpress's own
+           `post_init_from_model` picks the streaming heads from the scores)
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
           (+ "pruned": {layer: [[zeroed key channels] per KV head]} for a press that prunes key channels)
 
 Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
 forward hook), then N tokens are decoded greedily from the compressed cache with positions continuing from the
 prompt length, as kvpress's pipeline `generate_answer` does. Kept positions are read by matching each kept key
-row to the layer's keys before compression (rows of a random model's keys are distinct).
+row to the layer's keys before compression (rows of a random model's keys are distinct), less the keys a
+head-wise press masks (`module.masked_key_indices`, which kvpress's attention patch replaces by fake keys that
+get no attention in decoding). Presses that mask keys run their prefill with SDPA (DuoAttention asserts a
+non-eager attention), and every module's mask is cleared between presses.
 """
 
 import inspect
 import json
+
+import numpy as np
 import os
 import sys
 
@@ -57,8 +65,17 @@ def build_press(name: str, kwargs: dict):
   return cls(**kwargs)
 
 
+_SDPA_PREFILL = ("DuoAttentionPress",)  # presses that assert a non-eager attention and read no weights
+
+
 def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
   press = build_press(spec["press"], spec.get("kwargs", {}))
+  if spec.get("pattern"):
+    pattern = spec["pattern"]
+    scores = np.asarray(pattern["head_scores"], dtype=float)
+    press.load_attention_pattern = lambda model: (int(pattern["sink_size"]), int(pattern["recent_size"]), scores)
+  for layer in model.model.layers:  # no head mask of an earlier press survives into this one
+    layer.self_attn.masked_key_indices = None
   kept: dict[int, list[list[int]]] = {}
   pruned: dict[int, list[list[int]]] = {}
   compress = press.compress
@@ -73,12 +90,17 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
       kept[layer] = [list(range(before.shape[2])) for _ in range(before.shape[1])]
     else:
       kept[layer] = _kept_rows(before, out_keys)
+    masked = getattr(module, "masked_key_indices", None)
+    if masked is not None:  # head-wise eviction by masking: drop the masked positions from the kept rows
+      gone = {(int(h), int(s)) for b, h, s in zip(*masked) if int(b) == 0}
+      kept[layer] = [[p for p in rows if (h, p) not in gone] for h, rows in enumerate(kept[layer])]
     return out_keys, out_values
 
   press.compress = recording_compress
   cache = transformers.DynamicCache()
   with torch.no_grad():
-    model.set_attn_implementation("eager")  # observed-attention presses need the attention weights
+    # Observed-attention presses need the attention weights (eager).
+    model.set_attn_implementation("sdpa" if spec["press"] in _SDPA_PREFILL else "eager")
     with press(model):
       logits = model(input_ids=prompt, past_key_values=cache).logits
     # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on

@@ -29,8 +29,8 @@ _RATIO = 0.5
 _NEW_TOKENS = 6
 _PROMPT_LEN = 64
 # Pairs whose layers keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes key
-# channels, keeps every token), SimLayerKV (only lazy layers are compressed).
-_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv")
+# channels, keeps every token), SimLayerKV (only lazy layers are compressed), DuoAttention (only streaming heads).
+_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "duoattention")
 
 
 class KvpressParityTest(parameterized.TestCase):

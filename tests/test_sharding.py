@@ -79,10 +79,12 @@ def meshes_for(policy_name: str):
   over the kv heads), which passed on all four meshes when they were added and would add 12 checks to the
   child otherwise. And so do the wrappers that only run their inner scorer on parts of the prompt or of the
   model (Chunk, ChunkKV, per-layer budgets, key re-rotation: the inner's compaction, nothing reduced across
-  rows or kv heads of their own); AdaKV, whose one top-k spans a layer's kv heads, keeps all four meshes."""
+  rows or kv heads of their own); AdaKV, whose one top-k spans a layer's kv heads, keeps all four meshes.
+  DuoAttention (a fixed per-(layer, kv head) keep mask, nothing reduced across rows or heads) runs on one."""
   from lacax.cache.base import PromptChunkWrapper  # pylint: disable=g-import-not-at-top
   from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.duo_attention import DuoAttentionPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.simlayerkv import SimLayerKVPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.think import ThinKPolicy  # pylint: disable=g-import-not-at-top
 
@@ -90,7 +92,7 @@ def meshes_for(policy_name: str):
   from lacax.cache.perlayer import PerLayerPolicy  # pylint: disable=g-import-not-at-top
 
   one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy, PromptChunkWrapper, PerLayerPolicy,
-              KeyRerotationPolicy)
+              KeyRerotationPolicy, DuoAttentionPolicy)
   if isinstance(cache_policies.tiny_policy(policy_name), one_mesh):
     return tuple(m for m in MESHES if mesh_name(*m) == "data2xtensor4")
   return MESHES

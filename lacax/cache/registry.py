@@ -56,6 +56,13 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
                lazy_threshold (0.9);
   criticalkv   CriticalKV over `inner` (a wrapper): first_stage_ratio (0.5), critical_epsilon (1e-4).
 
+Head-wise patterns:
+  duoattention DuoAttention: streaming heads keep start_size sinks + (size - start_size) recent prompt tokens
+               (the registry's 4 sinks, not kvpress's 128), retrieval heads the whole prompt; duo_head_scores
+               ([layers][kv_heads], `lacax.cache.duo_attention.calibrate`; never downloaded) with
+               head_compression_ratio (0.0, kvpress: no head streams) the fraction of heads that stream, or
+               duo_streaming_heads (the [layers][kv_heads] boolean mask itself).
+
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
 budget is the fraction `cache.budget` of the prompt (NIAH / passkey) or of the model's maximum length
@@ -76,6 +83,7 @@ from lacax.cache.chunk import ChunkPolicy
 from lacax.cache.chunkkv import ChunkKVPolicy
 from lacax.cache.composed import ComposedPolicy
 from lacax.cache.decoding import DecodingPolicy
+from lacax.cache.duo_attention import DuoAttentionPolicy
 from lacax.cache.full import FullPolicy
 from lacax.cache.key_rerotation import KeyRerotationPolicy
 from lacax.cache.perlayer import PerLayerPolicy
@@ -223,6 +231,12 @@ POLICIES.update({
                         sized=_BUDGET),
     "simlayerkv": PolicySpec(SimLayerKVPolicy, fields={"start_size": "n_initial", "lazy_threshold": "lazy_threshold"},
                              sized=lambda size, read: {"n_recent": size - read("n_initial") + read("n_last")}),
+    # Head-wise: streaming heads keep start_size sinks + (size - start_size) recent tokens, retrieval heads all.
+    "duoattention": PolicySpec(DuoAttentionPolicy, fields={
+        "start_size": "sink_size", "head_compression_ratio": "head_compression_ratio",
+        "duo_head_scores": "head_scores", "duo_streaming_heads": "streaming_heads"},
+                               sized=lambda size, read: {"recent_size": size - read("sink_size")},
+                               overrides={"sink_size": 4}),
 })
 
 
