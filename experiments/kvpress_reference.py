@@ -56,6 +56,8 @@ class MethodPair:
       has that option (then the pair is checked as exact with them); None until it lands.
     pattern: for DuoAttentionPress, the head pattern both sides get ({"sink_size", "recent_size",
       "head_scores"}; the worker hands it to kvpress in place of the download).
+    tokenizer: for KVzipPress, {text: [ids]} for the texts it encodes (the tiny model has no tokenizer; the
+      worker serves them from a stub, lacax gets the same ids as `kvzip_repeat_ids`).
   """
 
   key: str
@@ -68,6 +70,7 @@ class MethodPair:
   note: str = ""
   kvpress_definition: dict | None = None
   pattern: dict | None = None
+  tokenizer: dict | None = None
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
@@ -77,6 +80,9 @@ _LAZY = 0.5  # SimLayerKV's threshold, between the tiny random model's layers' a
 # np.argsort and lacax's stable sort pick the same 3 streaming heads; streaming heads keep 4 + 28 tokens (lacax's
 # registry: start_size sinks + size - start_size recent, size = 32 for the 64-token prompt at ratio 0.5).
 _DUO_SCORES = ((0.9, 0.2), (0.1, 0.7), (0.4, 0.6))
+# KVzip's reconstruction prompt for the tiny model (no tokenizer): made-up ids for kvpress's repeat instruction
+# and the no-template suffix "\n"; the empty chat prefix encodes to nothing.
+_KVZIP_IDS = {"\n\nRepeat the previous context exactly.": [7, 19, 42, 88, 3, 51], "\n": [11], "": []}
 METHODS: tuple[MethodPair, ...] = (
     MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
                {"rope_mode": "original"}),
@@ -133,6 +139,9 @@ METHODS: tuple[MethodPair, ...] = (
     MethodPair("duoattention", "duoattention", "DuoAttentionPress", {"head_compression_ratio": 0.5},
                {"start_size": 4, "head_compression_ratio": 0.5, "duo_head_scores": _DUO_SCORES},
                pattern={"sink_size": 4, "recent_size": _PROMPT // 2 - 4, "head_scores": _DUO_SCORES}),
+    # One reconstruction pass (the 64-token prompt is below kvpress's chunk_size 2048); budgets over all layers.
+    MethodPair("kvzip", "kvzip", "KVzipPress", {"n_sink": 4},
+               {"n_sink": 4, "kvzip_repeat_ids": (7, 19, 42, 88, 3, 51, 11)}, tokenizer=_KVZIP_IDS),
 )
 
 
@@ -183,7 +192,7 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
                 compression_ratio: float, new_tokens: int, *, timeout: float = 900) -> dict[str, Any]:
   """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
-             "presses": [{"key": p.key, "press": p.press, "pattern": p.pattern,
+             "presses": [{"key": p.key, "press": p.press, "pattern": p.pattern, "tokenizer": p.tokenizer,
                           "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs}} for p in pairs]}
   with tempfile.TemporaryDirectory(prefix="lacax_kvpress_") as tmp:
     request_path, response_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
@@ -227,6 +236,8 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
   logits, cache = forward(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache,
                           cfg=cfg)
   pruned = np.asarray(policy.pruned(cache))[:, 0] if hasattr(policy, "pruned") else None  # ThinK: [L, KV, D]
+  cache = policy.after_prefill(params, cfg, cache, jnp.asarray([prompt], jnp.int32),
+                               jnp.asarray([n], jnp.int32))  # KVzip's reconstruction
   cache = policy.compact(cache, capacity=capacity)
   pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
   kept = {str(layer): [sorted(int(p) for p in pos[layer, :, h] if p >= 0) for h in range(pos.shape[-1])]

@@ -11,7 +11,8 @@ request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token
            innermost press that takes one, and is dropped for presses that have none: ThinK, SimLayerKV)
            ("pattern", DuoAttentionPress only: {"sink_size", "recent_size", "head_scores": [L][KV]} stands in for
            the pattern kvpress downloads: its `load_attention_pattern` returns them, and kvpress's own
-           `post_init_from_model` picks the streaming heads from the scores)
+           `post_init_from_model` picks the streaming heads from the scores; "tokenizer", KVzipPress only:
+           {text: [ids]} for the texts it encodes, served by a stub in place of the model's tokenizer)
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
           (+ "pruned": {layer: [[zeroed key channels] per KV head]} for a press that prunes key channels)
 
@@ -65,7 +66,24 @@ def build_press(name: str, kwargs: dict):
   return cls(**kwargs)
 
 
-_SDPA_PREFILL = ("DuoAttentionPress",)  # presses that assert a non-eager attention and read no weights
+_SDPA_PREFILL = ("DuoAttentionPress", "KVzipPress")  # presses that assert a non-eager attention, read no weights
+
+
+class _StubTokenizer:
+  """Stands in for the tokenizer KVzipPress loads by the model's name (the tiny random model has none):
+  `encode` maps the texts kvpress encodes to the ids the request gives; no chat template."""
+
+  chat_template = None
+
+  def __init__(self, ids: dict):
+    self.ids = ids
+
+  def encode(self, text, return_tensors=None, add_special_tokens=False):
+    del add_special_tokens
+    if text not in self.ids:
+      raise KeyError(f"the request's tokenizer has no ids for {text!r}")
+    ids = torch.tensor([self.ids[text]], dtype=torch.long).reshape(1, -1)
+    return ids if return_tensors == "pt" else ids[0].tolist()
 
 
 def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
@@ -74,6 +92,10 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
     pattern = spec["pattern"]
     scores = np.asarray(pattern["head_scores"], dtype=float)
     press.load_attention_pattern = lambda model: (int(pattern["sink_size"]), int(pattern["recent_size"]), scores)
+  if spec.get("tokenizer") is not None:
+    from kvpress.presses import kvzip_press  # pylint: disable=g-import-not-at-top
+    stub = _StubTokenizer(spec["tokenizer"])
+    kvzip_press.AutoTokenizer = type("AutoTokenizer", (), {"from_pretrained": staticmethod(lambda *a, **k: stub)})
   for layer in model.model.layers:  # no head mask of an earlier press survives into this one
     layer.self_attn.masked_key_indices = None
   kept: dict[int, list[list[int]]] = {}
@@ -90,10 +112,6 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
       kept[layer] = [list(range(before.shape[2])) for _ in range(before.shape[1])]
     else:
       kept[layer] = _kept_rows(before, out_keys)
-    masked = getattr(module, "masked_key_indices", None)
-    if masked is not None:  # head-wise eviction by masking: drop the masked positions from the kept rows
-      gone = {(int(h), int(s)) for b, h, s in zip(*masked) if int(b) == 0}
-      kept[layer] = [[p for p in rows if (h, p) not in gone] for h, rows in enumerate(kept[layer])]
     return out_keys, out_values
 
   press.compress = recording_compress
@@ -103,6 +121,16 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
     model.set_attn_implementation("sdpa" if spec["press"] in _SDPA_PREFILL else "eager")
     with press(model):
       logits = model(input_ids=prompt, past_key_values=cache).logits
+    # Head-wise eviction by masking (DuoAttention in compress, KVzip after its reconstruction pass, which never
+    # calls compress): the masked positions leave the kept rows.
+    for layer, block in enumerate(model.model.layers):
+      rows = kept.get(layer) or [list(range(cache.layers[layer].keys.shape[2]))
+                                 for _ in range(model.config.num_key_value_heads)]
+      masked = getattr(block.self_attn, "masked_key_indices", None)
+      if masked is not None:
+        gone = {(int(h), int(s)) for b, h, s in zip(*masked) if int(b) == 0}
+        rows = [[p for p in heads if (h, p) not in gone] for h, heads in enumerate(rows)]
+      kept[layer] = rows
     # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on
     # presses that keep a different number of tokens per layer, e.g. PyramidKV).
     model.set_attn_implementation("sdpa")

@@ -29,8 +29,9 @@ _RATIO = 0.5
 _NEW_TOKENS = 6
 _PROMPT_LEN = 64
 # Pairs whose layers keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes key
-# channels, keeps every token), SimLayerKV (only lazy layers are compressed), DuoAttention (only streaming heads).
-_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "duoattention")
+# channels, keeps every token), SimLayerKV (only lazy layers are compressed), DuoAttention (only streaming heads),
+# KVzip (one budget over all layers and heads).
+_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "duoattention", "kvzip")
 
 
 class KvpressParityTest(parameterized.TestCase):

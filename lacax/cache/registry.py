@@ -63,6 +63,12 @@ Head-wise patterns:
                head_compression_ratio (0.0, kvpress: no head streams) the fraction of heads that stream, or
                duo_streaming_heads (the [layers][kv_heads] boolean mask itself).
 
+Scores from an extra forward pass (`CachePolicy.after_prefill`, run by every prefill path):
+  kvzip        KVzip context reconstruction: `size` tokens per (layer, kv head) on average, chosen over all
+               layers and heads of a row (kvzip_layerwise=False, kvpress) or per layer (True); n_sink (4) always
+               kept; kvzip_repeat_ids the reconstruction prompt's token ids (`lacax.cache.kvzip.repeat_prompt_ids`
+               with the model's tokenizer; () = the context alone).
+
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
 budget is the fraction `cache.budget` of the prompt (NIAH / passkey) or of the model's maximum length
@@ -100,6 +106,7 @@ from lacax.cache.criticalkv import CriticalKVPolicy
 from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
+from lacax.cache.kvzip import KVzipPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
 from lacax.cache.leverage import LeverageScorePolicy
@@ -237,6 +244,9 @@ POLICIES.update({
         "duo_head_scores": "head_scores", "duo_streaming_heads": "streaming_heads"},
                                sized=lambda size, read: {"recent_size": size - read("sink_size")},
                                overrides={"sink_size": 4}),
+    # Scores by an extra forward pass (CachePolicy.after_prefill): `size` tokens per (layer, kv head) on average.
+    "kvzip": PolicySpec(KVzipPolicy, fields={"n_sink": "n_sink", "kvzip_repeat_ids": "repeat_ids",
+                                             "kvzip_layerwise": "layerwise"}, sized=_BUDGET),
 })
 
 
