@@ -80,9 +80,12 @@ _LAZY = 0.5  # SimLayerKV's threshold, between the tiny random model's layers' a
 # np.argsort and lacax's stable sort pick the same 3 streaming heads; streaming heads keep 4 + 28 tokens (lacax's
 # registry: start_size sinks + size - start_size recent, size = 32 for the 64-token prompt at ratio 0.5).
 _DUO_SCORES = ((0.9, 0.2), (0.1, 0.7), (0.4, 0.6))
-# KVzip's reconstruction prompt for the tiny model (no tokenizer): made-up ids for kvpress's repeat instruction
-# and the no-template suffix "\n"; the empty chat prefix encodes to nothing.
-_KVZIP_IDS = {"\n\nRepeat the previous context exactly.": [7, 19, 42, 88, 3, 51], "\n": [11], "": []}
+# KVzip's reconstruction prompts for the tiny model (no tokenizer): made-up ids for kvpress's two repeat
+# instructions and the no-template suffix "\n"; the empty chat prefix encodes to nothing. Chunks of 24 tokens, so
+# the 64-token prompt is reconstructed in three passes (kvpress's default chunk is 2048).
+_KVZIP_IDS = {"\n\nRepeat the previous context exactly.": [7, 19, 42, 88, 3, 51],
+              "\n\nRepeat the part of the previous context exactly, starting with": [7, 19, 42, 60, 3, 77, 90],
+              "\n": [11], "": []}
 METHODS: tuple[MethodPair, ...] = (
     MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
                {"rope_mode": "original"}),
@@ -139,9 +142,10 @@ METHODS: tuple[MethodPair, ...] = (
     MethodPair("duoattention", "duoattention", "DuoAttentionPress", {"head_compression_ratio": 0.5},
                {"start_size": 4, "head_compression_ratio": 0.5, "duo_head_scores": _DUO_SCORES},
                pattern={"sink_size": 4, "recent_size": _PROMPT // 2 - 4, "head_scores": _DUO_SCORES}),
-    # One reconstruction pass (the 64-token prompt is below kvpress's chunk_size 2048); budgets over all layers.
-    MethodPair("kvzip", "kvzip", "KVzipPress", {"n_sink": 4},
-               {"n_sink": 4, "kvzip_repeat_ids": (7, 19, 42, 88, 3, 51, 11)}, tokenizer=_KVZIP_IDS),
+    # One budget over all layers and heads; three reconstruction passes.
+    MethodPair("kvzip", "kvzip", "KVzipPress", {"n_sink": 4, "chunk_size": 24},
+               {"n_sink": 4, "kvzip_chunk_size": 24, "kvzip_repeat_ids": (7, 19, 42, 88, 3, 51),
+                "kvzip_continue_ids": (7, 19, 42, 60, 3, 77, 90), "kvzip_suffix_ids": (11,)}, tokenizer=_KVZIP_IDS),
 )
 
 

@@ -20,18 +20,19 @@ pass it to their inner policy. KVzip's hook runs the reconstruction with lacax's
 stream entering every layer), recomputes each layer's reconstruction queries from it and their attention over
 that cache (`llama.attention_probs`, the forward's own probabilities), and leaves the max in `cache.scores`; the
 hand-off (`compact(cache, capacity)`) selects from them and returns a lean decode cache. So the scoring is an
-ordinary jitted function of (params, cache, tokens) with static shapes (the reconstruction input has
-len(repeat_ids) + T tokens for prompts padded to T), and the forward itself needs no new recording mode.
+ordinary jitted function of (params, cache, tokens) with static shapes (a pass's input has the prompt's ids plus
+one chunk), and the forward itself needs no new recording mode.
 ExpectedAttention and Q-Filters get their inputs offline (calibration files) or from the forward's recordings;
 KVzip cannot, since its queries do not exist until the reconstruction runs.
 
 Where lacax differs:
-* the repeat prompt is token ids the caller gives (`repeat_ids`, e.g. `repeat_prompt_ids(tokenizer.encode)`):
-  policies hold no tokenizer. () reconstructs from the context alone;
-* one reconstruction pass over the whole context: kvpress splits contexts longer than `chunk_size` (2048)
-  into chunks, each reconstructed by its own pass whose softmax spans the sinks, the chunk and the pass's own
-  tokens, after a different prompt (".. starting with" + the previous chunk's last 8 tokens). For contexts of
-  at most 2048 tokens (kvpress's default) the two are the same computation; longer ones differ;
+* the repeat prompts are token ids the caller gives (`repeat_ids`, `continue_ids`, `suffix_ids`, e.g.
+  `repeat_prompt_ids(tokenizer.encode)`): policies hold no tokenizer. () reconstructs from the context alone;
+* prompts longer than `chunk_size` (2048, kvpress's default) are reconstructed chunk by chunk as kvpress does:
+  one pass per chunk over the prefilled cache, the later ones after the "starting with" instruction and the
+  previous chunk's last 8 tokens, each pass's softmax over the first min(n_sink, chunk start) tokens, its chunk
+  and its own tokens. The passes are a static Python loop over the chunks of the padded width (a row's pass
+  over a chunk it does not reach feeds nothing);
 * no chat-template prefix: kvpress scores only the context after the template's prefix tokens (their score
   stays 0 besides the sinks); lacax scores every prompt token (the same when there is no template);
 * KVzip+ normalisation (`kvzip_plus_normalization`) is not implemented;
@@ -62,60 +63,86 @@ from lacax.model.config import ModelConfig
 
 _OWNER = "KVzip"
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."  # kvpress `KVzipPress.prepare`, first chunk
+CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"  # the later chunks
+POSTFIX = 8  # kvpress `prepare(prev_postfix_size=8)`: the previous chunk's last tokens after CONTINUE_PROMPT
 
 
-def repeat_prompt_ids(encode: Callable[[str], list[int]], suffix: str = "\n") -> tuple[int, ...]:
-  """The reconstruction prompt's ids: kvpress's repeat instruction, then `suffix` (the chat template's text
-  after the user turn; "\\n" for a model without a template, as kvpress), each encoded without special tokens."""
-  return tuple(int(t) for t in list(encode(REPEAT_PROMPT)) + list(encode(suffix)))
+def repeat_prompt_ids(encode: Callable[[str], list[int]], suffix: str = "\n") -> dict[str, tuple[int, ...]]:
+  """The reconstruction prompts' ids as KVzipPolicy fields: kvpress's two repeat instructions and `suffix` (the
+  chat template's text after the user turn; "\\n" for a model without a template, as kvpress), each encoded
+  without special tokens: `KVzipPolicy(budget, **repeat_prompt_ids(tokenizer.encode))`."""
+  ids = lambda text: tuple(int(t) for t in encode(text))  # noqa: E731
+  return {"repeat_ids": ids(REPEAT_PROMPT), "continue_ids": ids(CONTINUE_PROMPT), "suffix_ids": ids(suffix)}
 
 
-def reconstruction_inputs(repeat_ids: tuple[int, ...], tokens: jax.Array, lengths: jax.Array):
-  """(tokens [B, P + T], positions [B, P + T]): row b is repeat_ids then its own n_b prompt tokens, at positions
-  n_b, n_b + 1, ...; padding at -1. tokens [B, T] right-padded prompts of `lengths` [B]."""
-  B, T = tokens.shape
-  P = len(repeat_ids)
-  j = jnp.arange(P + T, dtype=jnp.int32)[None, :]
-  prompt = jnp.asarray(repeat_ids if P else (0,), jnp.int32)
-  ctx = jnp.take_along_axis(tokens, jnp.clip(j - P, 0, T - 1).repeat(B, 0), axis=1)
-  ids = jnp.where(j < P, prompt[jnp.clip(j, 0, max(P - 1, 0))], ctx)
-  valid = j < P + lengths[:, None]
+def reconstruction_inputs(tokens: jax.Array, lengths: jax.Array, start: int, chunk: int, prompt_ids, suffix_ids,
+                          postfix: int):
+  """(tokens [B, W], positions [B, W]) of the reconstruction pass of the chunk [start, start + chunk) (kvpress
+  `prepare`): row b is prompt_ids, the `postfix` prompt tokens before `start`, suffix_ids, then the chunk's
+  m_b = clip(n_b - start, 0, chunk) tokens, at positions n_b, n_b + 1, ...; padding (and a row whose chunk is
+  empty) at -1. tokens [B, T] right-padded prompts of `lengths` [B]; W = len(prompt) + postfix + len(suffix) +
+  chunk."""
+  head = len(prompt_ids) + postfix + len(suffix_ids)
+  const = np.asarray(list(prompt_ids) + [0] * postfix + list(suffix_ids) + [0] * chunk, np.int32)
+  source = np.full(head + chunk, -1, np.int32)  # the prompt token each input copies, -1 = a constant id
+  source[len(prompt_ids):len(prompt_ids) + postfix] = np.arange(start - postfix, start)
+  source[head:] = np.arange(start, start + chunk)
+  T = tokens.shape[1]
+  copied = jnp.take(tokens, jnp.asarray(np.clip(source, 0, T - 1)), axis=1)  # [B, W]
+  ids = jnp.where(jnp.asarray(source >= 0)[None], copied, jnp.asarray(const)[None])
+  m = jnp.clip(lengths - start, 0, chunk)[:, None]
+  j = jnp.arange(head + chunk, dtype=jnp.int32)[None]
+  valid = (j < head + m) & (m > 0)
   return jnp.where(valid, ids, 0).astype(jnp.int32), jnp.where(valid, lengths[:, None] + j, -1).astype(jnp.int32)
 
 
-def reconstruction_scores(params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
-                          repeat_ids: tuple[int, ...]) -> jax.Array:
+def reconstruction_scores(params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, lengths: jax.Array, *,
+                          repeat_ids=(), continue_ids=(), suffix_ids=(), chunk_size: int | None = None,
+                          n_sink: int = 4) -> jax.Array:
   """[L, B, S, KV] float32: for every slot of the prefilled `cache`, the largest attention its key receives from
   a reconstruction query of its group (kvpress `score_kvzip`); 0 at empty slots.
 
-  The reconstruction runs into a copy of the cache with len(repeat_ids) + T more slots; the returned scores
-  index the original cache's slots.
+  The prompt is reconstructed chunk by chunk (`chunk_size` tokens; None = one chunk), each pass over a copy of
+  the prefilled cache with room for it; a pass's softmax spans the first min(n_sink, start) tokens, its chunk
+  and its own tokens (kvpress `_compute_cross_attention`), while the forward itself attends the whole cache.
   """
   from lacax.model import llama  # pylint: disable=g-import-not-at-top  (llama imports the cache package)
 
   if isinstance(params["layers"], (list, tuple)):
     raise ValueError("KVzip's reconstruction needs a homogeneous model (params['layers'] is a list of segments)")
-  S = cache.capacity
-  rec_tokens, rec_pos = reconstruction_inputs(repeat_ids, tokens, lengths)
-  room = resize(cache.replace(scores=None, score_mode=None, stats=None), S + rec_tokens.shape[1])
-  options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
-  out = llama.run(params, rec_tokens, rec_pos, room, cfg, options=options)
-  full = out.cache  # the context and the reconstruction tokens
-  keys = plans.scoring_keys(full, "post_rope", jnp.asarray(rope_lib.inv_frequencies(cfg), jnp.float32))
+  S, T = cache.capacity, tokens.shape[1]
+  chunk = T if chunk_size is None else min(chunk_size, T)
   layers = params["layers"]
   inv_freq = rope_lib.inv_frequencies(cfg)
   kv, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   bq = layers["bq"] if cfg.attention_bias else jnp.zeros(layers["wq"].shape[:1] + layers["wq"].shape[-2:])
+  plain = cache.replace(scores=None, score_mode=None, stats=None)
+  n = lengths[None, :, None, None]  # against pos [L, B, S', KV]
+  scores = jnp.zeros(cache.pos.shape, jnp.float32)
+  for start in range(0, T, chunk):  # static: one pass per chunk of the padded width
+    postfix = min(POSTFIX, chunk) if start else 0
+    rec_tokens, rec_pos = reconstruction_inputs(tokens, lengths, start, chunk, continue_ids if start else repeat_ids,
+                                                suffix_ids, postfix)
+    options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
+    out = llama.run(params, rec_tokens, rec_pos, resize(plain, S + rec_tokens.shape[1]), cfg, options=options)
+    full = out.cache  # the context and this pass's tokens
+    keys = plans.scoring_keys(full, "post_rope", jnp.asarray(inv_freq, jnp.float32))
+    pos = full.pos
+    end = jnp.minimum(start + chunk, n)
+    in_chunk = (pos >= start) & (pos < end)
+    seen = (pos >= 0) & ((pos < min(n_sink, start)) | in_chunk | (pos >= n))
+    scored_pos = jnp.where(seen, pos, -1)
 
-  def layer(h, norm, wq, b, k, pos):
-    q = llama.project(llama.rms_norm(h, norm, cfg.rms_norm_eps), wq, "btd,dhk->bthk").astype(jnp.float32) + b
-    q = rope_lib.apply_rope(q, rec_pos[:, :, None], inv_freq)
-    B, T = q.shape[:2]
-    probs = llama.attention_probs(q.reshape(B, T, kv, g, -1), k, pos, rec_pos)  # [B, KV, G, T, S']
-    probs = jnp.where((rec_pos >= 0)[:, None, None, :, None], probs, 0.0)
-    return jnp.transpose(jnp.max(probs, axis=(2, 3)), (0, 2, 1))[:, :S]  # [B, S, KV]
+    def layer(h, norm, wq, b, k, kpos, rec_pos=rec_pos):
+      q = llama.project(llama.rms_norm(h, norm, cfg.rms_norm_eps), wq, "btd,dhk->bthk").astype(jnp.float32) + b
+      q = rope_lib.apply_rope(q, rec_pos[:, :, None], inv_freq)
+      B, W = q.shape[:2]
+      probs = llama.attention_probs(q.reshape(B, W, kv, g, -1), k, kpos, rec_pos)  # [B, KV, G, W, S']
+      probs = jnp.where((rec_pos >= 0)[:, None, None, :, None], probs, 0.0)
+      return jnp.transpose(jnp.max(probs, axis=(2, 3)), (0, 2, 1))[:, :S]  # [B, S, KV]
 
-  scores = jax.vmap(layer)(out.hidden, layers["attn_norm"], layers["wq"], bq, keys, full.pos)
+    chunk_scores = jax.vmap(layer)(out.hidden, layers["attn_norm"], layers["wq"], bq, keys, scored_pos)
+    scores = jnp.where(in_chunk[:, :, :S], chunk_scores, scores)
   return jnp.where(cache.valid(), scores, 0.0)
 
 
@@ -127,7 +154,9 @@ class KVzipPolicy(CachePolicy):
   Attributes:
     budget: mean tokens kept per (layer, kv head) (kvpress: k_len * (1 - compression_ratio)); the row keeps
       L * KV * budget tokens in all (`layerwise=False`) or KV * budget per layer (`layerwise=True`).
-    repeat_ids: the reconstruction prompt's token ids (`repeat_prompt_ids`); () = none.
+    repeat_ids, continue_ids, suffix_ids: the token ids of kvpress's first and later repeat instructions and of
+      the chat template's suffix (`repeat_prompt_ids(tokenizer.encode)`); () = none.
+    chunk_size: prompt tokens reconstructed per pass (2048, kvpress); None = the whole prompt in one pass.
     layerwise: one budget per layer instead of one over all layers (False, kvpress's default).
     n_sink: leading tokens always kept (4, kvpress).
     rope_mode: "original" (default, kvpress's positions) or "stored".
@@ -135,6 +164,9 @@ class KVzipPolicy(CachePolicy):
 
   budget: int
   repeat_ids: tuple = ()
+  continue_ids: tuple = ()
+  suffix_ids: tuple = ()
+  chunk_size: int | None = 2048
   layerwise: bool = False
   n_sink: int = 4
   rope_mode: str = "original"
@@ -147,11 +179,14 @@ class KVzipPolicy(CachePolicy):
     if self.rope_mode not in ("original", "stored"):
       raise ValueError(f"{_OWNER} rope_mode={self.rope_mode!r} must be 'original' or 'stored' (the scores are "
                        "attention at the original positions)")
-    ids = self.repeat_ids
-    if not isinstance(ids, (tuple, list)) or not all(
-        isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in ids):
-      raise ValueError(f"{_OWNER} repeat_ids={ids!r} must be a tuple of token ids (ints >= 0)")
-    object.__setattr__(self, "repeat_ids", tuple(int(t) for t in ids))
+    if self.chunk_size is not None:
+      plans.check_int(_OWNER, "chunk_size", self.chunk_size, 1)
+    for name in ("repeat_ids", "continue_ids", "suffix_ids"):
+      ids = getattr(self, name)
+      if not isinstance(ids, (tuple, list)) or not all(
+          isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"{_OWNER} {name}={ids!r} must be a tuple of token ids (ints >= 0)")
+      object.__setattr__(self, name, tuple(int(t) for t in ids))
 
   def init_state(self, cfg: ModelConfig) -> RopeState:
     return RopeState(inv_freq=jnp.asarray(rope_lib.inv_frequencies(cfg), jnp.float32))
@@ -174,7 +209,9 @@ class KVzipPolicy(CachePolicy):
   def after_prefill(self, params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
                     lengths: jax.Array) -> KVCache:
     """The prefilled cache with the reconstruction scores in `cache.scores` (see the module docstring)."""
-    scores = reconstruction_scores(params, cfg, cache, tokens, lengths, self.repeat_ids)
+    scores = reconstruction_scores(params, cfg, cache, tokens, lengths, repeat_ids=self.repeat_ids,
+                                   continue_ids=self.continue_ids, suffix_ids=self.suffix_ids,
+                                   chunk_size=self.chunk_size, n_sink=self.n_sink)
     return cache.replace(scores=scores)
 
   def keep_mask(self, cache: KVCache) -> jax.Array:

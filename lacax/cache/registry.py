@@ -66,8 +66,9 @@ Head-wise patterns:
 Scores from an extra forward pass (`CachePolicy.after_prefill`, run by every prefill path):
   kvzip        KVzip context reconstruction: `size` tokens per (layer, kv head) on average, chosen over all
                layers and heads of a row (kvzip_layerwise=False, kvpress) or per layer (True); n_sink (4) always
-               kept; kvzip_repeat_ids the reconstruction prompt's token ids (`lacax.cache.kvzip.repeat_prompt_ids`
-               with the model's tokenizer; () = the context alone).
+               kept; kvzip_repeat_ids, kvzip_continue_ids, kvzip_suffix_ids the reconstruction prompts' token ids
+               (`lacax.cache.kvzip.repeat_prompt_ids` with the model's tokenizer; () = the context alone);
+               kvzip_chunk_size (2048) prompt tokens reconstructed per pass.
 
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
@@ -246,7 +247,9 @@ POLICIES.update({
                                overrides={"sink_size": 4}),
     # Scores by an extra forward pass (CachePolicy.after_prefill): `size` tokens per (layer, kv head) on average.
     "kvzip": PolicySpec(KVzipPolicy, fields={"n_sink": "n_sink", "kvzip_repeat_ids": "repeat_ids",
-                                             "kvzip_layerwise": "layerwise"}, sized=_BUDGET),
+                                             "kvzip_continue_ids": "continue_ids", "kvzip_suffix_ids": "suffix_ids",
+                                             "kvzip_chunk_size": "chunk_size", "kvzip_layerwise": "layerwise"},
+                        sized=_BUDGET),
 })
 
 
