@@ -3,7 +3,8 @@
 Reference NVIDIA/kvpress `presses/kvzip_press.py::KVzipPress` (prefill only, batch 1). After the prompt (the
 context, n tokens) is prefilled, the model runs once more over the cache on the reconstruction input
 [repeat prompt ("\\n\\nRepeat the previous context exactly." + the chat template's assistant suffix, "\\n"
-without a template), the context again], at positions n, n + 1, ...; in every layer (`score_kvzip`), the score
+without a template), the context again] (chunk by chunk for contexts over `chunk_size`, see below), at positions
+n, n + 1, ...; in every layer (`score_kvzip`), the score
 of a context key is the largest attention it receives from any reconstruction query of any query head of its
 group (the softmax over the context and the causal reconstruction keys). The reconstruction's own keys are then
 dropped. `compress_post`: the first `n_sink` tokens get the top score (max + 1); with `layerwise=False` (the
@@ -57,7 +58,7 @@ import numpy as np
 
 from lacax.cache import plans
 from lacax.cache.base import CachePolicy, RopeState, lean_decode_cache, ranked_scores, resize
-from lacax.cache.kv_cache import KVCache
+from lacax.cache.kv_cache import KVCache, dequantize_kv
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -126,6 +127,7 @@ def reconstruction_scores(params, cfg: ModelConfig, cache: KVCache, tokens: jax.
     options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
     out = llama.run(params, rec_tokens, rec_pos, resize(plain, S + rec_tokens.shape[1]), cfg, options=options)
     full = out.cache  # the context and this pass's tokens
+    full = full.replace(k=dequantize_kv(full.k, full.k_scale, jnp.float32))  # an int8 cache's keys, as read
     keys = plans.scoring_keys(full, "post_rope", jnp.asarray(inv_freq, jnp.float32))
     pos = full.pos
     end = jnp.minimum(start + chunk, n)
