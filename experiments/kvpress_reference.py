@@ -58,6 +58,10 @@ class MethodPair:
       read its weights) or "sdpa" (head-wise presses, which mask keys through kvpress's attention patch and
       assert a non-eager attention).
     question_tokens: q > 0 for FinchPress: the worker puts its delimiter before the prompt's last q tokens.
+    pattern: for DuoAttentionPress, the head pattern both sides get ({"sink_size", "recent_size",
+      "head_scores"}; the worker hands it to kvpress in place of the download).
+    tokenizer: for KVzipPress, {text: [ids]} for the texts it encodes (the tiny model has no tokenizer; the
+      worker serves them from a stub, lacax gets the same ids as `kvzip_repeat_ids`).
   """
 
   key: str
@@ -71,11 +75,23 @@ class MethodPair:
   kvpress_definition: dict | None = None
   prefill_attention: str = "eager"
   question_tokens: int = 0
+  pattern: dict | None = None
+  tokenizer: dict | None = None
 
 
 _WINDOW = 8  # the prompts are short: a window below kvpress's default 64
 _PROMPT = 64  # the parity prompt's length (tests/test_kvpress_parity.py), for presses sized in tokens
 _LAZY = 0.5  # SimLayerKV's threshold, between the tiny random model's layers' attention masses
+# DuoAttention's head pattern for the tiny Llama (3 layers x 2 kv heads): distinct scores, so kvpress's
+# np.argsort and lacax's stable sort pick the same 3 streaming heads; streaming heads keep 4 + 28 tokens (lacax's
+# registry: start_size sinks + size - start_size recent, size = 32 for the 64-token prompt at ratio 0.5).
+_DUO_SCORES = ((0.9, 0.2), (0.1, 0.7), (0.4, 0.6))
+# KVzip's reconstruction prompts for the tiny model (no tokenizer): made-up ids for kvpress's two repeat
+# instructions and the no-template suffix "\n"; the empty chat prefix encodes to nothing. Chunks of 24 tokens, so
+# the 64-token prompt is reconstructed in three passes (kvpress's default chunk is 2048).
+_KVZIP_IDS = {"\n\nRepeat the previous context exactly.": [7, 19, 42, 88, 3, 51],
+              "\n\nRepeat the part of the previous context exactly, starting with": [7, 19, 42, 60, 3, 77, 90],
+              "\n": [11], "": []}
 METHODS: tuple[MethodPair, ...] = (
     MethodPair("streaming", "streaming", "StreamingLLMPress", {"n_sink": 4}, {"start_size": 4},
                {"rope_mode": "original"}),
@@ -158,6 +174,16 @@ METHODS: tuple[MethodPair, ...] = (
                note=("decode-time (this protocol compresses the prompt once, at prefill) and random: kvpress draws "
                      "the merges with torch.bernoulli; tests/test_cache_cam.py restates one CaM step in NumPy "
                      "with lacax's draws")),
+    # Head-wise: kvpress masks the streaming heads' middle keys (fake keys in decoding), lacax drops them.
+    MethodPair("duoattention", "duoattention", "DuoAttentionPress", {"head_compression_ratio": 0.5},
+               {"start_size": 4, "head_compression_ratio": 0.5, "duo_head_scores": _DUO_SCORES},
+               pattern={"sink_size": 4, "recent_size": _PROMPT // 2 - 4, "head_scores": _DUO_SCORES},
+               prefill_attention="sdpa"),
+    # One budget over all layers and heads; three reconstruction passes.
+    MethodPair("kvzip", "kvzip", "KVzipPress", {"n_sink": 4, "chunk_size": 24},
+               {"n_sink": 4, "kvzip_chunk_size": 24, "kvzip_repeat_ids": (7, 19, 42, 88, 3, 51),
+                "kvzip_continue_ids": (7, 19, 42, 60, 3, 77, 90), "kvzip_suffix_ids": (11,)}, tokenizer=_KVZIP_IDS,
+               prefill_attention="sdpa"),
 )
 
 
@@ -208,7 +234,7 @@ def run_kvpress(python: str, model_dir: str, prompt: Sequence[int], pairs: Seque
                 compression_ratio: float, new_tokens: int, *, timeout: float = 900) -> dict[str, Any]:
   """The kvpress side for every pair, in one worker process (torch and kvpress import once)."""
   request = {"model_dir": model_dir, "prompt": [int(t) for t in prompt], "new_tokens": new_tokens,
-             "presses": [{"key": p.key, "press": p.press,
+             "presses": [{"key": p.key, "press": p.press, "pattern": p.pattern, "tokenizer": p.tokenizer,
                           "kwargs": {"compression_ratio": compression_ratio, **p.press_kwargs},
                           "prefill_attention": p.prefill_attention, "question_tokens": p.question_tokens}
                          for p in pairs]}
@@ -254,6 +280,8 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
   logits, cache = forward(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache,
                           cfg=cfg)
   pruned = np.asarray(policy.pruned(cache))[:, 0] if hasattr(policy, "pruned") else None  # ThinK: [L, KV, D]
+  cache = policy.after_prefill(params, cfg, cache, jnp.asarray([prompt], jnp.int32),
+                               jnp.asarray([n], jnp.int32))  # KVzip's reconstruction
   cache = policy.compact(cache, capacity=capacity)
   pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
   kept = {str(layer): [sorted(int(p) for p in pos[layer, :, h] if p >= 0) for h in range(pos.shape[-1])]

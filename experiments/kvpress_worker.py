@@ -6,9 +6,14 @@ Runs inside the kvpress environment (torch, the transformers kvpress pins, kvpre
   <venv>/bin/python experiments/kvpress_worker.py request.json response.json
 
 request:  {"model_dir": a checkpoint directory or a .gguf file, "prompt": [token ids], "new_tokens": N,
-           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}, "prefill_attention": "eager"}, ...]}
+           "presses": [{"key": ..., "press": "SnapKVPress", "kwargs": {...}, "prefill_attention": "eager",
+                        "pattern": {...}}, ...]}
            (a wrapper's "press" kwarg is itself {"press": ..., "kwargs": ...}; "compression_ratio" goes to the
            innermost press that takes one, and is dropped for presses that have none: ThinK, SimLayerKV)
+           ("pattern", DuoAttentionPress only: {"sink_size", "recent_size", "head_scores": [L][KV]} stands in for
+           the pattern kvpress downloads: its `load_attention_pattern` returns them, and kvpress's own
+           `post_init_from_model` picks the streaming heads from the scores; "tokenizer", KVzipPress only:
+           {text: [ids]} for the texts it encodes, served by a stub in place of the model's tokenizer)
 response: {key: {"kept": {layer: [[kept positions, ascending] per KV head]}, "tokens": [N greedy ids]}}
           (for a press that masks keys instead of dropping them, AdaKV-style `module.masked_key_indices`, the
           kept positions are the unmasked ones)
@@ -20,11 +25,16 @@ embedding hook removes it, so the model sees the prompt and the window is its la
 Per press: the prompt is prefilled under `with press(model)` (kvpress compresses every layer's cache in its
 forward hook), then N tokens are decoded greedily from the compressed cache with positions continuing from the
 prompt length, as kvpress's pipeline `generate_answer` does. Kept positions are read by matching each kept key
-row to the layer's keys before compression (rows of a random model's keys are distinct).
+row to the layer's keys before compression (rows of a random model's keys are distinct), less the keys a
+head-wise press masks (`module.masked_key_indices`, which kvpress's attention patch replaces by fake keys that
+get no attention in decoding). Presses that mask keys run their prefill with SDPA (DuoAttention asserts a
+non-eager attention), and every module's mask is cleared between presses.
 """
 
 import inspect
 import json
+
+import numpy as np
 import os
 import sys
 
@@ -62,8 +72,35 @@ def build_press(name: str, kwargs: dict):
   return cls(**kwargs)
 
 
+
+
+class _StubTokenizer:
+  """Stands in for the tokenizer KVzipPress loads by the model's name (the tiny random model has none):
+  `encode` maps the texts kvpress encodes to the ids the request gives; no chat template."""
+
+  chat_template = None
+
+  def __init__(self, ids: dict):
+    self.ids = ids
+
+  def encode(self, text, return_tensors=None, add_special_tokens=False):
+    del add_special_tokens
+    if text not in self.ids:
+      raise KeyError(f"the request's tokenizer has no ids for {text!r}")
+    ids = torch.tensor([self.ids[text]], dtype=torch.long).reshape(1, -1)
+    return ids if return_tensors == "pt" else ids[0].tolist()
+
+
 def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
   press = build_press(spec["press"], spec.get("kwargs", {}))
+  if spec.get("pattern"):
+    pattern = spec["pattern"]
+    scores = np.asarray(pattern["head_scores"], dtype=float)
+    press.load_attention_pattern = lambda model: (int(pattern["sink_size"]), int(pattern["recent_size"]), scores)
+  if spec.get("tokenizer") is not None:
+    from kvpress.presses import kvzip_press  # pylint: disable=g-import-not-at-top
+    stub = _StubTokenizer(spec["tokenizer"])
+    kvzip_press.AutoTokenizer = type("AutoTokenizer", (), {"from_pretrained": staticmethod(lambda *a, **k: stub)})
   kept: dict[int, list[list[int]]] = {}
   pruned: dict[int, list[list[int]]] = {}
   compress = press.compress
@@ -103,6 +140,16 @@ def run_press(model, prompt: torch.Tensor, spec: dict, new_tokens: int) -> dict:
     model.set_attn_implementation(spec.get("prefill_attention", "eager"))
     with press(model):
       logits = model(input_ids=ids, past_key_values=cache).logits
+    # Head-wise eviction by masking that compress did not report (KVzip masks after its reconstruction pass,
+    # which never calls compress): the masked positions leave the kept rows (idempotent for the others).
+    for layer, block in enumerate(model.model.layers):
+      rows = kept.get(layer) or [list(range(cache.layers[layer].keys.shape[2]))
+                                 for _ in range(model.config.num_key_value_heads)]
+      masked = getattr(block.self_attn, "masked_key_indices", None)
+      if masked is not None:
+        gone = {(int(h), int(s)) for b, h, s in zip(*masked) if int(b) == 0}
+        rows = [[p for p in heads if (h, p) not in gone] for h, heads in enumerate(rows)]
+      kept[layer] = rows
     # Decoding: SDPA, whose one-query step needs no mask (eager builds one from layer 0's length, which breaks on
     # presses that keep a different number of tokens per layer, e.g. PyramidKV).
     model.set_attn_implementation("sdpa")

@@ -132,6 +132,7 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, *, cf
   if mesh_rules is not None:
     cache = mesh_rules.shard_cache(cache)
   logits, cache = prefill_forward(params, tokens, lengths, cache, cfg, options=options)
+  cache = policy.after_prefill(params, cfg, cache, tokens, lengths)  # e.g. KVzip's reconstruction scores
   cache = policy.compact(cache, capacity=decode_capacity)
   if mesh_rules is not None:  # the decode loop receives the cache in the rules' layout
     cache = mesh_rules.constrain_cache(cache)
@@ -420,14 +421,16 @@ def shared_prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelC
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "decode_capacity", "max_new_tokens", "stop_ids"))
-def _handoff(cache: KVCache, first: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, policy: CachePolicy,
-             decode_capacity: int, max_new_tokens: int, stop_ids: tuple[int, ...]) -> DecodeState:
+def _handoff(params, tokens: jax.Array, cache: KVCache, first: jax.Array, lengths: jax.Array, *, cfg: ModelConfig,
+             policy: CachePolicy, decode_capacity: int, max_new_tokens: int,
+             stop_ids: tuple[int, ...]) -> DecodeState:
   """The policy's one compaction of the shared prefilled cache, and the decode state after the first token.
 
   The end of `prefill`; the policy's own state (e.g. the ladder cursor per row) is attached to the shared cache
   first.
   """
   cache = cache.replace(state=policy.init(cfg, first.shape[0], 1).state)
+  cache = policy.after_prefill(params, cfg, cache, tokens, lengths)
   cache = policy.compact(cache, capacity=decode_capacity)
   return initial_state(cache, first, lengths, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
                        stop_ids=stop_ids)
@@ -490,7 +493,8 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     for name in names:
       start = time.perf_counter()
       statics = dict(cfg=cfg, policy=policies[name], max_new_tokens=max_new_tokens, stop_ids=stops)
-      state = _handoff(cache, first, jnp.asarray(lengths), decode_capacity=capacities[name], **statics)
+      state = _handoff(params, jnp.asarray(tokens), cache, first, jnp.asarray(lengths),
+                       decode_capacity=capacities[name], **statics)
       state = decode(params, state, sampling=SamplingConfig(), pad_id=pad_id, **statics)
       generated, counts = jax.device_get((state.out, state.num_generated))
       decode_seconds[name] = time.perf_counter() - start

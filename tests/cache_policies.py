@@ -42,25 +42,34 @@ def expected_attention_file(num_layers: int, num_heads: int, head_dim: int) -> s
   return path
 
 
+def duo_head_scores(num_layers: int, num_kv_heads: int) -> tuple:
+  """Distinct random DuoAttention head scores [layers][kv_heads] (the contract needs any valid pattern)."""
+  scores = np.random.RandomState(2).permutation(num_layers * num_kv_heads) / (num_layers * num_kv_heads)
+  return tuple(tuple(float(x) for x in row) for row in scores.reshape(num_layers, num_kv_heads))
+
+
 # Budget 16; sinks 2; a ladder over 4 layers; SnapKV / PyramidKV windows of 4 pooled by 3; decoding-time
 # compression every 4 steps; chunks of 8 (Chunk) and 4 (ChunkKV) tokens; LagKV partitions of 4 (so that the
 # 29- and 40-token prompts are scored by partition); Q-Filters and ExpectedAttention statistics for the
 # contract's tiny model (4 layers, 4 heads, 2 kv heads of 8; `tiny_policy(..., cfg=...)` picks the files of
 # another model); a SimLayerKV threshold of 0.3, since a random model's attention is spread about evenly (the
-# 16 initial + recent tokens of a 29- or 40-token prompt get about 0.4-0.6 of it, so its layers are lazy).
+# 16 initial + recent tokens of a 29- or 40-token prompt get about 0.4-0.6 of it, so its layers are lazy); half
+# of DuoAttention's heads streaming, by random scores for the model's shape.
 TINY_CACHE = dict(size=16, start_size=2, span=2, overlap=0, window=4, kernel=3, compression_interval=4,
                   chunk_length=8, chunkkv_length=4, lag_size=4, lazy_threshold=0.3,
-                  qfilter_path=qfilter_file(4, 2, 8), expected_attention_stats=expected_attention_file(4, 4, 8))
+                  qfilter_path=qfilter_file(4, 2, 8), expected_attention_stats=expected_attention_file(4, 4, 8),
+                  head_compression_ratio=0.5, duo_head_scores=duo_head_scores(4, 2))
 
 
 def tiny_policy(name: str, max_new_tokens: int | None = None, cfg=None) -> CachePolicy:
   """The registered policy `name` at budget 16; `max_new_tokens` sizes prompt-compressing policies' decode
   caches (those with a `max_new_tokens` field) for that many generated tokens; `cfg` (default: the contract's
-  tiny model) fixes the shape of the Q-Filter file."""
+  tiny model) fixes the shape of the Q-Filter file and of DuoAttention's head scores."""
   cache = TINY_CACHE
   if cfg is not None:
     cache = {**cache, "qfilter_path": qfilter_file(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
-             "expected_attention_stats": expected_attention_file(cfg.num_layers, cfg.num_heads, cfg.head_dim)}
+             "expected_attention_stats": expected_attention_file(cfg.num_layers, cfg.num_heads, cfg.head_dim),
+             "duo_head_scores": duo_head_scores(cfg.num_layers, cfg.num_kv_heads)}
   policy = registry.make_policy(name, cache)
   if max_new_tokens is not None and "max_new_tokens" in {f.name for f in dataclasses.fields(policy)}:
     policy = dataclasses.replace(policy, max_new_tokens=max_new_tokens)

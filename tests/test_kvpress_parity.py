@@ -30,8 +30,8 @@ _NEW_TOKENS = 6
 _PROMPT_LEN = 64
 # Pairs whose layers or heads keep their own numbers of tokens: PyramidKV's per-layer budgets, ThinK (prunes
 # key channels, keeps every token), SimLayerKV (only lazy layers are compressed), AdaKV and CriticalAdaKV
-# (head-wise budgets).
-_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "adakv", "criticaladakv")
+# (head-wise budgets), DuoAttention (only streaming heads), KVzip (one budget over all layers and heads).
+_OWN_BUDGETS = ("pyramidkv", "think", "simlayerkv", "adakv", "criticaladakv", "duoattention", "kvzip")
 
 
 class KvpressParityTest(parameterized.TestCase):

@@ -80,10 +80,14 @@ def meshes_for(policy_name: str):
   child otherwise. And so do the wrappers that only run their inner scorer on parts of the prompt or of the
   model (Chunk, ChunkKV, per-layer budgets, key re-rotation: the inner's compaction, nothing reduced across
   rows or kv heads of their own; Block, whose blocks re-run the inner scorer, is one of these); AdaKV and
-  CriticalAdaKV, whose one top-k spans a layer's kv heads, keep all four meshes."""
+  CriticalAdaKV, whose one top-k spans a layer's kv heads, keep all four meshes. DuoAttention (a fixed
+  per-(layer, kv head) keep mask, nothing reduced across rows or heads) runs on one, and so does KVzip, whose
+  per-row ranking spans the layers and kv heads (the mesh that splits both exercises it)."""
   from lacax.cache.base import PromptChunkWrapper  # pylint: disable=g-import-not-at-top
   from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.duo_attention import DuoAttentionPolicy  # pylint: disable=g-import-not-at-top
+  from lacax.cache.kvzip import KVzipPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.simlayerkv import SimLayerKVPolicy  # pylint: disable=g-import-not-at-top
   from lacax.cache.think import ThinKPolicy  # pylint: disable=g-import-not-at-top
 
@@ -91,7 +95,7 @@ def meshes_for(policy_name: str):
   from lacax.cache.perlayer import PerLayerPolicy  # pylint: disable=g-import-not-at-top
 
   one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy, PromptChunkWrapper, PerLayerPolicy,
-              KeyRerotationPolicy)
+              KeyRerotationPolicy, DuoAttentionPolicy, KVzipPolicy)
   if isinstance(cache_policies.tiny_policy(policy_name), one_mesh):
     return tuple(m for m in MESHES if mesh_name(*m) == "data2xtensor4")
   return MESHES
@@ -285,9 +289,10 @@ def check_generate(ctx: _Child, policy_name: str, name: str) -> None:
   # KVMerger's planner runs segment reductions over flattened (layer, row, head, run) ids, which XLA can only
   # partition by gathering its [L, B, S, KV] plan arrays; AdaKV's (and CriticalAdaKV's) one top-k across a
   # layer's kv heads (its head-adaptive budget) gathers its [L, B, S, KV] scores and keep mask over the tensor
-  # axis. In all, the keys and values stay local (see the report).
+  # axis, and so does KVzip's one ranking over a row's layers and kv heads. In all, the keys and values stay
+  # local (see the report).
   assert_cache_stays_local(hlo, mr, state.cache, "prefill + decode",
-                           keys_values_only=policy_name in ("kvmerger", "adakv", "criticaladakv"))
+                           keys_values_only=policy_name in ("kvmerger", "adakv", "criticaladakv", "kvzip"))
   # The public entry point with the rules gives the same tokens (the same compiled programs).
   result = generation.generate(params, cfg, ctx.prompts, max_new_tokens=MAX_NEW, policy=policy, bucket=8,
                                mesh_rules=mr)

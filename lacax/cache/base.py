@@ -27,6 +27,10 @@ against:
   compacts_in_decode         whether decode-step calls (no `capacity`) evict; False for policies that only
                              compress the prompt, whose decode cache then grows by one token per step.
 
+One hook has the model at hand: `after_prefill(params, cfg, cache, tokens, lengths) -> KVCache`, called by every
+prefill path between the prompt forward and the hand-off, for a policy whose scores need extra forward passes
+(KVzip's context reconstruction); the default returns the cache, wrappers pass it to their inner policy.
+
 Content-agnostic policies (full, streaming, ladder) set `score_mode=None`, so the forward never materialises
 attention statistics for them; score-based ones (H2O, TOVA, SnapKV, PyramidKV, KVMerger) name the statistic
 they consume and the cache records it. Statistics that are not attention probabilities (||W_o v|| for
@@ -105,6 +109,16 @@ class CachePolicy:
 
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     raise NotImplementedError
+
+  def after_prefill(self, params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
+                    lengths: jax.Array) -> KVCache:
+    """The prefilled cache, prepared for the hand-off with the model at hand (traced, inside the prefill's jit).
+
+    Args: the model's params and cfg; the cache after the prompt forward; the right-padded prompts tokens [B, T]
+    and their lengths [B]. The default changes nothing (KVzip runs its reconstruction pass here).
+    """
+    del params, cfg, tokens, lengths
+    return cache
 
   # Contract declarations (see the module docstring).
 
@@ -340,6 +354,9 @@ class DelegatingPolicy(CachePolicy):
   @property
   def compacts_in_decode(self) -> bool:
     return self.inner.compacts_in_decode
+
+  def after_prefill(self, params, cfg, cache, tokens, lengths):
+    return self.inner.after_prefill(params, cfg, cache, tokens, lengths)
 
 
 class WrapperPolicy(DelegatingPolicy):

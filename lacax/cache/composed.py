@@ -110,6 +110,9 @@ class ComposedPolicy(CachePolicy):
   def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
     return np.minimum(self.first.max_held(cfg, seen), self.second.max_held(cfg, seen))
 
+  def after_prefill(self, params, cfg, cache, tokens, lengths):
+    return self.first.after_prefill(params, cfg, cache, tokens, lengths)  # the first sees the prefilled cache
+
   def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
     # Hand-off: the first policy compresses in place (same slot count, so a prompt compressor runs), the second
     # compresses into the decode cache.

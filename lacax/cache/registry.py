@@ -68,6 +68,20 @@ Policies on the forward's other recorded statistics (`lacax.cache.kv_cache.Stats
   compactor    Compactor: leverage + NonCausalAttn between sink_size_start (8) and sink_size_end (4) sinks;
                attention_chunk_size, sketch_dimension, seed, compactor_blending (None = the ratio 1 - size/n).
 
+Head-wise patterns:
+  duoattention DuoAttention: streaming heads keep start_size sinks + (size - start_size) recent prompt tokens
+               (the registry's 4 sinks, not kvpress's 128), retrieval heads the whole prompt; duo_head_scores
+               ([layers][kv_heads], `lacax.cache.duo_attention.calibrate`; never downloaded) with
+               head_compression_ratio (0.0, kvpress: no head streams) the fraction of heads that stream, or
+               duo_streaming_heads (the [layers][kv_heads] boolean mask itself).
+
+Scores from an extra forward pass (`CachePolicy.after_prefill`, run by every prefill path):
+  kvzip        KVzip context reconstruction: `size` tokens per (layer, kv head) on average, chosen over all
+               layers and heads of a row (kvzip_layerwise=False, kvpress) or per layer (True); n_sink (4) always
+               kept; kvzip_repeat_ids, kvzip_continue_ids, kvzip_suffix_ids the reconstruction prompts' token ids
+               (`lacax.cache.kvzip.repeat_prompt_ids` with the model's tokenizer; () = the context alone);
+               kvzip_chunk_size (2048) prompt tokens reconstructed per pass.
+
 `make_prefill_policy(name, cache_config, cfg, prompt_len=..., protocol=...)` is the one-shot set-up (prefill a
 long prompt, compact once, then decode compacting every step) of the LaCache reference drivers, where the
 budget is the fraction `cache.budget` of the prompt (NIAH / passkey) or of the model's maximum length
@@ -91,6 +105,7 @@ from lacax.cache.chunkkv import ChunkKVPolicy
 from lacax.cache.compactor import CompactorPolicy
 from lacax.cache.composed import ComposedPolicy
 from lacax.cache.decoding import DecodingPolicy
+from lacax.cache.duo_attention import DuoAttentionPolicy
 from lacax.cache.full import FullPolicy
 from lacax.cache.key_rerotation import KeyRerotationPolicy
 from lacax.cache.perlayer import PerLayerPolicy
@@ -109,6 +124,7 @@ from lacax.cache.cur import CURPolicy
 from lacax.cache.expected_attention import ExpectedAttentionPolicy
 from lacax.cache.finch import FinchPolicy
 from lacax.cache.keydiff import KeyDiffPolicy
+from lacax.cache.kvzip import KVzipPolicy
 from lacax.cache.knorm import KnormPolicy
 from lacax.cache.lagkv import LagKVPolicy
 from lacax.cache.leverage import LeverageScorePolicy
@@ -250,6 +266,17 @@ POLICIES.update({
         **_SCORER, "attention_chunk_size": "chunk_size", "sink_size_start": "sink_size_start",
         "sink_size_end": "sink_size_end", "sketch_dimension": "sketch_dimension", "seed": "seed",
         "compactor_blending": "blending"}, sized=_BUDGET),
+    # Head-wise: streaming heads keep start_size sinks + (size - start_size) recent tokens, retrieval heads all.
+    "duoattention": PolicySpec(DuoAttentionPolicy, fields={
+        "start_size": "sink_size", "head_compression_ratio": "head_compression_ratio",
+        "duo_head_scores": "head_scores", "duo_streaming_heads": "streaming_heads"},
+                               sized=lambda size, read: {"recent_size": size - read("sink_size")},
+                               overrides={"sink_size": 4}),
+    # Scores by an extra forward pass (CachePolicy.after_prefill): `size` tokens per (layer, kv head) on average.
+    "kvzip": PolicySpec(KVzipPolicy, fields={"n_sink": "n_sink", "kvzip_repeat_ids": "repeat_ids",
+                                             "kvzip_continue_ids": "continue_ids", "kvzip_suffix_ids": "suffix_ids",
+                                             "kvzip_chunk_size": "chunk_size", "kvzip_layerwise": "layerwise"},
+                        sized=_BUDGET),
 })
 
 
