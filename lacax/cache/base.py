@@ -593,7 +593,10 @@ class ScorerPolicy(CachePolicy):
     def plan(c: KVCache) -> jax.Array:
       return plans.topk_keep_plan(self.score(c), c.valid(), self.budget, None, capacity or c.capacity)
 
-    return plans.apply_plan(cache, plan, jnp.any(plans.occupancy(cache) > self.budget), capacity)
+    out = plans.apply_plan(cache, plan, jnp.any(plans.occupancy(cache) > self.budget), capacity)
+    if capacity is not None and not self.during_decode and out.stats is not None:
+      out = out.replace(stats=None)  # a prefill-time scorer reads its statistics once, in the hand-off
+    return out
 
   def keep_scores(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
     """`score(cache)`, nothing protected beyond what the score itself ranks first (sinks score +inf), so every

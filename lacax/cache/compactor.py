@@ -101,8 +101,3 @@ class CompactorPolicy(ScorerPolicy):
       blending = self.blending
     return seq.to_slots(jnp.where(scored, blending * lev + attn, 0.0))
 
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.during_decode and out.stats is not None:
-      out = out.replace(stats=None)  # the prompt's queries are read once, in the prefill hand-off
-    return out

@@ -244,8 +244,3 @@ class ExpectedAttentionPolicy(ScorerPolicy):
                          n_sink=self.n_sink, use_vnorm=self.use_vnorm, epsilon=self.epsilon, agg=self.score_agg)
     return plans.slot_major(scores)
 
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.during_decode and out.stats is not None:
-      out = out.replace(stats=None)  # the online moments are read once, in the prefill hand-off
-    return out

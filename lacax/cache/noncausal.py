@@ -70,8 +70,3 @@ class NonCausalAttnPolicy(ScorerPolicy):
     q, k, v = sequence_inputs(cache, self.inv_freq(cache), seq)
     return seq.to_slots(attention_scores(q, k, v, seq.scored, self.chunk_size))
 
-  def compact(self, cache: KVCache, capacity: int | None = None) -> KVCache:
-    out = super().compact(cache, capacity)
-    if capacity is not None and not self.during_decode and out.stats is not None:
-      out = out.replace(stats=None)  # the prompt's queries are read once, in the prefill hand-off
-    return out
