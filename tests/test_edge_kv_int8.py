@@ -12,20 +12,49 @@ largest single-token |dNLL| 0.03-0.04).
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache import int8, registry
-from lacax.cache.base import CachePolicy
+from lacax.cache import expected_attention, int8, qfilter, registry
+from lacax.cache.base import CachePolicy, ScorerPolicy, lean_decode_cache
 from lacax.cache.kv_cache import dequantize_kv, gather_slots, init_cache, quantize_kv
 from lacax.eval import perplexity
 from lacax.model import llama
 from tests import train_utils as tu
 
 CACHE = {"size": 40, "start_size": 4, "span": 2, "overlap": 0}
+
+
+def _scorers() -> list[tuple[str, str]]:
+  """Every registered policy that builds from the registry defaults as a ScorerPolicy."""
+  out = []
+  for name in registry.policy_names():
+    try:
+      policy = registry.make_policy(name, {**registry.cache_defaults([name]), "size": 6})
+    except ValueError:  # a budget of 6 is under a window policy's window: none of those is a scorer
+      continue
+    if isinstance(policy, ScorerPolicy):
+      out.append((name, name))
+  return out
+
+
+def _filled(cache, seed: int):
+  """`cache` (int8) with random codes, positive scales, 10 of 12 slots held, and random recorded scores."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  shape = cache.k.shape
+  pos = jnp.broadcast_to(jnp.where(jnp.arange(shape[2]) < 10, jnp.arange(shape[2]), -1)[:, None], shape[:-1])
+  code = lambda k: jax.random.randint(k, shape, -127, 128).astype(jnp.int8)  # noqa: E731
+  scale = lambda k: jax.random.uniform(k, shape[:-1], minval=0.001, maxval=0.05)  # noqa: E731
+  out = cache.replace(k=code(keys[0]), v=code(keys[1]), k_scale=scale(keys[2]), v_scale=scale(keys[3]),
+                      pos=pos.astype(jnp.int32), length=jnp.full(shape[:2], 10, jnp.int32))
+  if cache.scores is not None:
+    out = out.replace(scores=jax.random.uniform(keys[4], shape[:-1]))
+  return out
 
 
 class Int8KVTest(parameterized.TestCase):
@@ -98,6 +127,40 @@ class Int8KVTest(parameterized.TestCase):
     lf, _ = llama.forward(self.params, tok, pos, ref.cache, self.cfg)
     li, _ = llama.forward(self.params, tok, pos, got.cache, self.cfg)
     self.assertLess(float(jnp.max(jnp.abs(li - lf))), 0.05 * float(jnp.max(jnp.abs(lf))))
+
+  @parameterized.named_parameters(*_scorers())
+  def test_scorers_read_dequantized_keys_and_values(self, name):
+    # Each scorer scores an int8 cache as it scores the float cache the forward reads: codes times scales.
+    # (Scoring the raw codes, as Knorm, CUR, LagKV and others did, ranks tokens by code magnitude, whose scale
+    # differs per token.)
+    tmp = tempfile.TemporaryDirectory(prefix="lacax_int8_scorers_")
+    self.addCleanup(tmp.cleanup)
+    tmp, cfg, rng = tmp.name, self.cfg, np.random.default_rng(0)
+    files = {"expected_attention_stats": os.path.join(tmp, "ea.npz"), "qfilter_path": os.path.join(tmp, "qf.npz")}
+    cov = rng.normal(size=(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim))
+    expected_attention.save(files["expected_attention_stats"],
+                            rng.normal(size=(cfg.num_layers, cfg.num_heads, cfg.head_dim)),
+                            cov @ np.swapaxes(cov, -1, -2) / cfg.head_dim)
+    qfilter.save(files["qfilter_path"], rng.normal(size=(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)))
+    policy = registry.make_policy(name, {**registry.cache_defaults([name]), **files, "size": 6})
+    cache8 = _filled(policy.init(cfg, 2, 12, dtype=jnp.int8), seed=3)
+    dense = cache8.replace(k=cache8.float_keys(), v=cache8.float_values(), k_scale=None, v_scale=None)
+    got, want = policy.score(cache8), policy.score(dense)
+    held = np.asarray(cache8.valid())
+    np.testing.assert_allclose(np.asarray(got)[held], np.asarray(want)[held], rtol=1e-5, atol=1e-6)
+
+  def test_lean_decode_keeps_int8_keys_unrotated(self):
+    # Rotating int8 codes would round them (and could overflow): the lean hand-off leaves an int8 "original"
+    # cache as it is, and the forward keeps rotating its dequantized keys per step.
+    policy = registry.make_policy("snapkv", CACHE)
+    cache8 = _filled(policy.init(self.cfg, 2, 12, dtype=jnp.int8), seed=4)
+    self.assertEqual(cache8.rope_mode, "original")
+    out = lean_decode_cache(cache8)
+    self.assertEqual(out.rope_mode, "original")
+    np.testing.assert_array_equal(out.k, cache8.k)
+    floats = lean_decode_cache(cache8.replace(k=cache8.float_keys(), v=cache8.float_values(), k_scale=None,
+                                              v_scale=None))
+    self.assertEqual(floats.rope_mode, "stored")
 
 
 if __name__ == "__main__":

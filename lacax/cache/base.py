@@ -311,10 +311,11 @@ def lean_decode_cache(cache: KVCache) -> KVCache:
   keys every later step reads are the same numbers the "original" path computes from pre-RoPE keys (the
   same `rope_lib.rotate` of the same tables), without the per-step rotation. Needs the RoPE frequencies in
   `cache.state` (`RopeState`, or any state with an `inv_freq` field) for "original"; "slot" and "stored"
-  keys are left as they are.
+  keys are left as they are, and so is an int8 cache: rotating its codes would round (and could overflow) them,
+  so it keeps "original" and the forward rotates the dequantized keys per step.
   """
   cache = strip_recordings(cache)
-  if cache.rope_mode != "original":
+  if cache.rope_mode != "original" or cache.quantized:
     return cache
   inv_freq = getattr(cache.state, "inv_freq", None)
   if inv_freq is None:

@@ -240,7 +240,7 @@ class ExpectedAttentionPolicy(ScorerPolicy):
       cov_r = jnp.einsum(f"lbij,l{b}hjk,lbmk->lbhim", rot, cov, rot)
       cov_r = cov_r.reshape(num_layers, -1, kv, num_heads // kv, d, d)
     keys = plans.head_major(plans.scoring_keys(cache, "post_rope", inv_freq))
-    scores = score_heads(keys, plans.head_major(cache.v), plans.head_major(cache.valid()), mean_r, cov_r,
+    scores = score_heads(keys, plans.head_major(cache.float_values()), plans.head_major(cache.valid()), mean_r, cov_r,
                          n_sink=self.n_sink, use_vnorm=self.use_vnorm, epsilon=self.epsilon, agg=self.score_agg)
     return plans.slot_major(scores)
 

@@ -12,7 +12,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lacax.cache import plans
 from lacax.cache.base import ScorerPolicy
 from lacax.cache.kv_cache import KVCache
 
@@ -42,4 +41,4 @@ class KnormPolicy(ScorerPolicy):
     self._validate("Knorm")
 
   def score(self, cache: KVCache) -> jax.Array:
-    return score_heads(cache.k)  # [L, B, S, KV, D] -> [L, B, S, KV]: the norm needs no head-major layout
+    return score_heads(cache.float_keys())  # [L, B, S, KV, D] -> [L, B, S, KV]: the norm needs no head-major layout

@@ -298,6 +298,15 @@ class KVCache:
     """[L, B, S, KV] bool: the slot holds a token."""
     return self.pos >= 0
 
+  def float_keys(self, dtype=jnp.float32) -> jax.Array:
+    """[L, B, S, KV, D] keys as the forward reads them, in `dtype`: an int8 cache's codes times their
+    scales (a policy that scores `k` directly would score the int8 codes, whose scale differs per token)."""
+    return dequantize_kv(self.k, self.k_scale, dtype).astype(dtype)
+
+  def float_values(self, dtype=jnp.float32) -> jax.Array:
+    """[L, B, S, KV, D] values as the forward reads them, in `dtype` (see `float_keys`)."""
+    return dequantize_kv(self.v, self.v_scale, dtype).astype(dtype)
+
   def nbytes(self) -> int:
     """Resident bytes of every array in the cache."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))

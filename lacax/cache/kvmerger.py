@@ -89,7 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import (KVCache, PRE_ROPE_MODES, SCORE_AGGS, dequantize_kv, quantize_kv,
+from lacax.cache.kv_cache import (KVCache, PRE_ROPE_MODES, SCORE_AGGS, quantize_kv,
                                    validate_score_mode)
 from lacax.cache import plans
 from lacax.cache.base import CachePolicy, lean_decode_cache
@@ -470,7 +470,7 @@ class KVMergerPolicy(CachePolicy):
 
   def _similarity_keys(self, cache: KVCache, inv_freq: jax.Array) -> jax.Array:
     """[L, B, S, KV, D] float32 keys in the similarity space."""
-    keys = cache.k.astype(jnp.float32)
+    keys = cache.float_keys()
     if self.similarity_on == "rope":
       keys = rope_lib.apply_rope(keys, cache.pos, inv_freq)
     return keys
@@ -569,8 +569,8 @@ class KVMergerPolicy(CachePolicy):
     from pallas_kernels import merge  # pylint: disable=g-import-not-at-top
 
     # An int8 cache merges dequantized keys / values and stores the merged ones quantized again.
-    keys = dequantize_kv(cache.k, cache.k_scale, jnp.float32)
-    values = dequantize_kv(cache.v, cache.v_scale, jnp.float32)
+    keys = cache.float_keys()
+    values = cache.float_values()
     if self.merge_keys_on == "rope":
       # Member i rotated by p_i - p_pivot: read at the pivot's position it is RoPE(k_i, p_i).
       pivot_pos = jnp.take_along_axis(cache.pos, plan.pivot, axis=2)

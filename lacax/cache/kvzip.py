@@ -58,7 +58,7 @@ import numpy as np
 
 from lacax.cache import plans
 from lacax.cache.base import CachePolicy, RopeState, lean_decode_cache, ranked_scores, resize
-from lacax.cache.kv_cache import KVCache, dequantize_kv
+from lacax.cache.kv_cache import KVCache
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -127,7 +127,6 @@ def reconstruction_scores(params, cfg: ModelConfig, cache: KVCache, tokens: jax.
     options = llama.ForwardOptions(hidden_layers=tuple(range(cfg.num_layers)), logits=False)
     out = llama.run(params, rec_tokens, rec_pos, resize(plain, S + rec_tokens.shape[1]), cfg, options=options)
     full = out.cache  # the context and this pass's tokens
-    full = full.replace(k=dequantize_kv(full.k, full.k_scale, jnp.float32))  # an int8 cache's keys, as read
     keys = plans.scoring_keys(full, "post_rope", jnp.asarray(inv_freq, jnp.float32))
     pos = full.pos
     end = jnp.minimum(start + chunk, n)

@@ -324,7 +324,7 @@ def scoring_keys(cache: KVCache, space: str, inv_freq: jax.Array) -> jax.Array:
   """
   if space not in KEY_SPACES:
     raise ValueError(f"key space {space!r} must be one of {list(KEY_SPACES)}")
-  keys = cache.k.astype(jnp.float32)
+  keys = cache.float_keys()
   stored = cache.rope_mode == "stored"
   if (space == "post_rope") == stored:
     return keys

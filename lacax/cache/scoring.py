@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lacax.cache import plans
-from lacax.cache.kv_cache import KVCache, dequantize_kv
+from lacax.cache.kv_cache import KVCache
 from lacax.model import rope as rope_lib
 
 _HI = jax.lax.Precision.HIGHEST
@@ -179,7 +179,7 @@ def sequence_inputs(cache: KVCache, inv_freq: jax.Array, seq: HeldSequence):
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   cos, sin = jnp.concatenate([cos, cos], -1)[..., None, :], jnp.concatenate([sin, sin], -1)[..., None, :]
   queries = rope_lib.rotate(cache.stats.queries, cos, sin)  # [L, B, S, KV, G, D]
-  values = cache.v if not cache.quantized else dequantize_kv(cache.v, cache.v_scale, jnp.float32)
+  values = cache.float_values()
   queries = jnp.moveaxis(seq.take(plans.head_major(queries)), 3, 4)  # [L, B, KV, G, grid, D]
   return queries, seq.take(keys), seq.take(plans.head_major(values.astype(jnp.float32)))
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from lacax.cache import plans
 from lacax.cache.base import CachePolicy, resize
-from lacax.cache.kv_cache import KVCache, StatsRecording, dequantize_kv, strip_recordings
+from lacax.cache.kv_cache import KVCache, StatsRecording, strip_recordings
 from lacax.model.config import ModelConfig
 
 
@@ -119,7 +119,7 @@ class ThinKPolicy(CachePolicy):
     if cache.stats is None or cache.stats.window_q2 is None:
       raise ValueError("ThinK needs a cache recording the window's queries (StatsRecording(window_q2=...)); build "
                        "the cache with the policy's init()")
-    keys = dequantize_kv(cache.k, cache.k_scale, jnp.float32)  # "stored": already post-RoPE
+    keys = cache.float_keys()  # "stored": already post-RoPE
     scores = channel_scores(cache.stats.window_q2, plans.head_major(keys), plans.head_major(cache.valid()))
     n_pruned = int(cache.k.shape[-1] * self.key_channel_compression_ratio)
     prune = pruned_channels(scores, n_pruned)
