@@ -170,6 +170,17 @@ class FinchTest(parameterized.TestCase):
       self.assertEqual(kept, sorted(want), f"layer {l} row {b} kv head {h}")
     self.assertEqual(int(policy.max_held(CFG, 22)[0]), int(plans.chunk_counts(22, BUDGET, chunk).sum()))
 
+  def test_chunked_prompts_kvpress_refuses_are_refused(self):
+    """kvpress asserts chunk_length > window / (1 - r): with 1 - r = capacity / P, chunk_length * capacity >
+    window * P. Sizing a run for such prompts is refused, naming the fields; a prompt within the budget, or a
+    chunk long enough, passes."""
+    policy = FinchPolicy(BUDGET, window=4, chunk_length=8)  # 8 * 10 > 4 * P for P < 20
+    self.assertEqual(policy.run_capacity(CFG, 19, 3), policy.max_kept() + 3)
+    policy.check_chunks(BUDGET)  # nothing is compressed
+    with self.assertRaisesRegex(ValueError, r"Finch chunk_length=8 must be > window / \(1 - r\) .* 4 \* 20 / 10"):
+      policy.run_capacity(CFG, 20, 3)
+    FinchPolicy(BUDGET, window=4).check_chunks(1000)  # unchunked: no condition
+
   def test_rejects_bad_fields(self):
     with self.assertRaisesRegex(ValueError, r"Finch window=10 must be < capacity=10"):
       FinchPolicy(BUDGET, window=BUDGET)

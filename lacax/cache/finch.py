@@ -27,9 +27,11 @@ Key re-rotation. kvpress's default `rerotate_keys=True` moves the kept keys to p
 (`KeyRerotationPress.rerotate_keys`) while its decoding continues at the original length; lacax's default
 `rope_mode="original"` keeps keys at their original positions (kvpress's `rerotate_keys=False`: the same kept
 tokens); "slot" re-rotates them at their slots and continues there too (see `lacax.cache.key_rerotation`).
-Ties go to the older token. With `chunk_length`, kvpress asserts chunk_length > window / (1 - r), which keeps
-the kept total within the budget plus one (a last short chunk's max(1, .)); lacax sizes the decode cache so
-and does not assert (the prompt length is not static).
+Ties go to the older token. With `chunk_length`, kvpress asserts chunk_length > window / (1 - r) (with
+1 - r = capacity / P for a P-token prompt: chunk_length * capacity > window * P), so that every chunk's share
+can hold the window; lacax refuses the same prompts when a run is sized (`run_capacity`, `check_chunks`, given
+the longest prompt), and sizes the decode cache for the kept total, the budget plus at most one (a last short
+chunk's max(1, .)).
 """
 
 from __future__ import annotations
@@ -93,6 +95,22 @@ class FinchPolicy(WindowScoredPolicy):
   def prefix_budget(self, num_layers: int, prompt_len: jax.Array) -> jax.Array:
     del prompt_len
     return jnp.full((num_layers,), self.capacity - self.window, jnp.int32)
+
+  def check_chunks(self, prompt_tokens: int) -> None:
+    """Refuses, as kvpress asserts, a chunked run whose `prompt_tokens`-token prompts give a chunk a share
+    below the window (chunk_length <= window / (1 - r), with 1 - r = capacity / prompt_tokens)."""
+    if self.chunk_length is None or prompt_tokens <= self.capacity:
+      return
+    if self.chunk_length * self.capacity <= self.window * prompt_tokens:
+      raise ValueError(
+          f"Finch chunk_length={self.chunk_length} must be > window / (1 - r) = window * prompt_tokens / "
+          f"capacity = {self.window} * {prompt_tokens} / {self.capacity} = "
+          f"{self.window * prompt_tokens / self.capacity:.1f} (kvpress asserts it): raise chunk_length or "
+          "capacity, or shorten the prompt")
+
+  def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
+    self.check_chunks(prompt_tokens)
+    return super().run_capacity(cfg, prompt_tokens, new_tokens)
 
   def max_held(self, cfg: ModelConfig, seen: int) -> np.ndarray:
     if self.chunk_length is None:
