@@ -1,4 +1,5 @@
-"""ScaleRTL: KV-cache continuation, the budget, N = 0, planted-bug fail -> pass, verified traces, the :tiny job."""
+"""ScaleRTL: KV-cache continuation, reflection through a running `lacax serve`, the budget, N = 0, planted-bug fail
+-> pass, verified traces, the :tiny job."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from absl.testing import absltest
 from lacax import train
 from lacax.hw.backends import base
 from lacax.hw.backends import local
+from lacax.hw.backends import openai_http
 from lacax.hw.bench import harness
 from lacax.hw.bench.problem import render_prompt
 from lacax.hw.mg_verilog import tasks as tasks_lib
 from lacax.hw.scale_rtl import planted, reflect, rules, scaling
 from lacax.hw.scale_rtl import traces as traces_lib
+from lacax.serve import Service
 from tests.test_backends import BACKEND_ARGS, char_tokenizer, tiny_model
 
 PROMPTS = ("module a b", "always clk")
@@ -90,6 +93,50 @@ class KVContinuationTest(absltest.TestCase):
       for t in (t for ts in traces for t in ts):
         self.assertLessEqual(t.generated_tokens, budget)
         self.assertTrue(t.stop == "budget" or t.generated_tokens < budget, (t.stop, t.generated_tokens))
+
+
+class ServedReflectionTest(absltest.TestCase):
+  """Reflection through a running `lacax serve` (the OpenAI-compatible HTTP backend, raw-prefix continuation)
+  gives the rounds the local backend gives from its KV cache, counted exactly from the server's logprobs."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = tiny_model()
+    cls.local = local.LocalBackend(cls.model, **BACKEND_ARGS)
+    cls.service = Service(cls.local, model_name="tiny", batch_window_s=0.05).start()
+    cls.remote = openai_http.OpenAIHTTPBackend(cls.service.base_url, "tiny", timeout=120)
+    cls.greedy = base.Sampling(n=1, temperature=0.0, max_tokens=12, seed=0)
+    marker = cls.local.generate([PROMPTS[0]], cls.greedy)[0][0].text[2:4]  # as KVContinuationTest
+    cls.config = reflect.ReflectConfig(rounds=2, format="think", think_close=marker, cue=" wait, check:",
+                                       answer_tokens=4)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.service.stop()
+    super().tearDownClass()
+
+  def test_served_rounds_equal_the_local_kv_rounds(self):
+    kv = reflect.reflect(self.local, list(PROMPTS), self.greedy, dataclasses.replace(self.config, continuation="kv"))
+    served = reflect.reflect(self.remote, list(PROMPTS), self.greedy, self.config)
+    self.assertGreaterEqual(len(served[0][0].rounds), 2, "the marker must have triggered a cue")
+    for kv_ts, served_ts in zip(kv, served):
+      self.assertEqual([r.text for r in served_ts[0].rounds], [r.text for r in kv_ts[0].rounds])
+      self.assertEqual([r.tokens for r in served_ts[0].rounds], [r.tokens for r in kv_ts[0].rounds])
+      self.assertEqual(served_ts[0].counted, "exact")
+      self.assertEqual(served_ts[0].stop, kv_ts[0].stop)
+
+  def test_served_budget_and_n0(self):
+    sampled = base.Sampling(n=2, temperature=0.9, top_p=0.95, max_tokens=10, seed=5)
+    plain = self.remote.generate(list(PROMPTS), sampled)
+    traces = reflect.reflect(self.remote, list(PROMPTS), sampled, reflect.ReflectConfig(rounds=0))
+    for ps, ts in zip(plain, traces):
+      self.assertEqual([c.text for c in ps], [t.rounds[0].text for t in ts])
+    for budget in (5, 17):
+      traces = reflect.reflect(self.remote, list(PROMPTS), sampled,
+                               dataclasses.replace(self.config, rounds=3, budget=budget))
+      for t in (t for ts in traces for t in ts):
+        self.assertLessEqual(t.generated_tokens, budget)
 
 
 class PlantedBugTest(absltest.TestCase):
