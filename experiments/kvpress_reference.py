@@ -187,6 +187,42 @@ METHODS: tuple[MethodPair, ...] = (
 )
 
 
+def pairs_for(prompt_len: int, num_layers: int, num_kv_heads: int, encode=None, *, compression_ratio: float = 0.5,
+              pairs: Sequence[MethodPair] = METHODS) -> tuple[MethodPair, ...]:
+  """`pairs` resized for another model and prompt than the tests' tiny Llama and 64-token prompt (SmolLM2).
+
+  The sizes METHODS fixes for the tiny model follow the prompt and the model: SimLayerKV's n_recent (a lazy
+  layer keeps the budget), DuoAttention's head pattern (distinct seeded scores for every (layer, kv head), and
+  its streaming heads' recent tokens), and KVzip's reconstruction prompts (`encode(text) -> ids`: the model's
+  own tokenizer, served to kvpress by the worker's stub, and the same ids to lacax) with chunks of a quarter
+  of the prompt (four reconstruction passes).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  keep = int(prompt_len * (1 - compression_ratio))  # the budget both sides compress to
+  scores = tuple(tuple(float(s) for s in row)
+                 for row in np.random.RandomState(0).permutation(num_layers * num_kv_heads).reshape(
+                     num_layers, num_kv_heads) / (num_layers * num_kv_heads))
+  out = []
+  for p in pairs:
+    if p.key == "simlayerkv":
+      p = dataclasses.replace(p, press_kwargs={**p.press_kwargs, "n_recent": keep - 4 + 1})
+    elif p.key == "duoattention":
+      p = dataclasses.replace(p, cache={**p.cache, "duo_head_scores": scores},
+                              pattern={**p.pattern, "recent_size": keep - 4, "head_scores": scores})
+    elif p.key == "kvzip" and encode is not None:
+      ids = {text: [int(i) for i in encode(text)] for text in _KVZIP_IDS}
+      texts = list(_KVZIP_IDS)  # repeat, continue, suffix, prefix (see _KVZIP_IDS)
+      chunk = max(24, -(-prompt_len // 4))
+      p = dataclasses.replace(p, tokenizer=ids, press_kwargs={**p.press_kwargs, "chunk_size": chunk},
+                              cache={**p.cache, "kvzip_chunk_size": chunk,
+                                     "kvzip_repeat_ids": tuple(ids[texts[0]]),
+                                     "kvzip_continue_ids": tuple(ids[texts[1]]),
+                                     "kvzip_suffix_ids": tuple(ids[texts[2]])})
+    out.append(p)
+  return tuple(out)
+
+
 def cache_root() -> str:
   return os.path.join(os.environ.get("LACAX_CACHE_DIR") or os.path.expanduser("~/.cache/lacax"), "kvpress-ref")
 
@@ -306,13 +342,13 @@ def available_pairs(pairs: Sequence[MethodPair] = METHODS) -> list[MethodPair]:
 
 
 def compare(model_dir: str, prompt: Sequence[int], *, compression_ratio: float = 0.5, new_tokens: int = 8,
-            params=None, cfg=None) -> dict[str, Any]:
+            params=None, cfg=None, pairs: Sequence[MethodPair] = METHODS) -> dict[str, Any]:
   """Both sides for every available pair on one checkpoint and prompt: {key: {"kvpress", "lacax", "same_kept",
   "same_tokens", "status", "note"}} plus "_env" (the environment's build record) and "_versions"."""
   from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
   python, env = ensure_env()
-  pairs = available_pairs()
+  pairs = available_pairs(pairs)
   reference = run_kvpress(python, model_dir, prompt, pairs, compression_ratio, new_tokens)
   if params is None:
     cfg, params = hf.load_hf_checkpoint(model_dir)
@@ -347,8 +383,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = loader.load_model()
     model_dir = loader.default_model_path()
     prompt = model.tokenizer.encode(default_text())[:args.prompt_tokens]
+    pairs = pairs_for(len(prompt), model.cfg.num_layers, model.cfg.num_kv_heads,
+                      lambda text: model.tokenizer.encode(text, add_bos=False),
+                      compression_ratio=args.compression_ratio)
     out = compare(model_dir, prompt, compression_ratio=args.compression_ratio, new_tokens=args.new_tokens,
-                  params=model.params, cfg=model.cfg)
+                  params=model.params, cfg=model.cfg, pairs=pairs)
   path = results.timestamped_path(args.out)
   results.write_json(path, {"model": "tiny" if args.tiny else "SmolLM2-135M", "prompt_tokens": len(prompt),
                             "compression_ratio": args.compression_ratio, "new_tokens": args.new_tokens,
