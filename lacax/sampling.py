@@ -6,7 +6,10 @@ at a large vocabulary (SmolLM2's 49152 tokens, 64 rows: 3.7 s a step with a full
 draws alone, against about 20 ms here):
   * top-p: the nucleus is read off the `TOP_P_CANDIDATES` most likely tokens (`lax.top_k`, normalised by the
     log-sum-exp of all logits) whenever they cover the mass top_p in every row and the threshold is not tied
-    with a token outside them; otherwise the whole vocabulary is sorted as in `filter_logits`;
+    with a token outside them; otherwise (a flat distribution in any row of the batch) the nucleus threshold is
+    found without a sort, by a bisection over the float32 order of the logits (`nucleus_mask`: 32 masked sums
+    over the vocabulary: at 64 rows of 49152 tokens, 0.34 s against the sort's 1.5 s on a loaded 2-core Xeon;
+    one row with a flat distribution sends the whole batch down this path);
   * the token: one uniform draw per row, inverted through the cumulative probabilities of the kept tokens
     (exact in distribution, up to float32 rounding of the cumulative sum).
 """
@@ -68,6 +71,44 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 TOP_P_CANDIDATES = 256  # tokens the top-p fast path reads the nucleus from
 
 
+def _order_key(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (an involution up to the sign flip; see `_from_order_key`)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+  bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def nucleus_mask(logits: jax.Array, top_p: float) -> jax.Array:
+  """[B, V] bool: the tokens `filter_logits` keeps for top-p over [B, V] (already scaled) logits, without a sort.
+
+  A token of logit l is kept iff the mass strictly above it, M(l) = sum(p[logits > l]), is < top_p (the first
+  of tied tokens in the sort has exactly that mass before it, and ties are kept together). M is non-increasing,
+  so the kept set is {logits > x*} with x* the largest float32 with M(x*) >= top_p: found by bisection over the
+  uint32 keys that order float32 values (32 halvings of [just below the row's min, the row's max]). Equal to
+  the sort up to the float32 rounding of the two ways of summing the mass.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  keys = _order_key(logits)
+  lo = jnp.min(keys, axis=-1) - 1  # M(lo) = 1 >= top_p (a key below every logit; the min is never key 0)
+  hi = jnp.max(keys, axis=-1)  # M(hi) = 0 < top_p
+
+  def mass_above(key):
+    return jnp.sum(jnp.where(keys > key[:, None], probs, 0.0), axis=-1)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    above = mass_above(mid) >= top_p
+    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return keys > lo[:, None]
+
+
 def inverse_cdf(weights: jax.Array, rng: jax.Array) -> jax.Array:
   """[..., N] non-negative weights (not all zero) -> [...] int32 index drawn with probability weight / sum."""
   cdf = jnp.cumsum(weights, axis=-1)
@@ -95,17 +136,16 @@ def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32)
 
-  def whole_vocabulary(logits):
-    filtered = filter_logits(logits, cfg)
-    return inverse_cdf(jax.nn.softmax(filtered, axis=-1), rng)
-
-  if cfg.top_p >= 1.0:
-    return whole_vocabulary(logits)
   scaled = filter_logits(logits, dataclasses.replace(cfg, top_p=1.0))  # temperature and top-k
+  if cfg.top_p >= 1.0:
+    return inverse_cdf(jax.nn.softmax(scaled, axis=-1), rng)
 
   ids, weights, decided = _nucleus_of_candidates(scaled, cfg.top_p)
 
   def candidates(ids, weights):
     return jnp.take_along_axis(ids, inverse_cdf(weights, rng)[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-  return jax.lax.cond(decided, candidates, lambda *_: whole_vocabulary(logits), ids, weights)
+  def whole_vocabulary(*_):
+    return inverse_cdf(jnp.where(nucleus_mask(scaled, cfg.top_p), jax.nn.softmax(scaled, axis=-1), 0.0), rng)
+
+  return jax.lax.cond(decided, candidates, whole_vocabulary, ids, weights)

@@ -1,9 +1,9 @@
 """`lacax.sampling.sample` draws from the distribution `filter_logits` states (temperature, top-k, top-p).
 
 The fast top-p path (the nucleus read off the most likely `TOP_P_CANDIDATES` tokens) keeps exactly the tokens
-the whole-vocabulary sort keeps, and falls back to the sort when the candidates do not cover top_p or the
-threshold is tied with a token outside them; the inverse-CDF draw never returns a filtered token and its
-frequencies match the filtered softmax.
+the whole-vocabulary sort keeps, and falls back when the candidates do not cover top_p or the threshold is tied
+with a token outside them; the fallback's sort-free bisection (`nucleus_mask`) keeps exactly the sort's tokens
+too; the inverse-CDF draw never returns a filtered token and its frequencies match the filtered softmax.
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ class SampleTest(parameterized.TestCase):
       got = np.zeros_like(want)
       np.put_along_axis(got, np.asarray(ids), np.asarray(weights) > 0, axis=-1)
       np.testing.assert_array_equal(got, want)
+
+  @parameterized.product(kind=("peaked", "flat", "tie", "mixed"), top_k=(0, 40), top_p=(0.3, 0.9, 0.999))
+  def test_bisection_nucleus_equals_the_sort(self, kind, top_k, top_p):
+    logits = logits_of(kind) if kind != "mixed" else jnp.concatenate([logits_of("peaked")[:2],
+                                                                      logits_of("flat")[:1], logits_of("tie")[:1]])
+    if kind == "flat":  # far from the thresholds' rounding: distinct, spread logits
+      logits = logits * 20.0
+    cfg = SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+    want = np.asarray(sampling.filter_logits(logits, cfg)) > jnp.finfo(jnp.float32).min
+    scaled = sampling.filter_logits(logits, SamplingConfig(temperature=0.7, top_k=top_k))
+    np.testing.assert_array_equal(np.asarray(sampling.nucleus_mask(scaled, top_p)), want)
+
+  def test_order_key_orders_floats(self):
+    x = jnp.asarray([-jnp.inf, jnp.finfo(jnp.float32).min, -2.5, -1e-30, -0.0, 0.0, 1e-30, 3.0, jnp.inf])
+    keys = np.asarray(sampling._order_key(x)).astype(np.int64)  # pylint: disable=protected-access
+    self.assertTrue(np.all(np.diff(keys) >= 0))
+    np.testing.assert_array_equal(sampling._from_order_key(sampling._order_key(x)), x)  # pylint: disable=protected-access
 
   @parameterized.product(kind=("peaked", "flat", "tie"), top_p=(0.9, 1.0))
   def test_draws_follow_the_filtered_softmax(self, kind, top_p):
