@@ -82,16 +82,17 @@ def _from_order_key(key: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def nucleus_mask(logits: jax.Array, top_p: float) -> jax.Array:
+def nucleus_mask(logits: jax.Array, top_p: float, probs: jax.Array | None = None) -> jax.Array:
   """[B, V] bool: the tokens `filter_logits` keeps for top-p over [B, V] (already scaled) logits, without a sort.
 
   A token of logit l is kept iff the mass strictly above it, M(l) = sum(p[logits > l]), is < top_p (the first
   of tied tokens in the sort has exactly that mass before it, and ties are kept together). M is non-increasing,
   so the kept set is {logits > x*} with x* the largest float32 with M(x*) >= top_p: found by bisection over the
   uint32 keys that order float32 values (32 halvings of [just below the row's min, the row's max]). Equal to
-  the sort up to the float32 rounding of the two ways of summing the mass.
+  the sort up to the float32 rounding of the two ways of summing the mass. `probs`: softmax(logits) where the
+  caller has it already.
   """
-  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1) if probs is None else probs
   keys = _order_key(logits)
   lo = jnp.min(keys, axis=-1) - 1  # M(lo) = 1 >= top_p (a key below every logit; the min is never key 0)
   hi = jnp.max(keys, axis=-1)  # M(hi) = 0 < top_p
@@ -146,6 +147,7 @@ def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jnp.take_along_axis(ids, inverse_cdf(weights, rng)[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
   def whole_vocabulary(*_):
-    return inverse_cdf(jnp.where(nucleus_mask(scaled, cfg.top_p), jax.nn.softmax(scaled, axis=-1), 0.0), rng)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    return inverse_cdf(jnp.where(nucleus_mask(scaled, cfg.top_p, probs), probs, 0.0), rng)
 
   return jax.lax.cond(decided, candidates, whole_vocabulary, ids, weights)

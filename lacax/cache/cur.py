@@ -105,7 +105,8 @@ class CURPolicy(ScorerPolicy):
       keys = plans.scoring_keys(cache, "post_rope", self.inv_freq(cache))
       projection = jax.random.normal(jax.random.PRNGKey(self.seed), (keys.shape[-1], _PROJECTION_RANK),
                                      jnp.float32) / math.sqrt(_PROJECTION_RANK)
-    scores = score_heads(plans.head_major(keys), plans.head_major(cache.float_values()), plans.head_major(cache.valid()),
+    values = plans.head_major(cache.float_values())
+    scores = score_heads(plans.head_major(keys), values, plans.head_major(cache.valid()),
                          num_sinks=self.num_sinks, leverage_type=self.leverage_type,
                          use_local_approximation=self.use_local_approximation,
                          local_window_size=self.local_window_size, projection=projection)

@@ -100,6 +100,7 @@ class LagKVPolicy(ScorerPolicy):
 
   def score(self, cache: KVCache) -> jax.Array:
     keys = plans.scoring_keys(cache, self.key_space, self.inv_freq(cache))
-    scores = score_heads(plans.head_major(keys), plans.head_major(cache.float_values()), plans.head_major(cache.valid()),
+    values = plans.head_major(cache.float_values())
+    scores = score_heads(plans.head_major(keys), values, plans.head_major(cache.valid()),
                          n_sink=self.n_sink, lag_size=self.lag_size, cross_scoring=self.cross_scoring)
     return plans.slot_major(scores)

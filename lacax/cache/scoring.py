@@ -181,7 +181,7 @@ def sequence_inputs(cache: KVCache, inv_freq: jax.Array, seq: HeldSequence):
   queries = rope_lib.rotate(cache.stats.queries, cos, sin)  # [L, B, S, KV, G, D]
   values = cache.float_values()
   queries = jnp.moveaxis(seq.take(plans.head_major(queries)), 3, 4)  # [L, B, KV, G, grid, D]
-  return queries, seq.take(keys), seq.take(plans.head_major(values.astype(jnp.float32)))
+  return queries, seq.take(keys), seq.take(plans.head_major(values))
 
 
 def attention_scores(queries: jax.Array, keys: jax.Array, values: jax.Array, scored: jax.Array,
