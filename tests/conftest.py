@@ -1,8 +1,46 @@
 """Test-session set-up shared by every test module."""
 
+import os
+import shutil
+import tempfile
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWNED_CACHE = []
+
+
+def _share_one_compilation_cache() -> None:
+  """One persistent XLA compilation cache for the whole test session: the pytest-xdist workers, and every child
+  process a test starts (jobs killed and resumed, notebooks, the 8-device sharding child), inherit it through the
+  environment, so a program compiled once (the same tiny model in another module, a resumed job, the AOT
+  `lower().compile()` of a program that just ran) is read back instead of compiled again. It lives in a fresh
+  temporary directory, made by the process that starts the session and removed when it ends: nothing carries over
+  between runs. A caller's own JAX_COMPILATION_CACHE_DIR is left alone."""
+  if os.environ.get(_CACHE_ENV):
+    return
+  path = tempfile.mkdtemp(prefix="lacax_test_xla_cache_")
+  _OWNED_CACHE.append(path)
+  os.environ[_CACHE_ENV] = path
+  # Cache every program, however small or quick to compile: the suite is thousands of small compilations.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import sys  # pylint: disable=g-import-not-at-top
+
+  if "jax" in sys.modules:  # imported before the environment was set (a plugin): configure it directly
+    jax = sys.modules["jax"]
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  del config
+  while _OWNED_CACHE:
+    shutil.rmtree(_OWNED_CACHE.pop(), ignore_errors=True)
+
 
 def pytest_configure(config):
   del config
+  _share_one_compilation_cache()
   # PyTorch (the parity reference) and XLA each keep a CPU thread pool; in one process on a 2-core machine
   # torch's spinning workers slow its small per-token ops down ~8x. One torch thread is plenty for the tiny
   # reference computations the tests run.
