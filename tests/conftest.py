@@ -5,7 +5,7 @@ import shutil
 import tempfile
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-_OWNED_CACHE = []
+_OWNED = []
 
 
 def _share_one_compilation_cache() -> None:
@@ -18,7 +18,7 @@ def _share_one_compilation_cache() -> None:
   if os.environ.get(_CACHE_ENV):
     return
   path = tempfile.mkdtemp(prefix="lacax_test_xla_cache_")
-  _OWNED_CACHE.append(path)
+  _OWNED.append(path)
   os.environ[_CACHE_ENV] = path
   # Cache every program, however small or quick to compile: the suite is thousands of small compilations.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -32,15 +32,47 @@ def _share_one_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+_FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _compile_fast() -> None:
+  """Unoptimised XLA CPU code: the suite's programs are tiny, so compiling them dominates, and LLVM's passes are
+  most of a compilation (a quarter of the suite's time on two cores). A test that compares two computations bit for
+  bit runs both through the same flags; a child process that runs SmolLM2 for minutes drops them again
+  (LACAX_TEST_FAST_COMPILE_FLAGS names them). XLA_FLAGS that already choose an optimisation level are left
+  alone."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {_FAST_COMPILE_FLAGS}".strip()
+    # What was added, for a child that runs the real model long enough to want the optimised code (notebooks).
+    os.environ["LACAX_TEST_FAST_COMPILE_FLAGS"] = _FAST_COMPILE_FLAGS
+
+
+def _one_temporary_directory() -> None:
+  """Every temporary file and directory of the session (the tests', the workers', their child processes') goes
+  under one directory that is removed when the session ends: a test that leaves a `mkdtemp` behind, or a child
+  killed mid-run, no longer litters /tmp. It is world-writable and sticky like /tmp, because sandboxed programs run
+  under other user ids inside their box directories there."""
+  if os.environ.get("LACAX_TEST_TMPDIR"):  # a worker or child of a session that made one
+    return
+  path = tempfile.mkdtemp(prefix="lacax_test_session_")
+  os.chmod(path, 0o1777)
+  _OWNED.append(path)
+  os.environ["LACAX_TEST_TMPDIR"] = os.environ["TMPDIR"] = path
+  tempfile.tempdir = path
+
+
 def pytest_unconfigure(config):
   del config
-  while _OWNED_CACHE:
-    shutil.rmtree(_OWNED_CACHE.pop(), ignore_errors=True)
+  while _OWNED:
+    shutil.rmtree(_OWNED.pop(), ignore_errors=True)
 
 
 def pytest_configure(config):
   del config
+  _one_temporary_directory()
   _share_one_compilation_cache()
+  _compile_fast()
   # PyTorch (the parity reference) and XLA each keep a CPU thread pool; in one process on a 2-core machine
   # torch's spinning workers slow its small per-token ops down ~8x. One torch thread is plenty for the tiny
   # reference computations the tests run.

@@ -62,3 +62,36 @@ def saved_model_with_tokenizer(seed: int = 0, vocab_size: int = 384, num_layers:
   transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
   tok.save(os.path.join(path, "tokenizer.json"))
   return path
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_torch() -> torch.nn.Module:
+  """transformers' SmolLM2-135M-Instruct (float32, eval mode) read from the same GGUF file lacax loads.
+
+  transformers dequantizes a GGUF file in about 40 s on two cores, and three test modules need the model, often
+  in different pytest-xdist workers. The first process converts it and leaves the config and state dict in the
+  test session's temporary directory (written to a temporary name, then renamed); the others load those in a few
+  seconds. Outside a test session (no LACAX_TEST_TMPDIR) it reads the GGUF file every time."""
+  from lacax.weights import loader  # pylint: disable=g-import-not-at-top
+
+  path = loader.default_model_path()
+  session = os.environ.get("LACAX_TEST_TMPDIR")
+  saved = os.path.join(session, "smollm2_torch") if session else None
+  if saved and os.path.isfile(os.path.join(saved, "state.pt")):
+    config = transformers.AutoConfig.from_pretrained(saved)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(torch.load(os.path.join(saved, "state.pt"), weights_only=True))
+    return model.eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  if saved:
+    partial = tempfile.mkdtemp(prefix="smollm2_torch_", dir=session)
+    model.config.to_json_file(os.path.join(partial, "config.json"))
+    torch.save(model.state_dict(), os.path.join(partial, "state.pt"))
+    try:
+      os.rename(partial, saved)
+    except OSError:  # another worker got there first: its copy is the same
+      import shutil  # pylint: disable=g-import-not-at-top
+
+      shutil.rmtree(partial, ignore_errors=True)
+  return model

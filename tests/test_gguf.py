@@ -120,11 +120,11 @@ class SmolLM2WeightsTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+    from tests import hf_models  # pylint: disable=g-import-not-at-top
 
     path = smollm2_gguf_path()
     cls.cfg, cls.params = read_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    model = hf_models.smollm2_torch()
     cls.hf_config = model.config
     cls.hf = {name: p.detach().numpy() for name, p in model.state_dict().items()}
     del model

@@ -13,7 +13,8 @@ Every check also reads the compiled program (a compilation-cache hit of the one 
 out as the rules say (sharded, not replicated), and no cache array moved between devices (HLO collectives with a
 slot axis). KVMerger is the one exception checked more loosely: its planner's segment reductions over flattened
 (layer, row, head, run) ids make XLA all-gather its [L, B, S, KV] plan arrays; its keys and values stay local.
-The policies are every registered one (`tests/cache_policies.py`), so a new registry entry is checked here too.
+The policies are every registered one (`tests/cache_policies.py`), so a new registry entry is checked here too:
+a few on all four meshes, the rest on the one that splits rows and kv heads (`meshes_for`).
 """
 
 from __future__ import annotations
@@ -71,40 +72,27 @@ def make_policy(name: str):
   return cache_policies.tiny_policy(name, max_new_tokens=MAX_NEW, cfg=tiny_cfg())
 
 
+# The policies checked on all four meshes; every other one runs on the mesh that splits both rows and kv heads
+# ("data2xtensor4"), which exercises every axis a policy's scores or selections could mix. LaCache is the main
+# system; AdaKV's one top-k spans a layer's kv heads (CriticalAdaKV runs the same top-k on other scores); H2O accumulates scores across decode
+# steps; the full cache is the forward's own layout. Set LACAX_SHARDING_ALL_MESHES=1 to check every policy on every
+# mesh (the sweep to run when lacax/sharding.py or a compaction changes: about 25 minutes on two cores).
+ALL_MESH_POLICIES = ("full", "lacache", "h2o", "adakv")
+_SPLITS_BOTH = "data2xtensor4"
+
+
 def meshes_for(policy_name: str):
-  """The meshes a policy is checked on: all four, except for the kvpress scorers (`ScorerPolicy`), which share
-  one compaction (per (layer, row, kv head) top-k of a score reduced over slots and channels only): they run on
-  the mesh that splits both rows and kv heads, which exercises every axis their scores could mix (four meshes
-  each would take the child past its timeout). So do the policies on the forward's other recorded statistics
-  (CriticalKV, ThinK: per (layer, row, kv head) selections; SimLayerKV: a per-(layer, row) decision averaged
-  over the kv heads), which passed on all four meshes when they were added and would add 12 checks to the
-  child otherwise. And so do the wrappers that only run their inner scorer on parts of the prompt or of the
-  model (Chunk, ChunkKV, per-layer budgets, key re-rotation: the inner's compaction, nothing reduced across
-  rows or kv heads of their own; Block, whose blocks re-run the inner scorer, is one of these); AdaKV and
-  CriticalAdaKV, whose one top-k spans a layer's kv heads, keep all four meshes. DuoAttention (a fixed
-  per-(layer, kv head) keep mask, nothing reduced across rows or heads) runs on one, and so does KVzip, whose
-  per-row ranking spans the layers and kv heads (the mesh that splits both exercises it)."""
-  from lacax.cache.base import PromptChunkWrapper  # pylint: disable=g-import-not-at-top
-  from lacax.cache.base import ScorerPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.criticalkv import CriticalKVPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.duo_attention import DuoAttentionPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.kvzip import KVzipPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.simlayerkv import SimLayerKVPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.think import ThinKPolicy  # pylint: disable=g-import-not-at-top
-
-  from lacax.cache.key_rerotation import KeyRerotationPolicy  # pylint: disable=g-import-not-at-top
-  from lacax.cache.perlayer import PerLayerPolicy  # pylint: disable=g-import-not-at-top
-
-  one_mesh = (ScorerPolicy, CriticalKVPolicy, SimLayerKVPolicy, ThinKPolicy, PromptChunkWrapper, PerLayerPolicy,
-              KeyRerotationPolicy, DuoAttentionPolicy, KVzipPolicy)
-  if isinstance(cache_policies.tiny_policy(policy_name), one_mesh):
-    return tuple(m for m in MESHES if mesh_name(*m) == "data2xtensor4")
-  return MESHES
+  """The meshes a policy is checked on (above). Sharding annotations never change what a program computes, so a
+  second mesh adds little but the time to compile for it (each check compiles prefill and decode twice, ~9 s on
+  two cores); the one that splits both rows and kv heads is where a layout bug in a reduction shows."""
+  if policy_name in ALL_MESH_POLICIES or os.environ.get("LACAX_SHARDING_ALL_MESHES") == "1":
+    return MESHES
+  return tuple(m for m in MESHES if mesh_name(*m) == _SPLITS_BOTH)
 
 
 def check_names() -> list[str]:
   names = [f"forward_{mesh_name(*m)}" for m in MESHES]
-  names += [f"stream_{p}_{mesh_name(*m)}" for p in STREAM_POLICIES for m in MESHES]
+  names += [f"stream_{p}_{mesh_name(*m)}" for p in STREAM_POLICIES for m in meshes_for(p)]
   names += [f"generate_{p}_{mesh_name(*m)}" for p in PREFILL_POLICIES for m in meshes_for(p)]
   names += ["sharded_loading"]
   return names

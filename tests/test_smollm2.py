@@ -1,14 +1,12 @@
 """Parity on real weights: SmolLM2-135M-Instruct loaded by lacax from the GGUF vs transformers on the same file."""
 
 import functools
-import os
 
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
 from lacax import generate as generation
 from lacax.cache.kv_cache import init_cache
@@ -16,6 +14,7 @@ from lacax.model import config as config_lib
 from lacax.eval import texts
 from lacax.model import llama
 from lacax.weights import loader
+from tests import hf_models
 
 _NUM_TOKENS = 320
 
@@ -24,10 +23,7 @@ _NUM_TOKENS = 320
 def smollm2_pair():
   """(lacax model, transformers model, the ids of the default text), loaded once per test process."""
   model = loader.load_model()
-  path = loader.default_model_path()
-  torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
-  return model, torch_model, model.tokenizer.encode(texts.default_text())
+  return model, hf_models.smollm2_torch(), model.tokenizer.encode(texts.default_text())
 
 
 class SmolLM2ParityTest(absltest.TestCase):

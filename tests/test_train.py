@@ -70,7 +70,8 @@ class LoopTest(parameterized.TestCase):
     g4 = loop.make_grad_fn(tu.mlp_loss, accum_steps=4)(params, {}, batch, None)
     np.testing.assert_allclose(g4[0], g1[0], rtol=1e-6)
     self.assertEqual(float(g4[1]["weight"]), float(g1[1]["weight"]))
-    chex.assert_trees_all_close(g4[2], g1[2], rtol=1e-5, atol=1e-7)
+    # Four micro-batch sums in another order: a few float32 ulps of the largest gradient (~0.6) apart.
+    chex.assert_trees_all_close(g4[2], g1[2], rtol=1e-5, atol=1e-6)
 
   def test_freeze_by_label_leaves_frozen_bit_identical(self):
     params = tu.mlp_params()

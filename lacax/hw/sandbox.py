@@ -61,7 +61,9 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 _UID_BASE = 61000
 _UID_SLOTS = 1000
-_LOCK_DIR = os.path.join(tempfile.gettempdir(), "lacax-sandbox-locks")
+# Machine-wide, whatever TMPDIR a process has: two processes that locked different directories could claim the
+# same user id, and claiming one kills what a crashed previous owner left running under it.
+_LOCK_DIR = "/tmp/lacax-sandbox-locks"
 _PRIVATE_DIRS = ("/dev/shm", "/var/tmp", "/tmp")  # /tmp last: the box itself lives under it
 
 STOPS = ("wall_time", "cpu_time", "file_size", "output", "memory")
