@@ -4,32 +4,34 @@ import os
 import shutil
 import tempfile
 
-_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-_OWNED = []
+_SESSION_ENV = "LACAX_TEST_TMPDIR"
+_OWNED = []  # the session directory, in the process that made it
+
+
+def _one_temporary_directory() -> None:
+  """Every temporary file and directory of the session (the tests', the workers', their child processes') goes
+  under one directory that is removed when the session ends: a test that leaves a `mkdtemp` behind, or a child
+  killed mid-run, no longer litters /tmp. It is world-writable and sticky like /tmp, because sandboxed programs run
+  under other user ids inside their box directories there."""
+  if os.environ.get(_SESSION_ENV):  # a worker or child of a session that made one
+    return
+  path = tempfile.mkdtemp(prefix="lacax_test_session_")
+  os.chmod(path, 0o1777)
+  _OWNED.append(path)
+  os.environ[_SESSION_ENV] = os.environ["TMPDIR"] = path
+  tempfile.tempdir = path
 
 
 def _share_one_compilation_cache() -> None:
-  """One persistent XLA compilation cache for the whole test session: the pytest-xdist workers, and every child
-  process a test starts (jobs killed and resumed, notebooks, the 8-device sharding child), inherit it through the
-  environment, so a program compiled once (the same tiny model in another module, a resumed job, the AOT
-  `lower().compile()` of a program that just ran) is read back instead of compiled again. It lives in a fresh
-  temporary directory, made by the process that starts the session and removed when it ends: nothing carries over
-  between runs. A caller's own JAX_COMPILATION_CACHE_DIR is left alone."""
-  if os.environ.get(_CACHE_ENV):
-    return
-  path = tempfile.mkdtemp(prefix="lacax_test_xla_cache_")
-  _OWNED.append(path)
-  os.environ[_CACHE_ENV] = path
+  """One persistent XLA compilation cache for the whole test session, in its temporary directory: the
+  pytest-xdist workers, and every child process a test starts (jobs killed and resumed, notebooks, the 8-device
+  sharding child), inherit it through the environment, so a program compiled once (the same tiny model in another
+  module, a resumed job, the AOT `lower().compile()` of a program that just ran) is read back instead of compiled
+  again. Nothing carries over between runs. A caller's own JAX_COMPILATION_CACHE_DIR is left alone."""
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ[_SESSION_ENV], "xla_cache"))
   # Cache every program, however small or quick to compile: the suite is thousands of small compilations.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  import sys  # pylint: disable=g-import-not-at-top
-
-  if "jax" in sys.modules:  # imported before the environment was set (a plugin): configure it directly
-    jax = sys.modules["jax"]
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 _FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -46,20 +48,6 @@ def _compile_fast() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {_FAST_COMPILE_FLAGS}".strip()
     # What was added, for a child that runs the real model long enough to want the optimised code (notebooks).
     os.environ["LACAX_TEST_FAST_COMPILE_FLAGS"] = _FAST_COMPILE_FLAGS
-
-
-def _one_temporary_directory() -> None:
-  """Every temporary file and directory of the session (the tests', the workers', their child processes') goes
-  under one directory that is removed when the session ends: a test that leaves a `mkdtemp` behind, or a child
-  killed mid-run, no longer litters /tmp. It is world-writable and sticky like /tmp, because sandboxed programs run
-  under other user ids inside their box directories there."""
-  if os.environ.get("LACAX_TEST_TMPDIR"):  # a worker or child of a session that made one
-    return
-  path = tempfile.mkdtemp(prefix="lacax_test_session_")
-  os.chmod(path, 0o1777)
-  _OWNED.append(path)
-  os.environ["LACAX_TEST_TMPDIR"] = os.environ["TMPDIR"] = path
-  tempfile.tempdir = path
 
 
 def pytest_unconfigure(config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 
 import torch
@@ -91,7 +92,5 @@ def smollm2_torch() -> torch.nn.Module:
     try:
       os.rename(partial, saved)
     except OSError:  # another worker got there first: its copy is the same
-      import shutil  # pylint: disable=g-import-not-at-top
-
       shutil.rmtree(partial, ignore_errors=True)
   return model

@@ -74,9 +74,10 @@ def make_policy(name: str):
 
 # The policies checked on all four meshes; every other one runs on the mesh that splits both rows and kv heads
 # ("data2xtensor4"), which exercises every axis a policy's scores or selections could mix. LaCache is the main
-# system; AdaKV's one top-k spans a layer's kv heads (CriticalAdaKV runs the same top-k on other scores); H2O accumulates scores across decode
-# steps; the full cache is the forward's own layout. Set LACAX_SHARDING_ALL_MESHES=1 to check every policy on every
-# mesh (the sweep to run when lacax/sharding.py or a compaction changes: about 25 minutes on two cores).
+# system; AdaKV's one top-k spans a layer's kv heads (CriticalAdaKV runs the same top-k on other scores); H2O
+# accumulates scores across decode steps; the full cache is the forward's own layout. LACAX_SHARDING_ALL_MESHES=1
+# checks every policy on every mesh (the sweep to run when lacax/sharding.py or a compaction changes: about 20
+# minutes on two cores).
 ALL_MESH_POLICIES = ("full", "lacache", "h2o", "adakv")
 _SPLITS_BOTH = "data2xtensor4"
 
