@@ -6,6 +6,7 @@ import signal
 import tempfile
 import time
 import uuid
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -57,21 +58,16 @@ class SandboxTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     self.iso = sandbox.isolation()
-    self.before = set(os.listdir(tempfile.gettempdir()))
+    # Each test gets its own temporary directory (mode 1777 like /tmp: boxes belong to their own uids), so that
+    # what it leaves is its own: tests in another pytest-xdist worker have live boxes of their own meanwhile.
+    self.tmp = tempfile.mkdtemp(prefix="lacax_sandbox_test_")
+    os.chmod(self.tmp, 0o1777)
+    self.enter_context(mock.patch.object(tempfile, "tempdir", self.tmp))
 
   def tearDown(self):
-    # Nothing left in the real /tmp by the sandbox: no box directory and nothing owned by a box's user id. Other
-    # entries are not ours to judge: tests in other pytest-xdist workers create their own temp files meanwhile.
-    tmp = tempfile.gettempdir()
-    left = set()
-    for name in set(os.listdir(tmp)) - self.before:
-      try:
-        owner = os.lstat(os.path.join(tmp, name)).st_uid
-      except FileNotFoundError:  # another worker's file, already gone
-        continue
-      if name.startswith("lacax-box-") or (owner != os.geteuid() and not name.startswith("lacax-sandbox-locks")):
-        left.add(name)
-    self.assertEqual(left, set())
+    # Nothing left by the sandbox: no box directory, nothing owned by a box's user id.
+    self.assertEqual(sorted(os.listdir(self.tmp)), [])
+    os.rmdir(self.tmp)
     super().tearDown()
 
   def _compile(self, box, source):
