@@ -201,6 +201,30 @@ class RegistryTest(parameterized.TestCase):
     self.assertEqual((policy.eps, policy.exact_budget, policy.budget), (0.5, False, 64))
     self.assertEqual(registry.make_policy("streaming", {"size": 20, "start_size": 6}).recent_size, 14)
 
+  @parameterized.named_parameters(*_NAMED)
+  def test_one_shot_protocol_from_the_config_defaults(self, name):
+    # What a job builds for every policy (configs carry cache_defaults(): inner="", the wrapper's own default):
+    # a budgeted policy (its own budget or its parts', as composed / perlayer) holds fewer than the prompt.
+    cfg, _ = tiny_model()
+    cache = {**registry.cache_defaults(), "budget": 0.25, "window": 4, "kernel": 3, "start_size": 2,
+             "chunk_length": 16, "block_size": 8, "merge_budget": 4, "attention_chunk_size": 16,
+             "sink_size_start": 2, "sink_size_end": 2, "span": 2}
+    policy = registry.make_prefill_policy(name, cache, cfg, prompt_len=512)
+    capacity = policy.run_capacity(cfg, 512, MAX_NEW)
+    # Policies whose decode cache holds the whole run by definition: decode-time compression (decoding, cam,
+    # prefilldecoding: its interval of 512 steps), layers or heads that keep every token (duoattention's
+    # retrieval heads, simlayerkv's non-lazy layers, kvmerger's unmerged layers, kvzip's one budget over all
+    # heads, think's pruned channels).
+    whole_run = ("decoding", "cam", "prefilldecoding", "duoattention", "simlayerkv", "kvmerger", "kvzip", "think")
+    if registry.POLICIES[name].budgeted and name not in whole_run:
+      self.assertLess(capacity, 512, name)
+    else:
+      self.assertEqual(capacity, 512 + MAX_NEW, name)
+    if name == "cam":  # CaM's inner must read no attention: Knorm, not the other wrappers' SnapKV
+      self.assertEqual(type(policy.inner).__name__, "KnormPolicy")
+    elif registry.POLICIES[name].composite is not None and hasattr(policy, "inner"):
+      self.assertEqual(type(policy.inner).__name__, "SnapKVPolicy", name)
+
   def test_names_have_no_underscore(self):
     # tests/test_sharding.py names its checks "<kind>_<policy>_<mesh>" and splits them on "_".
     for name in NAMES:

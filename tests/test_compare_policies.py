@@ -15,6 +15,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from lacax import errors
+from lacax.cache import registry
 from lacax.jobs import compare_policies as compare
 
 
@@ -89,6 +90,18 @@ class ComparePoliciesTest(parameterized.TestCase):
     config = compare_config.get_config(variant)
     compare.validate_config(config)
     self.assertEqual(config.job.experiment, compare.TASKS[config.task][0])
+
+  @parameterized.parameters("passkey,cpu", "streaming,cpu")  # the one-shot protocol and the streaming one
+  def test_every_registered_policy_passes_validation_on_the_embedded_model(self, variant):
+    # The default policies are all of them: each builds from the config defaults (CaM's inner, composed and
+    # perlayer, budgeted through their parts), and every policy but the full cache runs at every budget.
+    from configs import compare_policies as compare_config  # pylint: disable=g-import-not-at-top
+
+    config = compare_config.get_config(variant)
+    compare.validate(config)
+    pairs = compare._pairs(config)  # pylint: disable=protected-access
+    self.assertEqual(pairs.count(("full", None)), 1)
+    self.assertLen(pairs, 1 + len(config.budgets) * (len(registry.policy_names()) - 1))
 
   def test_validation_names_the_field(self):
     config = _config()

@@ -26,9 +26,9 @@ Wrappers take their inner policy by name (kvpress's wrappers over any `ScorerPre
 the same `cache.size` from the same `cache` section:
 
   inner        the scorer under adakv, perlayer, chunk, chunkkv, decoding, prefilldecoding, keyrerotation,
-               criticalkv, criticaladakv, block, cam (cam: knorm when unset)
-               ("snapkv" by default; any policy defining `keep_scores`: streaming, h2o, tova, snapkv,
-               pyramidkv, keyrerotation, or a new scorer);
+               criticalkv, criticaladakv, block, cam ("" by default: the wrapper's own default, "snapkv",
+               and "knorm" for cam, whose inner must read no attention; any policy defining `keep_scores`:
+               streaming, h2o, tova, snapkv, pyramidkv, keyrerotation, or a new scorer);
   alpha_safeguard   AdaKV's per-head safeguard fraction (0.2);
   layer_fractions   per-layer budgets as fractions of `size` (budget_l = max(1, round(f_l * size))); () =
                every layer `size`;
@@ -153,8 +153,8 @@ class PolicySpec:
     fields: config field -> policy field, for the fields the config may set; an absent config field takes the
       dataclass default.
     sized: (budget in tokens, read) -> the policy fields the shared budget fixes; `read(field)` gives the
-      policy's value of another field (the config's, else the dataclass default). None: the policy has no
-      budget (the full cache).
+      policy's value of another field (the config's, else the dataclass default). None: the budget is the
+      composite parts' (`composite`), or the policy has none (the full cache; see `budgeted`).
     overrides: policy field -> the registry's default where it deliberately differs from the dataclass's
       (documented in the module docstring).
     prefill: optional (cache config, model config, read, budget, prompt_len, protocol, model_max_len) ->
@@ -169,6 +169,12 @@ class PolicySpec:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   prefill: Callable[..., CachePolicy] | None = None
   composite: Callable[[Any, int], dict[str, Any]] | None = None
+
+  @property
+  def budgeted(self) -> bool:
+    """The policy keeps a budget of tokens: its own (`sized`) or its parts' (`composite`); False only for a
+    policy that keeps everything (the full cache)."""
+    return self.sized is not None or self.composite is not None
 
   def field_default(self, policy_field: str):
     """The registry's default for `policy_field`: an override, else the dataclass default."""
@@ -282,7 +288,11 @@ POLICIES.update({
 
 # The wrappers' config fields that name or size other policies (not fields of one dataclass, so their defaults
 # live here, once).
-COMPOSITE_DEFAULTS = {"inner": "snapkv", "first": "streaming", "second": "h2o", "layer_fractions": ()}
+COMPOSITE_DEFAULTS = {"inner": "", "first": "streaming", "second": "h2o", "layer_fractions": ()}
+# The wrappers' own default inner policy, for `cache.inner` = "" (unset): SnapKV, except CaM, whose cache records
+# its own attention sum, so that its inner scorer must read none.
+_DEFAULT_INNER = "snapkv"
+_OWN_DEFAULT_INNER = {"cam": "knorm"}
 WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "prefilldecoding", "keyrerotation",
             "criticalkv", "criticaladakv", "block", "cam")
 
@@ -290,6 +300,8 @@ WRAPPERS = ("adakv", "perlayer", "composed", "chunk", "chunkkv", "decoding", "pr
 def _named_policy(cache, field: str, owner: str, size: int, *, scorer: bool) -> CachePolicy:
   """The policy named by `cache.<field>`, built by this registry at budget `size` from the same section."""
   name = _get(cache, field, COMPOSITE_DEFAULTS[field])
+  if field == "inner" and name in ("", None):
+    name = _OWN_DEFAULT_INNER.get(owner, _DEFAULT_INNER)
   if not isinstance(name, str) or name not in POLICIES:
     raise ValueError(f"cache.{field}={name!r} for policy {owner!r} must name a registered policy; expected one "
                      f"of {sorted(POLICIES)}")
@@ -337,14 +349,6 @@ def _prefill_decoding(cache, size: int) -> dict[str, Any]:
   return {"prefill": inner, "decoding": DecodingPolicy(inner, target_size=size, compression_interval=interval)}
 
 
-def _cam_inner(cache, size: int) -> dict[str, Any]:
-  """CaM's inner scorer: `cache.inner`, or Knorm when the section names none (CaM's cache records its own
-  attention sum, so the wrappers' default inner, SnapKV, which reads attention, cannot serve)."""
-  if _get(cache, "inner") is None:
-    cache = {**_as_dict(cache), "inner": "knorm"}
-  return _inner("cam")(cache, size)
-
-
 POLICIES.update({
     "adakv": PolicySpec(AdaKVPolicy, fields={"alpha_safeguard": "alpha_safeguard"},
                         sized=lambda size, read: {"budget": size}, composite=_inner("adakv")),
@@ -370,7 +374,7 @@ POLICIES.update({
     "cam": PolicySpec(CAMPolicy, fields={"compression_interval": "compression_interval",
                                          "merge_budget": "merge_budget", "seed": "seed",
                                          "cam_merge_probability": "merge_probability"},
-                      sized=lambda size, read: {"target_size": size}, composite=_cam_inner),
+                      sized=lambda size, read: {"target_size": size}, composite=_inner("cam")),
 })
 
 
@@ -416,7 +420,7 @@ def make_policy(name: str, cache: Mapping[str, Any] | Any) -> CachePolicy:
   """
   spec = _spec(name)
   size = _get(cache, "size")
-  if spec.sized is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+  if spec.budgeted and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
     raise ValueError(f"cache.size={size!r} must be a positive number of tokens for policy {name!r}")
   return with_kv_bits(spec.build(cache, size), _get(cache, "kv_bits"))
 
@@ -468,7 +472,7 @@ def make_prefill_policy(name: str, cache: Mapping[str, Any] | Any, cfg: ModelCon
   """
   spec = _spec(name)
   size = prefill_budget(cache, prompt_len=prompt_len, protocol=protocol, model_max_len=model_max_len)
-  if spec.sized is None:
+  if not spec.budgeted:
     return with_kv_bits(spec.build(cache, None), _get(cache, "kv_bits"))
   if spec.prefill is not None:
     return with_kv_bits(spec.prefill(cache, cfg, spec.reader(cache), prompt_len=prompt_len, protocol=protocol,

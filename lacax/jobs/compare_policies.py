@@ -77,7 +77,7 @@ def task_config(config: ml_collections.ConfigDict, policy: str, budget: float | 
 def _pairs(config) -> list[tuple[str, float | None]]:
   pairs = []
   for policy in config.policies:
-    if registry.POLICIES[policy].sized is None:  # the full cache: one run, no budget
+    if not registry.POLICIES[policy].budgeted:  # the full cache: one run, no budget
       pairs.append((policy, None))
     else:
       pairs.extend((policy, float(b)) for b in config.budgets)
