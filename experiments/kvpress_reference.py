@@ -318,6 +318,7 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
   pruned = np.asarray(policy.pruned(cache))[:, 0] if hasattr(policy, "pruned") else None  # ThinK: [L, KV, D]
   cache = policy.after_prefill(params, cfg, cache, jnp.asarray([prompt], jnp.int32),
                                jnp.asarray([n], jnp.int32))  # KVzip's reconstruction
+  ranked = _ranked_by_position(policy, cache)
   cache = policy.compact(cache, capacity=capacity)
   pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
   kept = {str(layer): [sorted(int(p) for p in pos[layer, :, h] if p >= 0) for h in range(pos.shape[-1])]
@@ -328,10 +329,53 @@ def lacax_side(params, cfg, prompt: Sequence[int], policy, new_tokens: int) -> d
                             cache, cfg=cfg)
     tokens.append(int(jnp.argmax(logits[0, 0])))
   out = {"kept": kept, "tokens": tokens}
+  if ranked is not None:
+    out["_ranked"] = ranked  # not JSON: `compare` reads it for `ties_only` and drops it
   if pruned is not None and pruned.any():  # key channels zeroed (ThinK), as the worker reports kvpress's
     out["pruned"] = {str(layer): [sorted(int(c) for c in np.nonzero(heads)[0]) for heads in pruned[layer]]
                      for layer in range(pruned.shape[0])}
   return out
+
+
+def _ranked_by_position(policy, cache):
+  """[L, positions, KV] float32: the score by which `policy` (or, for a wrapper that is no scorer itself, its
+  inner policy) ranks each prompt token before the compaction, protected tokens at +inf; None for policies
+  that score nothing (full, LaCache). The prefill cache holds the prompt in position order, slot = position."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from lacax.cache import base  # pylint: disable=g-import-not-at-top
+
+  scorer = policy if base.is_scorer(policy) else getattr(policy, "inner", None)
+  if scorer is None or not base.is_scorer(scorer):
+    return None
+  scores, protected = scorer.keep_scores(cache)
+  ranked = np.asarray(base.ranked_scores(scores, protected))[:, 0]  # [L, S, KV]
+  pos = np.asarray(cache.pos)[:, 0]  # [L, S, KV]
+  if not np.all((pos < 0) | (pos == np.arange(pos.shape[1])[None, :, None])):
+    return None  # not slot = position (a policy that reorders at prefill): no tie check
+  return ranked
+
+
+def ties_only(ours: dict, theirs: dict, ranked, *, rtol: float = 1e-5) -> bool | None:
+  """Whether two kept sets differ only by tokens of equal score: in every (layer, KV head), the positions only
+  lacax keeps and those only kvpress keeps have the same lacax scores up to `rtol` (float32 rounding: the two
+  sides compute the same score in different arithmetic, and near-ties flip). Such a difference is a tie-breaking
+  order (lacax: older token first; torch.topk on CPU kept the newer one in every case seen), not a method's.
+  None when lacax has no scores for the policy."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  if ranked is None:
+    return None
+  for layer, heads in theirs.items():
+    for head, kept in enumerate(heads):
+      a, b = set(ours[layer][head]), set(kept)
+      if len(a) != len(b):
+        return False
+      mine = np.sort(ranked[int(layer), sorted(a - b), head])
+      other = np.sort(ranked[int(layer), sorted(b - a), head])
+      if not np.allclose(mine, other, rtol=rtol, atol=0.0):
+        return False
+  return True
 
 
 def available_pairs(pairs: Sequence[MethodPair] = METHODS) -> list[MethodPair]:
@@ -344,19 +388,27 @@ def available_pairs(pairs: Sequence[MethodPair] = METHODS) -> list[MethodPair]:
 def compare(model_dir: str, prompt: Sequence[int], *, compression_ratio: float = 0.5, new_tokens: int = 8,
             params=None, cfg=None, pairs: Sequence[MethodPair] = METHODS) -> dict[str, Any]:
   """Both sides for every available pair on one checkpoint and prompt: {key: {"kvpress", "lacax", "same_kept",
-  "same_tokens", "status", "note"}} plus "_env" (the environment's build record) and "_versions"."""
+  "ties_only", "same_tokens", "status", "note"}} plus "_env" (the environment's build record) and "_versions".
+  A pair with `kvpress_definition` also runs as "<key>@kvpress" with that definition."""
   from lacax.weights import hf  # pylint: disable=g-import-not-at-top
 
   python, env = ensure_env()
   pairs = available_pairs(pairs)
-  reference = run_kvpress(python, model_dir, prompt, pairs, compression_ratio, new_tokens)
+  # The "differs" pairs whose difference lacax can switch off are also run with kvpress's definition, as the test.
+  all_pairs = pairs + [dataclasses.replace(p, key=p.key + "@kvpress") for p in pairs if p.kvpress_definition]
+  reference = run_kvpress(python, model_dir, prompt, all_pairs, compression_ratio, new_tokens)
   if params is None:
     cfg, params = hf.load_hf_checkpoint(model_dir)
   out: dict[str, Any] = {"_env": env, "_versions": reference.pop("_versions")}
-  for pair in pairs:
-    ours = lacax_side(params, cfg, prompt, lacax_policy(pair, cfg, len(prompt), compression_ratio), new_tokens)
+  for pair in all_pairs:
+    definition = pair.kvpress_definition if pair.key.endswith("@kvpress") else None
+    ours = lacax_side(params, cfg, prompt, lacax_policy(pair, cfg, len(prompt), compression_ratio,
+                                                        definition=definition), new_tokens)
+    ranked = ours.pop("_ranked", None)
     theirs = reference[pair.key]
-    out[pair.key] = {"kvpress": theirs, "lacax": ours, "same_kept": ours["kept"] == theirs["kept"],
+    same = ours["kept"] == theirs["kept"]
+    out[pair.key] = {"kvpress": theirs, "lacax": ours, "same_kept": same,
+                     "ties_only": True if same else ties_only(ours["kept"], theirs["kept"], ranked),
                      "same_tokens": ours["tokens"] == theirs["tokens"], "status": pair.status, "note": pair.note}
   return out
 
@@ -392,10 +444,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   results.write_json(path, {"model": "tiny" if args.tiny else "SmolLM2-135M", "prompt_tokens": len(prompt),
                             "compression_ratio": args.compression_ratio, "new_tokens": args.new_tokens,
                             "cpu": results.cpu_model(), **out})
-  print(f"{'method':<20}{'status':<16}{'same kept':>10}{'same tokens':>13}")
+  print(f"{'method':<22}{'status':<16}{'same kept':>10}{'ties only':>10}{'same tokens':>13}")
   for key, row in out.items():
     if not key.startswith("_"):
-      print(f"{key:<20}{row['status']:<16}{str(row['same_kept']):>10}{str(row['same_tokens']):>13}")
+      print(f"{key:<22}{row['status']:<16}{str(row['same_kept']):>10}{str(row['ties_only']):>10}"
+            f"{str(row['same_tokens']):>13}")
   print(f"kvpress environment: {out['_env']}\nwritten: {path}")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
 
+import safetensors.torch
 import torch
 import transformers
 
@@ -66,6 +68,36 @@ def saved_model_with_tokenizer(seed: int = 0, vocab_size: int = 384, num_layers:
 
 
 @functools.lru_cache(maxsize=None)
+def smollm2_checkpoint_dir() -> str:
+  """`smollm2_torch()` saved as a Hugging Face checkpoint directory (config + safetensors), once per test
+  session (for a reference that loads a checkpoint itself, such as the kvpress worker); a fresh temporary
+  directory outside a test session."""
+  session = os.environ.get("LACAX_TEST_TMPDIR")
+  saved = os.path.join(session, "smollm2_hf") if session else None
+  if saved and os.path.isfile(os.path.join(saved, "config.json")):
+    return saved
+  partial = tempfile.mkdtemp(prefix="smollm2_hf_", dir=session)
+  model = smollm2_torch()
+  # Not save_pretrained: a model read from GGUF counts as quantized to transformers, which refuses to save it.
+  # Its weights are plain float32 tensors: the config without the GGUF marker, the state dict as safetensors
+  # (without the tied LM head, a second name for the embedding).
+  config = model.config.to_dict()
+  config.pop("quantization_config", None)
+  with open(os.path.join(partial, "config.json"), "w") as f:
+    json.dump(config, f)
+  tied = bool(getattr(model.config, "tie_word_embeddings", False))
+  safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()
+                               if not (tied and k == "lm_head.weight")},
+                              os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+  if not saved:
+    return partial
+  try:
+    os.rename(partial, saved)
+  except OSError:  # another worker got there first: its copy is the same
+    shutil.rmtree(partial, ignore_errors=True)
+  return saved
+
+
 def smollm2_torch() -> torch.nn.Module:
   """transformers' SmolLM2-135M-Instruct (float32, eval mode) read from the same GGUF file lacax loads.
 

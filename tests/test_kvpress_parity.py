@@ -89,5 +89,84 @@ class KvpressParityTest(parameterized.TestCase):
                        pair.key + "@kvpress")
 
 
+# SmolLM2-135M (the slower test): the methods whose agreement with kvpress the issue names. StreamingLLM and
+# SnapKV keep the same positions in every layer and KV head; TOVA the same up to the prompt's last token (its
+# documented difference); PyramidKV with kvpress's budget rule the same; H2O differs by definition. The other
+# pairs run on SmolLM2 in `python -m experiments.kvpress_reference` (512 tokens, about 5 minutes).
+_SMOLLM2_PAIRS = ("streaming", "snapkv", "tova", "h2o", "pyramidkv")
+_SMOLLM2_PROMPT = 128
+
+
+class SmolLM2KvpressParityTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.skip_reason = None
+    try:
+      python, _ = ref.ensure_env()
+    except ref.EnvUnavailable as e:
+      cls.skip_reason = f"the kvpress reference environment cannot be built here: {e}"
+      return
+    from lacax.eval.texts import default_text  # pylint: disable=g-import-not-at-top
+    from lacax.weights import loader  # pylint: disable=g-import-not-at-top
+
+    model = loader.load_model()
+    cls.cfg, cls.params = model.cfg, model.params
+    cls.prompt = model.tokenizer.encode(default_text())[:_SMOLLM2_PROMPT]
+    # kvpress reads transformers' own conversion of the same GGUF file, saved once as a checkpoint.
+    cls.model_dir = hf_models.smollm2_checkpoint_dir()
+    pairs = [p for p in ref.pairs_for(_SMOLLM2_PROMPT, cls.cfg.num_layers, cls.cfg.num_kv_heads)
+             if p.key in _SMOLLM2_PAIRS]
+    cls.pairs = {p.key: p for p in pairs}
+    definitions = [dataclasses.replace(p, key=p.key + "@kvpress") for p in pairs if p.kvpress_definition]
+    cls.reference = ref.run_kvpress(python, cls.model_dir, cls.prompt, pairs + definitions, _RATIO, _NEW_TOKENS)
+
+  def setUp(self):
+    super().setUp()
+    if self.skip_reason:
+      self.skipTest(self.skip_reason)
+
+  def lacax(self, key, definition=None):
+    policy = ref.lacax_policy(self.pairs[key], self.cfg, _SMOLLM2_PROMPT, _RATIO, definition=definition)
+    return ref.lacax_side(self.params, self.cfg, self.prompt, policy, _NEW_TOKENS)
+
+  def assert_same(self, ours, theirs, what):
+    budget = int(_SMOLLM2_PROMPT * (1 - _RATIO))
+    for layer, heads in theirs["kept"].items():
+      for head, kept in enumerate(heads):
+        self.assertEqual(ours["kept"][layer][head], kept, f"{what}: layer {layer}, KV head {head}")
+        if what != "pyramidkv@kvpress":
+          self.assertLen(kept, budget)
+    self.assertEqual(ours["tokens"], theirs["tokens"], f"{what}: greedy tokens")
+
+  @parameterized.parameters("streaming", "snapkv")
+  def test_exact(self, key):
+    self.assert_same(self.lacax(key), self.reference[key], key)
+
+  def test_tova_differs_at_most_by_the_last_token(self):
+    ours, theirs = self.lacax("tova"), self.reference["tova"]
+    last = _SMOLLM2_PROMPT - 1
+    for layer, heads in theirs["kept"].items():
+      for head, kept in enumerate(heads):
+        mine, other = set(ours["kept"][layer][head]), set(kept)
+        self.assertIn(last, other, "kvpress's TOVA always keeps the prompt's last token")
+        self.assertLessEqual(other - mine, {last}, f"layer {layer}, KV head {head}")
+        self.assertLessEqual(len(mine - other), 1, f"layer {layer}, KV head {head}")
+
+  def test_pyramidkv_with_kvpress_budget_rule(self):
+    key = "pyramidkv"
+    self.assertNotEqual(self.lacax(key)["kept"], self.reference[key]["kept"])  # KVCache-Factory's budgets
+    self.assert_same(self.lacax(key, self.pairs[key].kvpress_definition), self.reference[key + "@kvpress"],
+                     key + "@kvpress")
+
+  def test_h2o_differs_by_definition(self):
+    ours, theirs = self.lacax("h2o"), self.reference["h2o"]
+    self.assertNotEqual(ours["kept"], theirs["kept"], self.pairs["h2o"].note)
+    for layer, heads in ours["kept"].items():  # lacax's H2O: heavy hitters + the recent half of the budget
+      for kept in heads:
+        self.assertContainsSubset(range(_SMOLLM2_PROMPT - _SMOLLM2_PROMPT // 4, _SMOLLM2_PROMPT), kept, layer)
+
+
 if __name__ == "__main__":
   absltest.main()
