@@ -223,6 +223,32 @@ class DecodingTest(parameterized.TestCase):
     np.testing.assert_array_equal(held[:, 0, 0, 0], want)
     self.assertTrue(np.all(held == np.asarray(want)[:, None, None, None]))
 
+  def test_compression_ratio_target_is_a_fraction_of_the_tokens_seen(self):
+    # kvpress's CompressionRatioDecodingPress: every interval, keep max(1, int(seen * (1 - r))) tokens.
+    cfg, params = tiny_model()
+    policy = DecodingPolicy(H2OPolicy(heavy=4, recent=2), target_size=8, compression_interval=5,
+                            target_compression_ratio=0.7)
+    steps = 40
+    self.assertEqual(policy.decode_capacity(cfg, steps), 12 + 5)  # int(40 * 0.3) + the interval
+    cache = policy.init(cfg, 2, policy.decode_capacity(cfg, steps))
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, steps)), jnp.int32)
+    _, held = jax.device_get(_stream(params, cache, tokens, cfg=cfg, policy=policy))
+    want, n = [], 0
+    for t in range(1, steps + 1):
+      n += 1
+      if t % 5 == 0:
+        n = min(n, max(1, t * 3 // 10))
+      want.append(n)
+    self.assertTrue(np.all(held == np.asarray(want)[:, None, None, None]), held[:, 0, 0, 0])
+    built = registry.make_policy("decoding", {"size": 8, "inner": "h2o", "target_compression_ratio": 0.5,
+                                              "compression_interval": 16})
+    self.assertEqual((built.target_compression_ratio, built.run_capacity(cfg, 100, 28)), (0.5, 100 + 16))
+    both = registry.make_policy("prefilldecoding", {"size": 8, "inner": "knorm", "target_compression_ratio": 0.5})
+    self.assertEqual(both.decoding.target_compression_ratio, 0.5)
+    with self.assertRaisesRegex(ValueError, r"Decoding target_compression_ratio=1.0 must be None or a number in "
+                                r"\[0, 1\)"):
+      DecodingPolicy(H2OPolicy(heavy=4, recent=2), target_size=8, target_compression_ratio=1.0)
+
   def test_prefill_decoding_hands_off_then_compresses(self):
     cfg, params = tiny_model()
     snap = SnapKVPolicy(10, 3, 3)

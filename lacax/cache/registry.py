@@ -35,6 +35,8 @@ the same `cache.size` from the same `cache` section:
   chunk_length, chunkkv_length   Chunk's (1024) and ChunkKV's (20) chunk sizes;
   block_size   Block's block of tokens re-scored with the kept ones at each step (128);
   compression_interval   decode steps between DecodingPolicy's compressions (512), down to `size` tokens;
+  target_compression_ratio   None, or r: DecodingPolicy (and prefilldecoding's decoding part) compresses to
+               max(1, int(seen * (1 - r))) of the seen tokens instead (kvpress's CompressionRatioDecodingPress);
   first, second   the composed policy: `first` built at 2 * size, then `second` at size (built with the
                first's rope_mode when it has that field), so the composition holds at most `size` tokens.
 
@@ -345,8 +347,10 @@ def _composed(cache, size: int) -> dict[str, Any]:
 
 def _prefill_decoding(cache, size: int) -> dict[str, Any]:
   inner = _inner("prefilldecoding")(cache, size)["inner"]
-  interval = _get(cache, "compression_interval", POLICIES["decoding"].field_default("compression_interval"))
-  return {"prefill": inner, "decoding": DecodingPolicy(inner, target_size=size, compression_interval=interval)}
+  read = POLICIES["decoding"].reader(cache)
+  return {"prefill": inner, "decoding": DecodingPolicy(
+      inner, target_size=size, compression_interval=read("compression_interval"),
+      target_compression_ratio=read("target_compression_ratio"))}
 
 
 POLICIES.update({
@@ -358,7 +362,8 @@ POLICIES.update({
                         sized=lambda size, read: {"budget": size}, composite=_inner("chunk")),
     "chunkkv": PolicySpec(ChunkKVPolicy, fields={"chunkkv_length": "chunk_length"},
                           sized=lambda size, read: {"budget": size}, composite=_inner("chunkkv")),
-    "decoding": PolicySpec(DecodingPolicy, fields={"compression_interval": "compression_interval"},
+    "decoding": PolicySpec(DecodingPolicy, fields={"compression_interval": "compression_interval",
+                                                   "target_compression_ratio": "target_compression_ratio"},
                            sized=lambda size, read: {"target_size": size}, composite=_inner("decoding")),
     "prefilldecoding": PolicySpec(PrefillDecodingPolicy, composite=_prefill_decoding),
     "keyrerotation": PolicySpec(KeyRerotationPolicy, composite=_inner("keyrerotation")),
