@@ -225,6 +225,22 @@ class RegistryTest(parameterized.TestCase):
     elif registry.POLICIES[name].composite is not None and hasattr(policy, "inner"):
       self.assertEqual(type(policy.inner).__name__, "SnapKVPolicy", name)
 
+  def test_calibrated_scorers_say_what_they_lack_before_any_work(self):
+    cfg, _ = tiny_model()
+    self.assertIn("cache.qfilter_path is empty", registry.make_policy("qfilter", {"size": 8}).run_problems(cfg)[0])
+    self.assertIn("cache.expected_attention_stats is empty",
+                  registry.make_policy("expectedattention", {"size": 8}).run_problems(cfg)[0])
+    self.assertEqual(registry.make_policy("expectedattention", {"size": 8, "expected_attention_statistics": "online"})
+                     .run_problems(cfg), [])
+    wrapped = registry.make_policy("adakv", {"size": 8, "inner": "qfilter"})  # wrappers ask their parts
+    self.assertLen(wrapped.run_problems(cfg), 1)
+    other = cache_policies.qfilter_file(3, 2, 8)
+    self.assertIn("another model's", registry.make_policy("qfilter", {"size": 8, "qfilter_path": other})
+                  .run_problems(cfg)[0])
+    mine = cache_policies.qfilter_file(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    self.assertEqual(registry.make_policy("qfilter", {"size": 8, "qfilter_path": mine}).run_problems(cfg), [])
+    self.assertEqual(registry.make_policy("streaming", {"size": 8}).run_problems(cfg), [])
+
   def test_names_have_no_underscore(self):
     # tests/test_sharding.py names its checks "<kind>_<policy>_<mesh>" and splits them on "_".
     for name in NAMES:

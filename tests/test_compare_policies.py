@@ -17,6 +17,8 @@ from absl.testing import parameterized
 from lacax import errors
 from lacax.cache import registry
 from lacax.jobs import compare_policies as compare
+from lacax.weights import loader
+from tests import cache_policies
 
 
 class _FakeJob:
@@ -98,6 +100,15 @@ class ComparePoliciesTest(parameterized.TestCase):
     from configs import compare_policies as compare_config  # pylint: disable=g-import-not-at-top
 
     config = compare_config.get_config(variant)
+    # Without calibration files, the two calibrated scorers are refused up front, by name.
+    with self.assertRaises(errors.ValidationError) as e:
+      compare.validate(config)
+    self.assertEqual(sorted(m.split("'")[1] for m in e.exception.problems), ["expectedattention", "qfilter"])
+    self.assertIn("python -m experiments.calibrate_scorers", str(e.exception))
+    cfg = loader.read_model_config()
+    config.job.cache.qfilter_path = cache_policies.qfilter_file(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    config.job.cache.expected_attention_stats = cache_policies.expected_attention_file(cfg.num_layers, cfg.num_heads,
+                                                                                       cfg.head_dim)
     compare.validate(config)
     pairs = compare._pairs(config)  # pylint: disable=protected-access
     self.assertEqual(pairs.count(("full", None)), 1)

@@ -92,6 +92,18 @@ class CachePolicy:
     """Static slot count of the decode-phase cache of a run that feeds `max_tokens` tokens in all."""
     raise NotImplementedError
 
+  def run_problems(self, cfg: ModelConfig) -> list[str]:
+    """What the policy needs to run on a model of `cfg` and lacks (a calibration file that is unset, unreadable
+    or of another model's shape), as messages, so that a job reports them before any work rather than at the
+    first compaction. The default asks the policies it is built from (its dataclass fields that are policies:
+    a wrapper's `inner`, a composition's parts); a policy that reads a file adds its own."""
+    problems = []
+    for field in dataclasses.fields(self) if dataclasses.is_dataclass(self) else ():
+      part = getattr(self, field.name)
+      if isinstance(part, CachePolicy):
+        problems.extend(part.run_problems(cfg))
+    return problems
+
   def run_capacity(self, cfg: ModelConfig, prompt_tokens: int, new_tokens: int) -> int:
     """Static slot count of the decode cache of a run that prefills up to `prompt_tokens` tokens per row and
     then generates `new_tokens` (the prompt's last token is not fed again; the generated ones are)."""

@@ -215,6 +215,23 @@ class ExpectedAttentionPolicy(ScorerPolicy):
   def sink_tokens(self) -> int:
     return min(self.n_sink, self.budget)  # they score above every other token; ties go to the older one
 
+  def run_problems(self, cfg) -> list[str]:
+    if self.statistics != "calibrated":
+      return []
+    if not self.stats_path:
+      return ["ExpectedAttention statistics='calibrated' needs its query statistics (cache.expected_attention_stats "
+              "is empty): compute them for this model with `python -m experiments.calibrate_scorers` "
+              "(lacax.cache.expected_attention.calibrate), or set cache.expected_attention_statistics='online'"]
+    try:
+      mean, _ = load(os.fspath(self.stats_path))
+    except errors.FileFormatError as e:
+      return [str(e)]
+    if mean.shape != (cfg.num_layers, cfg.num_heads, cfg.head_dim):
+      return [f"ExpectedAttention stats_path={os.fspath(self.stats_path)!r}: statistics of shape {mean.shape} "
+              f"[layers, heads, head_dim] are another model's; {cfg.name} needs "
+              f"{(cfg.num_layers, cfg.num_heads, cfg.head_dim)}"]
+    return []
+
   def query_statistics(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
     """(mean, cov) of the pre-RoPE queries, by `statistics`: [L, H, hd] and [L, H, hd, hd] from the file
     ("calibrated"), [L, B, H, hd] and [L, B, H, hd, hd] float32 of each row's prompt ("online")."""

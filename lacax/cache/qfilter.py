@@ -121,6 +121,20 @@ class QFilterPolicy(ScorerPolicy):
     if not isinstance(self.filters_path, (str, os.PathLike)):
       raise ValueError(f"QFilter filters_path={self.filters_path!r} must be a path to a Q-Filter .npz file")
 
+  def run_problems(self, cfg) -> list[str]:
+    if not self.filters_path:
+      return ["QFilter needs its filters (cache.qfilter_path is empty): compute them for this model with "
+              "`python -m experiments.calibrate_scorers` (lacax.cache.qfilter.calibrate) and pass the file"]
+    try:
+      filters = load(os.fspath(self.filters_path))
+    except errors.FileFormatError as e:
+      return [str(e)]
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if filters.shape != want:
+      return [f"QFilter filters_path={os.fspath(self.filters_path)!r}: filters of shape {filters.shape} [layers, "
+              f"kv_heads, head_dim] are another model's; {cfg.name} needs {want}"]
+    return []
+
   def filters(self, cache: KVCache) -> np.ndarray:
     if not self.filters_path:
       raise ValueError("QFilter filters_path is empty: compute filters with lacax.cache.qfilter.calibrate, save them "

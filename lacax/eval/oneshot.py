@@ -38,14 +38,20 @@ def oneshot_field_problems(config: ml_collections.ConfigDict, budget_of: str) ->
 def policy_problems(config: ml_collections.ConfigDict, cfg, prompt_lengths: Sequence[int], **kwargs: Any
                     ) -> list[str]:
   """Every policy of `config.policies` built for each prompt length against the model config `cfg`; the
-  failures as messages (e.g. a ladder span not below the model's layer count)."""
+  failures as messages (e.g. a ladder span not below the model's layer count, or a calibration file the policy
+  needs and lacks: `CachePolicy.run_problems`)."""
   problems = []
   for name in config.policies:
     for length in sorted(set(prompt_lengths)):
       try:
-        registry.make_prefill_policy(name, config.cache, cfg, prompt_len=length, **kwargs).decode_capacity(cfg, length + 1)
+        policy = registry.make_prefill_policy(name, config.cache, cfg, prompt_len=length, **kwargs)
+        policy.decode_capacity(cfg, length + 1)
       except ValueError as e:
         problems.append(f"policy {name!r} for a {length}-token prompt on {cfg.name} ({cfg.num_layers} layers): {e}")
+        break
+      missing = policy.run_problems(cfg)
+      if missing:
+        problems.extend(f"policy {name!r}: {m}" for m in missing)
         break
   return problems
 

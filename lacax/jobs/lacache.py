@@ -55,9 +55,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     cfg = loader.read_model_config(config.model.path or None, dtype=config.model.dtype)
     for name in config.policies:
       try:
-        make_policy(name, config.cache).decode_capacity(cfg, config.num_tokens)
+        policy = make_policy(name, config.cache)
+        policy.decode_capacity(cfg, config.num_tokens)
       except ValueError as e:
         problems.add(f"policy {name!r} with cache={dict(config.cache)} on {cfg.name} ({cfg.num_layers} layers): {e}")
+        continue
+      problems.extend(f"policy {name!r}: {m}" for m in policy.run_problems(cfg))
   problems.raise_if_any("lacache config")
 
 
