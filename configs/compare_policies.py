@@ -13,7 +13,10 @@ overridden as `--config.job.<field>`. `lacax/jobs/compare_policies.py` runs that
 with the model loaded once, and writes the leaderboard table, `results.json` and `leaderboard.png`.
 
 Budgets are fractions kept: of the prompt (passkey / NIAH / RULER), of max_length (LongBench), of the streamed
-tokens (streaming perplexity). The default policies are every registered policy.
+tokens (streaming perplexity). The default policies are every registered policy. QFilter and ExpectedAttention
+(calibrated statistics, the default) read lacax's calibration of the model: run
+`python -m experiments.calibrate_scorers` once and pass the two `--config.job.cache.*` overrides it prints
+(validation refuses the run without them, naming the two policies).
 """
 
 import importlib
