@@ -13,7 +13,8 @@ overridden as `--config.job.<field>`. `lacax/jobs/compare_policies.py` runs that
 with the model loaded once, and writes the leaderboard table, `results.json` and `leaderboard.png`.
 
 Budgets are fractions kept: of the prompt (passkey / NIAH / RULER), of max_length (LongBench), of the streamed
-tokens (streaming perplexity). The default policies are every registered policy. QFilter and ExpectedAttention
+tokens (streaming perplexity). The default policies are every registered policy (for streaming perplexity,
+every one that compresses while decoding: `lacax.jobs.lacache.streaming_policies`). QFilter and ExpectedAttention
 (calibrated statistics, the default) read lacax's calibration of the model: run
 `python -m experiments.calibrate_scorers` once and pass the two `--config.job.cache.*` overrides it prints
 (validation refuses the run without them, naming the two policies).
@@ -24,6 +25,7 @@ import importlib
 import ml_collections
 
 from lacax.cache import registry
+from lacax.jobs import lacache
 
 _TASK_CONFIGS = {"passkey": "passkey", "niah": "niah", "ruler": "ruler", "streaming": "lacache",
                  "longbench": "longbench"}
@@ -40,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.resume = ""  # a run directory, or "latest", to finish an interrupted run (lacax.runs)
   c.model = ml_collections.ConfigDict(dict(path="", dtype="float32"))
   c.task = task
-  c.policies = registry.policy_names()
   c.budgets = (0.5, 0.25)
   c.job = importlib.import_module(f"configs.{_TASK_CONFIGS[task]}").get_config(variant or None)
+  # Every registered policy; for streaming perplexity those that compress while decoding (at the config's cache
+  # fields: the prefill-only ones would report the full cache's figure, and the job refuses them).
+  c.policies = lacache.streaming_policies(c.job.cache) if task == "streaming" else registry.policy_names()
   return c

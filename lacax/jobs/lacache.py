@@ -61,7 +61,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.add(f"policy {name!r} with cache={dict(config.cache)} on {cfg.name} ({cfg.num_layers} layers): {e}")
         continue
       problems.extend(f"policy {name!r}: {m}" for m in policy.run_problems(cfg))
+      if registry.POLICIES[name].budgeted and not policy.compacts_in_decode:
+        problems.add(prefill_only_problem(name))
   problems.raise_if_any("lacache config")
+
+
+def prefill_only_problem(name: str) -> str:
+  return (f"policy {name!r} compresses only at a prefill hand-off (as kvpress's prefill presses), which streaming "
+          "perplexity never has: it feeds one token at a time, so the figure would be the full cache's. Use "
+          "cache.during_decode=True (the kvpress scorers evict at every step then), a decode-time wrapper (decoding, "
+          "cam), or a decode-time policy (streaming, lacache, h2o, tova)")
+
+
+def streaming_policies(cache) -> tuple[str, ...]:
+  """The registered policies that compress while streaming under the `cache` section (and the full cache)."""
+  names = []
+  for name in registry.policy_names():
+    try:
+      policy = make_policy(name, cache)
+    except ValueError:
+      continue
+    if not registry.POLICIES[name].budgeted or policy.compacts_in_decode:
+      names.append(name)
+  return tuple(names)
 
 
 def _policy_unit(model, tokens: np.ndarray, name: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
