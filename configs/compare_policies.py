@@ -47,4 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Every registered policy; for streaming perplexity those that compress while decoding (at the config's cache
   # fields: the prefill-only ones would report the full cache's figure, and the job refuses them).
   c.policies = lacache.streaming_policies(c.job.cache) if task == "streaming" else registry.policy_names()
+  if task == "streaming":  # Decoding / CaM compress within the stream (kvpress's 512 steps outlast the :cpu one)
+    c.job.cache.compression_interval = 64
   return c

@@ -131,6 +131,11 @@ class ComparePoliciesTest(parameterized.TestCase):
     config.policies = ("full", "knorm")
     config.job.cache.during_decode = True  # the kvpress scorers evict at every step
     compare.validate(config)
+    config.policies = ("full", "decoding")
+    config.job.cache.compression_interval = 512  # kvpress's default: longer than the 512-token stream
+    with self.assertRaisesRegex(errors.ValidationError, r"policy 'decoding' compresses every "
+                                r"compression_interval=512 decode steps, but the stream feeds 511: it would never"):
+      compare.validate(config)
 
   def test_validation_names_the_field(self):
     config = _config()

@@ -130,14 +130,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def format_leaderboard(rows: list[dict[str, Any]], budgets, metric: str) -> str:
-  header = f"{'rank':<5}{'policy':<12}" + "".join(f"{'@' + format(b, 'g'):>10}" for b in budgets) + \
+  width = max([12] + [len(r["policy"]) + 2 for r in rows])
+  header = f"{'rank':<5}{'policy':<{width}}" + "".join(f"{'@' + format(b, 'g'):>10}" for b in budgets) + \
       f"{'mean':>10}" + "".join(f"{'tok/s@' + format(b, 'g'):>12}" for b in budgets)
   lines = [metric, header]
   for rank, row in enumerate(rows, 1):
     scores = [row["scores"].get(_budget_label(b), row["scores"].get("full")) for b in budgets]
     speeds = [row["decode_tokens_per_second"].get(_budget_label(b), row["decode_tokens_per_second"].get("full"))
               for b in budgets]
-    lines.append(f"{rank:<5}{row['policy']:<12}" + "".join(f"{s:>10.2f}" for s in scores) + f"{row['mean']:>10.2f}" +
+    lines.append(f"{rank:<5}{row['policy']:<{width}}" + "".join(f"{s:>10.2f}" for s in scores) + f"{row['mean']:>10.2f}" +
                  "".join(f"{v:>12.1f}" if v is not None else f"{'-':>12}" for v in speeds))
   return "\n".join(lines)
 

@@ -11,6 +11,7 @@ done. A non-finite NLL (NaN / inf) is flagged in the table ("NON-FINITE") and in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -23,6 +24,7 @@ from lacax import jobs
 from lacax import memory
 from lacax import runs
 from lacax.cache import registry
+from lacax.cache.base import CachePolicy
 from lacax.cache.registry import make_policy
 from lacax.eval import perplexity
 from lacax.eval.texts import load_text, text_problems
@@ -63,6 +65,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.extend(f"policy {name!r}: {m}" for m in policy.run_problems(cfg))
       if registry.POLICIES[name].budgeted and not policy.compacts_in_decode:
         problems.add(prefill_only_problem(name))
+      intervals = [k for k in _compression_intervals(policy) if k >= config.num_tokens - 1]
+      if intervals:
+        problems.add(f"policy {name!r} compresses every compression_interval={intervals[0]} decode steps, but the "
+                     f"stream feeds {config.num_tokens - 1}: it would never compress (its figure would be the full "
+                     "cache's); lower cache.compression_interval")
   problems.raise_if_any("lacache config")
 
 
@@ -71,6 +78,16 @@ def prefill_only_problem(name: str) -> str:
           "perplexity never has: it feeds one token at a time, so the figure would be the full cache's. Use "
           "cache.during_decode=True (the kvpress scorers evict at every step then), a decode-time wrapper (decoding, "
           "cam), or a decode-time policy (streaming, lacache, h2o, tova)")
+
+
+def _compression_intervals(policy) -> list[int]:
+  """The `compression_interval` of the policy and of every policy it is built from (Decoding, CaM)."""
+  found = [policy.compression_interval] if isinstance(getattr(policy, "compression_interval", None), int) else []
+  for field in dataclasses.fields(policy) if dataclasses.is_dataclass(policy) else ():
+    part = getattr(policy, field.name)
+    if isinstance(part, CachePolicy):
+      found.extend(_compression_intervals(part))
+  return found
 
 
 def streaming_policies(cache) -> tuple[str, ...]:
