@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import KVCache, init_cache
+from lacax.cache.kv_cache import KVCache, StatsRecording, init_cache
 from lacax.cache.base import CachePolicy
 from lacax.cache.full import FullPolicy
 from lacax.model import llama
@@ -405,17 +405,20 @@ class OneShotResult:
   prompt_tokens: int
 
 
-def prefill_signature(policy: CachePolicy) -> tuple[str, str | None, str]:
-  """Policies with equal signatures read and record the prefill cache alike, so they can share one prefill."""
-  return (policy.rope_mode, policy.score_mode, policy.score_agg)
+def prefill_signature(policy: CachePolicy) -> tuple:
+  """Policies with equal signatures read and record the prefill cache alike, so they can share one prefill:
+  (rope_mode, score_mode, score_agg, stats_recording)."""
+  return (policy.rope_mode, policy.score_mode, policy.score_agg, policy.stats_recording)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "rope_mode", "score_mode", "score_agg"))
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity", "rope_mode", "score_mode", "score_agg", "stats"))
 def shared_prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, capacity: int,
-                   rope_mode: str, score_mode: str | None, score_agg: str) -> tuple[jax.Array, KVCache]:
-  """`prefill_forward` into a policy-neutral cache of `capacity`: (greedy first token [B], the cache)."""
+                   rope_mode: str, score_mode: str | None, score_agg: str,
+                   stats: StatsRecording | None = None) -> tuple[jax.Array, KVCache]:
+  """`prefill_forward` into a policy-neutral cache of `capacity` recording what the group's policies read
+  (attention by `score_mode`, the statistics of `stats`): (greedy first token [B], the cache)."""
   cache = init_cache(cfg, tokens.shape[0], capacity, rope_mode=rope_mode, score_mode=score_mode,
-                     score_agg=score_agg)
+                     score_agg=score_agg, stats=stats)
   logits, cache = prefill_forward(params, tokens, lengths, cache, cfg)
   return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
@@ -479,7 +482,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   out: dict[str, list[list[int]]] = {}
   decode_seconds: dict[str, float] = {}
   prefill_seconds = 0.0
-  for (rope_mode, score_mode, score_agg), names in groups.items():
+  for (rope_mode, score_mode, score_agg, stats), names in groups.items():
     capacities = {name: policies[name].run_capacity(cfg, int(lengths.max()), max_new_tokens) for name in names}
     capacity = max(tokens.shape[1], *capacities.values())
     # The shared cache, plus one compacted copy alive at a time.
@@ -487,7 +490,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                               what=f"one-shot generation of {len(prompts)} prompt(s) of up to {total} tokens")
     start = time.perf_counter()
     first, cache = shared_prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg, capacity=capacity,
-                                  rope_mode=rope_mode, score_mode=score_mode, score_agg=score_agg)
+                                  rope_mode=rope_mode, score_mode=score_mode, score_agg=score_agg, stats=stats)
     jax.block_until_ready(first)
     prefill_seconds += time.perf_counter() - start
     for name in names:

@@ -177,6 +177,22 @@ class OneShotTest(absltest.TestCase):
     self.assertNotEqual(result.tokens["lacache"], result.tokens["full"])
     self.assertNotEqual(result.tokens["h2o"], result.tokens["full"])
 
+  def test_shared_prefill_records_the_statistics_the_policies_read(self):
+    # ThinK (the window's queries), CriticalKV (||W_o v||), online ExpectedAttention (query moments): the shared
+    # prefill cache records what each group reads (it recorded none before, and ThinK raised in the hand-off).
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+                      num_kv_heads=2)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+    prompts = [np.random.default_rng(1).integers(0, 101, 96).tolist()]
+    cache = dict(budget=0.5, window=8, kernel=3, expected_attention_statistics="online", inner="knorm")
+    names = ("think", "criticalkv", "expectedattention", "full")
+    policies = {n: registry.make_prefill_policy(n, cache, cfg, prompt_len=96) for n in names}
+    self.assertLen({generation.prefill_signature(p) for p in policies.values()}, 4)
+    result = generation.oneshot_generate(params, cfg, prompts, policies, max_new_tokens=6)
+    for name, policy in policies.items():
+      expected = generation.generate(params, cfg, prompts, max_new_tokens=6, policy=policy)
+      self.assertEqual(result.tokens[name], expected.tokens, name)
+
   def test_batches_share_policies(self):
     lengths = {0: 10, 1: 20, 2: 10, 3: 10, 4: 20}
     batches = generation.batches_by_policy(list(lengths), lambda i: {"s": ("size", lengths[i])}, batch_size=2)
