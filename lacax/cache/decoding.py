@@ -54,8 +54,8 @@ class DecodingPolicy(IntervalDecodeWrapper):
 
   Attributes:
     inner: the scorer policy (its statistic must be recorded at decode: H2O, TOVA, StreamingLLM, ...).
-    target_size: tokens kept per (layer, row, kv head) after a compression (2048 in kvpress); the cap of the
-      prompt-free case when `target_compression_ratio` is set (see the module docstring).
+    target_size: tokens kept per (layer, row, kv head) after a compression (2048 in kvpress); not read when
+      `target_compression_ratio` is set (the registry still fills it from `cache.size`).
     compression_interval: decode steps between compressions (512 in kvpress).
     target_compression_ratio: None (a fixed `target_size`, kvpress's DecodingPress) or r in [0, 1): keep
       max(1, int(seen * (1 - r))) of the `seen` tokens (kvpress's CompressionRatioDecodingPress).
