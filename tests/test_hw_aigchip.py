@@ -40,7 +40,9 @@ class TemplateTest(parameterized.TestCase):
   @parameterized.parameters(*itertools.product(template.DATAFLOWS, template.INTERCONNECTS))
   def test_simulated_cycles_equal_the_analytic_count(self, dataflow, interconnect):
     # (rows, cols, banks): a square array, a tall one whose vectors need partial sub-vectors, one bank.
-    for rows, cols, banks in ((2, 2, 2), (4, 2, 4), (1, 4, 1)):
+    # (4, 2, 2): a systolic beat whose last cycle fetches a sub-vector straight into the array; (1, 4, 1): one
+    # whose write port needs every cycle of it.
+    for rows, cols, banks in ((2, 2, 2), (4, 2, 4), (1, 4, 1), (4, 2, 2)):
       d = template.Design(rows=rows, cols=cols, interconnect=interconnect, buf_depth=16, banks=banks,
                           dataflow=dataflow)
       rec = _sim(d)
@@ -82,6 +84,14 @@ class TemplateModelTest(absltest.TestCase):
       cycles = [template.analytic_cycles(template.Design(rows=4, cols=4, banks=b, buf_depth=64, dataflow=df,
                                                          interconnect=ic), w) for b in (1, 2, 4)]
       self.assertEqual(cycles, sorted(cycles, reverse=True), (df, ic))  # more banks never costs cycles
+    # Systolic weight- / input-stationary arrays are pipelined: per tile, one streamed vector a beat after a fill
+    # of rows + cols - 1 beats (4 x 4 PEs, 4 banks: a beat is one cycle), so 8 more rows of A cost 8 beats a tile.
+    for df in ("ws", "is"):
+      d = template.Design(rows=4, cols=4, banks=4, buf_depth=64, dataflow=df, interconnect="systolic")
+      self.assertEqual(template.analytic_cycles(d, w), 4 * (1 + 4 + 8 + 7))
+    d = template.Design(rows=4, cols=4, banks=4, buf_depth=64, dataflow="ws", interconnect="systolic")
+    self.assertEqual(template.analytic_cycles(d, template.Workload(m=16, k=8, n=8)) - template.analytic_cycles(d, w),
+                     4 * 8)
     # Output-stationary, broadcast, one PE: K * (fetch + MAC) + write-back per output, one init each.
     self.assertEqual(template.analytic_cycles(template.Design(rows=1, cols=1, banks=1, buf_depth=64), w),
                      64 * (1 + 8 * 2 + 1))

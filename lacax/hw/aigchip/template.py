@@ -12,7 +12,10 @@ separate modules, as the paper's LLM-friendly template asks (each can be replace
                    output-stationary: each PE keeps one output; "broadcast" sends operand vectors to a whole
                    row / column in one cycle, "systolic" passes them PE to PE (skewed injection, fill / drain)
                    weight- / input-stationary: each PE keeps one stationary operand; "broadcast" reduces a column
-                   with an adder tree in one cycle, "systolic" passes inputs right and partial sums down
+                   with an adder chain in one cycle, "systolic" is a pipeline that passes inputs right and partial
+                   sums down, PE to PE: skewed inputs, deskewed sums, one streamed vector a beat (a beat is the
+                   cycles the banks need to fetch one vector or store one, max(ceil(rows / banks),
+                   ceil(cols / banks))), and the array's latency of rows + cols - 1 beats once per tile
   gemm_accel     the top: three buffers (operand 0, operand 1, outputs), staging registers, the controller (FSM)
 
 Knobs (`Design`): array size (`rows` x `cols`), `interconnect` (broadcast | systolic), `buf_depth`, `banks`,
@@ -44,7 +47,7 @@ import numpy as np
 DATAFLOWS = ("os", "ws", "is")
 INTERCONNECTS = ("broadcast", "systolic")
 MODULES = ("gemm_buffer", "gemm_pe", "gemm_array", "gemm_accel")
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2  # 2: the systolic weight- / input-stationary arrays are pipelined
 
 
 def _pow2(x: int) -> bool:
@@ -199,9 +202,10 @@ def analytic_cycles(design: Design, w: Workload) -> int:
   if design.dataflow == "os":
     fetch = max(_cdiv(r, b), _cdiv(c, b))
     per_tile = 1 + mp["time"] * (fetch + 1) + (r + c - 2 if systolic else 0) + _cdiv(r * c, b)
+  elif systolic:  # pipelined: one streamed vector a beat, plus the array's latency of r + c - 1 beats
+    per_tile = 1 + _cdiv(r * c, b) + (mp["time"] + r + c - 1) * max(_cdiv(r, b), _cdiv(c, b))
   else:
-    prop = r + c - 1 if systolic else 0
-    per_tile = 1 + _cdiv(r * c, b) + mp["time"] * (_cdiv(r, b) + prop + _cdiv(c, b))
+    per_tile = 1 + _cdiv(r * c, b) + mp["time"] * (_cdiv(r, b) + _cdiv(c, b))
   return tiles * per_tile
 
 
@@ -407,9 +411,17 @@ def _array_os(design: Design) -> str:
 def _array_st(design: Design) -> str:
   r, c = design.rows, design.cols
   systolic = design.interconnect == "systolic"
-  return "\n".join([
-      f"// {r} x {c} stationary-operand PE array, {design.interconnect} interconnect: inputs enter row r from the",
-      "// left, partial sums run down each column (registered PE to PE when systolic, an adder chain otherwise).",
+  if systolic:
+    head = [
+        f"// {r} x {c} stationary-operand PE array, systolic: a pipeline taking one input vector a beat (en). Row r's",
+        "// input enters r beats late (a skew line), inputs pass right and partial sums down through each PE's",
+        f"// registers, and column c's sum leaves through {c} - 1 - c more (a deskew line): the {c} sums of one vector",
+        f"// leave together, {r + c - 1} beats after it entered.",
+    ]
+  else:
+    head = [f"// {r} x {c} stationary-operand PE array, broadcast: inputs enter row r from the left, partial sums run",
+            "// down each column through an adder chain (combinational)."]
+  lines = head + [
       "module gemm_array #(parameter DW = 8, parameter AW = 18) (",
       "  input clk, input en,",
       f"  input [{r}*DW-1:0] a_vec, input [{r * c}*DW-1:0] w_flat, output [{c}*AW-1:0] psum",
@@ -418,13 +430,48 @@ def _array_st(design: Design) -> str:
       f"  wire [AW-1:0] p_link [0:{r}][0:{c - 1}];",
       "  genvar r, c;",
       "  generate",
-      f"    for (r = 0; r < {r}; r = r + 1) begin : edge_a",
-      "      assign a_link[r][0] = a_vec[r*DW +: DW];",
-      "    end",
-      f"    for (c = 0; c < {c}; c = c + 1) begin : edge_p",
-      "      assign p_link[0][c] = {AW{1'b0}};",
-      f"      assign psum[c*AW +: AW] = p_link[{r}][c];",
-      "    end",
+  ]
+  if systolic:
+    lines += [
+        f"    for (r = 0; r < {r}; r = r + 1) begin : edge_a",
+        "      if (r == 0) begin : direct",
+        "        assign a_link[r][0] = a_vec[r*DW +: DW];",
+        "      end else begin : skew",
+        "        reg [DW-1:0] dl [0:r-1];",
+        "        integer i;",
+        "        always @(posedge clk) if (en) begin",
+        "          dl[0] <= a_vec[r*DW +: DW];",
+        "          for (i = 1; i < r; i = i + 1) dl[i] <= dl[i-1];",
+        "        end",
+        "        assign a_link[r][0] = dl[r-1];",
+        "      end",
+        "    end",
+        f"    for (c = 0; c < {c}; c = c + 1) begin : edge_p",
+        "      assign p_link[0][c] = {AW{1'b0}};",
+        f"      if (c == {c - 1}) begin : direct",
+        f"        assign psum[c*AW +: AW] = p_link[{r}][c];",
+        "      end else begin : deskew",
+        f"        reg [AW-1:0] dq [0:{c - 2}-c];",
+        "        integer i;",
+        "        always @(posedge clk) if (en) begin",
+        f"          dq[0] <= p_link[{r}][c];",
+        f"          for (i = 1; i <= {c - 2} - c; i = i + 1) dq[i] <= dq[i-1];",
+        "        end",
+        f"        assign psum[c*AW +: AW] = dq[{c - 2}-c];",
+        "      end",
+        "    end",
+    ]
+  else:
+    lines += [
+        f"    for (r = 0; r < {r}; r = r + 1) begin : edge_a",
+        "      assign a_link[r][0] = a_vec[r*DW +: DW];",
+        "    end",
+        f"    for (c = 0; c < {c}; c = c + 1) begin : edge_p",
+        "      assign p_link[0][c] = {AW{1'b0}};",
+        f"      assign psum[c*AW +: AW] = p_link[{r}][c];",
+        "    end",
+    ]
+  lines += [
       f"    for (r = 0; r < {r}; r = r + 1) begin : prow",
       f"      for (c = 0; c < {c}; c = c + 1) begin : pcol",
       f"        gemm_pe #(.DW(DW), .AW(AW), .REG({1 if systolic else 0})) pe (.clk(clk), .en(en),",
@@ -435,7 +482,8 @@ def _array_st(design: Design) -> str:
       "  endgenerate",
       "endmodule",
       "",
-  ])
+  ]
+  return "\n".join(lines)
 
 
 def _stage(name: str, length: int, banks: int, width: str, load: str, src: str) -> list[str]:
@@ -496,7 +544,7 @@ def _top(design: Design, w: Workload) -> str:
       f"  localparam DW = {w.width};",
       f"  localparam AW = {w.acc_width};",
       "  localparam S_IDLE = 0, S_INIT = 1, S_FETCH = 2, S_MAC = 3, S_FLUSH = 4, S_WB = 5, S_DONE = 6,",
-      "             S_PRE = 7, S_SWRITE = 8, S_PROP = 9;",
+      "             S_PRE = 7, S_SWRITE = 8;",
       "  reg [3:0] state;",
       "  reg [15:0] t0, t1, k, p;",
       "  assign done = (state == S_DONE);",
@@ -558,10 +606,9 @@ def _top(design: Design, w: Workload) -> str:
         "    endcase",
         "  end",
     ]
-  else:
+  elif not systolic:
     pre = _cdiv(r * c, b)
     sf = _cdiv(r, b)
-    prop = r + c - 1 if systolic else 0
     sw = _cdiv(c, b)
     body += [
         "  // t0 = output tile, t1 = reduction (k) tile, k = streamed step; operand 1 = stationary tiles (tile-major),",
@@ -572,7 +619,7 @@ def _top(design: Design, w: Workload) -> str:
         *_stage("ws", r * c, b, "DW", "(state == S_PRE)", "lanes1"),
         *_stage("sa", r, b, "DW", "(state == S_FETCH)", "lanes0"),
         f"  wire [{c}*AW-1:0] psum;",
-        "  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en(state == S_PROP), .a_vec(sa_flat), .w_flat(ws_flat),",
+        "  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en(1'b0), .a_vec(sa_flat), .w_flat(ws_flat),",
         "    .psum(psum));",
         "  assign we2 = (state == S_SWRITE);",
         *_lane_mux("psum", c, b, sw, "(t1 == 0 ? {AW{1'b0}} : lanes2[LANE*AW +: AW]) + "),
@@ -582,9 +629,7 @@ def _top(design: Design, w: Workload) -> str:
         "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
         "      S_INIT: begin k <= 0; p <= 0; state <= S_PRE; end",
         f"      S_PRE: if (p == {pre - 1}) begin p <= 0; state <= S_FETCH; end else p <= p + 1;",
-        f"      S_FETCH: if (p == {sf - 1}) begin p <= 0; state <= {'S_PROP' if prop else 'S_SWRITE'}; end",
-        "               else p <= p + 1;",
-        f"      S_PROP: if (p == {max(prop, 1) - 1}) begin p <= 0; state <= S_SWRITE; end else p <= p + 1;",
+        f"      S_FETCH: if (p == {sf - 1}) begin p <= 0; state <= S_SWRITE; end else p <= p + 1;",
         f"      S_SWRITE: if (p == {sw - 1}) begin",
         "              p <= 0;",
         f"              if (k == {time - 1}) begin",
@@ -594,6 +639,52 @@ def _top(design: Design, w: Workload) -> str:
         f"                  if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
         "                end else begin t1 <= t1 + 1; state <= S_INIT; end",
         "              end else begin k <= k + 1; state <= S_FETCH; end",
+        "            end else p <= p + 1;",
+        "      S_DONE: state <= S_DONE;",
+        "      default: state <= S_IDLE;",
+        "    endcase",
+        "  end",
+    ]
+  else:
+    pre = _cdiv(r * c, b)
+    sf = _cdiv(r, b)
+    sw = _cdiv(c, b)
+    beat = max(sf, sw)
+    lat = r + c - 1
+    # Input lane g of the array: its staging register, except in the sub-vector fetched in the beat's last cycle
+    # (the one the array takes), which goes straight from the buffer's lanes.
+    a_in = ", ".join(f"lanes0[{g % b}*DW +: DW]" if g // b == beat - 1 else f"sa[{g}]" for g in reversed(range(r)))
+    body += [
+        f"  // Pipelined: beat k (of {beat} cycle(s)) fetches streamed vector k while the write port stores the sums of",
+        f"  // vector k - {lat}, which left the array at the previous beat; the array advances in a beat's last cycle.",
+        "  // t0 = output tile, t1 = reduction (k) tile; operand 1 = stationary tiles (tile-major), operand 0 =",
+        "  // streamed vectors, outputs accumulated over reduction tiles (read-modify-write)",
+        f"  assign base0 = (t1 * {time} + k) * {r} + p * {b};",
+        f"  assign base1 = (t0 * {t1n} + t1) * {r * c} + p * {b};",
+        f"  assign base2 = (t0 * {time} + k - {lat}) * {c} + p * {b};",
+        *_stage("ws", r * c, b, "DW", "(state == S_PRE)", "lanes1"),
+        *_stage("sa", r, b, "DW", "(state == S_FETCH)", "lanes0"),
+        f"  wire [{r}*DW-1:0] a_next = {{{a_in}}};",
+        f"  wire [{c}*AW-1:0] psum;",
+        f"  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en(state == S_FETCH && p == {beat - 1}),",
+        "    .a_vec(a_next), .w_flat(ws_flat), .psum(psum));",
+        f"  assign we2 = (state == S_FETCH) && (k >= {lat});",
+        *_lane_mux("psum", c, b, sw, "(t1 == 0 ? {AW{1'b0}} : lanes2[LANE*AW +: AW]) + "),
+        "  always @(posedge clk) begin",
+        "    if (rst) state <= S_IDLE;",
+        "    else case (state)",
+        "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
+        "      S_INIT: begin k <= 0; p <= 0; state <= S_PRE; end",
+        f"      S_PRE: if (p == {pre - 1}) begin p <= 0; state <= S_FETCH; end else p <= p + 1;",
+        f"      S_FETCH: if (p == {beat - 1}) begin",
+        "              p <= 0;",
+        f"              if (k == {time + lat - 1}) begin",
+        "                k <= 0;",
+        f"                if (t1 == {t1n - 1}) begin",
+        "                  t1 <= 0;",
+        f"                  if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
+        "                end else begin t1 <= t1 + 1; state <= S_INIT; end",
+        "              end else k <= k + 1;",
         "            end else p <= p + 1;",
         "      S_DONE: state <= S_DONE;",
         "      default: state <= S_IDLE;",
