@@ -1,6 +1,7 @@
 """Budget-forced reflection: continuing in the same KV cache vs re-sending the raw prefix, on the local backend.
 
   python -m experiments.bench_scale_rtl [--rounds=3] [--max_tokens=128] [--tasks=4] [--model=PATH]
+      [--temperature=0.7] [--think_close='```']
 
 The same reflection (greedy, `rounds` cues, generated MG-Verilog tasks as prompts) runs twice on the embedded
 SmolLM2-135M-Instruct (or `--model`): `continuation="kv"` (a cue is a chunked prefill of its own tokens) and
@@ -34,6 +35,10 @@ _TASKS = flags.DEFINE_integer("tasks", 4, "Prompts (generated tasks), one batch.
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy: both routes then "
                                    "continue the same text, up to re-tokenization on the raw route).")
 _MODEL = flags.DEFINE_string("model", "", "Checkpoint or GGUF ('' = the embedded SmolLM2-135M-Instruct).")
+_THINK_CLOSE = flags.DEFINE_string(
+    "think_close", "", "'' = the module format (a round ends at `endmodule`, ScaleRTL's no-think trigger); a "
+    "marker = the think format with that end-of-think marker, e.g. '```', which a small model that rarely "
+    "finishes a module does write: the cues then fire in most rows and the continuation's cost shows.")
 _OUT = flags.DEFINE_string("out", "results/bench_scale_rtl", "Output folder.")
 
 
@@ -42,10 +47,13 @@ def main(argv):
   backend = LocalBackend.load(_MODEL.value or None)
   problems = [t.problem("detailed") for t in tasks_lib.generate(1, seed=1)][:_TASKS.value]
   prompts = [render_prompt(p, "chat") for p in problems]
-  sampling = base.Sampling(max_tokens=_MAX_TOKENS.value, stop=("endmodule",), temperature=_TEMPERATURE.value)
+  sampling = base.Sampling(max_tokens=_MAX_TOKENS.value, stop=() if _THINK_CLOSE.value else ("endmodule",),
+                           temperature=_TEMPERATURE.value)
   rows, texts = [], {}
   for mode in ("kv", "text"):
-    config = reflect.ReflectConfig(rounds=_ROUNDS.value, continuation=mode)
+    trigger = (dict(format="think", think_close=_THINK_CLOSE.value, answer_tokens=_MAX_TOKENS.value)
+               if _THINK_CLOSE.value else {})
+    config = reflect.ReflectConfig(rounds=_ROUNDS.value, continuation=mode, **trigger)
     reflect.reflect(backend, prompts, sampling, config)  # compile
     before = dict(backend.counters)
     t = time.monotonic()
@@ -59,6 +67,7 @@ def main(argv):
   for row in rows:
     row["same_text_as_kv"] = texts[row["continuation"]] == texts["kv"]
   record = {"rows": rows, "model": backend.describe(), "rounds": _ROUNDS.value, "max_tokens": _MAX_TOKENS.value,
+            "temperature": _TEMPERATURE.value, "trigger": _THINK_CLOSE.value or "endmodule",
             "tasks": [p.task_id for p in problems], "cpu": results_lib.cpu_model(), "loadavg": os.getloadavg(),
             "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
   os.makedirs(_OUT.value, exist_ok=True)

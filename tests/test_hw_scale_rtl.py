@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -14,6 +15,7 @@ from lacax import train
 from lacax.hw.backends import base
 from lacax.hw.backends import local
 from lacax.hw.backends import openai_http
+from lacax.hw.backends import session as session_lib
 from lacax.hw.bench import harness
 from lacax.hw.bench.problem import render_prompt
 from lacax.hw.mg_verilog import tasks as tasks_lib
@@ -93,6 +95,45 @@ class KVContinuationTest(absltest.TestCase):
       for t in (t for ts in traces for t in ts):
         self.assertLessEqual(t.generated_tokens, budget)
         self.assertTrue(t.stop == "budget" or t.generated_tokens < budget, (t.stop, t.generated_tokens))
+
+
+class SessionRowsTest(absltest.TestCase):
+  """A continuation decodes only the rows that continue, in a cache grown for the round, and leaves the other rows'
+  caches as they were."""
+
+  def test_a_continuation_runs_only_its_rows_in_a_cache_grown_for_it(self):
+    model = tiny_model()
+    tok = model.tokenizer
+    backend = local.LocalBackend(model, chunk=4, bucket=64, max_batch=8, min_batch=1)
+    greedy = base.Sampling(n=1, temperature=0.0, max_tokens=8, seed=0)
+    prompts = [*PROMPTS, "wire x", "reg y"]
+    s = session_lib.KVSession(backend, [backend.encode_prompt(p) for p in prompts], greedy, capacity=256,
+                              grow_by=64)
+    widths = []
+    decode = session_lib.generation.decode
+
+    def counting_decode(params, state, **kw):
+      widths.append(int(state.token.shape[0]))
+      return decode(params, state, **kw)
+
+    with mock.patch.object(session_lib.generation, "decode", counting_decode):
+      s.run([8] * 4)
+      self.assertEqual(s.state.cache.capacity, 64)  # a 64-token prompt bucket, 8 (+ 24 of the loop's bucket)
+      first = [list(t) for t in s.transcripts]
+      cue = tok.encode(" wait", add_bos=False)
+      widths.clear()
+      second = s.run([40, 8, 8, 8], append=[cue, None, None, None])
+      self.assertEqual(set(widths), {1})  # row 0 alone
+      self.assertEqual(s.state.cache.capacity, 128)  # grown for its 40 more tokens
+      self.assertEqual(second[1:], [None, None, None])
+      widths.clear()
+      third = s.run([8, 8, 8, 8], append=[None, None, cue, cue])
+      self.assertEqual(set(widths), {2})
+    ref = backend.continue_([prompts[0]], [first[0] + cue], dataclasses.replace(greedy, max_tokens=40))
+    self.assertEqual(second[0].tokens, ref[0][0].tokens)
+    for b in (2, 3):  # rows left alone for a round kept their caches
+      ref = backend.continue_([prompts[b]], [first[b] + cue], greedy)
+      self.assertEqual(third[b].tokens, ref[0][0].tokens, b)
 
 
 class ServedReflectionTest(absltest.TestCase):

@@ -14,11 +14,20 @@ across rounds. The transcript of a row (`transcripts[b]`: every token after its 
 is what the cache logically holds; `truncate(b, n)` shortens it (e.g. to suppress an end-of-think marker before
 a cue), and the next continuation rewinds the cache to match.
 
+Two things keep a round's cost to what it needs (`experiments/bench_scale_rtl.py` measures them against the
+raw-prefix route):
+  - the cache is allocated for the round at hand, not for the whole session: the prefill sizes it for the
+    prompts and the first round, and a continuation that needs more slots grows it (free slots appended, rounded
+    up to `grow_by`, 256, so few shapes compile), up to `capacity`;
+  - a continuation decodes only the rows that continue (gathered into a batch padded as the backend pads one,
+    then written back), not every row of the session: in reflection most samples stop early.
+
 Only the full cache keeps slot == position, which the rewind relies on: other cache policies are refused.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -40,10 +49,12 @@ class KVSession:
   Attributes:
     prompts: per row, the prompt token ids.
     transcripts: per row, every token after the prompt that the cache logically holds.
-    capacity: cache slots per row (prompt + transcript must stay within it).
+    capacity: cache slots per row (prompt + transcript must stay within it); the most the cache grows to.
+    grow_by: the cache's allocation is rounded up to a multiple of this many slots.
   """
 
-  def __init__(self, backend, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, *, capacity: int):
+  def __init__(self, backend, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, *, capacity: int,
+               grow_by: int = 256):
     if not isinstance(backend.policy, FullPolicy) or backend.policy.capacity:
       raise ValueError(f"a KV session needs the full cache (slot == position) sized by the run; the backend has "
                        f"policy {backend.policy!r}")
@@ -70,6 +81,9 @@ class KVSession:
       raise ValueError(f"capacity={capacity} must exceed the longest prompt ({longest} tokens)")
     backend.check_length(longest, capacity - longest)
     self.capacity = int(capacity)
+    if not isinstance(grow_by, int) or grow_by < 1:
+      raise ValueError(f"grow_by={grow_by!r} must be a positive number of cache slots")
+    self.grow_by = grow_by
     self.state = None
     self.stop_ids = tuple(int(i) for i in self.tok.stop_ids)
 
@@ -123,45 +137,84 @@ class KVSession:
       tokens, lengths = generation.pad_prompts(self.prompts, self.backend.bucket)
       rng = jnp.stack([jax.random.PRNGKey(int(s)) for s in self.seeds])
       self.capacity = max(self.capacity, tokens.shape[1])  # the prefill never shrinks the cache below the batch
+      allocate = self._allocation(max(tokens.shape[1], int(lengths.max()) + loop))
       self.state = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
-                                      policy=self.backend.policy, decode_capacity=self.capacity,
+                                      policy=self.backend.policy, decode_capacity=allocate,
                                       return_logprobs=self.logprobs, **statics)
       self.backend.counters["prefill_tokens"] += int(lengths[:self.num_rows].sum())  # real rows only
+      rows = np.arange(len(self.prompts))
+      self.state, done = self._decode(self.state, limits, tuple(stop), active, loop, statics)
     else:
-      ext = []
-      for b in range(len(self.prompts)):
-        if append[b] is None:
-          ext.append([])
-          continue
+      ext = {}
+      for b in np.flatnonzero(active):
         self.transcripts[b].extend(int(t) for t in append[b])
         if self.held(b) + int(limits[b]) > self.capacity:
           raise ValueError(f"row {b}: {self.held(b)} held tokens + max_tokens {int(limits[b])} exceed the "
                            f"session capacity {self.capacity}")
-        ext.append((self.prompts[b] + self.transcripts[b])[-len(append[b]) - 1:])
-      width = _round_up(max(len(e) for e in ext), 16)
-      tokens = np.zeros((len(self.prompts), width), np.int32)
-      for b, e in enumerate(ext):
-        tokens[b, :len(e)] = e
-      lengths = np.array([len(e) for e in ext], np.int32)
-      keep = np.array([self.held(b) - len(e) for b, e in enumerate(ext)], np.int32)
-      self.state = generation.extend(params, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                     jnp.asarray(keep), return_logprobs=self.logprobs, **statics)
+        ext[b] = (self.prompts[b] + self.transcripts[b])[-len(append[b]) - 1:]
+      need = max(self.held(b) for b in ext) + loop
+      if need > self.state.cache.capacity:
+        self.state = self.state.replace(cache=_grow(self.state.cache, self._allocation(need)))
+      rows, go = self._rows_for(np.flatnonzero(active))
+      width = _round_up(max(len(e) for e in ext.values()), 16)
+      tokens = np.zeros((len(rows), width), np.int32)
+      lengths = np.zeros(len(rows), np.int32)
+      keep = np.zeros(len(rows), np.int32)
+      for i, b in enumerate(rows):
+        if go[i]:
+          tokens[i, :len(ext[b])] = ext[b]
+          lengths[i] = len(ext[b])
+          keep[i] = self.held(b) - len(ext[b])
+      full = len(rows) == len(self.prompts)
+      sub = self.state if full else _take_rows(self.state, jnp.asarray(rows))
+      sub = generation.extend(params, sub, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(keep),
+                              return_logprobs=self.logprobs, **statics)
       self.backend.counters["extend_tokens"] += int(lengths.sum())
-    return self._decode(limits, tuple(stop), active, loop, statics)
+      sub, done = self._decode(sub, limits[rows], tuple(stop), go, loop, statics)
+      if full:
+        self.state = sub
+      else:
+        place = np.flatnonzero(go)
+        self.state = _put_rows(self.state, sub, jnp.asarray(rows[place]), jnp.asarray(place))
+    results: list[Completion | None] = [None] * self.num_rows
+    for i, b in enumerate(rows):
+      if b < self.num_rows and done[i] is not None:
+        results[b] = done[i]
+        self.transcripts[b].extend(done[i].tokens)
+        self.backend.counters["generated_tokens"] += len(done[i].tokens)
+    return results
 
-  def _decode(self, limits: np.ndarray, stop: tuple[str, ...], active: np.ndarray, loop: int,
-              statics) -> list[Completion | None]:
+  def _allocation(self, need: int) -> int:
+    """Cache slots to allocate for `need`: rounded up to `grow_by` (few compiled shapes), at most the capacity."""
+    return int(min(self.capacity, _round_up(need, self.grow_by)))
+
+  def _rows_for(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the session rows a continuation runs on, which of them continue): the continuing `rows`, padded as the
+    backend pads a batch (a power of two, at least min_batch) with copies of the first that do not continue;
+    all rows when that is no fewer. Decoding only these keeps a round's cost to the rows that still think."""
+    width = len(rows)
+    if self.backend.pad_batch:
+      width = 1 << (width - 1).bit_length()
+    width = max(width, self.backend.min_batch)
+    if width >= len(self.prompts):
+      return np.arange(len(self.prompts)), np.isin(np.arange(len(self.prompts)), rows)
+    return (np.concatenate([rows, np.full(width - len(rows), rows[0])]).astype(np.int64),
+            np.arange(width) < len(rows))
+
+  def _decode(self, state, limits: np.ndarray, stop: tuple[str, ...], active: np.ndarray, loop: int,
+              statics) -> tuple[generation.DecodeState, list[Completion | None]]:
+    """Decodes the batch `state` (its rows: `limits`, `active`) to the end of the round; per batch row, the
+    round's `Completion` (None for a row that does not continue), its tokens added to the row's transcript."""
     from lacax.hw.backends.local import RowText  # pylint: disable=g-import-not-at-top
 
-    rows_all = len(self.prompts)
-    texts = [RowText(self.tok, stop, self.stop_ids) for _ in range(rows_all)]
+    width = len(limits)
+    texts = [RowText(self.tok, stop, self.stop_ids) for _ in range(width)]
     params = self.backend.model.params
-    state = self.state
     while True:
       out, counts, done, logprobs, step = jax.device_get(
           (state.out, state.num_generated, state.done, state.logprobs, state.step))
       counts = np.minimum(counts, limits)
-      rows = [out[b, :counts[b]].tolist() for b in range(rows_all)]
+      rows = [out[i, :counts[i]].tolist() for i in range(width)]
       host_done = np.asarray(done, bool) | (counts >= limits) | ~active
       if stop:
         host_done |= np.array([t.stopped_by_string(r) if a else False for t, r, a in zip(texts, rows, active)])
@@ -173,17 +226,59 @@ class KVSession:
         state = state.replace(done=jnp.asarray(host_done))
       state = generation.decode(params, state, pad_id=0, until=jnp.int32(int(step) + self.backend.chunk),
                                 policy=self.backend.policy, **statics)
-    self.state = state
-    results: list[Completion | None] = []
-    for b in range(self.num_rows):
-      if not active[b]:
-        results.append(None)
-        continue
-      texts[b].update(rows[b], True)
-      kept = rows[b][:texts[b].num_tokens]
-      lps = None if logprobs is None else tuple(float(x) for x in logprobs[b][:len(kept)])
-      self.transcripts[b].extend(kept)
-      self.backend.counters["generated_tokens"] += len(kept)
-      results.append(Completion(text=texts[b].text, finish_reason=texts[b].finish_reason, tokens=tuple(kept),
-                                logprobs=lps))
-    return results
+    return state, [self._completion(i, texts[i], rows[i], logprobs) if active[i] else None for i in range(width)]
+
+  def _completion(self, i: int, text, tokens: list[int], logprobs) -> Completion:
+    text.update(tokens, True)
+    kept = tokens[:text.num_tokens]
+    lps = None if logprobs is None else tuple(float(x) for x in logprobs[i][:len(kept)])
+    return Completion(text=text.text, finish_reason=text.finish_reason, tokens=tuple(kept), logprobs=lps)
+
+
+def _grow(cache, capacity: int):
+  """`cache` with free slots appended up to `capacity` (a full cache: slot == position, so nothing moves)."""
+  extra = capacity - cache.capacity
+  if extra <= 0:
+    return cache
+
+  def pad(x, value=0):
+    if x is None:
+      return None
+    widths = [(0, 0)] * x.ndim
+    widths[2] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+  if cache.scores is not None or cache.stats is not None or cache.state is not None:
+    raise ValueError("a KV session grows only a plain full cache (no scores, statistics or policy state)")
+  return cache.replace(k=pad(cache.k), v=pad(cache.v), pos=pad(cache.pos, -1), k_scale=pad(cache.k_scale),
+                       v_scale=pad(cache.v_scale))
+
+
+def _batch_axes(state):
+  """Per leaf of a decode state, its batch axis: 1 in the cache ([L, B, ...]), 0 elsewhere, None for the step."""
+  cache_axes = jax.tree_util.tree_map(lambda _: 1, state.cache)
+  return state.replace(cache=cache_axes, **{f: (None if f == "step" else 0) for f in
+                                           ("token", "position", "step", "done", "num_generated", "out", "rng",
+                                            "logprobs") if getattr(state, f) is not None})
+
+
+@jax.jit
+def _take_rows(state, rows):
+  """The decode state of batch rows `rows` (in that order)."""
+  return jax.tree_util.tree_map(lambda x, a: x if a is None else jnp.take(x, rows, axis=a), state,
+                                _batch_axes(state), is_leaf=lambda x: x is None)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_rows(state, sub, rows, place):
+  """`state` with its rows `rows` replaced by rows `place` of `sub` (the cache and the PRNG keys a later round
+  continues from; the rest of a decode state is rebuilt by `extend`)."""
+  def put(x, y, a):
+    if a is None:
+      return x
+    idx = [slice(None)] * x.ndim
+    idx[a] = rows
+    src = jnp.take(y, place, axis=a)
+    return x.at[tuple(idx)].set(src)
+  cache = jax.tree_util.tree_map(lambda x, y: put(x, y, 1), state.cache, sub.cache)
+  return state.replace(cache=cache, rng=put(state.rng, sub.rng, 0))
