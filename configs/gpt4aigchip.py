@@ -18,7 +18,8 @@ demo-augmented prompt) or "heuristic" (mutation + crossover, no model). Backends
 Variants: "" (8x8x8 GEMM of 8-bit numbers, arrays up to 8x8, budget 40, seeds 0-2), "cpu" (8x8x8 of 4-bit numbers,
 arrays up to 4x4, budget 16, seeds 0-1: yosys dominates, a few seconds per design), "tiny" (4x4x4 of 2-bit numbers,
 budget 4, one seed, synthesis on: the job test), "local" (the local model as the backend), "heuristic",
-"code" (the backend writes the PE module), "ablation" (adds the demo ablations).
+"code" (the backend writes the PE module), "ablation" (adds the demo ablations), "dslx" (the PE's
+multiply-accumulate in DSLX through XLS).
 """
 
 import ml_collections
@@ -36,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict(dict(budget=40, population=8, tournament=3, seeds=(0, 1, 2), mode="config",
                                             area_weight=1.0, synth=True,
                                             cache_dir=""))  # "" = evaluations cached in the run only
+  # The PE: "verilog" (lacax's) or "dslx" (its multiply-accumulate written in DSLX and built by XLS, the offline
+  # stand-in for the paper's HLS flow; lacax.hw.aigchip.hls).
+  c.template = ml_collections.ConfigDict(dict(pe="verilog"))
   c.methods = ("evolution", "random")
   c.proposer = "backend"  # backend | heuristic
   c.backend = ml_collections.ConfigDict(dict(
@@ -70,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.search.mode = "code"
     elif v == "ablation":
       c.ablation.enabled = True
+    elif v == "dslx":
+      c.template.pe = "dslx"
     else:
-      raise ValueError(f"variant {v!r} of configs/gpt4aigchip.py is unknown (cpu, tiny, local, heuristic, code, ablation)")
+      raise ValueError(f"variant {v!r} of configs/gpt4aigchip.py is unknown (cpu, tiny, local, heuristic, code, ablation, dslx)")
   return c

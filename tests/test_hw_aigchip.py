@@ -1,6 +1,7 @@
 """GPT4AIGChip: the GEMM template (simulated and synthesised for real), the analytic cycle model, the auto-fixer,
 the demo selectors and the search's guarantees (failed designs never fit, reproducible at equal budgets and seeds)."""
 
+import importlib.util
 import itertools
 import shutil
 
@@ -12,12 +13,14 @@ from lacax.hw.aigchip import ablation
 from lacax.hw.aigchip import autofix
 from lacax.hw.aigchip import demos
 from lacax.hw.aigchip import evaluate
+from lacax.hw.aigchip import hls
 from lacax.hw.aigchip import search
 from lacax.hw.aigchip import template
 from lacax.hw.backends.scripted import ScriptedBackend
 from lacax.hw.tools import iverilog
 
 _TOOLS = all(shutil.which(t) for t in ("iverilog", "vvp", "yosys"))
+_XLS = importlib.util.find_spec("xls") is not None
 W_SMALL = template.Workload(m=4, k=4, n=4, width=2, seed=3)
 
 
@@ -55,6 +58,28 @@ class TemplateTest(parameterized.TestCase):
     self.assertEqual(rec["category"], "mismatch")
     self.assertFalse(rec["ok"])
     self.assertIsNone(rec["fitness"])
+
+
+@absltest.skipUnless(_TOOLS and _XLS, "needs iverilog, yosys and xls-python")
+class DslxPeTest(absltest.TestCase):
+  """The PE's multiply-accumulate in DSLX, built by XLS, drops into the template: the GEMM passes, in the
+  template's cycles, and synthesises."""
+
+  def test_the_xls_built_pe_passes_the_gemm_and_synthesises(self):
+    w = template.Workload(m=4, k=4, n=4, width=3, seed=1)
+    evaluator = evaluate.Evaluator(w, pe="dslx")
+    for d in (template.Design(), template.Design(dataflow="ws", interconnect="systolic")):
+      rec = evaluator(d)
+      self.assertTrue(rec["ok"], (d, rec["detail"]))
+      self.assertEqual(rec["cycles"], template.analytic_cycles(d, w))
+      self.assertEqual(rec["overrides"], ["gemm_pe"])
+      self.assertEqual(rec["fixes"], [])
+      self.assertGreater(rec["cells"], 100)
+      code = hls.pe_module(d, w)
+      self.assertIn("module gemm_pe_mac(", code)  # XLS's module, inside the template's wrapper
+      self.assertIn(f"uN[{w.acc_width}]", hls.pe_dslx(d, w))
+    with self.assertRaisesRegex(ValueError, "pe='hls' must be one of"):
+      evaluate.Evaluator(w, pe="hls")
 
 
 class TemplateModelTest(absltest.TestCase):

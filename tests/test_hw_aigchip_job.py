@@ -55,7 +55,13 @@ class JobTest(absltest.TestCase):
     self.assertIn("search.population=99 must be an integer in [1, budget=4]", text)
     with self.assertRaisesRegex(ValueError, "variant 'gpu' of configs/gpt4aigchip.py is unknown"):
       gpt4aigchip_config.get_config("gpu")
-    for variant in ("", "cpu", "cpu,local", "heuristic", "code", "cpu,ablation"):
+    config = gpt4aigchip_config.get_config("tiny")
+    config.template.pe = "c++"
+    with self.assertRaisesRegex(errors.ValidationError, r"template.pe='c\+\+' must be one of \('verilog', 'dslx'\)"):
+      job.validate(config)
+    with self.assertRaisesRegex(errors.ValidationError, "template.pe='dslx' conflicts with search.mode='code'"):
+      job.validate(gpt4aigchip_config.get_config("code,dslx"))
+    for variant in ("", "cpu", "cpu,local", "heuristic", "code", "cpu,ablation", "cpu,dslx"):
       job.validate(gpt4aigchip_config.get_config(variant))
 
 

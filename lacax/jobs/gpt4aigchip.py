@@ -93,6 +93,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                    f"proposer={config.proposer!r}")
     if int(ab.n) < 1:
       problems.add(f"ablation.n={ab.n!r} must be an integer >= 1")
+  pe = config.get("template", {}).get("pe", "verilog")
+  if pe not in evaluate_lib.PE_SOURCES:
+    problems.add(f"template.pe={pe!r} must be one of {evaluate_lib.PE_SOURCES} (dslx: the PE's multiply-accumulate "
+                 "in DSLX, built by XLS)")
+  elif pe == "dslx" and config.search.mode == "code" and config.proposer == "backend":
+    problems.add("template.pe='dslx' conflicts with search.mode='code' (there the backend writes the PE): use "
+                 "template.pe='verilog' or search.mode='config'")
   if float(config.search.area_weight) < 0:
     problems.add(f"search.area_weight={config.search.area_weight!r} must be >= 0")
   problems.raise_if_any("gpt4aigchip config")
@@ -190,7 +197,8 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   space = _space(config)
   evaluator = evaluate_lib.Evaluator(workload, synth=bool(config.search.synth),
                                      area_weight=float(config.search.area_weight), run_dir=rd,
-                                     cache_dir=config.search.get("cache_dir") or None)
+                                     cache_dir=config.search.get("cache_dir") or None,
+                                     pe=config.get("template", {}).get("pe", "verilog"))
   backend = None
   if config.proposer == "backend" and ("evolution" in config.methods or config.ablation.enabled):
     backend = make_backend(config, space)

@@ -33,6 +33,11 @@ from lacax.hw.tools import iverilog, yosys
 _CYCLES_RE = re.compile(r"CYCLES:\s*(\d+)")
 
 
+# Where the template's PE comes from: lacax's Verilog, or its multiply-accumulate in DSLX through XLS
+# (`lacax.hw.aigchip.hls`; the Evaluator then passes it as the `gemm_pe` override).
+PE_SOURCES = ("verilog", "dslx")
+
+
 def fitness_of(cycles: int, cells: int, area_weight: float) -> float:
   return -(math.log2(max(cycles, 1)) + area_weight * math.log2(max(cells, 1)))
 
@@ -85,8 +90,11 @@ class Evaluator:
   """`evaluate` with a cache by design hash (knobs + workload + overrides), in memory and in a RunDir."""
 
   def __init__(self, workload: template.Workload, *, synth: bool = True, area_weight: float = 1.0,
-               run_dir: Any = None, cache_dir: str | None = None):
+               run_dir: Any = None, cache_dir: str | None = None, pe: str = "verilog"):
+    if pe not in PE_SOURCES:
+      raise ValueError(f"pe={pe!r} must be one of {PE_SOURCES}")
     self.workload = workload
+    self.pe = pe
     self.synth = synth
     self.area_weight = area_weight
     self.run_dir = run_dir
@@ -105,6 +113,9 @@ class Evaluator:
     return h.hexdigest()[:20]
 
   def __call__(self, design: template.Design, overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
+    if self.pe == "dslx" and "gemm_pe" not in (overrides or {}) and not template.problems(design, self.workload):
+      from lacax.hw.aigchip import hls  # pylint: disable=g-import-not-at-top
+      overrides = {**(overrides or {}), "gemm_pe": hls.pe_module(design, self.workload)}
     key = self.key(design, overrides)
     with self._lock:
       if key in self.cache:
