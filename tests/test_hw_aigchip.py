@@ -161,6 +161,14 @@ class AutofixTest(parameterized.TestCase):
     self.assertEqual(cell["demos"], ["os_mac_pe"])
     self.assertEqual((cell["compile_c"], cell["functional_c"], cell["fixed_c"]), (2, 1, 2))
     self.assertAlmostEqual(cell["compile@1"], 2 / 3)
+    # The :cpu workload (8x8x8) outgrows the targets' default buffers (2 x 16 words): they are deepened to fit.
+    w = template.Workload(m=8, k=8, n=8, width=4)
+    cell = ablation.run_cell(ScriptedBackend(sequence=[good]), "none", 0, "os", w, demos.load_library(),
+                             demos.base.Sampling(n=1, max_tokens=400))
+    self.assertEqual(cell["functional_c"], 1)
+    self.assertEqual(ablation.target_design("ws", w).buf_depth, 32)
+    with self.assertRaisesRegex(ValueError, "ablation target 'os' .* cannot run workload .*design.rows=2 must divide"):
+      ablation.target_design("os", template.Workload(m=3, k=4, n=4))
 
   def test_parse_errors_reads_iverilog_messages(self):
     msgs = ("x.v:9: error: Unable to bind wire/reg/memory `prod' in `tb.dut'\n"

@@ -88,6 +88,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bad = [t for t in ab.targets if t not in ablation_lib.TARGETS]
     if bad:
       problems.add(f"ablation.targets contains {bad}; expected names from {sorted(ablation_lib.TARGETS)}")
+    else:
+      for t in ab.targets:
+        try:
+          ablation_lib.target_design(t, _workload(config))
+        except (ValueError, TypeError) as e:
+          problems.add(str(e))
     if config.proposer != "backend":
       problems.add(f"ablation.enabled needs proposer='backend' (a backend writes the modules), got "
                    f"proposer={config.proposer!r}")

@@ -28,6 +28,22 @@ from lacax.hw.tools import iverilog
 TARGETS = {"os": template.Design(dataflow="os"), "ws": template.Design(dataflow="ws", interconnect="systolic")}
 
 
+def target_design(target: str, workload: template.Workload) -> template.Design:
+  """The design whose PE the backend writes for `target`, its buffers deepened (if need be) to hold the
+  workload's operands; a workload the target's array cannot run is a ValueError naming both."""
+  if target not in TARGETS:
+    raise ValueError(f"ablation target={target!r} must be one of {sorted(TARGETS)}")
+  design = TARGETS[target]
+  need = max(workload.m * workload.k, workload.k * workload.n, workload.m * workload.n)
+  depth = next((x for x in template.SPACE["buf_depth"] if design.banks * x >= need), design.buf_depth)
+  design = dataclasses.replace(design, buf_depth=max(design.buf_depth, depth))
+  errs = template.problems(design, workload)
+  if errs:
+    raise ValueError(f"ablation target {target!r} ({design.to_json()}) cannot run workload {workload.to_json()}: "
+                     + "; ".join(errs))
+  return design
+
+
 def score_sample(answer: str, design: template.Design, workload: template.Workload) -> dict[str, Any]:
   tb = template.testbench(design, workload)
   context = {"tb.v": tb, **{f: t for f, t in template.generate(design, workload).items() if f != "gemm_pe.v"}}
@@ -43,9 +59,7 @@ def score_sample(answer: str, design: template.Design, workload: template.Worklo
 def run_cell(backend: Any, selector: str, k: int, target: str, workload: template.Workload,
              library: Sequence[demos_lib.Demo], sampling: base.Sampling, seed: int = 0) -> dict[str, Any]:
   """One ablation cell: `sampling.n` samples for (selector, k demos, target)."""
-  if target not in TARGETS:
-    raise ValueError(f"ablation target={target!r} must be one of {sorted(TARGETS)}")
-  design = TARGETS[target]
+  design = target_design(target, workload)
   instruction = search.pe_instruction(design)
   chosen, info = demos_lib.select(selector, instruction, library, k, backend=backend, seed=seed)
   prompt = demos_lib.build_prompt(instruction, chosen, interface=search.pe_interface(design))
