@@ -38,56 +38,25 @@ def pe_dslx(design: template.Design, w: template.Workload) -> str:
           "}\n")
 
 
-_OS_WRAPPER = """\
-// Output-stationary MAC (the multiply-accumulate is XLS's gemm_pe_mac, from DSLX); forwards its operands through
-// registers when FWD (systolic).
-module gemm_pe #(parameter DW = 8, parameter AW = 18, parameter FWD = 1) (
-  input clk, input clr, input en,
-  input [DW-1:0] a_in, input [DW-1:0] b_in,
-  output reg [DW-1:0] a_out, output reg [DW-1:0] b_out, output reg [AW-1:0] acc
-);
-  wire [AW-1:0] mac;
-  gemm_pe_mac datapath (.acc(acc), .a(a_in), .b(b_in), .out(mac));
-  always @(posedge clk) begin
-    if (clr) acc <= {AW{1'b0}};
-    else if (en) acc <= mac;
-  end
-  generate
-    if (FWD) begin : forward
-      always @(posedge clk) begin
-        if (clr) begin a_out <= {DW{1'b0}}; b_out <= {DW{1'b0}}; end
-        else if (en) begin a_out <= a_in; b_out <= b_in; end
-      end
-    end else begin : no_forward
-      always @(*) begin a_out = {DW{1'b0}}; b_out = {DW{1'b0}}; end
-    end
-  endgenerate
-endmodule
-"""
+def _wrap(pe: str, old: str, new: str, comment: str) -> str:
+  """The template's PE with its arithmetic line `old` replaced by `new` (which instantiates XLS's module)."""
+  if old not in pe:
+    raise AssertionError(f"the template's PE no longer holds {old!r}: update lacax/hw/aigchip/hls.py")
+  return comment + "\n".join(pe.replace(old, new).splitlines()[1:]) + "\n"
 
-_ST_WRAPPER = """\
-// Stationary-operand MAC (psum_in + a_in * w is XLS's gemm_pe_mac, from DSLX), registered when systolic.
-module gemm_pe #(parameter DW = 8, parameter AW = 18, parameter REG = 0) (
-  input clk, input en,
-  input [DW-1:0] a_in, input [DW-1:0] w, input [AW-1:0] psum_in,
-  output [DW-1:0] a_out, output [AW-1:0] psum_out
-);
-  wire [AW-1:0] sum;
-  gemm_pe_mac datapath (.psum(psum_in), .a(a_in), .w(w), .out(sum));
-  generate
-    if (REG) begin : registered
-      reg [DW-1:0] a_q;
-      reg [AW-1:0] p_q;
-      always @(posedge clk) if (en) begin a_q <= a_in; p_q <= sum; end
-      assign a_out = a_q;
-      assign psum_out = p_q;
-    end else begin : combinational
-      assign a_out = a_in;
-      assign psum_out = sum;
-    end
-  endgenerate
-endmodule
-"""
+
+# The template's own PEs (registers, forwarding, the systolic pipeline registers), their arithmetic from XLS.
+_OS_WRAPPER = _wrap(template.PE_OS, "    else if (en) acc <= acc + a_in * b_in;",
+                    "    else if (en) acc <= mac;",
+                    "// Output-stationary MAC; acc + a_in * b_in is XLS's gemm_pe_mac (from DSLX).\n").replace(
+                        "  always @(posedge clk) begin\n    if (clr) acc",
+                        "  wire [AW-1:0] mac;\n  gemm_pe_mac datapath (.acc(acc), .a(a_in), .b(b_in), .out(mac));\n"
+                        "  always @(posedge clk) begin\n    if (clr) acc", 1)
+_ST_WRAPPER = _wrap(template.PE_ST, "  wire [AW-1:0] sum = psum_in + a_in * w;",
+                    "  wire [AW-1:0] sum;\n  gemm_pe_mac datapath (.psum(psum_in), .a(a_in), .w(w), .out(sum));",
+                    "// Stationary-operand MAC; psum_in + a_in * w is XLS's gemm_pe_mac (from DSLX).\n")
+if not all("gemm_pe_mac datapath" in w for w in (_OS_WRAPPER, _ST_WRAPPER)):
+  raise AssertionError("the template's PE changed shape: update lacax/hw/aigchip/hls.py")
 
 
 def pe_module(design: template.Design, w: template.Workload) -> str:
