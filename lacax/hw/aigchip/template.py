@@ -655,8 +655,9 @@ def _top(design: Design, w: Workload) -> str:
     # (the one the array takes), which goes straight from the buffer's lanes.
     a_in = ", ".join(f"lanes0[{g % b}*DW +: DW]" if g // b == beat - 1 else f"sa[{g}]" for g in reversed(range(r)))
     body += [
-        f"  // Pipelined: beat k (of {beat} cycle(s)) fetches streamed vector k while the write port stores the sums of",
-        f"  // vector k - {lat}, which left the array at the previous beat; the array advances in a beat's last cycle.",
+        f"  // Pipelined: beat k (of {beat} cycle(s)) fetches streamed vector k while the write port stores the",
+        f"  // sums of vector k - {lat}, which left the array at the previous beat; the array advances in a beat's",
+        "  // last cycle.",
         "  // t0 = output tile, t1 = reduction (k) tile; operand 1 = stationary tiles (tile-major), operand 0 =",
         "  // streamed vectors, outputs accumulated over reduction tiles (read-modify-write)",
         f"  assign base0 = (t1 * {time} + k) * {r} + p * {b};",
