@@ -215,11 +215,13 @@ def main(argv):
         f"{report['cpu_model']} ({os.cpu_count()} cores, load {load_before[0]:.1f} before)")
   print(f"{'mode':<6}{'lacax tok/s':>13}{'torch tok/s':>13}{'speedup':>9}{'lacax RSS':>11}{'torch RSS':>11}"
         f"{'lacax temp':>12}")
-  fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+  def fmt(v, width, unit=""):  # a column of `width` characters; "-" where a framework was not measured
+    return f"{v:.2f}{unit}".rjust(width) if v is not None else "-".rjust(width)
+
   for r in rows:
-    print(f"{r['mode']:<6}{fmt(r['lacax_tokens_per_s'], '13.1f')}{fmt(r['torch_tokens_per_s'], '13.1f')}"
-          f"{fmt(r['speedup'], '8.2f')}x{fmt(r['lacax_peak_rss_gib'], '9.2f')}Gi{fmt(r['torch_peak_rss_gib'], '9.2f')}Gi"
-          f"{fmt(r['lacax_compiled_temp_gib'], '10.2f')}Gi")
+    print(f"{r['mode']:<6}{fmt(r['lacax_tokens_per_s'], 13)}{fmt(r['torch_tokens_per_s'], 13)}"
+          f"{fmt(r['speedup'], 9, 'x')}{fmt(r['lacax_peak_rss_gib'], 11, 'Gi')}{fmt(r['torch_peak_rss_gib'], 11, 'Gi')}"
+          f"{fmt(r['lacax_compiled_temp_gib'], 12, 'Gi')}")
   for name, case in cases.items():
     if "error" in case:
       print(f"{name} failed:\n{case['error']}")
