@@ -44,6 +44,11 @@ def _space(config) -> dict[str, tuple[Any, ...]]:
   return search_lib.check_space({k: tuple(v) for k, v in config.space.items()})
 
 
+def _pe_source(config) -> str:
+  """template.pe ("verilog" when a config from before the option has no `template` block)."""
+  return config.get("template", {}).get("pe", "verilog")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   problems = errors.Problems()
   try:
@@ -99,7 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                    f"proposer={config.proposer!r}")
     if int(ab.n) < 1:
       problems.add(f"ablation.n={ab.n!r} must be an integer >= 1")
-  pe = config.get("template", {}).get("pe", "verilog")
+  pe = _pe_source(config)
   if pe not in evaluate_lib.PE_SOURCES:
     problems.add(f"template.pe={pe!r} must be one of {evaluate_lib.PE_SOURCES} (dslx: the PE's multiply-accumulate "
                  "in DSLX, built by XLS)")
@@ -204,7 +209,7 @@ def run(config: ml_collections.ConfigDict, run_dir) -> dict[str, Any]:
   evaluator = evaluate_lib.Evaluator(workload, synth=bool(config.search.synth),
                                      area_weight=float(config.search.area_weight), run_dir=rd,
                                      cache_dir=config.search.get("cache_dir") or None,
-                                     pe=config.get("template", {}).get("pe", "verilog"))
+                                     pe=_pe_source(config))
   backend = None
   if config.proposer == "backend" and ("evolution" in config.methods or config.ablation.enabled):
     backend = make_backend(config, space)

@@ -524,6 +524,34 @@ def _lane_mux(src: str, length: int, banks: int, subvectors: int, add: str) -> l
   return out
 
 
+def _next_tile(t0n: int, t1n: int, indent: str) -> list[str]:
+  """Controller lines after a tile: the next t1 (inner), else the next t0, else done; each new tile starts in
+  S_INIT."""
+  return [
+      f"{indent}if (t1 == {t1n - 1}) begin",
+      f"{indent}  t1 <= 0;",
+      f"{indent}  if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
+      f"{indent}end else begin t1 <= t1 + 1; state <= S_INIT; end",
+  ]
+
+
+def _fsm(first: str, states: list[str]) -> list[str]:
+  """The controller: idle until start, S_INIT clears the counters and goes to `first`, then `states` (the
+  dataflow's own case items), S_DONE holds."""
+  return [
+      "  always @(posedge clk) begin",
+      "    if (rst) state <= S_IDLE;",
+      "    else case (state)",
+      "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
+      f"      S_INIT: begin k <= 0; p <= 0; state <= {first}; end",
+      *states,
+      "      S_DONE: state <= S_DONE;",
+      "      default: state <= S_IDLE;",
+      "    endcase",
+      "  end",
+  ]
+
+
 def _top(design: Design, w: Workload) -> str:
   r, c, b = design.rows, design.cols, design.banks
   mp = mapping(design, w)
@@ -565,12 +593,11 @@ def _top(design: Design, w: Workload) -> str:
       "    .hw_en(1'b0), .hw_addr(host_addr), .hw_data({AW{1'b0}}), .hr_addr(host_raddr), .hr_data(host_rdata),",
       "    .v_base(base2), .v_we(we2), .v_mask(mask2), .v_wdata(wlanes2), .v_rdata(lanes2));",
   ]
-  body: list[str] = []
   if os_:
     fetch = max(_cdiv(r, b), _cdiv(c, b))
     flush = r + c - 2 if systolic else 0
     wb = _cdiv(r * c, b)
-    body += [
+    body = [
         f"  // operand 0 = A columns of row tile t0, operand 1 = B rows of column tile t1; outputs tile-major",
         f"  assign base0 = (t0 * {w.k} + k) * {r} + p * {b};",
         f"  assign base1 = (t1 * {w.k} + k) * {c} + p * {b};",
@@ -585,113 +612,74 @@ def _top(design: Design, w: Workload) -> str:
         "    .acc_flat(acc_flat));",
         "  assign we2 = (state == S_WB);",
         *_lane_mux("acc_flat", r * c, b, wb, ""),
-        "  always @(posedge clk) begin",
-        "    if (rst) state <= S_IDLE;",
-        "    else case (state)",
-        "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
-        "      S_INIT: begin k <= 0; p <= 0; state <= S_FETCH; end",
-        f"      S_FETCH: if (p == {fetch - 1}) begin p <= 0; state <= S_MAC; end else p <= p + 1;",
-        f"      S_MAC: if (k == {w.k - 1}) begin k <= 0; p <= 0; state <= {'S_FLUSH' if flush else 'S_WB'}; end",
-        "             else begin k <= k + 1; state <= S_FETCH; end",
-        f"      S_FLUSH: if (p == {max(flush, 1) - 1}) begin p <= 0; state <= S_WB; end else p <= p + 1;",
-        f"      S_WB: if (p == {wb - 1}) begin",
-        "              p <= 0;",
-        f"              if (t1 == {t1n - 1}) begin",
-        "                t1 <= 0;",
-        f"                if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
-        "              end else begin t1 <= t1 + 1; state <= S_INIT; end",
-        "            end else p <= p + 1;",
-        "      S_DONE: state <= S_DONE;",
-        "      default: state <= S_IDLE;",
-        "    endcase",
-        "  end",
-    ]
-  elif not systolic:
-    pre = _cdiv(r * c, b)
-    sf = _cdiv(r, b)
-    sw = _cdiv(c, b)
-    body += [
-        "  // t0 = output tile, t1 = reduction (k) tile, k = streamed step; operand 1 = stationary tiles (tile-major),",
-        "  // operand 0 = streamed vectors, outputs accumulated over reduction tiles (read-modify-write)",
-        f"  assign base0 = (t1 * {time} + k) * {r} + p * {b};",
-        f"  assign base1 = (t0 * {t1n} + t1) * {r * c} + p * {b};",
-        f"  assign base2 = (t0 * {time} + k) * {c} + p * {b};",
-        *_stage("ws", r * c, b, "DW", "(state == S_PRE)", "lanes1"),
-        *_stage("sa", r, b, "DW", "(state == S_FETCH)", "lanes0"),
-        f"  wire [{c}*AW-1:0] psum;",
-        "  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en(1'b0), .a_vec(sa_flat), .w_flat(ws_flat),",
-        "    .psum(psum));",
-        "  assign we2 = (state == S_SWRITE);",
-        *_lane_mux("psum", c, b, sw, "(t1 == 0 ? {AW{1'b0}} : lanes2[LANE*AW +: AW]) + "),
-        "  always @(posedge clk) begin",
-        "    if (rst) state <= S_IDLE;",
-        "    else case (state)",
-        "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
-        "      S_INIT: begin k <= 0; p <= 0; state <= S_PRE; end",
-        f"      S_PRE: if (p == {pre - 1}) begin p <= 0; state <= S_FETCH; end else p <= p + 1;",
-        f"      S_FETCH: if (p == {sf - 1}) begin p <= 0; state <= S_SWRITE; end else p <= p + 1;",
-        f"      S_SWRITE: if (p == {sw - 1}) begin",
-        "              p <= 0;",
-        f"              if (k == {time - 1}) begin",
-        "                k <= 0;",
-        f"                if (t1 == {t1n - 1}) begin",
-        "                  t1 <= 0;",
-        f"                  if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
-        "                end else begin t1 <= t1 + 1; state <= S_INIT; end",
-        "              end else begin k <= k + 1; state <= S_FETCH; end",
-        "            end else p <= p + 1;",
-        "      S_DONE: state <= S_DONE;",
-        "      default: state <= S_IDLE;",
-        "    endcase",
-        "  end",
+        *_fsm("S_FETCH", [
+            f"      S_FETCH: if (p == {fetch - 1}) begin p <= 0; state <= S_MAC; end else p <= p + 1;",
+            f"      S_MAC: if (k == {w.k - 1}) begin k <= 0; p <= 0; state <= {'S_FLUSH' if flush else 'S_WB'}; end",
+            "             else begin k <= k + 1; state <= S_FETCH; end",
+            f"      S_FLUSH: if (p == {max(flush, 1) - 1}) begin p <= 0; state <= S_WB; end else p <= p + 1;",
+            f"      S_WB: if (p == {wb - 1}) begin",
+            "              p <= 0;",
+            *_next_tile(t0n, t1n, " " * 14),
+            "            end else p <= p + 1;",
+        ]),
     ]
   else:
     pre = _cdiv(r * c, b)
     sf = _cdiv(r, b)
     sw = _cdiv(c, b)
-    beat = max(sf, sw)
-    lat = r + c - 1
-    # Input lane g of the array: its staging register, except in the sub-vector fetched in the beat's last cycle
-    # (the one the array takes), which goes straight from the buffer's lanes.
-    a_in = ", ".join(f"lanes0[{g % b}*DW +: DW]" if g // b == beat - 1 else f"sa[{g}]" for g in reversed(range(r)))
+    beat = max(sf, sw)  # systolic: one streamed vector a beat
+    lat = r + c - 1 if systolic else 0  # beats from a vector entering the array to its sums leaving it
+    if systolic:
+      # Input lane g: its staging register, except in the sub-vector fetched in the beat's last cycle (the one
+      # the array takes), which comes straight from the buffer's lanes.
+      a_vec, enable, write = "a_next", f"state == S_FETCH && p == {beat - 1}", f"(state == S_FETCH) && (k >= {lat})"
+      a_in = ", ".join(f"lanes0[{g % b}*DW +: DW]" if g // b == beat - 1 else f"sa[{g}]" for g in reversed(range(r)))
+      body = [
+          f"  // Pipelined: beat k (of {beat} cycle(s)) fetches streamed vector k while the write port stores the",
+          f"  // sums of vector k - {lat}, which left the array at the previous beat; the array advances in a beat's",
+          "  // last cycle.",
+      ]
+    else:
+      a_vec, enable, write = "sa_flat", "1'b0", "(state == S_SWRITE)"
+      body = []
     body += [
-        f"  // Pipelined: beat k (of {beat} cycle(s)) fetches streamed vector k while the write port stores the",
-        f"  // sums of vector k - {lat}, which left the array at the previous beat; the array advances in a beat's",
-        "  // last cycle.",
-        "  // t0 = output tile, t1 = reduction (k) tile; operand 1 = stationary tiles (tile-major), operand 0 =",
-        "  // streamed vectors, outputs accumulated over reduction tiles (read-modify-write)",
+        "  // t0 = output tile, t1 = reduction (k) tile, k = streamed step; operand 1 = stationary tiles (tile-major),",
+        "  // operand 0 = streamed vectors, outputs accumulated over reduction tiles (read-modify-write)",
         f"  assign base0 = (t1 * {time} + k) * {r} + p * {b};",
         f"  assign base1 = (t0 * {t1n} + t1) * {r * c} + p * {b};",
-        f"  assign base2 = (t0 * {time} + k - {lat}) * {c} + p * {b};",
+        f"  assign base2 = (t0 * {time} + k{f' - {lat}' if lat else ''}) * {c} + p * {b};",
         *_stage("ws", r * c, b, "DW", "(state == S_PRE)", "lanes1"),
         *_stage("sa", r, b, "DW", "(state == S_FETCH)", "lanes0"),
-        f"  wire [{r}*DW-1:0] a_next = {{{a_in}}};",
+        *([f"  wire [{r}*DW-1:0] a_next = {{{a_in}}};"] if systolic else []),
         f"  wire [{c}*AW-1:0] psum;",
-        f"  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en(state == S_FETCH && p == {beat - 1}),",
-        "    .a_vec(a_next), .w_flat(ws_flat), .psum(psum));",
-        f"  assign we2 = (state == S_FETCH) && (k >= {lat});",
+        f"  gemm_array #(.DW(DW), .AW(AW)) array (.clk(clk), .en({enable}),",
+        f"    .a_vec({a_vec}), .w_flat(ws_flat), .psum(psum));",
+        f"  assign we2 = {write};",
         *_lane_mux("psum", c, b, sw, "(t1 == 0 ? {AW{1'b0}} : lanes2[LANE*AW +: AW]) + "),
-        "  always @(posedge clk) begin",
-        "    if (rst) state <= S_IDLE;",
-        "    else case (state)",
-        "      S_IDLE: if (start) begin state <= S_INIT; t0 <= 0; t1 <= 0; k <= 0; p <= 0; end",
-        "      S_INIT: begin k <= 0; p <= 0; state <= S_PRE; end",
-        f"      S_PRE: if (p == {pre - 1}) begin p <= 0; state <= S_FETCH; end else p <= p + 1;",
-        f"      S_FETCH: if (p == {beat - 1}) begin",
-        "              p <= 0;",
-        f"              if (k == {time + lat - 1}) begin",
-        "                k <= 0;",
-        f"                if (t1 == {t1n - 1}) begin",
-        "                  t1 <= 0;",
-        f"                  if (t0 == {t0n - 1}) state <= S_DONE; else begin t0 <= t0 + 1; state <= S_INIT; end",
-        "                end else begin t1 <= t1 + 1; state <= S_INIT; end",
-        "              end else k <= k + 1;",
-        "            end else p <= p + 1;",
-        "      S_DONE: state <= S_DONE;",
-        "      default: state <= S_IDLE;",
-        "    endcase",
-        "  end",
     ]
+    if systolic:
+      states = [
+          f"      S_FETCH: if (p == {beat - 1}) begin",
+          "              p <= 0;",
+          f"              if (k == {time + lat - 1}) begin",
+          "                k <= 0;",
+          *_next_tile(t0n, t1n, " " * 16),
+          "              end else k <= k + 1;",
+          "            end else p <= p + 1;",
+      ]
+    else:
+      states = [
+          f"      S_FETCH: if (p == {sf - 1}) begin p <= 0; state <= S_SWRITE; end else p <= p + 1;",
+          f"      S_SWRITE: if (p == {sw - 1}) begin",
+          "              p <= 0;",
+          f"              if (k == {time - 1}) begin",
+          "                k <= 0;",
+          *_next_tile(t0n, t1n, " " * 16),
+          "              end else begin k <= k + 1; state <= S_FETCH; end",
+          "            end else p <= p + 1;",
+      ]
+    body += _fsm("S_PRE", [f"      S_PRE: if (p == {pre - 1}) begin p <= 0; state <= S_FETCH; end else p <= p + 1;",
+                           *states])
   return "\n".join(head + body + ["endmodule", ""])
 
 

@@ -234,10 +234,7 @@ class LocalBackend:
     for start in range(0, len(rows), self.max_batch):
       batch = list(rows[start:start + self.max_batch])
       real = len(batch)
-      width = real
-      if self.pad_batch:
-        width = min(1 << (real - 1).bit_length(), max(self.max_batch, real))
-      width = max(width, self.min_batch)
+      width = self.batch_width(real)
       batch += [Row(ids=batch[0].ids[:1], max_tokens=1)] * (width - real)
       texts = [RowText(self.tokenizer, row.stop, self.tokenizer.stop_ids) for row in batch]
       self.counters["prefill_tokens"] += sum(len(row.ids) for row in batch[:real])
@@ -271,6 +268,12 @@ class LocalBackend:
                                   logprobs=lps))
         self.counters["generated_tokens"] += len(kept)
     return results
+
+  def batch_width(self, rows: int) -> int:
+    """The rows a batch of `rows` real rows is padded to: a power of two (`pad_batch`, at most max_batch unless
+    there are more real rows), at least `min_batch`."""
+    width = min(1 << (rows - 1).bit_length(), max(self.max_batch, rows)) if self.pad_batch else rows
+    return max(width, self.min_batch)
 
   def session(self, prompts: Sequence[Prompt], sampling: Sampling, *, capacity: int):
     """A `lacax.hw.backends.session.KVSession`: `sampling.n` rows per prompt that keep their KV cache between

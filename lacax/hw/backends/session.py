@@ -27,6 +27,7 @@ Only the full cache keeps slot == position, which the rewind relies on: other ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -69,10 +70,7 @@ class KVSession:
     self.num_rows = len(self.prompts)
     # Batch rows padded as `LocalBackend.run_rows` pads them (a power of two, at least min_batch) with one-token
     # dummy rows that stop after their first token: fewer compilations when the number of rows varies.
-    width = self.num_rows
-    if backend.pad_batch:
-      width = min(1 << (width - 1).bit_length(), max(backend.max_batch, width))
-    width = max(width, backend.min_batch)
+    width = backend.batch_width(self.num_rows)
     self.prompts += [self.prompts[0][:1]] * (width - self.num_rows)
     self.seeds += [0] * (width - self.num_rows)
     self.transcripts: list[list[int]] = [[] for _ in self.prompts]
@@ -192,10 +190,7 @@ class KVSession:
     """(the session rows a continuation runs on, which of them continue): the continuing `rows`, padded as the
     backend pads a batch (a power of two, at least min_batch) with copies of the first that do not continue;
     all rows when that is no fewer. Decoding only these keeps a round's cost to the rows that still think."""
-    width = len(rows)
-    if self.backend.pad_batch:
-      width = 1 << (width - 1).bit_length()
-    width = max(width, self.backend.min_batch)
+    width = self.backend.batch_width(len(rows))
     if width >= len(self.prompts):
       return np.arange(len(self.prompts)), np.isin(np.arange(len(self.prompts)), rows)
     return (np.concatenate([rows, np.full(width - len(rows), rows[0])]).astype(np.int64),
@@ -203,8 +198,8 @@ class KVSession:
 
   def _decode(self, state, limits: np.ndarray, stop: tuple[str, ...], active: np.ndarray, loop: int,
               statics) -> tuple[generation.DecodeState, list[Completion | None]]:
-    """Decodes the batch `state` (its rows: `limits`, `active`) to the end of the round; per batch row, the
-    round's `Completion` (None for a row that does not continue), its tokens added to the row's transcript."""
+    """Decodes the batch `state` (its rows: `limits`, `active`) to the end of the round: the final state and, per
+    batch row, the round's `Completion` (None for a row that does not continue)."""
     from lacax.hw.backends.local import RowText  # pylint: disable=g-import-not-at-top
 
     width = len(limits)
@@ -226,13 +221,16 @@ class KVSession:
         state = state.replace(done=jnp.asarray(host_done))
       state = generation.decode(params, state, pad_id=0, until=jnp.int32(int(step) + self.backend.chunk),
                                 policy=self.backend.policy, **statics)
-    return state, [self._completion(i, texts[i], rows[i], logprobs) if active[i] else None for i in range(width)]
+    return state, [_completion(texts[i], rows[i], None if logprobs is None else logprobs[i]) if active[i] else None
+                   for i in range(width)]
 
-  def _completion(self, i: int, text, tokens: list[int], logprobs) -> Completion:
-    text.update(tokens, True)
-    kept = tokens[:text.num_tokens]
-    lps = None if logprobs is None else tuple(float(x) for x in logprobs[i][:len(kept)])
-    return Completion(text=text.text, finish_reason=text.finish_reason, tokens=tuple(kept), logprobs=lps)
+
+def _completion(text, tokens: list[int], logprobs) -> Completion:
+  """A row's round: its text up to a stop (`RowText`), the tokens kept, their log-probabilities."""
+  text.update(tokens, True)
+  kept = tokens[:text.num_tokens]
+  lps = None if logprobs is None else tuple(float(x) for x in logprobs[:len(kept)])
+  return Completion(text=text.text, finish_reason=text.finish_reason, tokens=tuple(kept), logprobs=lps)
 
 
 def _grow(cache, capacity: int):
@@ -256,10 +254,9 @@ def _grow(cache, capacity: int):
 
 def _batch_axes(state):
   """Per leaf of a decode state, its batch axis: 1 in the cache ([L, B, ...]), 0 elsewhere, None for the step."""
-  cache_axes = jax.tree_util.tree_map(lambda _: 1, state.cache)
-  return state.replace(cache=cache_axes, **{f: (None if f == "step" else 0) for f in
-                                           ("token", "position", "step", "done", "num_generated", "out", "rng",
-                                            "logprobs") if getattr(state, f) is not None})
+  axes = {f.name: 0 for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
+  axes.update(cache=jax.tree_util.tree_map(lambda _: 1, state.cache), step=None)
+  return state.replace(**axes)
 
 
 @jax.jit
