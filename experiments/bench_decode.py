@@ -16,14 +16,25 @@ pure-JAX attention). lacax runs its compiled prefill and its compiled decode loo
 process, with the faster of `--torch_threads`. Reports tokens/s, the lacax/transformers ratio, and the
 achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 
-`--weights` adds rows with packed low-bit layer projections (embedding and head stay float): int8 per channel
-and int4 in groups of 32 (lacax's symmetric quantizer, `lacax.compress.packed.compress_layers`), and q4_1 (the
-GGUF's own Q4_1 tensors kept as codes, `load_model(keep_quantized=True)`). `--quant_kernel=on,off` measures
-them with and without the XLA:CPU low-bit matmul kernel (rows marked "/dequant": XLA dequantizes every step).
-`--llama_cpp_python=<python>` adds llama.cpp rows on the same GGUF file and prompts (flash attention off
-and on, all cores), measured by `experiments/llamacpp_worker.py` in that Python (a venv with
-`pip install llama-cpp-python`, which builds its vendored llama.cpp from source: PyPI has no Linux wheel).
-Writes `results/bench_decode/<timestamp>.json` and prints a table.
+`--weights` adds rows with packed low-bit layer projections: int8 per channel and int4 in groups of 32
+(lacax's symmetric quantizer, `lacax.compress.packed.compress_layers`), with the tied embedding / LM head
+packed alike (`--pack_head`, default on: int8 / int4 in groups of 32, `packed.compress_head`), and q4_1 (the
+GGUF's own tensors kept as codes, `load_model(keep_quantized=True)`: Q4_1 layers and its Q8_0 embedding).
+`--quant_kernel=on,off` measures every row with and without the XLA:CPU weight kernels of
+`lacax.model.cpu_quant_matmul`: packed rows marked "/dequant" have XLA dequantize every step; float rows
+marked "/xla" multiply by XLA's dot instead of the weight-streaming kernel.
+`--llama_cpp_python=<python>` adds llama.cpp rows on the same GGUF and prompts, converted by llama.cpp itself
+to each of `--llama_cpp_types` (default F32, F16, BF16, Q8_0, Q4_1; from the embedded Q4_1 file the float
+types hold exactly the dequantized weights lacax's float rows load), flash attention off and on, all cores,
+measured by `experiments/llamacpp_worker.py` in that Python (a venv with `pip install llama-cpp-python`, which
+builds its vendored llama.cpp from source: PyPI has no Linux wheel).
+
+Decode tokens/s count the same thing on every side: the first generated token comes from the prefill, so
+(new_tokens - 1) tokens over the decode time. "GB/s" is (weight bytes + KV bytes read per token) x tokens/s
+(llama.cpp: the model file's bytes and a float16 cache), reported beside a measured read ceiling (`--ceiling`:
+torch's all-core sum over a 1 GiB float32 array, the best of 5; numpy's single-thread sum without
+torch).
+Writes `results/bench_decode/<timestamp>.json` (with the CPU model) and prints a table.
 
   python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
       --contexts=2048 --new_tokens=64 --dtypes=float32 --torch=false
@@ -86,6 +97,11 @@ _BUDGET = flags.DEFINE_integer("budget", 256, "cache.size for --policies.")
 _LLAMA_CPP_PYTHON = flags.DEFINE_string(
     "llama_cpp_python", "", "A Python with llama-cpp-python installed: adds llama.cpp rows on the same GGUF "
     "(flash attention off and on, all cores), measured by experiments/llamacpp_worker.py in that Python.")
+_LLAMA_CPP_TYPES = flags.DEFINE_list(
+    "llama_cpp_types", ["F32", "F16", "BF16", "Q8_0", "Q4_1"], "GGUF types llama.cpp is measured at (each "
+    "converted from --model by llama.cpp's own quantizer); empty: the file as it is.")
+_PACK_HEAD = flags.DEFINE_bool("pack_head", True, "int8 / int4 rows: pack the LM head (tied embedding) too.")
+_CEILING = flags.DEFINE_bool("ceiling", True, "Measure the read-bandwidth ceiling (see above).")
 _TORCH_ONLY_JSON = flags.DEFINE_string("torch_only_json", "", "Internal: measure transformers only, write JSON here.")
 
 
@@ -109,7 +125,29 @@ def with_weights(model, weights: str, dtype: str):
   L = model.cfg.num_layers
   layers = packed.compress_layers(model.params["layers"], [bits] * L, [None] * L, storage="packed",
                                   group_size=group)
-  return dataclasses.replace(model, params={**model.params, "layers": layers})
+  params = {**model.params, "layers": layers}
+  if _PACK_HEAD.value:
+    params = packed.compress_head(params, model.cfg.tie_word_embeddings, bits, group_size=32)
+  return dataclasses.replace(model, params=params)
+
+
+def read_ceiling() -> dict:
+  """The machine's read bandwidth: the best of 5 sums over a 1 GiB float32 array (torch, all cores, where
+  installed; else numpy on one core)."""
+  n = 1 << 28
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    x, how = torch.ones(n, dtype=torch.float32), f"torch.sum, {torch.get_num_threads()} threads"
+  except ImportError:
+    x, how = np.ones(n, np.float32), "numpy.sum, 1 thread"
+  x.sum()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    x.sum()
+    best = min(best, time.perf_counter() - start)
+  return {"GBps": n * 4 / best / 1e9, "how": how}
 
 
 def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot") -> dict:
@@ -124,12 +162,14 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
       best = r
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
   kv_bytes = model.cfg.kv_bytes_per_token() * (context + new_tokens / 2)
+  # The first generated token comes from the prefill: (tokens - 1) decode steps, as the other sides count.
+  decode_rate = (best.generated_tokens - len(prompt)) / max(best.decode_seconds, 1e-9)
   return {
-      "decode_tokens_per_second": best.decode_tokens_per_second,
+      "decode_tokens_per_second": decode_rate,
       # The best prefill of the repeats, as for transformers (each repeat's time is kept: the spread).
       "prefill_tokens_per_second": context / min(prefill_seconds),
       "prefill_seconds": prefill_seconds,
-      "bandwidth_GBps": (weight_bytes + kv_bytes) * best.decode_tokens_per_second / 1e9,
+      "bandwidth_GBps": (weight_bytes + kv_bytes) * decode_rate / 1e9,
       "tokens": best.tokens[0],
   }
 
@@ -266,7 +306,7 @@ def _torch_runs(contexts: list[int]) -> list[dict]:
   return [best[c] for c in contexts]
 
 
-def _llama_cpp_runs(contexts: list[int], vocab: int) -> list[dict]:
+def _llama_cpp_runs(contexts: list[int], vocab: int, kv_bytes_per_token: float) -> list[dict]:
   """llama.cpp's runs on the same GGUF and prompts, in `--llama_cpp_python` (its own environment: llama.cpp
   is not a lacax dependency). The model must be a GGUF file."""
   path = _MODEL.value or default_model_path()
@@ -277,10 +317,15 @@ def _llama_cpp_runs(contexts: list[int], vocab: int) -> list[dict]:
     request, out = os.path.join(tmp, "request.json"), os.path.join(tmp, "runs.json")
     results_lib.write_json(request, {"model": path, "prompts": {str(c): _prompt(c, vocab) for c in contexts},
                                      "new_tokens": _NEW_TOKENS.value, "repeats": _REPEATS.value,
-                                     "threads": os.cpu_count(), "flash_attn": [False, True]})
+                                     "threads": os.cpu_count(), "flash_attn": [False, True],
+                                     "types": [t for t in _LLAMA_CPP_TYPES.value if t]})
     subprocess.run([_LLAMA_CPP_PYTHON.value, worker, request, out], check=True)
     with open(out) as f:
-      return json.load(f)
+      runs = json.load(f)
+  for run in runs:  # llama.cpp's cache is float16
+    kv = kv_bytes_per_token * (run["context"] + _NEW_TOKENS.value / 2)
+    run["bandwidth_GBps"] = (run["model_bytes"] + kv) * run["decode_tokens_per_second"] / 1e9
+  return runs
 
 
 def main(argv):
@@ -300,6 +345,9 @@ def main(argv):
     return
   rows, record = [], {"provenance": results_lib.provenance(), "cpu_model": results_lib.cpu_model(),
                       "load_average_start": os.getloadavg(), "new_tokens": _NEW_TOKENS.value, "runs": []}
+  if _CEILING.value and not _POLICIES.value:
+    record["read_ceiling"] = read_ceiling()
+    print(f"read ceiling: {record['read_ceiling']['GBps']:.1f} GB/s ({record['read_ceiling']['how']})", flush=True)
   if _POLICIES.value:
     model = load_model(_MODEL.value or None, dtype=_DTYPES.value[0])
     record.update(model=model.cfg.name, dtype=_DTYPES.value[0], budget=_BUDGET.value)
@@ -320,7 +368,7 @@ def main(argv):
     record["model"] = dense_model.cfg.name
     for weights in _WEIGHTS.value:
       model = with_weights(dense_model, weights, dtype)
-      quant_kernels = ["on"] if weights == "dense" else _QUANT_KERNEL.value
+      quant_kernels = _QUANT_KERNEL.value
       for kernel in _CPU_KERNEL.value:
         if kernel not in ("on", "off"):
           raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
@@ -331,14 +379,15 @@ def main(argv):
           cpu_quant_matmul.set_enabled(quant_kernel == "on")
           jax.clear_caches()  # the choice is made at trace time
           used = kernel == "on" and cpu_attention.available()
-          quant_used = weights != "dense" and quant_kernel == "on" and cpu_quant_matmul.available()
+          quant_used = quant_kernel == "on" and cpu_quant_matmul.available()
           for rope_mode in _ROPE_MODES.value:
             for context in contexts:
               got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
               record["runs"].append({"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
                                      "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got})
               label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
-                       + ("/dequant" if weights != "dense" and not quant_used else ""))
+                       + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
+                       + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else ""))
               rows.append((label, dtype, context, got))
               print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
     cpu_attention.set_enabled(True)
@@ -349,18 +398,21 @@ def main(argv):
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
   if _LLAMA_CPP_PYTHON.value:
-    for run in _llama_cpp_runs(contexts, dense_model.cfg.vocab_size):
+    kv16 = dense_model.cfg.kv_bytes_per_token() * 2 / np.dtype(dense_model.cfg.jnp_dtype).itemsize
+    for run in _llama_cpp_runs(contexts, dense_model.cfg.vocab_size, kv16):
       record["runs"].append(run)
-      rows.append((f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}", "gguf", run["context"], run))
+      rows.append((f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}", run["type"], run["context"], run))
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
-  print(f"\n{'impl':<32}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
-        f"{'GB/s':>8}")
+  print(f"\n{'impl':<40}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
+        f"{'GB/s':>8}{'/ceil':>7}")
+  ceiling = record.get("read_ceiling", {}).get("GBps", float("nan"))
   for impl, dtype, context, got in rows:
     ratio = got["decode_tokens_per_second"] / torch_speed[context] if context in torch_speed else float("nan")
+    got["of_read_ceiling"] = got.get("bandwidth_GBps", float("nan")) / ceiling
     got["ratio_vs_transformers"] = ratio
     bw = got.get("bandwidth_GBps", float("nan"))
-    print(f"{impl:<32}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
-          f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}")
+    print(f"{impl:<40}{dtype:<10}{context:>8}{got['decode_tokens_per_second']:>14.2f}"
+          f"{got['prefill_tokens_per_second']:>15.1f}{ratio:>10.2f}{bw:>8.2f}{got['of_read_ceiling']:>7.2f}")
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:
       run["ratio_vs_transformers"] = run["decode_tokens_per_second"] / torch_speed[run["context"]]

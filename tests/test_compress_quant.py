@@ -12,7 +12,7 @@ import numpy as np
 from lacax.compress import packed, quant
 from lacax.model import llama
 from lacax.model.config import ModelConfig
-from lacax.model.quantized import PackedWeight, pack_codes, unpack_codes
+from lacax.model.quantized import PackedTable, PackedWeight, pack_codes, unpack_codes
 from lacax.weights import gguf as gguf_weights
 
 
@@ -128,6 +128,10 @@ class GGUFPackedTest(parameterized.TestCase):
       self.assertEqual(pw.bits, 8 if qtype_name == "Q8_0" else 4)
       self.assertEqual(pw.scales.dtype, np.float16)
       np.testing.assert_array_equal(np.asarray(pw.dense()), dense["layers"][name], err_msg=name)
+    table = kept["embed"]  # the embedding / tied head keeps its blocks too
+    self.assertIsInstance(table, PackedTable)
+    self.assertEqual((table.bits, table.scales.dtype), (8 if qtype_name == "Q8_0" else 4, np.float16))
+    np.testing.assert_array_equal(np.asarray(table.dense()), dense["embed"])
     if qtype_name != "Q4_1":
       return
     # And the forward computes with them.
@@ -148,6 +152,13 @@ class GGUFPackedTest(parameterized.TestCase):
     want = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(codes.shape)
     np.testing.assert_array_equal(np.asarray(pw.dense()), want.T)
     self.assertLess(pw.nbytes, want.nbytes / 6)
+    table = {t.name: t for t in reader.tensors}["token_embd.weight"]  # Q8_0, loaded as a PackedTable
+    self.assertEqual(table.tensor_type.name, "Q8_0")
+    kept = gguf_weights._load_packed_table(gguf_weights._GGUFTensors(reader), ("embed",),  # pylint: disable=protected-access
+                                           "model.embed_tokens.weight")
+    want = gguf.quants.dequantize(table.data, table.tensor_type)
+    np.testing.assert_array_equal(np.asarray(kept.dense()), want)
+    self.assertLess(kept.nbytes, want.nbytes / 3.5)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.model import llama
 from lacax.model.config import ModelConfig
-from lacax.model.quantized import PackedWeight
+from lacax.model.quantized import PackedTable, PackedWeight
 from lacax.weights import gguf as gguf_weights
 
 _HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -261,6 +261,151 @@ class PackedModelTest(_KernelOn):
     cfg, kept = gguf_weights.read_gguf(path, keep_quantized=True)
     self.assertIsNotNone(kept["layers"]["w_up"].mins)
     self._compare(jax.tree.map(jnp.asarray, kept), cfg, [[1, 4, 2, 8], [3]])
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
+class StreamingKernelTest(_KernelOn):
+  """Dense weights streamed in place (`project_dense`) and output-major tables (`project_rows`)."""
+
+  def tearDown(self):
+    cpu_quant_matmul.set_enabled(True)
+    jax.clear_caches()
+    super().tearDown()
+
+  @parameterized.parameters(
+      # dtype, K, N, M, layers
+      (jnp.float32, 64, 128, 1, 3), (jnp.float32, 577, 70, 5, 2), (jnp.bfloat16, 96, 48, 16, 2),
+      (jnp.bfloat16, 13, 17, 2, 1), (jnp.float16, 72, 40, 3, 2))
+  def test_dense_equals_einsum(self, dtype, K, N, M, layers):
+    rng = np.random.default_rng(K + N)
+    data = jnp.asarray(rng.normal(size=(layers, K, N)), jnp.float32).astype(dtype)
+    x = jnp.asarray(rng.normal(size=(1, M, K)), jnp.float32)
+    for layer in range(layers):
+      w = llama.StreamedWeight(data).at_layer(layer)
+      fn = lambda x, w: w.project(x, "btk,kn->btn", preferred_element_type=jnp.float32)  # noqa: E731
+      self.assertIn("lacax_dense_matmul", jax.jit(fn).lower(x, w).as_text())
+      got = jax.jit(fn)(x, w)
+      want = jnp.einsum("btk,kn->btn", x, data[layer].astype(jnp.float32), precision="highest")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+  def test_dense_multi_axis_gradient_and_vmap(self):
+    rng = np.random.default_rng(1)
+    data = jnp.asarray(rng.normal(size=(2, 4, 8, 24)), jnp.float32)  # [L, heads, head_dim, out] like wo
+    x = jnp.asarray(rng.normal(size=(2, 1, 4, 8)), jnp.float32)
+    eq = "bthk,hkd->btd"
+    w = llama.StreamedWeight(data).at_layer(1)
+    want = jnp.einsum(eq, x, data[1], precision="highest")
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: w.project(x, eq))(x)), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
+    loss = lambda d, x: jnp.sum(llama.StreamedWeight(d).at_layer(1).project(x, eq) ** 2)  # noqa: E731
+    ref = lambda d, x: jnp.sum(jnp.einsum(eq, x, d[1]) ** 2)  # noqa: E731
+    for got, exp in zip(jax.grad(loss, (0, 1))(data, x), jax.grad(ref, (0, 1))(data, x)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-4, atol=1e-4)
+    per_row = jax.vmap(lambda xi: w.project(xi[None], eq)[0])(x)
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(jnp.float32, jnp.bfloat16, jnp.float16)
+  def test_rows_dense_table(self, dtype):
+    rng = np.random.default_rng(2)
+    table = jnp.asarray(rng.normal(size=(300, 80)), jnp.float32).astype(dtype)
+    for M in (1, 4, 16):
+      x = jnp.asarray(rng.normal(size=(1, M, 80)), jnp.float32)
+      self.assertTrue(cpu_quant_matmul.supports_rows(table.shape, x, "btd,vd->btv", dtype=dtype))
+      ref = lambda x, t, s, m: jnp.einsum("btd,vd->btv", x, t.astype(jnp.float32))  # noqa: E731
+      got = jax.jit(lambda x, t: cpu_quant_matmul.project_rows(x, t, None, None, ref))(x, table)
+      want = jnp.einsum("btd,vd->btv", x, table.astype(jnp.float32), precision="highest")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters((8, 32), (8, 192), (4, 32), (4, 64), (3, 32))
+  def test_packed_table_product_and_lookup(self, bits, group):
+    rng = np.random.default_rng(bits * group)
+    dense = jnp.asarray(rng.normal(size=(130, 192)), jnp.float32)
+    table = PackedTable.quantize(dense, bits, group)
+    self.assertEqual(table.shape, (130, 192))
+    bound = float(jnp.max(jnp.abs(dense))) / (2 ** (bits - 1) - 1)
+    self.assertLessEqual(float(jnp.max(jnp.abs(table.dense() - dense))), bound)
+    for M in (1, 3, 16):
+      x = jnp.asarray(rng.normal(size=(1, M, 192)), jnp.float32)
+      fn = lambda x, t: t.project(x, "btd,vd->btv", preferred_element_type=jnp.float32)  # noqa: E731
+      self.assertIn("lacax_rows_matmul", jax.jit(fn).lower(x, table).as_text())
+      want = jnp.einsum("btd,vd->btv", x, table.dense(), precision="highest")
+      np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, table)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    ids = jnp.asarray([[0, 129, 7]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(table.lookup(ids, jnp.float32)), np.asarray(table.dense()[ids]))
+
+  def test_affine_table_in_gguf_block_order(self):
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 16, size=(40, 64)).astype(np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(40, 2)).astype(np.float16)
+    mins = (-rng.uniform(0, 0.5, size=(40, 2))).astype(np.float16)
+    table = PackedTable.from_codes(codes, jnp.asarray(scales), jnp.asarray(mins), bits=4, group_size=32)
+    # Byte j of a 32-code block holds code j (low nibble) and code j + 16 (high nibble), as in GGUF.
+    self.assertEqual(int(table.data[0, 0]), int(codes[0, 0]) | (int(codes[0, 16]) << 4))
+    want_dense = (codes.reshape(40, 2, 32).astype(np.float32) * scales.astype(np.float32)[..., None]
+                  + mins.astype(np.float32)[..., None]).reshape(40, 64)
+    np.testing.assert_array_equal(np.asarray(table.dense()), want_dense)
+    x = jnp.asarray(rng.normal(size=(2, 2, 64)), jnp.float32)
+    got = jax.jit(lambda x, t: t.project(x, "btd,vd->btv"))(x, table)
+    np.testing.assert_allclose(np.asarray(got), np.einsum("btd,vd->btv", np.asarray(x), want_dense),
+                               rtol=1e-5, atol=1e-5)
+
+  def _decode_step(self, params, cfg):
+    from lacax.cache import kv_cache  # pylint: disable=g-import-not-at-top
+
+    cache = kv_cache.init_cache(cfg, 1, 16)
+    tokens = jnp.asarray([[3]], jnp.int32)
+    return jax.jit(lambda p, c: llama.forward(p, tokens, jnp.zeros_like(tokens), c, cfg)), cache
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_decode_streams_dense_weights_in_place(self, dtype):
+    cfg, params = _tiny_model()
+    cfg = cfg.replace(dtype=dtype)
+    params = jax.tree.map(lambda a: a.astype(cfg.jnp_dtype), params)
+    step, cache = self._decode_step(params, cfg)
+    hlo = step.lower(params, cache).compile().as_text()
+    self.assertIn("lacax_dense_matmul", hlo)
+    self.assertIn("lacax_rows_matmul", hlo)  # the tied head
+    self.assertIsNone(re.search(r"= (f32|bf16)\[\d+,64,\d+\]\S* dynamic-slice\(", hlo),
+                      "a layer's weight is sliced (copied) before the kernel reads it")
+    # Training and scoring (no cache) keep XLA's dot.
+    tokens = jnp.asarray([[3, 4]], jnp.int32)
+    uncached = lambda p: llama.forward(p, tokens, jnp.zeros_like(tokens), None, cfg)[0]  # noqa: E731
+    self.assertNotIn("lacax_dense_matmul", jax.jit(uncached).lower(params).as_text())
+    prompts = [[5, 17, 3, 44, 9], [2, 7]]
+    with_kernel = _greedy(params, cfg, prompts)
+    logits_kernel = step(params, cache)[0]
+    cpu_quant_matmul.set_enabled(False)
+    jax.clear_caches()
+    step, cache = self._decode_step(params, cfg)
+    self.assertNotIn("lacax_dense_matmul", step.lower(params, cache).as_text())
+    self.assertEqual(with_kernel, _greedy(params, cfg, prompts))
+    # float32: summation order only; bfloat16: the kernel multiplies in float32 and rounds once per product,
+    # XLA's bfloat16 dot rounds its result too, so the two differ by about one bfloat16 ulp of the logits.
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(np.asarray(logits_kernel, np.float32), np.asarray(step(params, cache)[0], np.float32),
+                               rtol=tol, atol=tol)
+
+  @parameterized.parameters(True, False)
+  def test_packed_head_model(self, tied):
+    cfg, params = _tiny_model()
+    if tied:  # SmolLM2's form: one table, gathered and multiplied
+      cfg = cfg.replace(tie_word_embeddings=True)
+      params = {k: v for k, v in params.items() if k != "lm_head"}
+    name = "embed" if tied else "lm_head"
+    layers = packed.compress_layers(params["layers"], [4, 4], [None] * 2, storage="packed", group_size=32)
+    dense_head = params[name]
+    params = packed.compress_head({**params, "layers": layers}, tied, 4, group_size=32)
+    self.assertIsInstance(params[name], PackedTable)
+    self.assertLess(params[name].nbytes, dense_head.nbytes / 3)
+    with self.assertRaisesRegex(ValueError, "already a PackedTable"):
+      packed.compress_head(params, tied, 4)
+    step, cache = self._decode_step(params, cfg)
+    self.assertIn("lacax_rows_matmul", step.lower(params, cache).as_text())
+    reference = {**params, name: params[name].dense()}  # the same values, dense
+    prompts = [[5, 17, 3, 44, 9], [2, 7]]
+    self.assertEqual(_greedy(params, cfg, prompts), _greedy(reference, cfg, prompts))
+    np.testing.assert_allclose(np.asarray(step(params, cache)[0]), np.asarray(step(reference, cache)[0]),
+                               rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def embed_inputs(params: dict[str, Any], cfg: ModelConfig, tokens: np.ndarray) -
                      f"[0, {cfg.vocab_size})")
   B, T = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = jnp.asarray(params["embed"]).astype(cfg.jnp_dtype)[jnp.asarray(tokens)]  # as llama.run embeds
+  x = llama.embed_tokens(params["embed"], jnp.asarray(tokens), cfg.jnp_dtype)  # as llama.run embeds
   return x, positions
 
 

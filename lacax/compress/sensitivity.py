@@ -33,6 +33,7 @@ import numpy as np
 from lacax import io as lacax_io
 from lacax.compress import calibrate, prune, quant
 from lacax.errors import ConfigError, FileFormatError
+from lacax.model import llama
 from lacax.model.config import ModelConfig
 
 DEFAULT_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)  # the reference's `pruning_ratios`
@@ -56,7 +57,8 @@ def model_identity(params: dict[str, Any], cfg: ModelConfig) -> dict[str, str]:
     leaf = first[name]
     arr = np.asarray(leaf.dense() if hasattr(leaf, "dense") else leaf, np.float32)
     digest.update(np.ascontiguousarray(arr.reshape(arr.shape[0], -1)[:, :64]).tobytes())
-  digest.update(np.ascontiguousarray(np.asarray(params["embed"][:4], np.float32)).tobytes())
+  first_rows = llama.embed_tokens(params["embed"], jnp.arange(4), jnp.float32)
+  digest.update(np.ascontiguousarray(np.asarray(first_rows, np.float32)).tobytes())
   return {"name": cfg.name, "config_hash": config_hash, "weights_digest": digest.hexdigest()[:16]}
 
 

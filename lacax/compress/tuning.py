@@ -140,7 +140,7 @@ def backbone_hidden(params: llama.Params, tokens: jax.Array, positions: jax.Arra
   only the layers below max(at) run."""
   top = max(at)
   if top == 0:
-    x = params["embed"].astype(cfg.jnp_dtype)[tokens]
+    x = llama.embed_tokens(params["embed"], tokens, cfg.jnp_dtype)
     return jnp.stack([x for _ in at])
   opts = llama.ForwardOptions(layers=tuple(range(top)), hidden_layers=tuple(at), logits=False)
   return llama.run(params, tokens, positions, None, cfg, options=opts).hidden

@@ -22,10 +22,22 @@
 // thread pool; a tile is read once per block of 4 rows of x, whose partial sums stay in registers. The
 // vector code is GCC/Clang vector extensions, so -march=native makes it AVX-512 (or AVX2, or SSE) and a
 // portable build stays correct; the last N % 64 columns take a scalar loop.
+//
+// Two more entry points stream weights that are not grouped codes of an input-major matrix:
+//   LacaxDenseMatmul: y = x @ W[layer] with W a dense float32 / bfloat16 / float16 stack [L, K, N] (the
+//     decoder's float projections at decode time). K is split into chunks of consecutive rows, so each work
+//     item reads one contiguous block of W (four rows at a time, every column) into its own partial sums
+//     [M, N]; the partial sums are added at the end. bfloat16 is widened by a shift, float16 by vcvtph2ps.
+//   LacaxRowsMatmul: y = x @ T^T with T an output-major table [N, K] (the LM head's [vocab, hidden] layout):
+//     dense float32 / bfloat16 / float16, or codes along K with one scale (and, affine, one min) per group of
+//     G inputs, scales [N, K / G]: int8, or 4-bit in GGUF's block order (within each 16 bytes of a row, byte j
+//     holds code j in its low nibble and code j + 16 in its high one), so the 16 codes of one nibble meet 16
+//     consecutive inputs. Each output is a dot product over a contiguous row.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -45,6 +57,11 @@ using lacax::SameDims;
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+struct Bf16 {  // a bfloat16 value: the top half of a float32
+  uint16_t bits;
+};
 
 constexpr int64_t kTile = 64;  // output columns per work item
 constexpr int kVecs = kTile / 16;
@@ -315,6 +332,301 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+
+// --- dense weights and output-major tables ------------------------------------------------------------------
+
+inline float WeightAt(const float* p) { return *p; }
+inline float WeightAt(const uint16_t* p) { return HalfToFloat(*p); }  // float16
+inline float WeightAt(const Bf16* p) {
+  const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline v16 LoadWeights(const float* p) { return LoadAs<v16>(p); }
+inline v16 LoadWeights(const uint16_t* p) { return LoadScales(p); }  // float16
+inline v16 LoadWeights(const Bf16* p) {  // 16 bfloat16 values, widened exactly (a shift)
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (v16)_mm512_slli_epi32(w, 16);
+#elif defined(__AVX2__)
+  const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  v16 v;
+  const __m256i slo = _mm256_slli_epi32(lo, 16), shi = _mm256_slli_epi32(hi, 16);
+  std::memcpy(&v, &slo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &shi, 32);
+  return v;
+#else
+  const u32x16 w = __builtin_convertvector(LoadAs<u16x16>(p), u32x16) << 16;
+  return (v16)w;
+#endif
+}
+
+inline float HSum(v16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#endif
+}
+
+struct DenseProblem {
+  int64_t M, K, N;
+  const float* x;
+  const void* w;  // [K, N] of one layer
+};
+
+// Rows [k, k + R) of W into out [M, N] (out = the sum when `first`, else out += it).
+template <typename WT, int R>
+inline void DenseRowGroup(const DenseProblem& p, int64_t k, float* out, bool first) {
+  const WT* w = static_cast<const WT*>(p.w) + k * p.N;
+  const int64_t N = p.N, K = p.K, M = p.M, full = N / 16 * 16;
+  for (int64_t n = 0; n < full; n += 16) {
+    v16 wv[R];
+    // The next group's lines into L2, one per cache line of each row: a group's rows are short streams
+    // (N elements), which the hardware prefetchers pick up too late (measured: 22-32 -> 34-43 GB/s).
+    if (n % (64 / sizeof(WT)) == 0) {
+      for (int j = 0; j < R; ++j) __builtin_prefetch(w + (R + j) * N + n, 0, 2);
+    }
+    for (int j = 0; j < R; ++j) wv[j] = LoadWeights(w + j * N + n);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = p.x + m * K + k;
+      v16 acc = first ? v16{} : LoadAs<v16>(out + m * N + n);
+      for (int j = 0; j < R; ++j) acc += xm[j] * wv[j];
+      std::memcpy(out + m * N + n, &acc, sizeof(acc));
+    }
+  }
+  for (int64_t n = full; n < N; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = first ? 0.0f : out[m * N + n];
+      for (int j = 0; j < R; ++j) acc += p.x[m * K + k + j] * WeightAt(w + j * N + n);
+      out[m * N + n] = acc;
+    }
+  }
+}
+
+template <typename WT>
+void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
+  // About four chunks per thread (the last ones balance the load), each a multiple of 4 rows.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t chunk = (p.K + 4 * threads - 1) / (4 * threads);
+  chunk = std::max<int64_t>(16, (chunk + 7) / 8 * 8);
+  const int64_t chunks = (p.K + chunk - 1) / chunk;
+  std::vector<float> partial(chunks > 1 ? (chunks - 1) * p.M * p.N : 0);
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;  // chunk 0 writes the result itself
+    const int64_t k1 = std::min(p.K, (c + 1) * chunk);
+    int64_t k = c * chunk;
+    bool first = true;
+    for (; k + 8 <= k1; k += 8, first = false) DenseRowGroup<WT, 8>(p, k, out, first);
+    for (; k < k1; ++k, first = false) DenseRowGroup<WT, 1>(p, k, out, first);
+  });
+  const int64_t size = p.M * p.N;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* part = partial.data() + (c - 1) * size;
+    for (int64_t i = 0; i < size; ++i) y[i] += part[i];
+  }
+}
+
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3) return Error("x must be rank 2 and w rank 3 ([layers, K, N])");
+  const int64_t M = xd[0], K = xd[1], L = wd[0], N = wd[2];
+  if (wd[1] != K) return Error("w must be [L, K, N] with x's K");
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return Error("layer index out of range");
+  const auto t = w.element_type();
+  const size_t item = t == ffi::DataType::F32 ? 4 : 2;
+  const void* base = static_cast<const char*>(w.untyped_data()) + li * K * N * item;
+  const DenseProblem p{M, K, N, x.typed_data(), base};
+  if (t == ffi::DataType::F32) {
+    DenseRun<float>(pool, p, y->typed_data());
+  } else if (t == ffi::DataType::BF16) {
+    DenseRun<Bf16>(pool, p, y->typed_data());
+  } else if (t == ffi::DataType::F16) {
+    DenseRun<uint16_t>(pool, p, y->typed_data());
+  } else {
+    return Error("w must be f32, bf16 or f16");
+  }
+  return ffi::Error::Success();
+}
+
+struct RowsProblem {
+  int64_t M, K, N, G;
+  const float* x;     // [M, K]
+  const void* data;   // [N, K] dense, or [N, K / P] codes
+  const void* scales;
+  const void* mins;
+  const float* xsum;  // [M, K / G] (affine only)
+  float* y;
+};
+
+constexpr int64_t kRowsBlock = 32;  // outputs per work item
+
+// Outputs [n0, n1) for rows [m0, m0 + MR) of x: dense table rows.
+template <typename WT, int MR>
+void DenseRowsBlock(const RowsProblem& p, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t K = p.K, full = K / 32 * 32;
+  const float* x = p.x + m0 * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const WT* row = static_cast<const WT*>(p.data) + n * K;
+    v16 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = v16{};
+    for (int64_t k = 0; k < full; k += 32) {
+      // Two rows ahead into L2 (a work item's rows are one contiguous run; see DenseRowGroup).
+      __builtin_prefetch(row + 2 * K + k, 0, 2);
+      if (sizeof(WT) == 4) __builtin_prefetch(row + 2 * K + k + 16, 0, 2);
+      const v16 w0 = LoadWeights(row + k), w1 = LoadWeights(row + k + 16);
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] += LoadAs<v16>(x + r * K + k) * w0;
+        acc[r][1] += LoadAs<v16>(x + r * K + k + 16) * w1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float s = HSum(acc[r][0] + acc[r][1]);
+      for (int64_t k = full; k < K; ++k) s += x[r * K + k] * WeightAt(row + k);
+      p.y[(m0 + r) * p.N + n] = s;
+    }
+  }
+}
+
+// Outputs [n0, n1) for rows [m0, m0 + MR) of x: codes, 16 bytes (16 * P codes: code 16 s + j of a chunk in
+// slot s of byte j) at a time; G % (16 P) == 0.
+template <int SB, bool AFFINE, int MR, typename ST>
+void CodeRowsBlock(const RowsProblem& p, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int P = 8 / SB;
+  constexpr int32_t kOffset = SB == 8 ? 0 : (1 << (SB - 1));  // centred as in Tile (the min absorbs it)
+  const ST* scales = static_cast<const ST*>(p.scales);
+  const ST* mins = static_cast<const ST*>(p.mins);
+  const int64_t K = p.K, G = p.G, groups = K / G, row_bytes = K / P;
+  const float* x = p.x + m0 * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = static_cast<const uint8_t*>(p.data) + n * row_bytes;
+    v16 acc[MR];
+    float bias[MR];
+    for (int r = 0; r < MR; ++r) {
+      acc[r] = v16{};
+      bias[r] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      v16 part[MR];
+      for (int r = 0; r < MR; ++r) part[r] = v16{};
+      for (int64_t b = g * G / P; b < (g + 1) * G / P; b += 16) {
+        const i32x16 bytes = LoadBytes<SB == 8>(row + b);
+        for (int s = 0; s < P; ++s) {
+          const v16 q = SB == 8 ? __builtin_convertvector(bytes, v16)
+                                : CodesToFloat<SB, kOffset>((i32x16)((u32x16)bytes >> (SB * s)));
+          for (int r = 0; r < MR; ++r) part[r] += LoadAs<v16>(x + r * K + b * P + 16 * s) * q;
+        }
+      }
+      const float sc = ScaleAt(scales + n * groups + g);
+      for (int r = 0; r < MR; ++r) acc[r] += sc * part[r];
+      if (AFFINE) {
+        const float mn = ScaleAt(mins + n * groups + g) + sc * static_cast<float>(kOffset);
+        for (int r = 0; r < MR; ++r) bias[r] += mn * p.xsum[(m0 + r) * groups + g];
+      }
+    }
+    for (int r = 0; r < MR; ++r) p.y[(m0 + r) * p.N + n] = HSum(acc[r]) + bias[r];
+  }
+}
+
+template <typename F>
+void ForRowBlocks(int64_t M, const F& block) {  // block(m0, std::integral_constant<int, MR>)
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) block(m0, std::integral_constant<int, 4>());
+  switch (M - m0) {
+    case 3: block(m0, std::integral_constant<int, 3>()); break;
+    case 2: block(m0, std::integral_constant<int, 2>()); break;
+    case 1: block(m0, std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+template <typename WT>
+void DenseRowsRun(ffi::ThreadPool& pool, const RowsProblem& p) {
+  const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;
+  ParallelFor(pool, items, [&](int64_t t) {
+    const int64_t n0 = t * kRowsBlock, n1 = std::min(p.N, n0 + kRowsBlock);
+    ForRowBlocks(p.M, [&](int64_t m0, auto mr) { DenseRowsBlock<WT, decltype(mr)::value>(p, n0, n1, m0); });
+  });
+}
+
+template <int SB, bool AFFINE, typename ST>
+void CodeRowsRun(ffi::ThreadPool& pool, const RowsProblem& problem) {
+  RowsProblem p = problem;
+  const int64_t M = p.M, K = p.K, groups = K / p.G;
+  std::vector<float> xsum;
+  if (AFFINE) {
+    xsum.assign(M * groups, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / p.G] += problem.x[m * K + k];
+    p.xsum = xsum.data();
+  }
+  const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;
+  ParallelFor(pool, items, [&](int64_t t) {
+    const int64_t n0 = t * kRowsBlock, n1 = std::min(p.N, n0 + kRowsBlock);
+    ForRowBlocks(M, [&](int64_t m0, auto mr) { CodeRowsBlock<SB, AFFINE, decltype(mr)::value, ST>(p, n0, n1, m0); });
+  });
+}
+
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::AnyBuffer scales,
+                      ffi::AnyBuffer mins, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t storage_bits,
+                      int64_t group_size, int64_t affine) {
+  const auto xd = x.dimensions();
+  const auto dd = data.dimensions();
+  if (xd.size() != 2 || dd.size() != 2) return Error("x and data must be rank 2");
+  const int64_t M = xd[0], K = xd[1], N = dd[0], G = group_size;
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const auto dt = data.element_type();
+  RowsProblem p{M, K, N, G, x.typed_data(), data.untyped_data(), scales.untyped_data(), mins.untyped_data(),
+                nullptr, y->typed_data()};
+  if (storage_bits == 0) {  // a dense table [N, K]
+    if (dd[1] != K) return Error("a dense table must be [N, K]");
+    if (dt == ffi::DataType::F32) {
+      DenseRowsRun<float>(pool, p);
+    } else if (dt == ffi::DataType::BF16) {
+      DenseRowsRun<Bf16>(pool, p);
+    } else if (dt == ffi::DataType::F16) {
+      DenseRowsRun<uint16_t>(pool, p);
+    } else {
+      return Error("a dense table must be f32, bf16 or f16");
+    }
+    return ffi::Error::Success();
+  }
+  if (storage_bits != 8 && storage_bits != 4) return Error("storage_bits must be 0 (dense), 8 or 4");
+  const int64_t P = 8 / storage_bits;
+  const auto want = storage_bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (dt != want || dd[1] * P != K) return Error("codes must be s8 [N, K] or u8 [N, K / 2]");
+  if (G <= 0 || G % (16 * P) != 0 || K % G != 0) return Error("group_size must be a multiple of 16 P dividing K");
+  if (storage_bits == 8 && affine) return Error("8-bit codes are symmetric");
+  const auto sd = scales.dimensions();
+  const auto st = scales.element_type();
+  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || sd.size() != 2 || sd[0] != N || sd[1] != K / G) {
+    return Error("scales must be f32 or f16 [N, K / group_size]");
+  }
+  if (affine && (mins.element_type() != st || !SameDims(mins.dimensions(), sd))) {
+    return Error("mins must match the scales");
+  }
+  const bool half = st == ffi::DataType::F16;
+  if (storage_bits == 8) {
+    half ? CodeRowsRun<8, false, uint16_t>(pool, p) : CodeRowsRun<8, false, float>(pool, p);
+  } else if (affine) {
+    half ? CodeRowsRun<4, true, uint16_t>(pool, p) : CodeRowsRun<4, true, float>(pool, p);
+  } else {
+    half ? CodeRowsRun<4, false, uint16_t>(pool, p) : CodeRowsRun<4, false, float>(pool, p);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
@@ -325,6 +637,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
                                   .Arg<ffi::AnyBuffer>()         // scales
                                   .Arg<ffi::AnyBuffer>()         // mins (or a dummy)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("storage_bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("affine"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDenseMatmul, DenseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // w [L, K, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxRowsMatmul, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // data: table [N, K] or codes [N, K / P]
+                                  .Arg<ffi::AnyBuffer>()         // scales (or a dummy)
+                                  .Arg<ffi::AnyBuffer>()         // mins (or a dummy)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Attr<int64_t>("storage_bits")
                                   .Attr<int64_t>("group_size")

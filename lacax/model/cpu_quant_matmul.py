@@ -17,6 +17,12 @@ what the XLA path computes (that path is the reference, and the path everywhere 
     amortises the dequantization over many rows;
   * float inputs (bfloat16/float16 ones are multiplied in float32 and the result rounded once: the XLA path
     rounds the dequantized weight to the input's dtype first, so the kernel is the closer of the two).
+The same library streams two more kinds of weight at decode time, for the same reason (XLA:CPU's dot reads a
+small-M product's weight at a fraction of the read bandwidth, and the decoder's scan copies every layer's
+slice before the dot): dense float32 / bfloat16 / float16 layer projections read in place from the stacked
+weights (`project_dense`, used through `lacax.model.quantized.StreamedWeight`), and output-major tables such
+as the LM head [vocab, hidden], dense or packed along hidden (`project_rows`, used by `unembed` and
+`lacax.model.quantized.PackedTable`).
 Differentiation goes through the XLA path (a custom JVP), so gradients never need the kernel. Under `vmap`
 the call runs once per batch element ("sequential"). On a mesh, XLA's partitioner sees an opaque custom
 call and gathers its operands (correct, not fast); sharded decode should run on an accelerator.
@@ -39,12 +45,16 @@ import numpy as np
 from lacax.model import cpu_kernels
 
 SOURCE = Path(__file__).with_name("cpu_quant_matmul.cc")
-KERNELS = cpu_kernels.KernelLibrary(SOURCE, {"lacax_quant_matmul": "LacaxQuantMatmul"},
+KERNELS = cpu_kernels.KernelLibrary(SOURCE, {"lacax_quant_matmul": "LacaxQuantMatmul",
+                                             "lacax_dense_matmul": "LacaxDenseMatmul",
+                                             "lacax_rows_matmul": "LacaxRowsMatmul"},
                                     "CPU low-bit matmul kernel")
 MAX_ROWS = 16  # rows of x (batch x tokens) up to which the kernel runs; more keep XLA's dequantize + GEMM
 STORAGE_BITS = (8, 4, 2)
 SCALE_DTYPES = (jnp.float32, jnp.float16)
 INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DENSE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # dense weights the kernel streams
+ROWS_EQUATION = "btd,vd->btv"  # the LM head: x times an output-major table [vocab, hidden]
 
 
 def set_enabled(enabled: bool) -> None:
@@ -135,3 +145,85 @@ def project(w, x: jax.Array, equation: str, reference, preferred_element_type=No
     return reference(x, w.replace(data=data, scales=scales, mins=mins if affine else None, layer=layer))
 
   return cpu_kernels.on_cpu(kernel, _reference, x, w.data, w.scales, mins, w.layer)
+
+
+def _rows(x: jax.Array, n_lead: int) -> int:
+  return int(np.prod(x.shape[:n_lead], dtype=np.int64))
+
+
+def supports_dense(w_shape: tuple[int, ...], w_dtype, num_in: int, x: jax.Array, equation: str) -> bool:
+  """Static check: can the kernel compute `jnp.einsum(equation, x, w)` for a dense weight of one layer's shape
+  `w_shape` (in... axes, then out... axes; `num_in` input axes)?"""
+  if jnp.dtype(w_dtype) not in DENSE_DTYPES or jnp.dtype(x.dtype) not in INPUT_DTYPES:
+    return False
+  in_shape, out_shape = tuple(w_shape[:num_in]), tuple(w_shape[num_in:])
+  n_lead = _lead_axes(equation, x.ndim, len(in_shape), len(out_shape))
+  if n_lead is None or tuple(x.shape[n_lead:]) != in_shape:
+    return False
+  return 1 <= _rows(x, n_lead) <= MAX_ROWS
+
+
+def project_dense(data: jax.Array, layer: jax.Array, num_in: int, x: jax.Array, equation: str, reference,
+                  preferred_element_type=None) -> jax.Array:
+  """`jnp.einsum(equation, x, data[layer])` with the kernel on CPU, reading layer `layer` of the stacked dense
+  weight `data` [L, in..., out...] in place (call only where `supports_dense`).
+
+  Args:
+    reference: the XLA path, reference(x, data, layer) -> the product (off CPU and for derivatives).
+  """
+  in_shape, out_shape = data.shape[1:1 + num_in], data.shape[1 + num_in:]
+  n_lead = x.ndim - num_in
+  lead = x.shape[:n_lead]
+  rows, k = _rows(x, n_lead), int(np.prod(in_shape, dtype=np.int64))
+  n = int(np.prod(out_shape, dtype=np.int64))
+  out_dtype = preferred_element_type or x.dtype
+
+  def kernel(x, data, layer):
+    y = jax.ffi.ffi_call("lacax_dense_matmul", jax.ShapeDtypeStruct((rows, n), jnp.float32),
+                         vmap_method="sequential")(x.reshape(rows, k).astype(jnp.float32),
+                                                   data.reshape(data.shape[0], k, n), layer)
+    return y.reshape(tuple(lead) + tuple(out_shape)).astype(out_dtype)
+
+  return cpu_kernels.on_cpu(kernel, reference, x, data, layer)
+
+
+def supports_rows(table_shape: tuple[int, int], x: jax.Array, equation: str, *, storage_bits: int = 0,
+                  group_size: int = 0, dtype=jnp.float32) -> bool:
+  """Static check for `project_rows`: x [..., K] times an output-major table [N, K] by ROWS_EQUATION, dense
+  (`storage_bits` 0, `dtype` a DENSE_DTYPES member) or codes (8, or 4 two per byte; groups of a multiple of
+  16 x codes per byte)."""
+  if equation.replace(" ", "") != ROWS_EQUATION or x.ndim != 3 or jnp.dtype(x.dtype) not in INPUT_DTYPES:
+    return False
+  n, k = table_shape
+  if x.shape[-1] != k or not 1 <= x.shape[0] * x.shape[1] <= MAX_ROWS:
+    return False
+  if storage_bits == 0:
+    return jnp.dtype(dtype) in DENSE_DTYPES
+  per_byte = 8 // storage_bits if storage_bits in (8, 4) else 0
+  return bool(per_byte) and group_size > 0 and group_size % (16 * per_byte) == 0 and k % group_size == 0
+
+
+def project_rows(x: jax.Array, data: jax.Array, scales: jax.Array | None, mins: jax.Array | None, reference, *,
+                 storage_bits: int = 0, group_size: int = 0, preferred_element_type=None) -> jax.Array:
+  """logits [B, T, N] = x [B, T, K] times the table [N, K] (ROWS_EQUATION) with the kernel on CPU: `data` the
+  dense table, or codes [N, K / per_byte] with scales (and mins) [N, K / group_size] (call only where
+  `supports_rows`). reference(x, data, scales, mins) -> the product is the XLA path."""
+  b, t, k = x.shape
+  n = data.shape[0]
+  out_dtype = preferred_element_type or x.dtype
+  dummy = jnp.zeros((1,), jnp.float32)
+  scales = dummy if scales is None else scales
+  affine = mins is not None
+  mins_op = mins if affine else jnp.zeros((1,), scales.dtype)
+
+  def kernel(x, data, scales, mins):
+    y = jax.ffi.ffi_call("lacax_rows_matmul", jax.ShapeDtypeStruct((b * t, n), jnp.float32),
+                         vmap_method="sequential")(
+        x.reshape(b * t, k).astype(jnp.float32), data, scales, mins, storage_bits=np.int64(storage_bits),
+        group_size=np.int64(group_size), affine=np.int64(affine))
+    return y.reshape(b, t, n).astype(out_dtype)
+
+  def _reference(x, data, scales, mins):
+    return reference(x, data, None if storage_bits == 0 else scales, mins if affine else None)
+
+  return cpu_kernels.on_cpu(kernel, _reference, x, data, scales, mins_op)

@@ -60,7 +60,11 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
 The CPU decode kernel (lacax.model.cpu_attention) serves the attention wherever it computes the same numbers:
 XLA:CPU, a cache, no hook, no recorded statistics, no mesh; width masks, gates and LoRA do not change that.
 Packed low-bit projections (lacax.model.quantized.PackedWeight) run their decode products through a second
-CPU kernel (lacax.model.cpu_quant_matmul) under the same rule: only where it computes the same numbers.
+CPU kernel (lacax.model.cpu_quant_matmul) under the same rule: only where it computes the same numbers. That
+kernel also streams the dense float32 / bfloat16 / float16 layer projections and the LM head of a decode step
+(a cache, no mesh, at most `cpu_quant_matmul.MAX_ROWS` new tokens in all): the stacked layer weights are
+wrapped as `StreamedWeight`s, which read their layer in place (no per-layer slice copies) with float32
+accumulation, where XLA:CPU's dot reads a bfloat16 weight at a small fraction of the read bandwidth.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ import numpy as np
 
 from lacax.cache.kv_cache import CacheStats, KVCache, ScoreRecording, dequantize_kv, quantize_kv, write_slots
 from lacax.model import cpu_attention
+from lacax.model import cpu_quant_matmul
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -362,6 +367,50 @@ class ProjectedWeight:
     raise NotImplementedError
 
 
+@flax.struct.dataclass
+class StreamedWeight(ProjectedWeight):
+  """A dense projection weight stacked on a leading layer axis, read in place at layer `layer` by the CPU
+  weight-streaming kernel (`cpu_quant_matmul.project_dense`) where it applies, else by XLA's einsum of the
+  layer's slice. `run` wraps the dense layer weights of a decode step in it (a view: no copy, same values);
+  the product equals `jnp.einsum(equation, x, data[layer])` up to float32 summation order (the kernel
+  accumulates in float32 and rounds once to x's dtype)."""
+
+  data: jax.Array
+  layer: jax.Array | None = None
+
+  reads_layers_in_place = True
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.data.shape[0 if self.layer is None else 1:])
+
+  def at_layer(self, index: jax.Array) -> "StreamedWeight":
+    return self.replace(layer=jnp.asarray(index, jnp.int32))
+
+  def dense(self, dtype=None) -> jax.Array:
+    w = self.data if self.layer is None else jax.lax.dynamic_index_in_dim(self.data, self.layer, 0, False)
+    return w if dtype is None else w.astype(dtype)
+
+  def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    def reference(x, data, layer):
+      w = data if layer is None else jax.lax.dynamic_index_in_dim(data, layer, 0, False)
+      return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
+
+    if self.layer is not None and "->" in equation:
+      xs, ws = equation.replace(" ", "").split("->")[0].split(",")
+      num_in = sum(1 for a in ws if a in xs)
+      if cpu_quant_matmul.supports_dense(self.shape, self.data.dtype, num_in, x, equation):
+        return cpu_quant_matmul.project_dense(self.data, self.layer, num_in, x, equation, reference,
+                                              preferred_element_type)
+    return reference(x, self.data, self.layer)
+
+
+def _streams_weights(uncached: bool, mesh_rules: Any, rows: int) -> bool:
+  """Whether a forward streams its dense weights through the CPU kernel (module docstring); static."""
+  return (not uncached and mesh_rules is None and rows <= cpu_quant_matmul.MAX_ROWS
+          and cpu_quant_matmul.available())
+
+
 def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None) -> jax.Array:
   """The one function every projection of the forward goes through: x times the weight by `equation`."""
   if isinstance(w, ProjectedWeight):
@@ -438,13 +487,29 @@ def _num_stacked(segment: dict[str, Any]) -> int:
   return int(segment["attn_norm"].shape[0])
 
 
-def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Logits [B, T, V] float32 of residual-stream states x [B, T, D]: final norm, then the LM head."""
+def unembed(params: Params, x: jax.Array, cfg: ModelConfig, *, stream: bool = False) -> jax.Array:
+  """Logits [B, T, V] float32 of residual-stream states x [B, T, D]: final norm, then the LM head.
+
+  `stream` (static): a dense head of a kernel dtype is read by the CPU weight-streaming kernel where it applies
+  (`run` sets it for decode steps; the numbers equal the einsum's up to float32 summation order)."""
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-  if not isinstance(head, ProjectedWeight):
-    head = head.astype(cfg.jnp_dtype)
-  return project(x, head, "btd,vd->btv", preferred_element_type=jnp.float32)
+  if isinstance(head, ProjectedWeight):
+    return project(x, head, "btd,vd->btv", preferred_element_type=jnp.float32)
+  head = head.astype(cfg.jnp_dtype)
+  equation = cpu_quant_matmul.ROWS_EQUATION
+  if stream and cpu_quant_matmul.supports_rows(head.shape, x, equation, dtype=head.dtype):
+    reference = lambda x, table, scales, mins: jnp.einsum(equation, x, table, preferred_element_type=jnp.float32)
+    return cpu_quant_matmul.project_rows(x, head, None, None, reference, preferred_element_type=jnp.float32)
+  return project(x, head, equation, preferred_element_type=jnp.float32)
+
+
+def embed_tokens(table: Any, tokens: jax.Array, dtype) -> jax.Array:
+  """The embeddings [..., D] in `dtype` of token ids: rows of the table [V, D] (a dense array, or a
+  `ProjectedWeight` with a `lookup(tokens, dtype)` such as `lacax.model.quantized.PackedTable`)."""
+  if isinstance(table, ProjectedWeight):
+    return table.lookup(tokens, dtype)
+  return table.astype(dtype)[tokens]
 
 
 def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -> None:
@@ -584,7 +649,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       raise ValueError(f"params hold layer segments {got}; ModelConfig.layer_shapes={cfg.layer_shapes}")
   _check_options(options, cfg, num_layers)
   inv_freq = rope_lib.inv_frequencies(cfg)
-  x = params["embed"].astype(dtype)[tokens]
+  x = embed_tokens(params["embed"], tokens, dtype)
   uncached = cache is None
   mesh_rules = options.mesh_rules if options.mesh_rules is not None else (None if uncached else cache.mesh_rules)
   if mesh_rules is not None:  # on a mesh: batch rows split over the data axes (lacax.sharding)
@@ -620,6 +685,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     new_cos, new_sin = rope_lib.rope_table(positions[:, :, None], inv_freq)
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
   lora_cfg = options.lora_config
+  stream = _streams_weights(uncached, mesh_rules, B * T)
 
   def lora_delta(name, inp, lora_p, rng):
     """scale * b(a(dropout(inp))) for projection `name`, or None when it carries no adapter."""
@@ -798,6 +864,9 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
                         and cpu_attention.available())
       # Weights that can read their layer out of the stacked leaves stay out of the scanned inputs: XLA:CPU
       # would copy each layer's slice before a custom call (the low-bit matmul) could read it.
+      if stream:  # dense projections as in-place views for the CPU weight-streaming kernel
+        seg_p = {name: StreamedWeight(w) if name in LORA_TARGETS and isinstance(w, jax.Array) else w
+                 for name, w in seg_p.items()}
       in_place = {name: w for name, w in seg_p.items()
                   if isinstance(w, ProjectedWeight) and w.reads_layers_in_place}
       sliced = {name: w for name, w in seg_p.items() if name not in in_place}
@@ -820,7 +889,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
   if options.logits:
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)
-    logits = unembed(params, x, cfg)
+    logits = unembed(params, x, cfg, stream=stream)
   if uncached:
     return ForwardOutput(logits, None, hidden)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,

@@ -228,3 +228,118 @@ class PackedWeight(ProjectedWeight):
     g = k if group_size is None else int(group_size)
     codes, scales = quant.quantize_codes(mat, bits, g)
     return cls.from_codes(codes, scales, bits=bits, group_size=g, in_shape=in_shape, out_shape=out_shape)
+
+
+# --- packed output-major tables: the embedding and LM head [vocab, hidden] ----------------------------------
+
+
+def pack_row_nibbles(codes):
+  """Unsigned 4-bit codes [..., K] (K a multiple of 32) -> uint8 [..., K / 2] in GGUF's block order: within
+  each 32 codes, byte j holds code j in its low nibble and code j + 16 in its high one. numpy or jax."""
+  xp = np if isinstance(codes, np.ndarray) else jnp
+  *lead, k = codes.shape
+  if k % 32:
+    raise ValueError(f"4-bit table rows pack in blocks of 32 codes; a row has {k}")
+  c = codes.astype(xp.uint8).reshape(*lead, k // 32, 2, 16)
+  return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*lead, k // 2)
+
+
+def unpack_row_nibbles(packed: jax.Array) -> jax.Array:
+  """Inverse of `pack_row_nibbles`: uint8 [..., K / 2] -> uint8 codes [..., K]."""
+  *lead, kb = packed.shape
+  b = packed.reshape(*lead, kb // 16, 1, 16)
+  return jnp.concatenate([b & jnp.uint8(0x0F), b >> jnp.uint8(4)], axis=-2).reshape(*lead, kb * 2)
+
+
+@flax.struct.dataclass
+class PackedTable(ProjectedWeight):
+  """An output-major table [N, K] (the token embedding / LM head [vocab, hidden]) stored as codes along K with
+  one scale (and optionally one offset) per group of `group_size` consecutive entries of a row: a tied
+  embedding that is both gathered (`lookup`, which dequantizes only the rows it reads) and multiplied
+  (`project` by "btd,vd->btv", the LM head).
+
+    data:   int8 [N, K] (8-bit codes, signed), or uint8 [N, K / 2] (3/4-bit codes, GGUF block order:
+            `pack_row_nibbles`)
+    scales: [N, K / group_size] float16 (GGUF Q8_0 / Q4_0 / Q4_1 blocks) or float32 (lacax's quantizer)
+    mins:   None (symmetric: w = scale * (code - offset), offset 8 for 4-bit codes, 0 for int8) or like scales
+            (affine, Q4_1: w = scale * code + min)
+
+  This is the layout of GGUF's own `token_embd` blocks, so `load_model(keep_quantized=True)` keeps the file's
+  codes. On XLA:CPU a decode step's head product runs the low-bit kernel (`cpu_quant_matmul.project_rows`;
+  groups of a multiple of 16 int8 or 32 4-bit codes); elsewhere XLA dequantizes the table into the einsum.
+  """
+
+  data: jax.Array
+  scales: jax.Array
+  mins: jax.Array | None = None
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  group_size: int = flax.struct.field(pytree_node=False, default=32)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (int(self.data.shape[0]), int(self.scales.shape[1]) * self.group_size)
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.data, self.scales, self.mins)
+                   if a is not None))
+
+  def _dequantize(self, data, scales, mins, dtype):
+    """Rows of codes [..., K'] with their scales [..., K / G] -> [..., K] in dtype."""
+    if storage_bits(self.bits) == 8:
+      q = data.astype(jnp.float32)
+    else:
+      q = unpack_row_nibbles(data).astype(jnp.float32) - (0.0 if mins is not None else 8.0)
+    *lead, k = q.shape
+    w = q.reshape(*lead, k // self.group_size, self.group_size) * scales.astype(jnp.float32)[..., None]
+    if mins is not None:
+      w = w + mins.astype(jnp.float32)[..., None]
+    return w.reshape(*lead, k).astype(dtype)
+
+  def dense(self, dtype=jnp.float32) -> jax.Array:
+    return self._dequantize(self.data, self.scales, self.mins, dtype)
+
+  def lookup(self, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows `tokens` of the table, dequantized: [..., K] in dtype (reads only those rows)."""
+    pick = lambda a: None if a is None else a[tokens]  # noqa: E731
+    return self._dequantize(pick(self.data), pick(self.scales), pick(self.mins), dtype)
+
+  def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    sb = storage_bits(self.bits)
+    reference = lambda x, data, scales, mins: jnp.einsum(  # noqa: E731
+        equation, x, self.replace(data=data, scales=scales, mins=mins).dense(x.dtype),
+        preferred_element_type=preferred_element_type)
+    if (sb in (8, 4) and cpu_quant_matmul.supports_rows(self.shape, x, equation, storage_bits=sb,
+                                                        group_size=self.group_size)
+        and cpu_quant_matmul.available()):
+      return cpu_quant_matmul.project_rows(x, self.data, self.scales, self.mins, reference, storage_bits=sb,
+                                           group_size=self.group_size,
+                                           preferred_element_type=preferred_element_type)
+    return reference(x, self.data, self.scales, self.mins)
+
+  @classmethod
+  def from_codes(cls, codes, scales, mins=None, *, bits: int, group_size: int) -> "PackedTable":
+    """From codes [N, K]: signed for the symmetric form (|code| < 2**(bits-1)), unsigned 0..15 with `mins`."""
+    sb = storage_bits(bits)
+    if sb not in (8, 4):
+      raise ValueError(f"PackedTable bits={bits}; expected 3..8 (2-bit tables are not supported)")
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    if sb == 8:
+      if mins is not None:
+        raise ValueError("8-bit PackedTable codes are signed and symmetric; mins must be None")
+      data = codes.astype(xp.int8)
+    else:
+      data = pack_row_nibbles(codes if mins is not None else codes + 8)
+    return cls(data=data, scales=scales, mins=mins, bits=bits, group_size=int(group_size))
+
+  @classmethod
+  def quantize(cls, table: jax.Array, bits: int, group_size: int = 32) -> "PackedTable":
+    """Symmetric round-to-nearest codes of a table [N, K], one scale per group of `group_size` entries of a
+    row (max |w| / (2**(bits-1) - 1)): what `PackedWeight.quantize` does, along the table's rows."""
+    from lacax.compress import quant  # pylint: disable=g-import-not-at-top
+
+    n, k = table.shape
+    if group_size <= 0 or k % group_size:
+      raise ValueError(f"PackedTable group_size={group_size} must divide the row length {k}")
+    codes, scales = quant.quantize_codes(jnp.asarray(table, jnp.float32).T, bits, group_size)
+    return cls.from_codes(codes.T, scales.T, bits=bits, group_size=group_size)

@@ -39,7 +39,7 @@ def layer_taps(params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig
   dtype = cfg.jnp_dtype
   cos, sin = rope_lib.rope_table(positions[:, :, None], rope_lib.inv_frequencies(cfg))
   key_pos = jnp.broadcast_to(positions[:, :, None], (B, T, KV))
-  x = params["embed"].astype(dtype)[tokens]
+  x = llama.embed_tokens(params["embed"], tokens, dtype)
 
   def layer(x, p):
     h = llama.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -66,8 +66,9 @@ def layer_taps(params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig
 def final_logits(params, hidden_last: jax.Array, cfg: ModelConfig) -> jax.Array:
   """[B, T, V] logits from the last residual stream (final norm + LM head), as `llama.forward` computes them."""
   x = llama.rms_norm(hidden_last.astype(cfg.jnp_dtype), params["final_norm"], cfg.rms_norm_eps)
-  unembed = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-  return jnp.einsum("btd,vd->btv", x, unembed.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32)
+  head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+  head = head if isinstance(head, llama.ProjectedWeight) else head.astype(cfg.jnp_dtype)
+  return llama.project(x, head, "btd,vd->btv", preferred_element_type=jnp.float32)
 
 
 def batch_positions(tokens: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

@@ -341,8 +341,10 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None, kee
     name: the config's `name` (default: the file name without `.gguf`).
     keep_quantized: decoder-layer projections whose tensors are Q8_0 / Q4_0 / Q4_1 in every layer become
       `lacax.model.quantized.PackedWeight`s built from the file's integer codes and float16 block scales (and
-      Q4_1 offsets), never dequantized: their `dense()` equals `gguf.quants.dequantize`. Other tensors (norms,
-      the embedding, which is gathered, and projections of other types) are dequantized as without it.
+      Q4_1 offsets), never dequantized: their `dense()` equals `gguf.quants.dequantize`. A Q8_0 / Q4_0 / Q4_1
+      embedding (and untied LM head) becomes a `lacax.model.quantized.PackedTable` of the file's blocks (rows
+      are gathered dequantized; the head product reads the codes). Other tensors (norms, projections of other
+      types) are dequantized as without it.
 
   Returns:
     (cfg, params) with params = {"embed": [V, D], "layers": {...stacked on a leading [L] axis...},
@@ -382,6 +384,10 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None, kee
     if packed is not None:
       params["layers"][dest[-1]] = packed
       continue
+    table = _load_packed_table(tensors, dest, hf_template) if keep_quantized else None
+    if table is not None:
+      params[dest[-1]] = table
+      continue
     if "{i}" in hf_template:
       first = transform(load(hf_template, 0, shape))
       value = np.empty((cfg.num_layers,) + first.shape, np.float32)
@@ -395,6 +401,19 @@ def read_gguf(path: str, *, dtype: str = "float32", name: str | None = None, kee
       target = target[key]
     target[dest[-1]] = value
   return cfg, params
+
+
+def _load_packed_table(tensors: _GGUFTensors, dest: tuple[str, ...], hf_template: str):
+  """The embedding or LM head as a `PackedTable` of its GGUF blocks, or None when it is of another type."""
+  from lacax.model.quantized import PackedTable  # pylint: disable=g-import-not-at-top
+
+  if dest not in (("embed",), ("lm_head",)):
+    return None
+  got = tensors.get_codes(_HF_TO_GGUF[hf_template])
+  if got is None:
+    return None
+  codes, scales, mins, bits = got
+  return PackedTable.from_codes(codes, scales, mins, bits=bits, group_size=32)
 
 
 def _load_packed(tensors: _GGUFTensors, cfg: ModelConfig, dest: tuple[str, ...], hf_template: str, unpermute: bool,
