@@ -7,7 +7,8 @@ and writes a list of runs to argv[2]. Each of `types` (absent: the file as it is
 by llama.cpp's own `llama_model_quantize` (with requantization allowed: from a Q4_1 file, F32 / F16 / BF16 hold
 exactly its dequantized values, the weights lacax's float rows load) into a temporary directory. Per (type, per (flash attention, context) the best decode time over `repeats` (after a warm-up), counted as lacax
 counts it: the first generated token comes from the prefill, so (new_tokens - 1) tokens over the decode time.
-Decoding is greedy on llama.cpp's own logits, one `eval` per token.
+Decoding is greedy on llama.cpp's own logits (of the last position, `llama_get_logits_ith`), one `eval` per
+token.
 """
 
 import ctypes
@@ -55,6 +56,13 @@ def main(request_path: str, out_path: str) -> None:
     json.dump(runs, f, indent=1)
 
 
+def last_argmax(llama_cpp, np, llm) -> int:
+  """The greedy token of the last evaluated position, read from llama.cpp's logits (`Llama.scores` is not
+  filled without logits_all in llama-cpp-python 0.3.x)."""
+  logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+  return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+
 def measure(llama_cpp, np, path, kind, flash, prompts, n_ctx, req) -> list[dict]:
   """The runs of one model file and flash-attention setting, one per context."""
   runs = []
@@ -68,11 +76,11 @@ def measure(llama_cpp, np, path, kind, flash, prompts, n_ctx, req) -> list[dict]
       llm.eval(ids)
       mid = time.perf_counter()
       generated = []
-      token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+      token = last_argmax(llama_cpp, np, llm)
       for _ in range(req["new_tokens"] - 1):
         generated.append(token)
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = last_argmax(llama_cpp, np, llm)
       generated.append(token)
       end = time.perf_counter()
       if best_decode is None or end - mid < best_decode:

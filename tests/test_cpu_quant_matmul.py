@@ -19,7 +19,7 @@ from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.model import llama
 from lacax.model.config import ModelConfig
-from lacax.model.quantized import PackedTable, PackedWeight
+from lacax.model.quantized import PackedTable, PackedWeight, SparseWeight
 from lacax.weights import gguf as gguf_weights
 
 _HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -406,6 +406,74 @@ class StreamingKernelTest(_KernelOn):
     self.assertEqual(_greedy(params, cfg, prompts), _greedy(reference, cfg, prompts))
     np.testing.assert_allclose(np.asarray(step(params, cache)[0]), np.asarray(step(reference, cache)[0]),
                                rtol=1e-4, atol=1e-4)
+
+
+def _sparse_packed(rng, L, K, N, sparsity, group):
+  w = rng.normal(size=(L, K, N)) * (rng.uniform(size=(L, K, N)) >= sparsity)
+  return PackedWeight.quantize(jnp.asarray(w, jnp.float32), 1, 8, group)
+
+
+@absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
+class SparseWeightTest(_KernelOn):
+  """Sparse 8-bit storage: the same values as the packed codes, fewer bytes, and the kernel's product."""
+
+  @parameterized.parameters((0.5, None, 1), (0.7, 32, 3), (0.0, 64, 16), (0.95, None, 2))
+  def test_same_values_fewer_bytes_and_kernel_product(self, sparsity, group, M):
+    rng = np.random.default_rng(int(sparsity * 100) + M)
+    pw = _sparse_packed(rng, 3, 128, 192, sparsity, group)
+    sw = SparseWeight.from_packed(pw)
+    np.testing.assert_array_equal(np.asarray(sw.dense()), np.asarray(pw.dense()))
+    # Bytes: the kept codes, one mask bit per weight, the scales, the offsets and one segment of padding.
+    kept = int(np.sum(np.asarray(pw.data) != 0))
+    self.assertEqual(sw.nbytes, kept + 3 * 128 * 192 // 8 + pw.scales.nbytes + 4 * 3 * (192 // 64 + 1)
+                     + sw.max_segment)
+    if sparsity >= 0.5:
+      self.assertLess(sw.nbytes, pw.nbytes)
+    x = jnp.asarray(rng.normal(size=(1, M, 128)), jnp.float32)
+    for layer in range(3):
+      one = sw.at_layer(layer)
+      fn = lambda x, w: w.project(x, "btk,kn->btn")  # noqa: E731
+      self.assertIn("lacax_sparse_matmul", jax.jit(fn).lower(x, one).as_text())
+      want = jnp.einsum("btk,kn->btn", x, pw.dense()[layer], precision="highest")
+      np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, one)), np.asarray(want), rtol=1e-5, atol=1e-4)
+    # The XLA path (kernel off) scatters the same codes back.
+    cpu_quant_matmul.set_enabled(False)
+    self.addCleanup(cpu_quant_matmul.set_enabled, True)
+    got = jax.jit(lambda x, w: w.project(x, "btk,kn->btn"))(x, sw.at_layer(2))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.einsum("btk,kn->btn", x, pw.dense()[2])),
+                               rtol=1e-5, atol=1e-4)
+
+  def test_refuses_what_it_cannot_hold(self):
+    rng = np.random.default_rng(0)
+    with self.assertRaisesRegex(ValueError, "multiple of 64"):
+      SparseWeight.from_packed(_sparse_packed(rng, 1, 64, 96, 0.5, None))
+    four = PackedWeight.quantize(jnp.asarray(rng.normal(size=(1, 64, 64)), jnp.float32), 1, 4, 32)
+    with self.assertRaisesRegex(ValueError, "8-bit"):
+      SparseWeight.from_packed(four)
+
+  def test_corrupt_offsets_are_an_error_not_a_read_out_of_bounds(self):
+    sw = SparseWeight.from_packed(_sparse_packed(np.random.default_rng(1), 1, 64, 64, 0.5, None))
+    bad = sw.replace(offsets=sw.offsets.at[0, 1].set(3))  # fewer codes than the masks keep
+    x = jnp.ones((1, 1, 64), jnp.float32)
+    with self.assertRaisesRegex(Exception, "more codes than its segment"):
+      jax.block_until_ready(jax.jit(lambda x, w: w.project(x, "btk,kn->btn"))(x, bad.at_layer(0)))
+
+  def test_sparse_model_decodes_like_packed(self):
+    cfg, params = _tiny_model()
+    pruned = jax.tree.map(lambda a: a, params)
+    rng = np.random.default_rng(2)
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+      w = np.asarray(params["layers"][name])
+      pruned["layers"][name] = jnp.asarray(w * (rng.uniform(size=w.shape) >= 0.6), jnp.float32)
+    as_packed = packed.compress_layers(pruned["layers"], [8, 8], [None] * 2, storage="packed")
+    as_sparse = packed.compress_layers(pruned["layers"], [8, 8], [None] * 2, storage="sparse")
+    kinds = {name: type(w).__name__ for name, w in as_sparse[0].items() if name in packed.calibrate.PROJECTIONS}
+    self.assertEqual(kinds["w_up"], "SparseWeight")
+    self.assertLess(packed.layer_param_bytes({"layers": as_sparse}), 0.8 * packed.layer_param_bytes(
+        {"layers": as_packed}))
+    prompts = [[5, 17, 3, 44, 9], [2, 7]]
+    a = _greedy({**params, "layers": as_packed}, cfg, prompts)
+    self.assertEqual(a, _greedy({**params, "layers": as_sparse}, cfg, prompts))
 
 
 if __name__ == "__main__":

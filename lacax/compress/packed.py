@@ -17,7 +17,7 @@ import numpy as np
 
 from lacax.compress import calibrate, quant
 from lacax.model.llama import ProjectedWeight, project
-from lacax.model.quantized import PackedTable, PackedWeight
+from lacax.model.quantized import PackedTable, PackedWeight, SparseWeight
 
 
 @flax.struct.dataclass
@@ -56,8 +56,10 @@ def compress_layers(layers: dict[str, Any], w_bits: Sequence[int | None], a_bits
                     storage: str, group_size: int | None = None, ste_window: float | None = None
                     ) -> dict[str, Any] | list[dict[str, Any]]:
   """Stacked dense layers -> what the forward runs: per layer, weights fake-quantized ("fake") or packed
-  ("packed") at w_bits[l] (None: left dense) and inputs quantized at a_bits[l]. Returns one stacked dict when
-  that needs no segments (fake storage, no activation bits), else a list of segments."""
+  ("packed") at w_bits[l] (None: left dense) and inputs quantized at a_bits[l]; "sparse" packs like "packed"
+  and then stores an 8-bit projection as a `SparseWeight` (its non-zero codes and a bit mask) where that takes
+  fewer bytes. Returns one stacked dict when that needs no segments (fake storage, no activation bits), else a
+  list of segments."""
   L = len(w_bits)
   if storage == "fake" and all(a is None for a in a_bits):
     out = dict(layers)
@@ -76,8 +78,11 @@ def compress_layers(layers: dict[str, Any], w_bits: Sequence[int | None], a_bits
       w = seg[name]
       if wb is not None:
         n_in = calibrate.num_input_axes(name)
-        if storage == "packed":
+        if storage in ("packed", "sparse"):
           w = PackedWeight.quantize(w, n_in, wb, group_size)
+          if storage == "sparse" and SparseWeight.supported(w):
+            sparse = SparseWeight.from_packed(w)
+            w = sparse if sparse.nbytes < w.nbytes else w
         else:
           w = quant.fake_quant_weight(w, n_in, wb, group_size, ste_window=ste_window)
       if ab is not None:

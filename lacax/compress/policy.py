@@ -35,7 +35,7 @@ from lacax.compress.prune import METHODS
 from lacax.errors import ConfigError, ValidationError
 from lacax.model.config import ModelConfig
 
-STORAGES = ("fake", "packed")
+STORAGES = ("fake", "packed", "sparse")
 FLOAT_BITS = 32  # "not quantized" in the byte model (float32 weights)
 
 
@@ -51,7 +51,9 @@ class CompressionPolicy:
     method: "sparsegpt", "wanda" or "magnitude".
     nm: (n, m) semi-structured pruning for every layer (sparsity is then n/m), or None = unstructured.
     group_size: weight quantization group (input features), None = per output channel.
-    storage: "fake" (dense fake-quantized weights) or "packed" (`PackedWeight`, dequantized in the matmul).
+    storage: "fake" (dense fake-quantized weights), "packed" (`PackedWeight`, dequantized in the matmul) or
+      "sparse" (as packed, but 8-bit layers with pruned weights keep only their non-zero codes and a bit mask:
+      `lacax.model.quantized.SparseWeight`, where it takes fewer bytes).
     block_size, damp: SparseGPT's block (128) and damping fraction (0.01).
     model: the `model_identity` the policy was built for ({} = any).
   """

@@ -35,6 +35,7 @@
 //     consecutive inputs. Each output is a dot product over a contiguous row.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -627,6 +628,124 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+
+// --- sparse int8 codes: a bit mask per 64 columns and the kept codes ----------------------------------------
+//
+// LacaxSparseMatmul: y = x @ W[layer] with W [K, N] stored as int8 codes of which only the kept (non-zero
+// mask bit) ones are stored: for each tile of 64 columns, for k = 0..K-1, mask[layer, tile, k] (64 bits,
+// bit c = column 64 tile + c) and the kept codes of that row of the tile, in column order, one after the
+// other in `values` from offsets[layer, tile] to offsets[layer, tile + 1]. Scales as LacaxQuantMatmul's ([L, K / G, N], symmetric).
+// With AVX-512 VBMI2 a row of a tile is one masked expand-load (vpexpandb); elsewhere a bit loop.
+
+inline void ExpandRow(uint64_t mask, const int8_t* src, int8_t* dst) {  // dst: 64 codes, zeros where unkept
+#if defined(__AVX512VBMI2__)
+  _mm512_storeu_si512(dst, _mm512_maskz_expandloadu_epi8(mask, src));
+#else
+  std::memset(dst, 0, 64);
+  for (int i = 0; mask; mask &= mask - 1, ++i) dst[__builtin_ctzll(mask)] = src[i];
+#endif
+}
+
+struct SparseProblem {
+  int64_t M, K, N, G;
+  const float* x;
+  const uint64_t* mask;    // [N / 64, K] of this layer
+  const int8_t* values;    // all layers' kept codes
+  const int32_t* offsets;  // [N / 64 + 1] of this layer: tile t's codes are values[offsets[t], offsets[t + 1])
+  const void* scales;      // [K / G, N] of this layer
+  float* y;
+};
+
+// Returns false if the tile's masks ask for more codes than its segment holds (corrupt operands).
+template <int MR, typename ST>
+bool SparseTile(const SparseProblem& p, int64_t t, int64_t m0) {
+  const ST* scales = static_cast<const ST*>(p.scales);
+  const int64_t N = p.N, K = p.K, G = p.G, groups = K / G, n0 = t * kTile;
+  const uint64_t* mask = p.mask + t * K;
+  const int8_t* src = p.values + p.offsets[t];
+  const int8_t* end = p.values + p.offsets[t + 1];
+  const float* x = p.x + m0 * K;
+  v16 acc[MR][kVecs];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kVecs; ++c) acc[r][c] = v16{};
+  alignas(64) int8_t row[64];
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    v16 part[MR][kVecs];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kVecs; ++c) part[r][c] = v16{};
+    for (int64_t k = gi * G; k < (gi + 1) * G; ++k) {
+      const uint64_t m = mask[k];
+      if (m == 0) continue;  // a pruned row of the tile costs its mask only
+      const int kept = __builtin_popcountll(m);
+      if (src + kept > end) return false;
+      ExpandRow(m, src, row);
+      src += kept;
+      for (int c = 0; c < kVecs; ++c) {
+        const v16 q = __builtin_convertvector(LoadBytes<true>(reinterpret_cast<const uint8_t*>(row) + 16 * c), v16);
+        for (int r = 0; r < MR; ++r) part[r][c] += x[r * K + k] * q;
+      }
+    }
+    for (int c = 0; c < kVecs; ++c) {
+      const v16 s = LoadScales(scales + gi * N + n0 + 16 * c);
+      for (int r = 0; r < MR; ++r) acc[r][c] += s * part[r][c];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < kVecs; ++c) std::memcpy(p.y + (m0 + r) * N + n0 + 16 * c, &acc[r][c], sizeof(v16));
+  return true;
+}
+
+template <typename ST>
+bool SparseRun(ffi::ThreadPool& pool, const SparseProblem& p) {
+  std::atomic<bool> ok{true};
+  ParallelFor(pool, p.N / kTile, [&](int64_t t) {
+    ForRowBlocks(p.M, [&](int64_t m0, auto mr) {
+      if (!SparseTile<decltype(mr)::value, ST>(p, t, m0)) ok.store(false);
+    });
+  });
+  return ok.load();
+}
+
+ffi::Error SparseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> mask,
+                        ffi::Buffer<ffi::S8> values, ffi::Buffer<ffi::S32> offsets, ffi::AnyBuffer scales,
+                        ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t group_size) {
+  const auto xd = x.dimensions();
+  const auto md = mask.dimensions();
+  const auto od = offsets.dimensions();
+  const auto sd = scales.dimensions();
+  if (xd.size() != 2 || md.size() != 4 || od.size() != 2 || sd.size() != 3) {
+    return Error("x must be rank 2, mask [L, N / 64, K, 8], offsets [L, N / 64 + 1], scales [L, K / G, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], L = md[0], T = md[1], N = T * kTile, G = group_size;
+  if (md[2] != K || md[3] != 8 || od[0] != L || od[1] != T + 1) return Error("mask / offsets do not match x and N");
+  if (G <= 0 || K % G != 0) return Error("group_size must divide K");
+  const auto st = scales.element_type();
+  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || sd[0] != L || sd[1] != K / G || sd[2] != N) {
+    return Error("scales must be f32 or f16 [L, K / group_size, N]");
+  }
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return Error("layer index out of range");
+  const bool half = st == ffi::DataType::F16;
+  const size_t scale_bytes = half ? 2 : 4;
+  SparseProblem p{M, K, N, G, x.typed_data(),
+                  reinterpret_cast<const uint64_t*>(mask.typed_data()) + li * T * K,
+                  values.typed_data(), offsets.typed_data() + li * (T + 1),
+                  static_cast<const char*>(scales.untyped_data()) + li * (K / G) * N * scale_bytes, y->typed_data()};
+  // Every segment must lie inside `values` (corrupt operands must not read out of bounds).
+  const int64_t size = values.element_count();
+  for (int64_t t = 0; t < T; ++t) {
+    if (p.offsets[t] < 0 || p.offsets[t] > p.offsets[t + 1] || p.offsets[t + 1] > size) {
+      return Error("offsets must be non-decreasing within values");
+    }
+  }
+  if (!(half ? SparseRun<uint16_t>(pool, p) : SparseRun<float>(pool, p))) {
+    return Error("a tile's masks keep more codes than its segment of values holds");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
@@ -661,3 +780,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxRowsMatmul, RowsMatmul,
                                   .Attr<int64_t>("storage_bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("affine"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxSparseMatmul, SparseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask [L, N / 64, K, 8]
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // values (kept codes)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // offsets [L, N / 64 + 1]
+                                  .Arg<ffi::AnyBuffer>()         // scales
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("group_size"));

@@ -47,6 +47,7 @@ from lacax.model import cpu_kernels
 SOURCE = Path(__file__).with_name("cpu_quant_matmul.cc")
 KERNELS = cpu_kernels.KernelLibrary(SOURCE, {"lacax_quant_matmul": "LacaxQuantMatmul",
                                              "lacax_dense_matmul": "LacaxDenseMatmul",
+                                             "lacax_sparse_matmul": "LacaxSparseMatmul",
                                              "lacax_rows_matmul": "LacaxRowsMatmul"},
                                     "CPU low-bit matmul kernel")
 MAX_ROWS = 16  # rows of x (batch x tokens) up to which the kernel runs; more keep XLA's dequantize + GEMM
@@ -227,3 +228,31 @@ def project_rows(x: jax.Array, data: jax.Array, scales: jax.Array | None, mins: 
     return reference(x, data, None if storage_bits == 0 else scales, mins if affine else None)
 
   return cpu_kernels.on_cpu(kernel, _reference, x, data, scales, mins_op)
+
+
+def supports_sparse(w, x: jax.Array, equation: str) -> bool:
+  """Static check for `project_sparse`: one layer of a `SparseWeight` in the projection form."""
+  if w.layer is None or jnp.dtype(w.scales.dtype) not in SCALE_DTYPES or jnp.dtype(x.dtype) not in INPUT_DTYPES:
+    return False
+  n_lead = _lead_axes(equation, x.ndim, len(w.in_shape), len(w.out_shape))
+  if n_lead is None or tuple(x.shape[n_lead:]) != tuple(w.in_shape):
+    return False
+  return 1 <= _rows(x, n_lead) <= MAX_ROWS
+
+
+def project_sparse(w, x: jax.Array, reference, preferred_element_type=None) -> jax.Array:
+  """`jnp.einsum(equation, x, w.dense())` for one layer of a `SparseWeight` with the kernel on CPU.
+  reference(x, mask, values, offsets, scales, layer) is the XLA path."""
+  n_lead = x.ndim - len(w.in_shape)
+  lead = x.shape[:n_lead]
+  rows, k = _rows(x, n_lead), int(np.prod(w.in_shape, dtype=np.int64))
+  n = int(np.prod(w.out_shape, dtype=np.int64))
+  out_dtype = preferred_element_type or x.dtype
+
+  def kernel(x, mask, values, offsets, scales, layer):
+    y = jax.ffi.ffi_call("lacax_sparse_matmul", jax.ShapeDtypeStruct((rows, n), jnp.float32),
+                         vmap_method="sequential")(x.reshape(rows, k).astype(jnp.float32), mask, values, offsets,
+                                                   scales, layer, group_size=np.int64(w.group_size))
+    return y.reshape(tuple(lead) + tuple(w.out_shape)).astype(out_dtype)
+
+  return cpu_kernels.on_cpu(kernel, reference, x, w.mask, w.values, w.offsets, w.scales, w.layer)

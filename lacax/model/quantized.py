@@ -343,3 +343,128 @@ class PackedTable(ProjectedWeight):
       raise ValueError(f"PackedTable group_size={group_size} must divide the row length {k}")
     codes, scales = quant.quantize_codes(jnp.asarray(table, jnp.float32).T, bits, group_size)
     return cls.from_codes(codes.T, scales.T, bits=bits, group_size=group_size)
+
+
+# --- sparse int8 codes (Edge-LLM's pruned + 8-bit layers) ---------------------------------------------------
+
+SPARSE_TILE = 64  # output columns per mask word
+
+
+@flax.struct.dataclass
+class SparseWeight(ProjectedWeight):
+  """A stacked 8-bit projection [L, K, N] that stores only its non-zero codes: resident bytes fall with the
+  sparsity (a pruned weight costs one mask bit, a kept one its byte), and the decode product reads only them.
+
+  Per layer, the N output columns are cut into tiles of `SPARSE_TILE`; for each tile and input row k a 64-bit
+  mask says which codes of that row are kept, and the kept codes follow one another, row by row, in column
+  order, in one flat `values` buffer for all layers. Leaves:
+
+    mask:    uint8 [L, N / 64, K, 8] (bit c of byte j: column 8 j + c of the tile)
+    values:  int8 [kept codes of all layers + max_segment] (the tail is padding, so that the XLA path can
+             slice `max_segment` codes from any segment start)
+    offsets: int32 [L, N / 64 + 1]: tile t of layer l holds values[offsets[l, t], offsets[l, t + 1])
+    scales:  [L, K / group_size, N] as `PackedWeight`'s (symmetric: w = scale * code)
+    layer:   None, or the int32 layer the weight is (`at_layer`: read in place, as `PackedWeight`)
+
+  The byte model of `lacax.compress.policy` (kept values + one mask bit per weight + scales) is what this
+  holds, plus 4 bytes per tile of offsets. On XLA:CPU a decode step multiplies with the `lacax_sparse_matmul`
+  kernel (AVX-512 VBMI2 expand-loads where the CPU has them); elsewhere the codes are scattered back into a
+  dense layer for XLA's einsum. Built from an 8-bit `PackedWeight` by `from_packed` (host side).
+  """
+
+  mask: jax.Array
+  values: jax.Array
+  offsets: jax.Array
+  scales: jax.Array
+  layer: jax.Array | None = None
+  group_size: int = flax.struct.field(pytree_node=False, default=32)
+  in_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  max_segment: int = flax.struct.field(pytree_node=False, default=0)
+
+  reads_layers_in_place = True
+  bits = 8
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    lead = () if self.layer is not None else (int(self.mask.shape[0]),)
+    return lead + tuple(self.in_shape) + tuple(self.out_shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.mask, self.values, self.offsets,
+                                                                  self.scales)))
+
+  def at_layer(self, index: jax.Array) -> "SparseWeight":
+    if self.layer is not None:
+      raise ValueError(f"at_layer on a SparseWeight that is already layer {self.layer}")
+    return self.replace(layer=jnp.asarray(index, jnp.int32))
+
+  @classmethod
+  def supported(cls, w: "PackedWeight") -> bool:
+    """Whether `from_packed` takes `w`: stacked [L, K, N] 8-bit codes with N a multiple of SPARSE_TILE."""
+    n = int(np.prod(w.out_shape, dtype=np.int64))
+    return storage_bits(w.bits) == 8 and w.mins is None and w.layer is None and w.data.ndim == 3 and (
+        n % SPARSE_TILE == 0)
+
+  @classmethod
+  def from_packed(cls, w: "PackedWeight") -> "SparseWeight":
+    """The non-zero codes of a stacked 8-bit `PackedWeight` (numpy on the host; values are unchanged)."""
+    if not cls.supported(w):
+      raise ValueError(f"SparseWeight needs stacked 8-bit symmetric codes [L, K, N] with N a multiple of "
+                       f"{SPARSE_TILE}; got bits={w.bits}, data {tuple(w.data.shape)}, affine={w.mins is not None}")
+    codes = np.asarray(w.data, np.int8)
+    L, K, N = codes.shape
+    T = N // SPARSE_TILE
+    tiles = codes.reshape(L, K, T, SPARSE_TILE).transpose(0, 2, 1, 3)  # [L, T, K, 64]
+    kept = tiles != 0
+    counts = kept.reshape(L * T, -1).sum(axis=1)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if starts[-1] >= 2 ** 31:
+      raise ValueError(f"SparseWeight holds {starts[-1]} codes; at most 2**31 - 1 are addressable")
+    max_segment = int(counts.max()) if counts.size else 0
+    values = np.concatenate([tiles[kept], np.zeros(max_segment, np.int8)])
+    offsets = np.empty((L, T + 1), np.int32)
+    offsets[:, :T] = starts[:-1].reshape(L, T)
+    offsets[:, T] = starts[1:].reshape(L, T)[:, -1]
+    mask = np.packbits(kept, axis=-1, bitorder="little")  # [L, T, K, 8]
+    return cls(mask=jnp.asarray(mask), values=jnp.asarray(values), offsets=jnp.asarray(offsets),
+               scales=jnp.asarray(w.scales), group_size=w.group_size, in_shape=tuple(w.in_shape),
+               out_shape=tuple(w.out_shape), max_segment=max(max_segment, 1))
+
+  def _layer_codes(self, layer) -> jax.Array:
+    """int32 codes [K, N] of one layer (traced index), scattered back from the kept ones."""
+    _, T, K, _ = self.mask.shape
+    bits = jnp.unpackbits(self.mask[layer], axis=-1, bitorder="little").reshape(T, K * SPARSE_TILE)
+    index = jnp.maximum(jnp.cumsum(bits.astype(jnp.int32), axis=1) - 1, 0)
+    segments = jax.vmap(lambda s: jax.lax.dynamic_slice(self.values, (s,), (self.max_segment,)))(
+        self.offsets[layer, :T])
+    codes = jnp.where(bits > 0, jnp.take_along_axis(segments, index, axis=1).astype(jnp.int32), 0)
+    return codes.reshape(T, K, SPARSE_TILE).transpose(1, 0, 2).reshape(K, T * SPARSE_TILE)
+
+  def _layer_dense(self, layer, dtype) -> jax.Array:
+    codes = self._layer_codes(layer)
+    k, n = codes.shape
+    g = self.group_size
+    scales = jax.lax.dynamic_index_in_dim(self.scales, layer, 0, keepdims=False).astype(jnp.float32)
+    w = codes.reshape(k // g, g, n).astype(jnp.float32) * scales[:, None, :]
+    return w.reshape(tuple(self.in_shape) + tuple(self.out_shape)).astype(dtype)
+
+  def dense(self, dtype=jnp.float32) -> jax.Array:
+    if self.layer is not None:
+      return self._layer_dense(self.layer, dtype)
+    return jnp.stack([self._layer_dense(l, dtype) for l in range(int(self.mask.shape[0]))])
+
+  def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
+    w = self if self.layer is not None else self.at_layer(0) if self.mask.shape[0] == 1 else None
+    if w is None:
+      raise ValueError("SparseWeight.project needs one layer: call at_layer (the forward's scan does)")
+
+    def reference(x, mask, values, offsets, scales, layer):
+      one = w.replace(mask=mask, values=values, offsets=offsets, scales=scales, layer=layer)
+      return jnp.einsum(equation, x, one.dense(x.dtype), preferred_element_type=preferred_element_type)
+
+    args = (x, w.mask, w.values, w.offsets, w.scales, w.layer)
+    if cpu_quant_matmul.supports_sparse(w, x, equation) and cpu_quant_matmul.available():
+      return cpu_quant_matmul.project_sparse(w, x, reference, preferred_element_type)
+    return reference(*args)
