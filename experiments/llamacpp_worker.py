@@ -5,7 +5,8 @@ works in a separate virtual environment. Reads a JSON request {"model", "prompts
 "new_tokens", "repeats", "threads", "flash_attn": [false, true], "types": ["F32", "Q4_1", ...]} from argv[1]
 and writes a list of runs to argv[2]. Each of `types` (absent: the file as it is) is the model file converted
 by llama.cpp's own `llama_model_quantize` (with requantization allowed: from a Q4_1 file, F32 / F16 / BF16 hold
-exactly its dequantized values, the weights lacax's float rows load) into a temporary directory. Per (type, per (flash attention, context) the best decode time over `repeats` (after a warm-up), counted as lacax
+exactly its dequantized values, the weights lacax's float rows load) into a temporary directory. Per (type,
+flash attention, context): the best decode time over `repeats` (after a warm-up), counted as lacax
 counts it: the first generated token comes from the prefill, so (new_tokens - 1) tokens over the decode time.
 Decoding is greedy on llama.cpp's own logits (of the last position, `llama_get_logits_ith`), one `eval` per
 token.

@@ -26,8 +26,9 @@
 // Two more entry points stream weights that are not grouped codes of an input-major matrix:
 //   LacaxDenseMatmul: y = x @ W[layer] with W a dense float32 / bfloat16 / float16 stack [L, K, N] (the
 //     decoder's float projections at decode time). K is split into chunks of consecutive rows, so each work
-//     item reads one contiguous block of W (four rows at a time, every column) into its own partial sums
-//     [M, N]; the partial sums are added at the end. bfloat16 is widened by a shift, float16 by vcvtph2ps.
+//     item reads one contiguous block of W (eight rows at a time, every column, the next eight prefetched
+//     into L2) into its own partial sums [M, N]; the partial sums are added at the end. bfloat16 is widened by
+//     a shift, float16 by vcvtph2ps.
 //   LacaxRowsMatmul: y = x @ T^T with T an output-major table [N, K] (the LM head's [vocab, hidden] layout):
 //     dense float32 / bfloat16 / float16, or codes along K with one scale (and, affine, one min) per group of
 //     G inputs, scales [N, K / G]: int8, or 4-bit in GGUF's block order (within each 16 bytes of a row, byte j
@@ -412,7 +413,7 @@ inline void DenseRowGroup(const DenseProblem& p, int64_t k, float* out, bool fir
 
 template <typename WT>
 void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
-  // About four chunks per thread (the last ones balance the load), each a multiple of 4 rows.
+  // About four chunks per thread (the last ones balance the load), each a multiple of 8 rows.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t chunk = (p.K + 4 * threads - 1) / (4 * threads);
   chunk = std::max<int64_t>(16, (chunk + 7) / 8 * 8);
@@ -634,7 +635,8 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
 // LacaxSparseMatmul: y = x @ W[layer] with W [K, N] stored as int8 codes of which only the kept (non-zero
 // mask bit) ones are stored: for each tile of 64 columns, for k = 0..K-1, mask[layer, tile, k] (64 bits,
 // bit c = column 64 tile + c) and the kept codes of that row of the tile, in column order, one after the
-// other in `values` from offsets[layer, tile] to offsets[layer, tile + 1]. Scales as LacaxQuantMatmul's ([L, K / G, N], symmetric).
+// other in `values` from offsets[layer, tile] to offsets[layer, tile + 1]. Scales as LacaxQuantMatmul's
+// ([L, K / G, N], symmetric).
 // With AVX-512 VBMI2 a row of a tile is one masked expand-load (vpexpandb); elsewhere a bit loop.
 
 inline void ExpandRow(uint64_t mask, const int8_t* src, int8_t* dst) {  // dst: 64 codes, zeros where unkept
