@@ -53,6 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.warmup_steps = 3
     c.train.learning_rate = 4e-4
     c.eval.mc_examples = 100
+    # SmolLM2's raw residual stream is too large for a copied head: with the reference's exit_norm="none"
+    # every exit's perplexity explodes (1e14-1e65 after tuning; the README's Edge-LLM figures), so this
+    # variant puts the frozen final norm before each exit. Pruned 8-bit layers keep only their non-zero codes.
+    c.tuning.exit_norm = "final_norm"
+    c.compress.storage = "sparse"
   elif arg == "tiny":
     c.model.init = "random"
     c.data.seq_len = 32
