@@ -197,7 +197,9 @@ void Tile(const Problem& p, int64_t n0, int64_t m0) {
       for (int c = 0; c < kVecs; ++c) part[r][c] = v16{};
     for (int64_t kb = gi * G / P; kb < (gi + 1) * G / P; ++kb) {
       const uint8_t* row = p.data + kb * N + n0;
-      __builtin_prefetch(row + 16 * N);
+      // Rows ahead into L2: a tile's rows are short strided segments the hardware prefetchers miss (measured
+      // on a Zen 4, 120-layer stacks: 16 rows into L1 15-16 G weights/s for int8, 64 rows into L2 26-29).
+      __builtin_prefetch(row + (SB == 8 ? 64 : 32) * N, 0, 2);
       i32x16 bytes[kVecs];
       for (int c = 0; c < kVecs; ++c) {
         bytes[c] = LoadBytes<SB == 8>(row + 16 * c);
