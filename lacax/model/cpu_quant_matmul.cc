@@ -254,15 +254,33 @@ void TailColumns(const Problem& p, int64_t n0) {
   }
 }
 
+template <typename F>
+void ForRowBlocks(int64_t M, const F& block) {  // block(m0, std::integral_constant<int, MR>), MR <= kRowBlock
+  int64_t m0 = 0;
+  for (; m0 + kRowBlock <= M; m0 += kRowBlock) block(m0, std::integral_constant<int, kRowBlock>());
+  switch (M - m0) {
+    case 3: block(m0, std::integral_constant<int, 3>()); break;
+    case 2: block(m0, std::integral_constant<int, 2>()); break;
+    case 1: block(m0, std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+// Sums of x [M, K] over each group of G inputs: [M, K / G] (the affine forms' factor of the group mins).
+inline std::vector<float> GroupSums(const float* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  std::vector<float> sums(M * groups, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sums[m * groups + k / G] += x[m * K + k];
+  return sums;
+}
+
 template <int SB, bool AFFINE, typename ST>
 void Run(ffi::ThreadPool& pool, const Problem& problem) {
   Problem p = problem;
   std::vector<float> xsum;
   if (AFFINE) {
-    const int64_t groups = p.K / p.G;
-    xsum.assign(p.M * groups, 0.0f);
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t k = 0; k < p.K; ++k) xsum[m * groups + k / p.G] += p.x[m * p.K + k];
+    xsum = GroupSums(p.x, p.M, p.K, p.G);
     p.xsum = xsum.data();
   }
   const int64_t tiles = p.N / kTile;
@@ -272,14 +290,7 @@ void Run(ffi::ThreadPool& pool, const Problem& problem) {
       TailColumns<SB, AFFINE, ST>(p, tiles * kTile);
       return;
     }
-    int64_t m0 = 0;
-    for (; m0 + kRowBlock <= p.M; m0 += kRowBlock) Tile<SB, AFFINE, kRowBlock, ST>(p, t * kTile, m0);
-    switch (p.M - m0) {
-      case 3: Tile<SB, AFFINE, 3, ST>(p, t * kTile, m0); break;
-      case 2: Tile<SB, AFFINE, 2, ST>(p, t * kTile, m0); break;
-      case 1: Tile<SB, AFFINE, 1, ST>(p, t * kTile, m0); break;
-      default: break;
-    }
+    ForRowBlocks(p.M, [&](int64_t m0, auto mr) { Tile<SB, AFFINE, decltype(mr)::value, ST>(p, t * kTile, m0); });
   });
 }
 
@@ -542,18 +553,6 @@ void CodeRowsBlock(const RowsProblem& p, int64_t n0, int64_t n1, int64_t m0) {
   }
 }
 
-template <typename F>
-void ForRowBlocks(int64_t M, const F& block) {  // block(m0, std::integral_constant<int, MR>)
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) block(m0, std::integral_constant<int, 4>());
-  switch (M - m0) {
-    case 3: block(m0, std::integral_constant<int, 3>()); break;
-    case 2: block(m0, std::integral_constant<int, 2>()); break;
-    case 1: block(m0, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 template <typename WT>
 void DenseRowsRun(ffi::ThreadPool& pool, const RowsProblem& p) {
   const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;
@@ -566,12 +565,10 @@ void DenseRowsRun(ffi::ThreadPool& pool, const RowsProblem& p) {
 template <int SB, bool AFFINE, typename ST>
 void CodeRowsRun(ffi::ThreadPool& pool, const RowsProblem& problem) {
   RowsProblem p = problem;
-  const int64_t M = p.M, K = p.K, groups = K / p.G;
+  const int64_t M = p.M;
   std::vector<float> xsum;
   if (AFFINE) {
-    xsum.assign(M * groups, 0.0f);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / p.G] += problem.x[m * K + k];
+    xsum = GroupSums(p.x, M, p.K, p.G);
     p.xsum = xsum.data();
   }
   const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;

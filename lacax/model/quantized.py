@@ -80,6 +80,18 @@ def storage_bits(bits: int) -> int:
   return 8 if bits > 4 else (4 if bits > 2 else 2)
 
 
+def _leaf_bytes(*leaves) -> int:
+  """Resident bytes of the array leaves given (None entries skipped)."""
+  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves if a is not None))
+
+
+def _signed_int8(codes, mins, what: str):
+  """8-bit codes as stored: int8, symmetric (a `mins` is refused by name)."""
+  if mins is not None:
+    raise ValueError(f"8-bit {what} codes are signed and symmetric; mins must be None")
+  return codes.astype((np if isinstance(codes, np.ndarray) else jnp).int8)
+
+
 def pack_codes(codes, bits: int):
   """Unsigned codes [..., K, N] (each < 2**storage_bits) -> uint8 [..., K / per_byte, N], code k of a byte at
   bit offset storage_bits * (k % per_byte). Works on numpy and jax arrays (integer ops only)."""
@@ -159,8 +171,7 @@ class PackedWeight(ProjectedWeight):
   @property
   def nbytes(self) -> int:
     """Resident bytes of the leaves (codes + scales + offsets)."""
-    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.data, self.scales, self.mins)
-                   if a is not None))
+    return _leaf_bytes(self.data, self.scales, self.mins)
 
   def codes(self) -> jax.Array:
     """Integer codes [..., K, N]: signed (symmetric) values, or unsigned ones for the affine form."""
@@ -201,11 +212,8 @@ class PackedWeight(ProjectedWeight):
                  ) -> "PackedWeight":
     """From codes [..., K, N] (signed for the symmetric form, unsigned 0..2**bits-1 with `mins`)."""
     sb = storage_bits(bits)
-    xp = np if isinstance(codes, np.ndarray) else jnp
     if sb == 8:
-      if mins is not None:
-        raise ValueError("8-bit PackedWeight codes are signed and symmetric; mins must be None")
-      data = codes.astype(xp.int8)
+      data = _signed_int8(codes, mins, "PackedWeight")
     else:
       unsigned = codes if mins is not None else codes + (1 << (sb - 1))
       data = pack_codes(unsigned, bits)
@@ -281,8 +289,7 @@ class PackedTable(ProjectedWeight):
 
   @property
   def nbytes(self) -> int:
-    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.data, self.scales, self.mins)
-                   if a is not None))
+    return _leaf_bytes(self.data, self.scales, self.mins)
 
   def _dequantize(self, data, scales, mins, dtype):
     """Rows of codes [..., K'] with their scales [..., K / G] -> [..., K] in dtype."""
@@ -323,11 +330,8 @@ class PackedTable(ProjectedWeight):
     sb = storage_bits(bits)
     if sb not in (8, 4):
       raise ValueError(f"PackedTable bits={bits}; expected 3..8 (2-bit tables are not supported)")
-    xp = np if isinstance(codes, np.ndarray) else jnp
     if sb == 8:
-      if mins is not None:
-        raise ValueError("8-bit PackedTable codes are signed and symmetric; mins must be None")
-      data = codes.astype(xp.int8)
+      data = _signed_int8(codes, mins, "PackedTable")
     else:
       data = pack_row_nibbles(codes if mins is not None else codes + 8)
     return cls(data=data, scales=scales, mins=mins, bits=bits, group_size=int(group_size))
@@ -392,8 +396,7 @@ class SparseWeight(ProjectedWeight):
 
   @property
   def nbytes(self) -> int:
-    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in (self.mask, self.values, self.offsets,
-                                                                  self.scales)))
+    return _leaf_bytes(self.mask, self.values, self.offsets, self.scales)
 
   def at_layer(self, index: jax.Array) -> "SparseWeight":
     if self.layer is not None:
