@@ -19,7 +19,10 @@ achieved memory bandwidth: (weight bytes + KV bytes read per token) x tokens/s.
 `--weights` adds rows with packed low-bit layer projections: int8 per channel and int4 in groups of 32
 (lacax's symmetric quantizer, `lacax.compress.packed.compress_layers`), with the tied embedding / LM head
 packed alike (`--pack_head`, default on: int8 / int4 in groups of 32, `packed.compress_head`), and q4_1 (the
-GGUF's own tensors kept as codes, `load_model(keep_quantized=True)`: Q4_1 layers and its Q8_0 embedding).
+GGUF's own tensors kept as codes, `load_model(keep_quantized=True)`: Q4_1 layers and its Q8_0 embedding), and
+sparse (every layer projection magnitude-pruned to `--sparsity`, default 0.5, then stored by
+`compress_layers(storage="sparse")`: int8 `SparseWeight`s, the non-zero codes and a bit mask, where that is
+smaller than packed int8; a speed row only, no calibration, so its perplexity means nothing).
 `--quant_kernel=on,off` measures every row with and without the XLA:CPU weight kernels of
 `lacax.model.cpu_quant_matmul`: packed rows marked "/dequant" have XLA dequantize every step; float rows
 marked "/xla" multiply by XLA's dot instead of the weight-streaming kernel.
@@ -62,12 +65,15 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lacax import generate as generation
 from lacax import results as results_lib
 from lacax.cache.full import FullPolicy
+from lacax.compress import calibrate
 from lacax.compress import packed
+from lacax.compress import prune
 from lacax.model import cpu_attention
 from lacax.model import cpu_quant_matmul
 from lacax.weights.loader import default_model_path
@@ -82,7 +88,9 @@ _CPU_KERNEL = flags.DEFINE_list(
     "pure-JAX formulation (lacax.model.cpu_attention). Both: one row each.")
 _WEIGHTS = flags.DEFINE_list(
     "weights", ["dense"], "dense: the model's float weights; int8 / int4: layer projections packed per channel / "
-    "in groups of 32; q4_1: the GGUF's Q4_1 tensors kept as codes (see above). One row each.")
+    "in groups of 32; q4_1: the GGUF's Q4_1 tensors kept as codes; sparse: layer projections magnitude-pruned "
+    "to --sparsity and stored as int8 SparseWeights (see above). One row each.")
+_SPARSITY = flags.DEFINE_float("sparsity", 0.5, "--weights=sparse: the fraction of each projection pruned.")
 _QUANT_KERNEL = flags.DEFINE_list(
     "quant_kernel", ["on"], "on: packed weights multiply through the XLA:CPU low-bit matmul kernel; off: XLA "
     "dequantizes them every step (lacax.model.cpu_quant_matmul). Both: one row each.")
@@ -119,12 +127,28 @@ def with_weights(model, weights: str, dtype: str):
     return model
   if weights == "q4_1":
     return load_model(_MODEL.value or None, dtype=dtype, keep_quantized=True)
-  if weights not in _PACKED:
-    raise ValueError(f"--weights: got {weights!r}, expected dense, int8, int4 or q4_1")
-  bits, group = _PACKED[weights]
+  if weights not in _PACKED and weights != "sparse":
+    raise ValueError(f"--weights: got {weights!r}, expected dense, int8, int4, q4_1 or sparse")
   L = model.cfg.num_layers
-  layers = packed.compress_layers(model.params["layers"], [bits] * L, [None] * L, storage="packed",
-                                  group_size=group)
+  if weights == "sparse":  # speed, not quality: magnitude pruning, no calibration
+    if not 0.0 < _SPARSITY.value < 1.0:
+      raise ValueError(f"--sparsity: got {_SPARSITY.value}, expected a fraction in (0, 1)")
+    layers = dict(model.params["layers"])
+    for name in calibrate.PROJECTIONS:
+      w = layers[name]
+      k = int(np.prod(w.shape[1:1 + calibrate.num_input_axes(name)]))
+      flat = w.reshape(L, k, -1)
+      layers[name] = jnp.stack([prune.magnitude(flat[l], jnp.float32(_SPARSITY.value)) for l in range(L)]
+                               ).reshape(w.shape)
+    bits = 8
+    layers = packed.compress_layers(layers, [bits] * L, [None] * L, storage="sparse")
+    kinds = {type(w).__name__ for seg in (layers if isinstance(layers, list) else [layers])
+             for name, w in seg.items() if name in calibrate.PROJECTIONS}
+    print(f"--weights=sparse: projections stored as {sorted(kinds)}", flush=True)
+  else:
+    bits, group = _PACKED[weights]
+    layers = packed.compress_layers(model.params["layers"], [bits] * L, [None] * L, storage="packed",
+                                    group_size=group)
   params = {**model.params, "layers": layers}
   if _PACK_HEAD.value:
     params = packed.compress_head(params, model.cfg.tie_word_embeddings, bits, group_size=32)
@@ -177,7 +201,6 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
 def _policy_state(model, policy, context: int, new_tokens: int, capacity: int):
   """The decode state after the prefill (and hand-off) of `policy` with a decode cache of `capacity` slots, and
   the statics of its decode loop (prefill + decode as `lacax.generate` runs them, the capacity explicit)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lacax.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
 
   tokens, lengths = generation.pad_prompts([_prompt(context, model.cfg.vocab_size)], bucket=128)
@@ -188,7 +211,6 @@ def _policy_state(model, policy, context: int, new_tokens: int, capacity: int):
 
 
 def _time_decode(model, state, statics) -> tuple[float, list[int]]:
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   state = jax.tree.map(jnp.copy, state)  # decode donates its state; keep the prefilled one for the next repeat
   jax.block_until_ready(state)
@@ -387,7 +409,8 @@ def main(argv):
                                      "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got})
               label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
                        + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
-                       + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else ""))
+                       + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")
+                       + (f"/s={_SPARSITY.value:g}" if weights == "sparse" else ""))
               rows.append((label, dtype, context, got))
               print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
     cpu_attention.set_enabled(True)
