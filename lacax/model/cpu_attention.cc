@@ -82,44 +82,22 @@ inline void FromFloat(float x, uint16_t* out) {  // round to nearest even, as XL
   *out = static_cast<uint16_t>(w >> 16);
 }
 
-inline float HorizontalSum(v16 v) {
-  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
-}
-
-// exp(x) for x <= 0 (softmax weights), relative error ~1e-7; branch- and call-free so loops vectorise.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 inline v16 Max16(v16 a, v16 b) { return a < b ? b : a; }  // lane-wise std::max(a, b)
 
-inline float HorizontalMax(v16 v) {
-  v = Max16(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = Max16(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = Max16(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = Max16(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+// op folded over the 16 lanes of v (a butterfly of shuffles).
+template <typename Op>
+inline float Reduce16(v16 v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
   return v[0];
 }
 
-// ExpNonPositive on 16 lanes (the same arithmetic, lane by lane).
+inline float HorizontalSum(v16 v) { return Reduce16(v, [](v16 a, v16 b) { return a + b; }); }
+inline float HorizontalMax(v16 v) { return Reduce16(v, Max16); }
+
+// exp(x) lane by lane for x <= 0 (softmax weights), relative error ~1e-7; branch- and call-free.
 inline v16 ExpNonPositive16(v16 x) {
   const v16 lowest = v16{} - 87.0f;
   x = x < lowest ? lowest : x;
@@ -138,6 +116,8 @@ inline v16 ExpNonPositive16(v16 x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+inline float ExpNonPositive(float x) { return ExpNonPositive16(v16{} + x)[0]; }  // the same, one value
 
 // One row's online-softmax step over a block of sb logits x (-inf = masked): x becomes the weights relative
 // to the new running max m, the running sum l and the row's unnormalised output acc[HD] are rescaled to it.
