@@ -37,10 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(name="adamw", learning_rate=2e-4, schedule="warmup_cosine",
                                                warmup_steps=10, end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
                                                weight_decay=0.0, decay_all=False, clip_norm=1.0))
-  # compute_dtype: "" = the stored dtype, or "bfloat16" (float32 master weights, bfloat16 forward/backward).
+  # compute_dtype: "" = the stored dtype, or "bfloat16" (bfloat16 products over float32 master weights, cast where
+  # each layer uses them; lacax.train.lm); activation_dtype: "" = the residual stream in the stored dtype, or
+  # "bfloat16" (less activation memory on accelerators; slower on CPU).
   # trainable: regexes of trained parameters in full mode ("all"); layer_window: "" or "start:stop".
   c.train = ml_collections.ConfigDict(dict(
-      steps=200, accum_steps=1, compute_dtype="", log_every=10, eval_every=50, eval_batches=2,
+      steps=200, accum_steps=1, compute_dtype="", activation_dtype="", log_every=10, eval_every=50, eval_batches=2,
       checkpoint_every=50, keep_checkpoints=2, checkpoint_dir="", seed=0, progress=True, trainable="all",
       layer_window=""))
   c.export = ml_collections.ConfigDict(dict(params=True, merged=True))

@@ -10,6 +10,12 @@ other (so each peak RSS is its own and the runs do not compete for cores): `--wa
 then `--steps` timed steps. Reported per (framework, mode): training tokens/s (batch x seq_len tokens per step),
 seconds per step, peak resident memory of the process (ru_maxrss) and, for lacax, the compiled step's temporary
 buffer bytes (XLA's memory analysis). The lacax / PyTorch tokens/s ratio is the headline.
+
+Precision: `--compute_dtype=bfloat16` trains lacax with bfloat16 products over float32 master weights and a
+float32 residual stream (`lacax.train.lm`); PyTorch trains in float32, and `--frameworks=...,torch_autocast`
+adds PyTorch with bfloat16 CPU autocast (its matmuls in bfloat16) as the like-for-like peer. Every measured
+process starts with glibc's huge-page tunable (`--malloc_hugepages`, on for both frameworks; off gives the
+default allocator).
 Writes `results/bench_train/<timestamp>.json` and prints a table; records the CPU model and the load average,
 since on a shared machine the figures move with the neighbours.
 """
@@ -28,7 +34,8 @@ from absl import flags
 import numpy as np
 
 _MODES = flags.DEFINE_list("modes", ["lora", "full"], "Fine-tuning modes to measure: lora, full.")
-_FRAMEWORKS = flags.DEFINE_list("frameworks", ["lacax", "torch"], "Frameworks to measure.")
+_FRAMEWORKS = flags.DEFINE_list("frameworks", ["lacax", "torch"], "Frameworks to measure: lacax, torch, and "
+                                 "torch_autocast (torch with bfloat16 CPU autocast in the forward).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Timed steps.")
@@ -37,6 +44,8 @@ _LORA_RANK = flags.DEFINE_integer("lora_rank", 8, "LoRA rank.")
 _LORA_TARGETS = flags.DEFINE_list("lora_targets", ["q", "v"], "LoRA target projections.")
 _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "", "lacax compute dtype ('' = float32, or bfloat16).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads (0 = torch's default).")
+_HUGEPAGES = flags.DEFINE_bool("malloc_hugepages", True, "Start every measured process (both frameworks) with glibc's "
+                                "transparent-huge-page tunable (lacax.memory.HUGEPAGE_TUNABLE).")
 _OUT = flags.DEFINE_string("out", "results/bench_train", "Output folder.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: 'framework:mode:out.json' measures one case.")
 
@@ -68,6 +77,7 @@ def measure_lacax(mode: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from lacax import memory  # pylint: disable=g-import-not-at-top
   from lacax import train  # pylint: disable=g-import-not-at-top
   from lacax.train import lm  # pylint: disable=g-import-not-at-top
   from lacax.weights.loader import load_model  # pylint: disable=g-import-not-at-top
@@ -112,13 +122,15 @@ def measure_lacax(mode: str) -> dict:
   elapsed = time.perf_counter() - t0
   return {"step_s": elapsed / _STEPS.value, "tokens_per_s": _STEPS.value * _BATCH.value * T / elapsed,
           "warmup_s": warm_s, "peak_rss_bytes": _peak_rss_bytes(), "compiled_temp_bytes": temp_bytes,
-          "trainable_params": train.count_params(state.trainable), "losses": [float(x) for x in losses_]}
+          "trainable_params": train.count_params(state.trainable), "losses": [float(x) for x in losses_],
+          "malloc_hugepages": memory.malloc_hugepages()}
 
 
-def measure_torch(mode: str) -> dict:
+def measure_torch(mode: str, autocast: bool = False) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
+  from lacax import memory  # pylint: disable=g-import-not-at-top
   from lacax.weights.loader import default_model_path  # pylint: disable=g-import-not-at-top
 
   if _TORCH_THREADS.value:
@@ -140,7 +152,8 @@ def measure_torch(mode: str) -> dict:
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def step(b):
-    logits = model(input_ids=b[:, :-1]).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      logits = model(input_ids=b[:, :-1]).logits
     loss = loss_fn(logits.reshape(-1, logits.shape[-1]).float(), b[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -158,24 +171,29 @@ def measure_torch(mode: str) -> dict:
   return {"step_s": elapsed / _STEPS.value, "tokens_per_s": _STEPS.value * _BATCH.value * _SEQ_LEN.value / elapsed,
           "warmup_s": warm_s, "peak_rss_bytes": _peak_rss_bytes(), "compiled_temp_bytes": None,
           "trainable_params": int(sum(p.numel() for p in params)), "losses": losses_,
-          "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+          "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+          "malloc_hugepages": memory.malloc_hugepages()}
 
 
 def _worker(spec: str) -> None:
   framework, mode, out = spec.split(":", 2)
-  result = measure_lacax(mode) if framework == "lacax" else measure_torch(mode)
+  if framework not in ("lacax", "torch", "torch_autocast"):
+    raise ValueError(f"--frameworks entry {framework!r}; expected lacax, torch or torch_autocast")
+  result = measure_lacax(mode) if framework == "lacax" else measure_torch(mode, framework == "torch_autocast")
   with open(out, "w") as f:
     json.dump(result, f)
 
 
 def _run_case(framework: str, mode: str) -> dict:
+  from lacax import memory  # pylint: disable=g-import-not-at-top
   from lacax import results as results_lib  # pylint: disable=g-import-not-at-top
 
   forwarded = [f"--{f.name}={f.value}" for f in (_BATCH, _SEQ_LEN, _STEPS, _WARMUP, _LORA_RANK, _COMPUTE_DTYPE,
                                                   _TORCH_THREADS)]
   forwarded.append(f"--lora_targets={','.join(_LORA_TARGETS.value)}")
+  env = memory.hugepage_env() if _HUGEPAGES.value else None
   return results_lib.measure_in_subprocess("experiments.bench_train", f"{framework}:{mode}", forwarded,
-                                           prefix="lacax_bench_train_")
+                                           prefix="lacax_bench_train_", env=env)
 
 
 def main(argv):
@@ -195,9 +213,12 @@ def main(argv):
   rows = []
   for mode in _MODES.value:
     lx, pt = cases.get(f"lacax:{mode}", {}), cases.get(f"torch:{mode}", {})
+    ac = cases.get(f"torch_autocast:{mode}", {})
     ratio = (lx["tokens_per_s"] / pt["tokens_per_s"]) if "tokens_per_s" in lx and "tokens_per_s" in pt else None
+    ratio_ac = (lx["tokens_per_s"] / ac["tokens_per_s"]) if "tokens_per_s" in lx and "tokens_per_s" in ac else None
     rows.append({"mode": mode, "lacax_tokens_per_s": lx.get("tokens_per_s"), "torch_tokens_per_s": pt.get("tokens_per_s"),
-                 "speedup": ratio, "lacax_peak_rss_gib": lx.get("peak_rss_bytes", 0) / 2 ** 30 or None,
+                 "speedup": ratio, "torch_autocast_tokens_per_s": ac.get("tokens_per_s"),
+                 "speedup_vs_autocast": ratio_ac, "lacax_peak_rss_gib": lx.get("peak_rss_bytes", 0) / 2 ** 30 or None,
                  "torch_peak_rss_gib": pt.get("peak_rss_bytes", 0) / 2 ** 30 or None,
                  "lacax_compiled_temp_gib": (lx.get("compiled_temp_bytes") or 0) / 2 ** 30 or None})
   report = {
@@ -205,7 +226,7 @@ def main(argv):
       "cpu_model": results_lib.cpu_model(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
       "load_average_after": os.getloadavg(), "shared_machine_note": "measured on a machine shared with other jobs",
       "batch": _BATCH.value, "seq_len": _SEQ_LEN.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
-      "lora_rank": _LORA_RANK.value, "lora_targets": _LORA_TARGETS.value, "compute_dtype": _COMPUTE_DTYPE.value or "float32",
+      "malloc_hugepages": _HUGEPAGES.value, "lora_rank": _LORA_RANK.value, "lora_targets": _LORA_TARGETS.value, "compute_dtype": _COMPUTE_DTYPE.value or "float32",
       "jax_version": jax.__version__, "git_commit": results_lib.git_commit(), "cases": cases, "rows": rows,
   }
   os.makedirs(_OUT.value, exist_ok=True)
@@ -213,14 +234,15 @@ def main(argv):
   results_lib.write_json(path, report)
   print(f"\nSmolLM2-135M training, batch {_BATCH.value} x {_SEQ_LEN.value} tokens, {_STEPS.value} timed steps; "
         f"{report['cpu_model']} ({os.cpu_count()} cores, load {load_before[0]:.1f} before)")
-  print(f"{'mode':<6}{'lacax tok/s':>13}{'torch tok/s':>13}{'speedup':>9}{'lacax RSS':>11}{'torch RSS':>11}"
-        f"{'lacax temp':>12}")
+  print(f"{'mode':<6}{'lacax tok/s':>13}{'torch tok/s':>13}{'speedup':>9}{'autocast tok/s':>16}{'vs autocast':>13}"
+        f"{'lacax RSS':>11}{'torch RSS':>11}{'lacax temp':>12}")
   def fmt(v, width, unit=""):  # a column of `width` characters; "-" where a framework was not measured
     return f"{v:.2f}{unit}".rjust(width) if v is not None else "-".rjust(width)
 
   for r in rows:
     print(f"{r['mode']:<6}{fmt(r['lacax_tokens_per_s'], 13)}{fmt(r['torch_tokens_per_s'], 13)}"
-          f"{fmt(r['speedup'], 9, 'x')}{fmt(r['lacax_peak_rss_gib'], 11, 'Gi')}{fmt(r['torch_peak_rss_gib'], 11, 'Gi')}"
+          f"{fmt(r['speedup'], 9, 'x')}{fmt(r['torch_autocast_tokens_per_s'], 16)}"
+          f"{fmt(r['speedup_vs_autocast'], 13, 'x')}{fmt(r['lacax_peak_rss_gib'], 11, 'Gi')}{fmt(r['torch_peak_rss_gib'], 11, 'Gi')}"
           f"{fmt(r['lacax_compiled_temp_gib'], 12, 'Gi')}")
   for name, case in cases.items():
     if "error" in case:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lacax
 from lacax import io as lacax_io
@@ -71,15 +71,16 @@ def provenance(model_fingerprint: str | None = None) -> dict[str, Any]:
           "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
-def measure_in_subprocess(module: str, worker: str, flags: Sequence[str], *, prefix: str = "lacax_bench_"
-                          ) -> dict[str, Any]:
+def measure_in_subprocess(module: str, worker: str, flags: Sequence[str], *, prefix: str = "lacax_bench_",
+                          env: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Runs `python -m module --worker=<worker>:<json path> *flags` in a fresh process (so one measurement's
   compiled programs, allocator state and peak RSS never leak into the next) and returns the JSON the worker
-  wrote there, with `process_s` added; or {"error": the end of its stderr, "returncode"} if it failed."""
+  wrote there, with `process_s` added; or {"error": the end of its stderr, "returncode"} if it failed.
+  `env`: the worker's environment (default this process's)."""
   out = os.path.join(tempfile.mkdtemp(prefix=prefix), "case.json")
   cmd = [sys.executable, "-m", module, f"--worker={worker}:{out}", *flags]
   start = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=None if env is None else dict(env))
   if proc.returncode != 0 or not os.path.exists(out):
     return {"error": proc.stderr[-3000:], "returncode": proc.returncode}
   with open(out) as f:

@@ -84,13 +84,14 @@ def lm_setup(config, model) -> lm.LMSetup:
   """The run's parameters, labels, loss and export, from the config's mode."""
   if config.mode == "full":
     return lm.full_setup(model, compute_dtype=config.train.compute_dtype, trainable=_patterns(config.train.trainable),
-                         layer_window=_window(config.train.layer_window))
+                         layer_window=_window(config.train.layer_window),
+                         activation_dtype=config.train.activation_dtype)
   lc = config.lora
   targets = tuple(t.strip() for t in lc.targets.split(",") if t.strip()) if isinstance(lc.targets, str) else tuple(
       lc.targets)
   return lm.lora_setup(model, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=targets, seed=lc.seed,
                        compute_dtype=config.train.compute_dtype, layer_window=_window(config.train.layer_window),
-                       export_merged=config.export.merged)
+                       export_merged=config.export.merged, activation_dtype=config.train.activation_dtype)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -101,6 +102,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   if config.mode not in ("full", "lora"):
     raise ValueError(f"mode={config.mode!r} is unknown; expected 'full' or 'lora'")
+  lm.check_precision(config.train.compute_dtype, config.train.activation_dtype)
   model = jobs.model_from_config(config)
   mesh_rules = model.mesh_rules
   if model.tokenizer is None:

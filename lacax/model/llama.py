@@ -80,6 +80,7 @@ import numpy as np
 from lacax.cache.kv_cache import CacheStats, KVCache, ScoreRecording, dequantize_kv, quantize_kv, write_slots
 from lacax.model import cpu_attention
 from lacax.model import cpu_quant_matmul
+from lacax.model import precision
 from lacax.model import rope as rope_lib
 from lacax.model.config import ModelConfig
 
@@ -411,10 +412,19 @@ def _streams_weights(uncached: bool, mesh_rules: Any, rows: int) -> bool:
           and cpu_quant_matmul.available())
 
 
-def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None) -> jax.Array:
-  """The one function every projection of the forward goes through: x times the weight by `equation`."""
+def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None, dot_dtype=None) -> jax.Array:
+  """The one function every projection of the forward goes through: x times the weight by `equation`.
+
+  A dense weight is multiplied in `dot_dtype` (operands cast at use, float32 accumulation, result in
+  `preferred_element_type` or x's dtype; `lacax.model.precision.lowp_einsum`), or, without one, in its own
+  dtype when x has it too. A bfloat16 product thus runs as one on XLA:CPU, forward and backward, with the same
+  numbers as the plain einsum of the cast operands there.
+  """
   if isinstance(w, ProjectedWeight):
     return w.project(x, equation, preferred_element_type)
+  dtype = dot_dtype if dot_dtype is not None else (w.dtype if x.dtype == w.dtype else None)
+  if dtype is not None and precision.is_low_precision(dtype):
+    return precision.lowp_einsum(equation, x, w, jnp.dtype(dtype), jnp.dtype(preferred_element_type or x.dtype))
   return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
 
 
@@ -450,6 +460,10 @@ class ForwardOptions:
     probs_hook: static `ProbsHook` on every layer's post-softmax attention (ACT).
     scores: static `ScoreRecording` (None = the cache's `recording`).
     mesh_rules: static `lacax.sharding.MeshRules` (None = the cache's).
+    dot_dtype: static dtype name of the dense projections' products (and the LM head's): weights and inputs
+      cast where they are used, float32 accumulation, results in the residual stream's dtype
+      (`lacax.model.precision`); None = each weight's own dtype. Mixed-precision training sets "bfloat16" over
+      float32 master weights and a float32 residual stream (`lacax.train.lm`).
   """
 
   layer_gate: jax.Array | None = None
@@ -464,6 +478,7 @@ class ForwardOptions:
   probs_hook: ProbsHook | None = flax.struct.field(pytree_node=False, default=None)
   scores: ScoreRecording | None = flax.struct.field(pytree_node=False, default=None)
   mesh_rules: Any = flax.struct.field(pytree_node=False, default=None)
+  dot_dtype: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 @flax.struct.dataclass
@@ -487,11 +502,12 @@ def _num_stacked(segment: dict[str, Any]) -> int:
   return int(segment["attn_norm"].shape[0])
 
 
-def unembed(params: Params, x: jax.Array, cfg: ModelConfig, *, stream: bool = False) -> jax.Array:
+def unembed(params: Params, x: jax.Array, cfg: ModelConfig, *, stream: bool = False, dot_dtype=None) -> jax.Array:
   """Logits [B, T, V] float32 of residual-stream states x [B, T, D]: final norm, then the LM head.
 
   `stream` (static): a dense head of a kernel dtype is read by the CPU weight-streaming kernel where it applies
-  (`run` sets it for decode steps; the numbers equal the einsum's up to float32 summation order)."""
+  (`run` sets it for decode steps; the numbers equal the einsum's up to float32 summation order).
+  `dot_dtype`: the head's product dtype (`project`; None: the head's own when x has it too)."""
   x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
   if isinstance(head, ProjectedWeight):
@@ -501,7 +517,7 @@ def unembed(params: Params, x: jax.Array, cfg: ModelConfig, *, stream: bool = Fa
   if stream and cpu_quant_matmul.supports_rows(head.shape, x, equation, dtype=head.dtype):
     reference = lambda x, table, scales, mins: jnp.einsum(equation, x, table, preferred_element_type=jnp.float32)
     return cpu_quant_matmul.project_rows(x, head, None, None, reference, preferred_element_type=jnp.float32)
-  return project(x, head, equation, preferred_element_type=jnp.float32)
+  return project(x, head, equation, preferred_element_type=jnp.float32, dot_dtype=dot_dtype)
 
 
 def embed_tokens(table: Any, tokens: jax.Array, dtype) -> jax.Array:
@@ -509,7 +525,7 @@ def embed_tokens(table: Any, tokens: jax.Array, dtype) -> jax.Array:
   `ProjectedWeight` with a `lookup(tokens, dtype)` such as `lacax.model.quantized.PackedTable`)."""
   if isinstance(table, ProjectedWeight):
     return table.lookup(tokens, dtype)
-  return table.astype(dtype)[tokens]
+  return table[tokens].astype(dtype)  # the rows, not the whole table, cast
 
 
 def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -> None:
@@ -529,6 +545,9 @@ def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -
   for j in options.hidden_layers:
     if not 0 <= j <= L:
       raise ValueError(f"ForwardOptions.hidden_layers contains {j}; expected indices in [0, {L}]")
+  if options.dot_dtype is not None and options.dot_dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"ForwardOptions.dot_dtype={options.dot_dtype!r}; expected None, 'float32', 'bfloat16' or "
+                     "'float16'")
   if options.lora is not None:
     if options.lora_config is None:
       raise ValueError("ForwardOptions.lora is set but lora_config is None (it gives the scale alpha / r)")
@@ -700,7 +719,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     return jnp.asarray(lora_cfg.scale, inp.dtype) * jnp.einsum(eq_b, code, lora_p[name]["b"].astype(inp.dtype))
 
   def projection(name, inp, p, equation, lora_p, rng):
-    y = project(inp, p[name], equation)
+    y = project(inp, p[name], equation, dot_dtype=options.dot_dtype)
     delta = lora_delta(name, inp, lora_p, rng)
     return y if delta is None else y + delta.astype(y.dtype)
 
@@ -889,7 +908,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
   if options.logits:
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None].astype(jnp.int32), axis=1)
-    logits = unembed(params, x, cfg, stream=stream)
+    logits = unembed(params, x, cfg, stream=stream, dot_dtype=options.dot_dtype)
   if uncached:
     return ForwardOutput(logits, None, hidden)
   cache = cache.replace(k=k_all, v=v_all, pos=pos_all, length=length_all,

@@ -46,29 +46,55 @@ def _save(directory: str, params: Any, cfg: Any) -> str:
   return params_ckpt.save_params(directory, params, cfg, overwrite=True)
 
 
+def check_precision(compute_dtype: str, activation_dtype: str = "") -> None:
+  """Raises ValueError naming the field unless both are '', 'float32', 'bfloat16' or 'float16' (jobs call
+  this before loading the model)."""
+  for field, value in (("compute_dtype", compute_dtype), ("activation_dtype", activation_dtype)):
+    if value not in ("", "float32", "bfloat16", "float16"):
+      raise ValueError(f"train.{field}={value!r}; expected '', 'float32', 'bfloat16' or 'float16'")
+
+
+def _precision(model: Any, compute_dtype: str, activation_dtype: str) -> tuple[Any, str | None]:
+  """(the loss's model config, its projections' dot dtype) for a compute dtype.
+
+  compute_dtype "bfloat16" (or "float16") is mixed precision inside the forward: every projection and the LM
+  head multiply in it (float32 accumulation, `lacax.model.precision`), the master weights stay float32 and are
+  cast where each layer uses them, and the residual stream, norms, attention softmax and loss stay in
+  `activation_dtype` ("" = the model's dtype, float32). A bfloat16 residual stream (`activation_dtype`
+  "bfloat16") halves activation memory on accelerators; on XLA:CPU it is slower (XLA computes bfloat16
+  element-wise work and the layer scan's stacked residuals in float32, converting whole stacks per layer).
+  """
+  check_precision(compute_dtype, activation_dtype)
+  cfg = model.cfg.replace(dtype=activation_dtype or model.cfg.dtype)
+  return cfg, (compute_dtype or None)
+
+
 def full_setup(model: Any, *, compute_dtype: str = "", trainable: Any = "all",
-               layer_window: tuple[int, int] | None = None) -> LMSetup:
-  """Full fine-tuning of `model` (a `lacax.weights.loader.Model`)."""
+               layer_window: tuple[int, int] | None = None, activation_dtype: str = "") -> LMSetup:
+  """Full fine-tuning of `model` (a `lacax.weights.loader.Model`); precision as in `_precision`."""
   params = model.params
   labels = st.make_labels(params, trainable, layer_window=layer_window)
-  cfg = model.cfg.replace(dtype=compute_dtype or model.cfg.dtype)
+  cfg, dot_dtype = _precision(model, compute_dtype, activation_dtype)
 
   def export(state, directory):
     return {"params": _save(os.path.join(directory, "params"), state.params, model.cfg)}
 
-  return LMSetup(params, labels, losses.llama_loss_fn(cfg), export, cfg)
+  return LMSetup(params, labels, losses.llama_loss_fn(cfg, dot_dtype=dot_dtype), export, cfg)
 
 
 def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: tuple[str, ...] = ("q", "v"), seed: int = 0, compute_dtype: str = "",
-               layer_window: tuple[int, int] | None = None, export_merged: bool = True) -> LMSetup:
+               layer_window: tuple[int, int] | None = None, export_merged: bool = True,
+               activation_dtype: str = "") -> LMSetup:
   """LoRA on `model`: the base weights frozen, adapters (`lacax.model.lora`) on `targets` trained.
 
   Args:
     rank, alpha, dropout: the adapters' rank r, scale numerator (scale alpha / r) and input dropout (training).
     targets: projections, by short name (q, k, v, o, gate, up, down) or lacax name (wq, ..., w_down).
     seed: seeds the adapters' A matrices (B starts at zero: the fresh model equals the base model).
-    compute_dtype: "" (the model's dtype) or "bfloat16".
+    compute_dtype, activation_dtype: precision as in `_precision` ("" = the model's dtype; "bfloat16":
+      bfloat16 projections over float32 weights and residual stream; the adapters' rank-r products stay in
+      the residual stream's dtype).
     layer_window: (start, stop): adapters train only in those layers (the others stay zero, bit-identical).
     export_merged: `export` also writes the base weights with the adapters merged in.
 
@@ -84,13 +110,13 @@ def lora_setup(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float
   params = {"params": model.params, "lora": adapters}
   # Adapters are stacked over layers on axis 0 like the base layers: a window selects their rows.
   labels = st.make_labels(params, ("^lora/",), layer_window=layer_window, layers_key="lora")
-  cfg = model.cfg.replace(dtype=compute_dtype or model.cfg.dtype)
+  cfg, dot_dtype = _precision(model, compute_dtype, activation_dtype)
 
   def forward_kwargs(trainable, frozen, rng):
     return {"options": lora_lib.options(lcfg, st.combine(trainable, frozen)["lora"], rng)}
 
   loss_fn = losses.llama_loss_fn(cfg, params_fn=lambda tr, fr: st.combine(tr, fr)["params"],
-                                 forward_kwargs=forward_kwargs)
+                                 forward_kwargs=forward_kwargs, dot_dtype=dot_dtype)
 
   def export(state, directory):
     p = state.params

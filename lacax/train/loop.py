@@ -10,12 +10,19 @@ The loss contract (model-agnostic; every adaptation method of lacax plugs in her
 * `loss`: a float32 scalar, the *mean* over `aux["weight"]` units (e.g. target tokens); `aux`: scalar
   metrics. With `weight` given, gradient accumulation weights micro-batches by it, so k micro-batches give the
   gradient of one k-times larger batch even when their token counts differ.
+* optional attribute `loss_fn.compute_dtype` (a dtype name): the loss handles mixed precision itself, casting
+  each weight where it uses it (the Llama losses of `lacax.train.losses` with `dot_dtype`). The step then hands
+  it the parameters uncast, and `TrainConfig.compute_dtype` must be "" or the same name. Casting inside the
+  layer scan is what makes float32 master weights train fast in bfloat16 on XLA:CPU: a cast of the whole
+  stacked pytree outside the scan makes each layer's gradient a bfloat16 slice of a stacked gradient, and XLA:CPU
+  updates such a stack by converting all of it to float32 and back for every layer.
 
 The step (`make_train_step`): gradients of the trainable half only, accumulated over `accum_steps` micro-batches
 with `lax.scan` (one compiled body), row masks applied (frozen layer rows stay bit-identical), the optax update,
 and the state buffers donated, so a step holds one copy of the parameters and optimizer state. Mixed precision:
 the state keeps float32 master weights; the loss sees them cast to `compute_dtype` (e.g. bfloat16), and the
-cast's transpose returns float32 gradients.
+cast's transpose returns float32 gradients; or the loss casts them itself where it uses them (its
+`compute_dtype` attribute, above).
 
 Sharded training: give `mesh_rules` (`lacax.sharding.MeshRules`) and place the state with `shard_state` (FSDP:
 parameters, and the optimizer moments that mirror them, split on `embed` over the fsdp axis) and the batch
@@ -113,6 +120,17 @@ def _weight(aux: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.asarray(aux.get("weight", 1.0), jnp.float32)
 
 
+def param_cast_dtype(loss_fn: LossFn, compute_dtype: Any) -> Any:
+  """The dtype the step casts the parameters to before `loss_fn` (None: no cast; module docstring)."""
+  own = getattr(loss_fn, "compute_dtype", None)
+  if own is None:
+    return compute_dtype
+  if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.dtype(own):
+    raise ValueError(f"train.compute_dtype={jnp.dtype(compute_dtype).name!r} but the loss computes in {own!r} "
+                     "itself (its setup's compute_dtype); give both the same value, or '' here")
+  return None
+
+
 def make_grad_fn(loss_fn: LossFn, *, accum_steps: int = 1, compute_dtype: Any = None,
                  micro_constraint: Callable[[Batch], Batch] | None = None) -> Callable:
   """(trainable, frozen, batch, rng) -> (loss, aux, grads): the accumulated gradient of the trainable half.
@@ -120,6 +138,8 @@ def make_grad_fn(loss_fn: LossFn, *, accum_steps: int = 1, compute_dtype: Any = 
   With `accum_steps` = k > 1 the batch's leading axis is split into k micro-batches (`_split_micro`) and the
   result is the `weight`-weighted mean of their losses, metrics and gradients (`weight` itself is summed).
   """
+  compute_dtype = param_cast_dtype(loss_fn, compute_dtype)
+
   def one(trainable, frozen, batch, rng):
     def f(tr):
       loss, aux = loss_fn(cast_floats(tr, compute_dtype), cast_floats(frozen, compute_dtype), batch, rng)
@@ -216,6 +236,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 def make_eval_step(loss_fn: LossFn, *, compute_dtype: Any = None) -> Callable:
   """Jitted `(state, batch) -> (loss, aux)` with rng=None (deterministic)."""
+  compute_dtype = param_cast_dtype(loss_fn, compute_dtype)
+
   def evaluate(state: TrainState, batch: Batch):
     loss, aux = loss_fn(cast_floats(state.trainable, compute_dtype), cast_floats(state.frozen, compute_dtype),
                         batch, None)

@@ -19,17 +19,28 @@ from lacax.train.state import combine
 LogitsFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array | None], jax.Array]
 
 
+def _nll_and_top(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """([B, T] float32 NLL of `targets`, [B, T] bool: the target's logit is the row's maximum).
+
+  The maximum is the one the log-sum-exp subtracts, so the top-1 test costs no second pass over the [B, T, V]
+  logits (an argmax is a variadic reduction that XLA:CPU runs at a fraction of a plain max's speed)."""
+  logits = logits.astype(jnp.float32)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return lse - picked, picked >= top
+
+
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """[B, T] float32 negative log-likelihood of `targets` [B, T] under `logits` [B, T, V]."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return lse - picked
+  return _nll_and_top(logits, targets)[0]
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(mean NLL over the masked targets, {"weight": their count, "accuracy": top-1 accuracy on them}).
+
+  A target counts as a top-1 hit when its logit is the row's maximum (tied with another token's included).
 
   Args:
     logits: [B, T, V] logits of the next token at each input position.
@@ -39,8 +50,8 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array
   mask = mask.astype(jnp.float32)
   weight = jnp.sum(mask)
   denom = jnp.maximum(weight, 1.0)
-  nll = token_nll(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  nll, top = _nll_and_top(logits, targets)
+  correct = top.astype(jnp.float32)
   return jnp.sum(nll * mask) / denom, {"weight": weight, "accuracy": jnp.sum(correct * mask) / denom}
 
 
@@ -54,22 +65,31 @@ def lm_loss_fn(logits_fn: LogitsFn) -> Callable:
 
 
 def llama_loss_fn(cfg: Any, *, params_fn: Callable[[Any, Any], Any] | None = None,
-                  forward_kwargs: Callable[[Any, Any, jax.Array | None], Mapping[str, Any]] | None = None
-                  ) -> Callable:
+                  forward_kwargs: Callable[[Any, Any, jax.Array | None], Mapping[str, Any]] | None = None,
+                  dot_dtype: str | None = None) -> Callable:
   """Next-token loss of the Llama forward without a KV cache (teacher forcing).
 
   Args:
-    cfg: the `ModelConfig` (its dtype is the activations' dtype: set "bfloat16" for bf16 compute).
+    cfg: the `ModelConfig` (its dtype is the residual stream's dtype).
     params_fn: (trainable, frozen) -> the params argument of `forward` (default: `combine`, i.e. the two
       halves of one parameter pytree).
     forward_kwargs: (trainable, frozen, rng) -> extra keyword arguments of `forward` (adapters, gates, ...).
+    dot_dtype: mixed precision inside the forward (`ForwardOptions.dot_dtype`, e.g. "bfloat16"): each
+      projection casts its weight where it uses it, so the loss takes the float32 master weights as they are
+      and their gradients come back float32. The loss then carries `compute_dtype` = dot_dtype, which tells the
+      training step not to cast the parameters itself (`lacax.train.loop`).
   """
   from lacax.model import llama  # pylint: disable=g-import-not-at-top
 
   def logits_fn(trainable, frozen, batch, rng):
     params = (params_fn or combine)(trainable, frozen)
     kwargs = dict(forward_kwargs(trainable, frozen, rng)) if forward_kwargs is not None else {}
+    if dot_dtype:
+      kwargs["options"] = (kwargs.get("options") or llama.ForwardOptions()).replace(dot_dtype=dot_dtype)
     logits, _ = llama.forward(params, batch["tokens"], batch["positions"], None, cfg, **kwargs)
     return logits
 
-  return lm_loss_fn(logits_fn)
+  loss_fn = lm_loss_fn(logits_fn)
+  if dot_dtype:
+    loss_fn.compute_dtype = dot_dtype
+  return loss_fn
