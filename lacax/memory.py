@@ -84,3 +84,38 @@ def hugepage_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def malloc_hugepages() -> bool:
   """Whether this process was started with `HUGEPAGE_TUNABLE`."""
   return HUGEPAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def _thp_mode() -> str:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      text = f.read()
+  except OSError:
+    return ""
+  return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def _glibc_at_least(major: int, minor: int) -> bool:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    got = tuple(int(v) for v in version.split(".")[:2])
+  except (AttributeError, OSError, ValueError):  # not glibc (musl, macOS)
+    return False
+  return name == "glibc" and got >= (major, minor)
+
+
+def reexec_with_hugepages(argv: list[str]) -> None:
+  """Restarts this process as `python *argv` with `HUGEPAGE_TUNABLE` set, where it would help and is not set.
+
+  It helps on Linux with glibc >= 2.35 and the kernel's THP mode "madvise" (under "always" huge pages come
+  anyway; under "never" not at all). `LACAX_HUGEPAGES=0` turns it off. The process id stays the same (exec), so
+  signals and supervisors see one process. Returns only when it does not restart.
+  """
+  if os.environ.get("LACAX_HUGEPAGES", "1") == "0" or malloc_hugepages():
+    return
+  if _thp_mode() != "madvise" or not _glibc_at_least(2, 35):
+    return
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *argv], hugepage_env())

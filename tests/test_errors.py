@@ -128,6 +128,34 @@ class MemoryTest(absltest.TestCase):
       self.assertLen(generation.generate(params, cfg, [[1, 2, 3]], max_new_tokens=10).tokens[0], 10)
 
 
+class HugePagesTest(absltest.TestCase):
+  """glibc's huge-page tunable for XLA:CPU's per-step temporaries (`lacax.memory`; measured in bench_train)."""
+
+  def test_env_keeps_other_tunables_and_sets_it_once(self):
+    env = memory.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0", "A": "1"})
+    self.assertEqual(env["GLIBC_TUNABLES"], "glibc.malloc.arena_max=2:" + memory.HUGEPAGE_TUNABLE)
+    self.assertEqual(env["A"], "1")
+    self.assertEqual(memory.hugepage_env({})["GLIBC_TUNABLES"], memory.HUGEPAGE_TUNABLE)
+
+  def test_reexec_restarts_once_with_the_tunable_unless_turned_off(self):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    script = ("import os, sys; from lacax import memory; print('start', os.getpid(), flush=True); "
+              "memory.reexec_with_hugepages(['-c', sys.argv[1], sys.argv[1]]); "
+              "print('tunable', memory.malloc_hugepages(), os.getpid())")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", script, script], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    starts = [l for l in out if l.startswith("start")]
+    applies = memory._thp_mode() == "madvise" and memory._glibc_at_least(2, 35)  # pylint: disable=protected-access
+    self.assertLen(starts, 2 if applies else 1)  # restarted at most once
+    self.assertIn(f"tunable {applies} {starts[0].split()[1]}", out)  # the same process id
+    off = subprocess.run([sys.executable, "-c", script, script], env={**env, "LACAX_HUGEPAGES": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    self.assertEqual(off.count("start"), 1)
+    self.assertIn("tunable False", off)
+
+
 class HonestNumbersTest(absltest.TestCase):
 
   def test_nan_perplexity_is_flagged_in_table_and_json(self):
