@@ -5,7 +5,8 @@ The loop is model-agnostic. It trains any parameter pytree under any loss of thi
     loss_fn(trainable, frozen, batch, rng) -> (loss, aux)
 
 `trainable` and `frozen` are the two halves of the parameter pytree (`partition` / `combine`), already cast to
-the compute dtype. `batch` is one micro-batch (a pytree of arrays). `rng` is a PRNG key, or None at evaluation
+the compute dtype (unless the loss casts at use and says so with a `compute_dtype` attribute, as the Llama
+losses with `dot_dtype` do: `lacax.train.loop`). `batch` is one micro-batch (a pytree of arrays). `rng` is a PRNG key, or None at evaluation
 (be deterministic then). `loss` is a float32 scalar: the mean over `aux["weight"]` units (target tokens, rows).
 `aux` holds scalar metrics; give `weight` whenever micro-batches can differ in size, so that gradient
 accumulation is exact.
@@ -16,7 +17,8 @@ Typical use (a causal LM; see `lacax/jobs/finetune.py` for the whole job):
     opt, schedule = train.make_optimizer(train.OptimizerConfig(learning_rate=2e-4, warmup_steps=10), steps)
     labels = train.make_labels(params, trainable=("lora/",))           # or "all", or layer_window=(4, 8)
     state = train.create_train_state(params, opt, labels=labels, seed=0)  # float32 master weights
-    trainer = train.Trainer(train.llama_loss_fn(cfg), opt, train.TrainConfig(steps=steps, accum_steps=4,
+    loss_fn = train.llama_loss_fn(cfg, dot_dtype="bfloat16")  # bf16 products, float32 weights and stream
+    trainer = train.Trainer(loss_fn, opt, train.TrainConfig(steps=steps, accum_steps=4,
                             compute_dtype="bfloat16", eval_every=50, checkpoint_every=100),
                             schedule=schedule, labels=labels, mesh_rules=None)
     data = train.text_dataset(tokenizer, "", seq_len=256, batch_size=8)  # or instruction_dataset(...)
@@ -48,7 +50,7 @@ Public API:
   "" = the embedded offline text of `lacax.eval.texts`), `instruction_dataset` (Alpaca-style records, the chat
   template's prompt, loss on the answer only), `load_records`, `format_instruction`.
 * losses (`losses`): `next_token_loss(logits, targets, mask)`, `token_nll`, `lm_loss_fn(logits_fn)`,
-  `llama_loss_fn(cfg, params_fn=, forward_kwargs=)` (the Llama forward without a KV cache).
+  `llama_loss_fn(cfg, params_fn=, forward_kwargs=, dot_dtype=)` (the Llama forward without a KV cache).
 * metrics (`metrics`): `MetricsWriter`, `read_metrics`, `plot_loss_curve`.
 * causal-LM set-ups (`lm`): `full_setup(model, ...)`, `lora_setup(model, rank=, alpha=, dropout=, targets=,
   layer_window=)` -> `LMSetup` (params, labels, loss_fn, export, cfg); `param_sharding(mesh_rules)` for the
