@@ -26,7 +26,8 @@ def _nll_and_top(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   logits (an argmax is a variadic reduction that XLA:CPU runs at a fraction of a plain max's speed)."""
   logits = logits.astype(jnp.float32)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  shift = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: a row of -inf gives -inf, not NaN
+  lse = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
   picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return lse - picked, picked >= top
 
