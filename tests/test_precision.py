@@ -97,6 +97,17 @@ class ProjectTest(absltest.TestCase):
     np.testing.assert_array_equal(np.asarray(llama.project(x, w, "btd,df->btf")),
                                   np.asarray(jnp.einsum("btd,df->btf", x, w)))
 
+  def test_float32_dot_dtype_multiplies_bfloat16_operands_in_float32(self):
+    x, w = _operands((2, 5, 8), (8, 12), jnp.bfloat16)
+    got = llama.project(x, w, "btd,df->btf", dot_dtype="float32")
+    want = jnp.einsum("btd,df->btf", x.astype(jnp.float32), w.astype(jnp.float32)).astype(jnp.bfloat16)
+    self.assertEqual(got.dtype, BF16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    x32 = x.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(llama.project(x32, w.astype(jnp.float32), "btd,df->btf",
+                                                           dot_dtype="float32")),
+                                  np.asarray(jnp.einsum("btd,df->btf", x32, w.astype(jnp.float32))))
+
   def test_dot_dtype_forward_matches_bfloat16_weights(self):
     cfg = tu.tiny_llama_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))

@@ -425,6 +425,9 @@ def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None, do
   dtype = dot_dtype if dot_dtype is not None else (w.dtype if x.dtype == w.dtype else None)
   if dtype is not None and precision.is_low_precision(dtype):
     return precision.lowp_einsum(equation, x, w, jnp.dtype(dtype), jnp.dtype(preferred_element_type or x.dtype))
+  if dot_dtype is not None:  # float32 products of whatever came in
+    out = jnp.einsum(equation, x.astype(dot_dtype), w.astype(dot_dtype), preferred_element_type=preferred_element_type)
+    return out.astype(preferred_element_type or x.dtype)
   return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
 
 
