@@ -177,8 +177,6 @@ def measure_torch(mode: str, autocast: bool = False) -> dict:
 
 def _worker(spec: str) -> None:
   framework, mode, out = spec.split(":", 2)
-  if framework not in ("lacax", "torch", "torch_autocast"):
-    raise ValueError(f"--frameworks entry {framework!r}; expected lacax, torch or torch_autocast")
   result = measure_lacax(mode) if framework == "lacax" else measure_torch(mode, framework == "torch_autocast")
   with open(out, "w") as f:
     json.dump(result, f)
@@ -200,6 +198,11 @@ def main(argv):
   if _WORKER.value:
     _worker(_WORKER.value)
     return
+  for name, values, known in (("frameworks", _FRAMEWORKS.value, ("lacax", "torch", "torch_autocast")),
+                              ("modes", _MODES.value, ("lora", "full"))):
+    unknown = [v for v in values if v not in known]
+    if unknown:
+      raise app.UsageError(f"--{name}={','.join(values)}: {unknown} unknown; expected some of {list(known)}")
   import jax  # pylint: disable=g-import-not-at-top
 
   from lacax import results as results_lib  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,7 @@ overrides both (to rehearse a smaller machine).
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -115,7 +116,6 @@ def reexec_with_hugepages(argv: list[str]) -> None:
     return
   if _thp_mode() != "madvise" or not _glibc_at_least(2, 35):
     return
-  import sys  # pylint: disable=g-import-not-at-top
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *argv], hugepage_env())

@@ -17,7 +17,17 @@ import jax.numpy as jnp
 # Hugging Face `model_type` values whose decoder is the Llama block this module implements.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str | None, field: str) -> Any:
+  """The jnp dtype a dtype name stands for, None for "" / None / "none"; a ValueError naming `field` otherwise.
+  The one table of float dtype names lacax accepts (model, training and forward-option dtypes)."""
+  if name in (None, "", "none"):
+    return None
+  if name not in DTYPES:
+    raise ValueError(f"{field}={name!r} is unknown; expected one of {sorted(DTYPES)} or ''")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +107,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not supported; expected one of {sorted(DTYPES)}")
     if self.rms_norm_eps <= 0:
       raise ValueError(f"ModelConfig.rms_norm_eps={self.rms_norm_eps} must be > 0")
     if self.rope_theta <= 0:
@@ -138,7 +148,7 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   @property
   def group_size(self) -> int:

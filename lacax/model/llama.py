@@ -82,7 +82,7 @@ from lacax.model import cpu_attention
 from lacax.model import cpu_quant_matmul
 from lacax.model import precision
 from lacax.model import rope as rope_lib
-from lacax.model.config import ModelConfig
+from lacax.model.config import ModelConfig, dtype_of
 
 Params = dict[str, Any]
 
@@ -422,11 +422,12 @@ def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None, do
   """
   if isinstance(w, ProjectedWeight):
     return w.project(x, equation, preferred_element_type)
-  dtype = dot_dtype if dot_dtype is not None else (w.dtype if x.dtype == w.dtype else None)
-  if dtype is not None and precision.is_low_precision(dtype):
-    return precision.lowp_einsum(equation, x, w, jnp.dtype(dtype), jnp.dtype(preferred_element_type or x.dtype))
-  if dot_dtype is not None:  # float32 products of whatever came in
-    out = jnp.einsum(equation, x.astype(dot_dtype), w.astype(dot_dtype), preferred_element_type=preferred_element_type)
+  dot = dtype_of(dot_dtype, "dot_dtype")
+  dtype = jnp.dtype(dot if dot is not None else w.dtype if x.dtype == w.dtype else jnp.float32)
+  if dtype in precision.LOW_PRECISION:
+    return precision.lowp_einsum(equation, x, w, dtype, jnp.dtype(preferred_element_type or x.dtype))
+  if dot is not None:  # float32 products of whatever came in
+    out = jnp.einsum(equation, x.astype(dot), w.astype(dot), preferred_element_type=preferred_element_type)
     return out.astype(preferred_element_type or x.dtype)
   return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
 
@@ -548,9 +549,7 @@ def _check_options(options: ForwardOptions, cfg: ModelConfig, num_layers: int) -
   for j in options.hidden_layers:
     if not 0 <= j <= L:
       raise ValueError(f"ForwardOptions.hidden_layers contains {j}; expected indices in [0, {L}]")
-  if options.dot_dtype is not None and options.dot_dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"ForwardOptions.dot_dtype={options.dot_dtype!r}; expected None, 'float32', 'bfloat16' or "
-                     "'float16'")
+  dtype_of(options.dot_dtype, "ForwardOptions.dot_dtype")
   if options.lora is not None:
     if options.lora_config is None:
       raise ValueError("ForwardOptions.lora is set but lora_config is None (it gives the scale alpha / r)")

@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _transposed(equation: str) -> tuple[str, str]:
@@ -78,7 +78,3 @@ def _bwd(equation, dtype, out_dtype, residuals, g):
 
 
 lowp_einsum.defvjp(_fwd, _bwd)
-
-
-def is_low_precision(dtype) -> bool:
-  return any(jnp.dtype(dtype) == jnp.dtype(d) for d in LOW_PRECISION)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+from lacax.model.config import dtype_of
 from lacax.train import losses
 from lacax.train import state as st
 
@@ -47,11 +48,10 @@ def _save(directory: str, params: Any, cfg: Any) -> str:
 
 
 def check_precision(compute_dtype: str, activation_dtype: str = "") -> None:
-  """Raises ValueError naming the field unless both are '', 'float32', 'bfloat16' or 'float16' (jobs call
-  this before loading the model)."""
-  for field, value in (("compute_dtype", compute_dtype), ("activation_dtype", activation_dtype)):
-    if value not in ("", "float32", "bfloat16", "float16"):
-      raise ValueError(f"train.{field}={value!r}; expected '', 'float32', 'bfloat16' or 'float16'")
+  """Raises ValueError naming the field unless both are dtype names (`lacax.model.config.dtype_of`) or ''
+  (jobs call this before loading the model)."""
+  dtype_of(compute_dtype, "train.compute_dtype")
+  dtype_of(activation_dtype, "train.activation_dtype")
 
 
 def _precision(model: Any, compute_dtype: str, activation_dtype: str) -> tuple[Any, str | None]:

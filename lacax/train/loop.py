@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lacax.model.config import dtype_of
 from lacax.train import checkpoint as ckpt_lib
 from lacax.train import metrics as metrics_lib
 from lacax.train.state import TrainState, apply_masks, cast_floats, update_masks
@@ -52,15 +53,8 @@ from lacax.train.state import TrainState, apply_masks, cast_floats, update_masks
 Batch = Any
 LossFn = Callable[[Any, Any, Batch, jax.Array | None], tuple[jax.Array, Mapping[str, jax.Array]]]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def compute_dtype_of(name: str | None) -> Any:
-  if name in (None, "", "none"):
-    return None
-  if name not in _DTYPES:
-    raise ValueError(f"train.compute_dtype={name!r} is unknown; expected one of {sorted(_DTYPES)} or ''")
-  return _DTYPES[name]
+  return dtype_of(name, "train.compute_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
