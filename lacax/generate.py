@@ -24,7 +24,7 @@ from lacax.cache.base import CachePolicy
 from lacax.cache.full import FullPolicy
 from lacax.model import llama
 from lacax.model.config import ModelConfig
-from lacax.sampling import SamplingConfig, sample
+from lacax.sampling import SamplingConfig, greedy_ids, sample
 
 
 @flax.struct.dataclass
@@ -420,7 +420,7 @@ def shared_prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelC
   cache = init_cache(cfg, tokens.shape[0], capacity, rope_mode=rope_mode, score_mode=score_mode,
                      score_agg=score_agg, stats=stats)
   logits, cache = prefill_forward(params, tokens, lengths, cache, cfg)
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+  return greedy_ids(logits[:, 0]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "decode_capacity", "max_new_tokens", "stop_ids"))

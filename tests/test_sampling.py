@@ -94,6 +94,24 @@ class SampleTest(parameterized.TestCase):
     a = sampling.sample(logits, jax.random.PRNGKey(7), cfg)
     np.testing.assert_array_equal(a, sampling.sample(logits, jax.random.PRNGKey(7), cfg))
 
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_greedy_ids_equal_argmax_with_ties_infinities_and_nan(self, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 1000)).astype(np.float32)
+    x[1, [5, 900]] = 50.0  # a tie: the first
+    x[2, [7, 300]] = np.nan  # NaN wins, the first one
+    x[2, 8] = np.inf
+    x[3, :] = -np.inf  # nothing finite: index 0
+    x[4, 999] = np.inf  # at the end
+    x[5, 0] = 50.0  # at the start
+    logits = jnp.asarray(x).astype(dtype)
+    got = jax.jit(sampling.greedy_ids)(logits)
+    self.assertEqual(got.dtype, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(logits, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(got)[:5], [np.argmax(x[0]), 5, 7, 0, 999])
+    hlo = jax.jit(sampling.greedy_ids).lower(logits).as_text()
+    self.assertNotIn("argmax", hlo)
+
 
 if __name__ == "__main__":
   absltest.main()
