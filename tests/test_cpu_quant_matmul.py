@@ -288,6 +288,28 @@ class StreamingKernelTest(_KernelOn):
       want = jnp.einsum("btk,kn->btn", x, data[layer].astype(jnp.float32), precision="highest")
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
+  @parameterized.parameters((64, 96, 1), (576, 70, 3), (40, 32, 16), (24, 33, 2))
+  def test_bf16_products_of_bf16_inputs(self, K, N, M):
+    """A bfloat16 weight times x whose values are bfloat16 (a bfloat16 model's activations) takes the
+    AVX512-BF16 dot-product path where the CPU has it (row pairs interleaved, lanes put back in order, the last
+    N % 32 columns widened); x with other values takes the widening path. Both equal the float32 product."""
+    rng = np.random.default_rng(K * N + M)
+    data = jnp.asarray(rng.normal(size=(3, K, N)), jnp.bfloat16)
+    table = jnp.asarray(rng.normal(size=(N, K)), jnp.bfloat16)
+    exact = jnp.asarray(rng.normal(size=(1, M, K)), jnp.bfloat16).astype(jnp.float32)
+    for x in (exact, exact + 1e-3):
+      for layer in (0, 2):
+        w = llama.StreamedWeight(data).at_layer(layer)
+        got = jax.jit(lambda x, w: w.project(x, "btk,kn->btn", preferred_element_type=jnp.float32))(x, w)
+        want = jnp.einsum("btk,kn->btn", x, data[layer].astype(jnp.float32), precision="highest")
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+      ref = lambda x, t, s, m: jnp.einsum("btd,vd->btv", x, t.astype(jnp.float32))  # noqa: E731
+      got = jax.jit(lambda x, t: cpu_quant_matmul.project_rows(x, t, None, None, ref))(x, table)
+      want = jnp.einsum("btd,vd->btv", x, table.astype(jnp.float32), precision="highest")
+      scale = float(jnp.max(jnp.abs(want)))
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
+
   def test_dense_multi_axis_gradient_and_vmap(self):
     rng = np.random.default_rng(1)
     data = jnp.asarray(rng.normal(size=(2, 4, 8, 24)), jnp.float32)  # [L, heads, head_dim, out] like wo

@@ -28,12 +28,18 @@
 //     decoder's float projections at decode time). K is split into chunks of consecutive rows, so each work
 //     item reads one contiguous block of W (eight rows at a time, every column, the next eight prefetched
 //     into L2) into its own partial sums [M, N]; the partial sums are added at the end. bfloat16 is widened by
-//     a shift, float16 by vcvtph2ps.
+//     a shift, float16 by vcvtph2ps. Where the CPU has AVX512-BF16 and every value of x is a bfloat16 one (a
+//     bfloat16 model's activations, widened for the call), a bfloat16 W is multiplied by vdpbf16ps instead:
+//     rows k and k + 1 interleaved by vpunpck{l,h}wd, exact products, float32 accumulation (the same result up
+//     to float32 summation order). Measured on Zen 4: the same rate as widening when W streams from DRAM (the
+//     read bandwidth bounds both), 5-15 % faster when it is in the last-level cache.
 //   LacaxRowsMatmul: y = x @ T^T with T an output-major table [N, K] (the LM head's [vocab, hidden] layout):
 //     dense float32 / bfloat16 / float16, or codes along K with one scale (and, affine, one min) per group of
 //     G inputs, scales [N, K / G]: int8, or 4-bit in GGUF's block order (within each 16 bytes of a row, byte j
 //     holds code j in its low nibble and code j + 16 in its high one), so the 16 codes of one nibble meet 16
-//     consecutive inputs. Each output is a dot product over a contiguous row.
+//     consecutive inputs. Each output is a dot product over a contiguous row. A bfloat16 table times
+//     bfloat16-valued x (a bfloat16 model's LM head) uses vdpbf16ps where the CPU has AVX512-BF16 (Zen 4,
+//     SmolLM2's [49152, 576] head: 1.55 ms against 1.81 ms widened, interleaved runs in one process).
 
 #include <algorithm>
 #include <atomic>
@@ -359,6 +365,13 @@ inline float WeightAt(const Bf16* p) {
   return f;
 }
 
+inline float Bf16ToFloat(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 inline v16 LoadWeights(const float* p) { return LoadAs<v16>(p); }
 inline v16 LoadWeights(const uint16_t* p) { return LoadScales(p); }  // float16
 inline v16 LoadWeights(const Bf16* p) {  // 16 bfloat16 values, widened exactly (a shift)
@@ -424,6 +437,82 @@ inline void DenseRowGroup(const DenseProblem& p, int64_t k, float* out, bool fir
   }
 }
 
+// x as bfloat16 [M, K] if every value of x is one (the product is then exact in bfloat16 operands), else empty.
+inline std::vector<uint16_t> ExactBf16(const float* x, int64_t size) {
+  std::vector<uint16_t> out(size);
+  for (int64_t i = 0; i < size; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    if ((u & 0xffffu) != 0) return {};
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
+  return out;
+}
+
+#if defined(__AVX512BF16__)
+// Rows [k, k + 8) of a bfloat16 W into out [M, N] (out = the sum when `first`, else out += it) for x rows that
+// are bfloat16 values (`xb`, [M, K] as bfloat16): vdpbf16ps on row pairs (k, k + 1) interleaved by
+// vpunpck{l,h}wd. In each block of 32 columns the float32 sums are kept in the unpacks' lane order (columns
+// 8j + t and 8j + 4 + t of 128-bit lane j); Bf16DotUnpermute puts them back once at the end. The last N % 32
+// columns take the widening path, in plain order.
+inline void Bf16DotRowGroup(const DenseProblem& p, const uint16_t* xb, int64_t k, float* out, bool first) {
+  const uint16_t* w = static_cast<const uint16_t*>(p.w) + k * p.N;
+  const int64_t N = p.N, K = p.K, M = p.M, full = N / 32 * 32;
+  for (int64_t n = 0; n < full; n += 32) {
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      __builtin_prefetch(w + (8 + 2 * j) * N + n, 0, 2);  // the next group, as DenseRowGroup
+      __builtin_prefetch(w + (9 + 2 * j) * N + n, 0, 2);
+      const __m512i a = _mm512_loadu_si512(w + 2 * j * N + n), b = _mm512_loadu_si512(w + (2 * j + 1) * N + n);
+      lo[j] = _mm512_unpacklo_epi16(a, b);
+      hi[j] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xm = xb + m * K + k;
+      float* o = out + m * N + n;
+      __m512 acc_lo = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o);
+      __m512 acc_hi = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + 16);
+      for (int j = 0; j < 4; ++j) {
+        uint32_t pair;
+        std::memcpy(&pair, xm + 2 * j, sizeof(pair));
+        const __m512bh xp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        acc_lo = _mm512_dpbf16_ps(acc_lo, (__m512bh)lo[j], xp);
+        acc_hi = _mm512_dpbf16_ps(acc_hi, (__m512bh)hi[j], xp);
+      }
+      _mm512_storeu_ps(o, acc_lo);
+      _mm512_storeu_ps(o + 16, acc_hi);
+    }
+  }
+  if (full < N) {  // the tail columns, widened, in plain order
+    for (int64_t n = full; n < N; ++n) {
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = first ? 0.0f : out[m * N + n];
+        for (int j = 0; j < 8; ++j) acc += p.x[m * K + k + j] * Bf16ToFloat(w[j * N + n]);
+        out[m * N + n] = acc;
+      }
+    }
+  }
+}
+
+// y [M, N] from the unpacks' lane order back to column order, block by block of 32 columns.
+inline void Bf16DotUnpermute(float* y, int64_t M, int64_t N) {
+  const int64_t full = N / 32 * 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < full; n += 32) {
+      float* o = y + m * N + n;
+      float tmp[32];
+      std::memcpy(tmp, o, sizeof(tmp));
+      for (int j = 0; j < 4; ++j) {
+        for (int t = 0; t < 4; ++t) {
+          o[8 * j + t] = tmp[4 * j + t];           // acc_lo lane 4j + t
+          o[8 * j + 4 + t] = tmp[16 + 4 * j + t];  // acc_hi lane 4j + t
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename WT>
 void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   // About four chunks per thread (the last ones balance the load), each a multiple of 8 rows.
@@ -432,6 +521,25 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   chunk = std::max<int64_t>(16, (chunk + 7) / 8 * 8);
   const int64_t chunks = (p.K + chunk - 1) / chunk;
   std::vector<float> partial(chunks > 1 ? (chunks - 1) * p.M * p.N : 0);
+#if defined(__AVX512BF16__)
+  if (std::is_same<WT, Bf16>::value && p.K % 8 == 0) {
+    const std::vector<uint16_t> xb = ExactBf16(p.x, p.M * p.K);
+    if (!xb.empty()) {
+      ParallelFor(pool, chunks, [&](int64_t c) {
+        float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;
+        const int64_t k1 = std::min(p.K, (c + 1) * chunk);
+        for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb.data(), k, out, k == c * chunk);
+      });
+      const int64_t size = p.M * p.N;
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = partial.data() + (c - 1) * size;
+        for (int64_t i = 0; i < size; ++i) y[i] += part[i];
+      }
+      Bf16DotUnpermute(y, p.M, p.N);
+      return;
+    }
+  }
+#endif
   ParallelFor(pool, chunks, [&](int64_t c) {
     float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;  // chunk 0 writes the result itself
     const int64_t k1 = std::min(p.K, (c + 1) * chunk);
@@ -513,6 +621,34 @@ void DenseRowsBlock(const RowsProblem& p, int64_t n0, int64_t n1, int64_t m0) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// A bfloat16 table times rows of x that are bfloat16 values themselves (a bfloat16 model's residual stream,
+// widened to float32 for the call): AVX512-BF16's vdpbf16ps multiplies 32 pairs exactly and accumulates in
+// float32, half the instructions of widening each weight and an FMA. `xb` is x as bfloat16 [M, K].
+template <int MR>
+void Bf16DotRowsBlock(const RowsProblem& p, const uint16_t* xb, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t K = p.K, full = K / 32 * 32;
+  const uint16_t* x = xb + m0 * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = static_cast<const uint16_t*>(p.data) + n * K;
+    __m512 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 32) {
+      __builtin_prefetch(row + 2 * K + k, 0, 2);  // two rows ahead into L2, as DenseRowsBlock
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(row + k);
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + r * K + k), w);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float s = _mm512_reduce_add_ps(acc[r]);
+      for (int64_t k = full; k < K; ++k) s += p.x[(m0 + r) * K + k] * WeightAt(reinterpret_cast<const Bf16*>(row + k));
+      p.y[(m0 + r) * p.N + n] = s;
+    }
+  }
+}
+#endif
+
 // Outputs [n0, n1) for rows [m0, m0 + MR) of x: codes, 16 bytes (16 * P codes: code 16 s + j of a chunk in
 // slot s of byte j) at a time; G % (16 P) == 0.
 template <int SB, bool AFFINE, int MR, typename ST>
@@ -556,6 +692,18 @@ void CodeRowsBlock(const RowsProblem& p, int64_t n0, int64_t n1, int64_t m0) {
 template <typename WT>
 void DenseRowsRun(ffi::ThreadPool& pool, const RowsProblem& p) {
   const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;
+#if defined(__AVX512BF16__)
+  if (std::is_same<WT, Bf16>::value) {
+    const std::vector<uint16_t> xb = ExactBf16(p.x, p.M * p.K);
+    if (!xb.empty()) {
+      ParallelFor(pool, items, [&](int64_t t) {
+        const int64_t n0 = t * kRowsBlock, n1 = std::min(p.N, n0 + kRowsBlock);
+        ForRowBlocks(p.M, [&](int64_t m0, auto mr) { Bf16DotRowsBlock<decltype(mr)::value>(p, xb.data(), n0, n1, m0); });
+      });
+      return;
+    }
+  }
+#endif
   ParallelFor(pool, items, [&](int64_t t) {
     const int64_t n0 = t * kRowsBlock, n1 = std::min(p.N, n0 + kRowsBlock);
     ForRowBlocks(p.M, [&](int64_t m0, auto mr) { DenseRowsBlock<WT, decltype(mr)::value>(p, n0, n1, m0); });
