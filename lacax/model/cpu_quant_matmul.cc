@@ -358,19 +358,13 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
 
 inline float WeightAt(const float* p) { return *p; }
 inline float WeightAt(const uint16_t* p) { return HalfToFloat(*p); }  // float16
-inline float WeightAt(const Bf16* p) {
-  const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline float Bf16ToFloat(uint16_t b) {
+inline float Bf16ToFloat(uint16_t b) {  // exact: the top half of a float32
   const uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+inline float WeightAt(const Bf16* p) { return Bf16ToFloat(p->bits); }
 
 inline v16 LoadWeights(const float* p) { return LoadAs<v16>(p); }
 inline v16 LoadWeights(const uint16_t* p) { return LoadScales(p); }  // float16
@@ -513,6 +507,14 @@ inline void Bf16DotUnpermute(float* y, int64_t M, int64_t N) {
 }
 #endif
 
+// y [size] += each of the (chunks - 1) partial sums that follow chunk 0's, in chunk order.
+inline void AddPartials(float* y, const std::vector<float>& partial, int64_t chunks, int64_t size) {
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* part = partial.data() + (c - 1) * size;
+    for (int64_t i = 0; i < size; ++i) y[i] += part[i];
+  }
+}
+
 template <typename WT>
 void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   // About four chunks per thread (the last ones balance the load), each a multiple of 8 rows.
@@ -530,11 +532,7 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
         const int64_t k1 = std::min(p.K, (c + 1) * chunk);
         for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb.data(), k, out, k == c * chunk);
       });
-      const int64_t size = p.M * p.N;
-      for (int64_t c = 1; c < chunks; ++c) {
-        const float* part = partial.data() + (c - 1) * size;
-        for (int64_t i = 0; i < size; ++i) y[i] += part[i];
-      }
+      AddPartials(y, partial, chunks, p.M * p.N);
       Bf16DotUnpermute(y, p.M, p.N);
       return;
     }
@@ -548,11 +546,7 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
     for (; k + 8 <= k1; k += 8, first = false) DenseRowGroup<WT, 8>(p, k, out, first);
     for (; k < k1; ++k, first = false) DenseRowGroup<WT, 1>(p, k, out, first);
   });
-  const int64_t size = p.M * p.N;
-  for (int64_t c = 1; c < chunks; ++c) {
-    const float* part = partial.data() + (c - 1) * size;
-    for (int64_t i = 0; i < size; ++i) y[i] += part[i];
-  }
+  AddPartials(y, partial, chunks, p.M * p.N);
 }
 
 ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
