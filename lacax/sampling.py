@@ -134,8 +134,8 @@ def _nucleus_of_candidates(logits: jax.Array, top_p: float):
 def greedy_ids(logits: jax.Array) -> jax.Array:
   """`jnp.argmax(logits, axis=-1)` as int32, ties and NaN included (the first maximum; the first NaN wins
   over any number), computed as a max and then the first index that reaches it. XLA:CPU lowers argmax to a
-  variadic (value, index) reduce that does not vectorise: 228 us per decode step over SmolLM2's 49152 logits,
-  against about a quarter of that for the two plain reductions (`experiments/bench_decode.py` steps)."""
+  variadic (value, index) reduce that does not vectorise: 228 us per decode step over SmolLM2's 49152 logits in
+  a per-thunk trace, against about 15 us for the two plain reductions."""
   top = jnp.max(logits, axis=-1, keepdims=True)
   hit = (logits == top) | jnp.isnan(logits)
   index = jnp.arange(logits.shape[-1], dtype=jnp.int32)

@@ -524,8 +524,8 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   const int64_t chunks = (p.K + chunk - 1) / chunk;
   std::vector<float> partial(chunks > 1 ? (chunks - 1) * p.M * p.N : 0);
 #if defined(__AVX512BF16__)
-  if (std::is_same<WT, Bf16>::value && p.K % 8 == 0) {
-    const std::vector<uint16_t> xb = ExactBf16(p.x, p.M * p.K);
+  if constexpr (std::is_same<WT, Bf16>::value) {  // row pairs need whole groups of 8 rows
+    const std::vector<uint16_t> xb = p.K % 8 == 0 ? ExactBf16(p.x, p.M * p.K) : std::vector<uint16_t>();
     if (!xb.empty()) {
       ParallelFor(pool, chunks, [&](int64_t c) {
         float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;
@@ -636,7 +636,7 @@ void Bf16DotRowsBlock(const RowsProblem& p, const uint16_t* xb, int64_t n0, int6
     }
     for (int r = 0; r < MR; ++r) {
       float s = _mm512_reduce_add_ps(acc[r]);
-      for (int64_t k = full; k < K; ++k) s += p.x[(m0 + r) * K + k] * WeightAt(reinterpret_cast<const Bf16*>(row + k));
+      for (int64_t k = full; k < K; ++k) s += p.x[(m0 + r) * K + k] * Bf16ToFloat(row[k]);
       p.y[(m0 + r) * p.N + n] = s;
     }
   }
@@ -687,7 +687,7 @@ template <typename WT>
 void DenseRowsRun(ffi::ThreadPool& pool, const RowsProblem& p) {
   const int64_t items = (p.N + kRowsBlock - 1) / kRowsBlock;
 #if defined(__AVX512BF16__)
-  if (std::is_same<WT, Bf16>::value) {
+  if constexpr (std::is_same<WT, Bf16>::value) {
     const std::vector<uint16_t> xb = ExactBf16(p.x, p.M * p.K);
     if (!xb.empty()) {
       ParallelFor(pool, items, [&](int64_t t) {
