@@ -3,6 +3,8 @@
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
                                     [--rope_modes=slot,stored] [--cpu_kernel=on,off]
                                     [--weights=dense,int8,int4,q4_1] [--quant_kernel=on,off]
+  python -m experiments.bench_decode --dtypes=float32,bfloat16 --weights=dense --rope_modes=slot --torch=false \
+      --llama_cpp_python=<venv>/bin/python --llama_cpp_types=F32,F16,BF16 --rounds=3   # lacax vs llama.cpp
   python -m experiments.bench_decode --contexts=512,4096,8192 --dtypes=float32 --rope_modes=slot \
       --new_tokens=2 --repeats=3                 # prefill speed (both sides: the best of 3, every time kept)
 
@@ -31,6 +33,11 @@ to each of `--llama_cpp_types` (default F32, F16, BF16, Q8_0, Q4_1; from the emb
 types hold exactly the dequantized weights lacax's float rows load), flash attention off and on, all cores,
 measured by `experiments/llamacpp_worker.py` in that Python (a venv with `pip install llama-cpp-python`, which
 builds its vendored llama.cpp from source: PyPI has no Linux wheel).
+
+`--rounds=N` measures every lacax row and then every llama.cpp row N times over, alternating: on a shared
+machine whose memory bandwidth drifts (a 2-core EPYC's bfloat16 decode moved between 58 and 85 tok/s from one
+run to the next), both sides then meet the same drift instead of one side the quiet minute and the other the
+busy one. Each row reports its best round and keeps every round's rate (`round_rates`).
 
 Decode tokens/s count the same thing on every side: the first generated token comes from the prefill, so
 (new_tokens - 1) tokens over the decode time. "GB/s" is (weight bytes + KV bytes read per token) x tokens/s
@@ -96,6 +103,10 @@ _QUANT_KERNEL = flags.DEFINE_list(
     "dequantizes them every step (lacax.model.cpu_quant_matmul). Both: one row each.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Measure every lacax row and then every llama.cpp row this many times over, alternating, so "
+    "that a shared machine's drifting memory bandwidth falls on both sides alike; each row reports its best "
+    "round and keeps every round's rate (`round_rates`).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
 _OUT = flags.DEFINE_string("out", "results/bench_decode", "Output folder.")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
@@ -385,46 +396,71 @@ def main(argv):
     results_lib.write_json(path, record)
     print(f"\nwritten: {path}")
     return
-  for dtype in _DTYPES.value:
-    dense_model = load_model(_MODEL.value or None, dtype=dtype)
-    record["model"] = dense_model.cfg.name
-    for weights in _WEIGHTS.value:
-      model = with_weights(dense_model, weights, dtype)
-      quant_kernels = _QUANT_KERNEL.value
-      for kernel in _CPU_KERNEL.value:
-        if kernel not in ("on", "off"):
-          raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
-        for quant_kernel in quant_kernels:
-          if quant_kernel not in ("on", "off"):
-            raise ValueError(f"--quant_kernel: got {quant_kernel!r}, expected 'on' or 'off'")
-          cpu_attention.set_enabled(kernel == "on")
-          cpu_quant_matmul.set_enabled(quant_kernel == "on")
-          jax.clear_caches()  # the choice is made at trace time
-          used = kernel == "on" and cpu_attention.available()
-          quant_used = quant_kernel == "on" and cpu_quant_matmul.available()
-          for rope_mode in _ROPE_MODES.value:
-            for context in contexts:
-              got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
-              record["runs"].append({"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
-                                     "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got})
-              label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
-                       + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
-                       + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")
-                       + (f"/s={_SPARSITY.value:g}" if weights == "sparse" else ""))
-              rows.append((label, dtype, context, got))
-              print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s", flush=True)
-    cpu_attention.set_enabled(True)
-    cpu_quant_matmul.set_enabled(True)
+  # Every lacax row, then every llama.cpp row, --rounds times over: each row keeps its best round.
+  dense_models, models = {}, {}
+  measured: dict[tuple, dict] = {}  # row key -> {"label", "dtype", "context", "run" (the best round), "rates"}
+
+  def keep(key, label, dtype, context, run):
+    rate = run["decode_tokens_per_second"]
+    if key not in measured:
+      measured[key] = {"label": label, "dtype": dtype, "context": context, "run": run, "rates": []}
+    entry = measured[key]
+    entry["rates"].append(rate)
+    if rate > entry["run"]["decode_tokens_per_second"]:
+      entry["run"] = run
+
+  for round_index in range(_ROUNDS.value):
+    if _ROUNDS.value > 1:
+      print(f"round {round_index + 1} of {_ROUNDS.value}", flush=True)
+    for dtype in _DTYPES.value:
+      if dtype not in dense_models:
+        dense_models[dtype] = load_model(_MODEL.value or None, dtype=dtype)
+      dense_model = dense_models[dtype]
+      record["model"] = dense_model.cfg.name
+      for weights in _WEIGHTS.value:
+        if (dtype, weights) not in models:
+          models[dtype, weights] = with_weights(dense_model, weights, dtype)
+        model = models[dtype, weights]
+        for kernel in _CPU_KERNEL.value:
+          if kernel not in ("on", "off"):
+            raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
+          for quant_kernel in _QUANT_KERNEL.value:
+            if quant_kernel not in ("on", "off"):
+              raise ValueError(f"--quant_kernel: got {quant_kernel!r}, expected 'on' or 'off'")
+            cpu_attention.set_enabled(kernel == "on")
+            cpu_quant_matmul.set_enabled(quant_kernel == "on")
+            jax.clear_caches()  # the choice is made at trace time
+            used = kernel == "on" and cpu_attention.available()
+            quant_used = quant_kernel == "on" and cpu_quant_matmul.available()
+            for rope_mode in _ROPE_MODES.value:
+              for context in contexts:
+                got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
+                run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
+                       "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got}
+                label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
+                         + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
+                         + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")
+                         + (f"/s={_SPARSITY.value:g}" if weights == "sparse" else ""))
+                keep(("lacax", label, dtype, context), label, dtype, context, run)
+                print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
+                      flush=True)
+      cpu_attention.set_enabled(True)
+      cpu_quant_matmul.set_enabled(True)
+    if _LLAMA_CPP_PYTHON.value:
+      cfg = dense_models[_DTYPES.value[0]].cfg
+      kv16 = cfg.kv_bytes_per_token() * 2 / np.dtype(cfg.jnp_dtype).itemsize
+      for run in _llama_cpp_runs(contexts, cfg.vocab_size, kv16):
+        label = f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}"
+        keep(("llama.cpp", label, run["type"], run["context"]), label, run["type"], run["context"], run)
+  for entry in measured.values():
+    entry["run"]["round_rates"] = entry["rates"]  # every round's tokens/s, in round order
+    record["runs"].append(entry["run"])
+    rows.append((entry["label"], entry["dtype"], entry["context"], entry["run"]))
   if _TORCH.value:
     for run in _torch_runs(contexts):
       record["runs"].append(run)
       rows.append(("transformers", "float32", run["context"], run))
       print(f"transformers ctx={run['context']}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
-  if _LLAMA_CPP_PYTHON.value:
-    kv16 = dense_model.cfg.kv_bytes_per_token() * 2 / np.dtype(dense_model.cfg.jnp_dtype).itemsize
-    for run in _llama_cpp_runs(contexts, dense_model.cfg.vocab_size, kv16):
-      record["runs"].append(run)
-      rows.append((f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}", run["type"], run["context"], run))
   torch_speed = {r["context"]: r["decode_tokens_per_second"] for r in record["runs"] if r["impl"] == "transformers"}
   print(f"\n{'impl':<40}{'dtype':<10}{'context':>8}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs torch':>10}"
         f"{'GB/s':>8}{'/ceil':>7}")
