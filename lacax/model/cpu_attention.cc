@@ -321,7 +321,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
             __builtin_prefetch(pv + off, 0, 2);
           }
           if (rotate) {
-            for (int64_t off = 0; off < HD / 2 * 4; off += kLine) {
+            for (int64_t off = 0; off < HD / 2 * static_cast<int64_t>(sizeof(float)); off += kLine) {  // first half
               __builtin_prefetch(reinterpret_cast<const char*>(cos_t + (s + kPrefetchSlots) * HD) + off, 0, 2);
               __builtin_prefetch(reinterpret_cast<const char*>(sin_t + (s + kPrefetchSlots) * HD) + off, 0, 2);
             }

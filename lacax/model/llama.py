@@ -702,6 +702,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
   rope_mode = "stored" if uncached else cache.rope_mode
   if rope_mode == "slot":  # the cache's slots (queries are rotated at theirs, which vary by layer)
     slot_cos, slot_sin = rope_lib.rope_table(jnp.arange(cache.capacity, dtype=jnp.int32)[None, :, None], inv_freq)
+    slot_rows = (slot_cos[0, :, 0], slot_sin[0, :, 0])  # [capacity, hd]: the kernel's tables, the queries' lookup
   else:  # the new tokens' own positions (queries; keys too when stored rotated, or without a cache)
     new_cos, new_sin = rope_lib.rope_table(positions[:, :, None], inv_freq)
   n_new = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
@@ -774,15 +775,14 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
           # apply_rope(q, slots[:, :, None], inv_freq) by a lookup of the slot table, not a cos/sin of its own in
           # every layer (a 5 us fusion per layer and step of SmolLM2's bfloat16 decode). Padding tokens (slot
           # `capacity`, dropped) are rotated at the last slot instead: nothing reads their outputs.
-          def at_slots(table):
-            return jnp.take(table[0, :, 0], slots, axis=0, mode="clip")[:, :, None]
-          q = rope_lib.rotate(q, at_slots(slot_cos), at_slots(slot_sin))
+          cos_q, sin_q = (jnp.take(rows, slots, axis=0, mode="clip")[:, :, None] for rows in slot_rows)
+          q = rope_lib.rotate(q, cos_q, sin_q)
         else:
           q = rope_lib.rotate(q, new_cos, new_sin)
         q = q.reshape(B, T, kv_s, g_s, cfg.head_dim)
 
         if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
-          tables = (slot_cos[0, :, 0], slot_sin[0, :, 0]) if rope_mode == "slot" else ()
+          tables = slot_rows if rope_mode == "slot" else ()
           out = cpu_attention.decode_attention(pad_heads(q), k_all, v_all, pos_all, positions, i,
                                                _cached_layer_attention, *tables)
           out = out[:, :, :kv_s] if pad else out
