@@ -310,6 +310,27 @@ class StreamingKernelTest(_KernelOn):
       scale = float(jnp.max(jnp.abs(want)))
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale * np.sqrt(K))
 
+  @parameterized.parameters((576, 192, 1), (40, 33, 3), (13, 17, 2))
+  def test_bf16_operand_and_result_cross_the_call_as_they_are(self, K, N, M):
+    """A bfloat16 x goes into the kernel and a bfloat16 result comes out of it without an XLA convert on
+    either side: the float32 sum rounded once to nearest even (1 bfloat16 ulp of the float32 reference's
+    rounding, for the summation order), the same dtype as the einsum's."""
+    rng = np.random.default_rng(K + N + M)
+    data = jnp.asarray(rng.normal(size=(2, K, N)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(1, M, K)), jnp.bfloat16)
+    w = llama.StreamedWeight(data).at_layer(1)
+    fn = jax.jit(lambda x, w: w.project(x, "btk,kn->btn"))
+    hlo = fn.lower(x, w).compile().as_text()
+    call = [line for line in hlo.splitlines() if "lacax_dense_matmul" in line and "custom-call(" in line]
+    self.assertLen(call, 1)
+    self.assertRegex(call[0], r"= bf16\[%d,%d\]" % (M, N))  # the result, and x (below), are bfloat16
+    self.assertIn("operand_layout_constraints={bf16[%d,%d]" % (M, K), call[0])
+    got = fn(x, w)
+    self.assertEqual(got.dtype, jnp.bfloat16)
+    want = jnp.einsum("btk,kn->btn", x.astype(jnp.float32), data[1].astype(jnp.float32), precision="highest")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
+                               rtol=2.0**-7, atol=1e-6)
+
   def test_dense_multi_axis_gradient_and_vmap(self):
     rng = np.random.default_rng(1)
     data = jnp.asarray(rng.normal(size=(2, 4, 8, 24)), jnp.float32)  # [L, heads, head_dim, out] like wo

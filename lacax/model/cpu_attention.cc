@@ -75,24 +75,10 @@ inline v16 Load16(const uint16_t* p) {
 }
 
 inline float ToFloat(float x) { return x; }
-inline float ToFloat(uint16_t x) {
-  const uint32_t w = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
+inline float ToFloat(uint16_t x) { return lacax::Bf16ToFloat(x); }
 
 inline void FromFloat(float x, float* out) { *out = x; }
-inline void FromFloat(float x, uint16_t* out) {  // round to nearest even, as XLA's convert does
-  uint32_t w;
-  std::memcpy(&w, &x, sizeof(w));
-  if ((w & 0x7fffffffu) > 0x7f800000u) {
-    *out = static_cast<uint16_t>((w >> 16) | 0x40);  // NaN stays NaN
-    return;
-  }
-  w += 0x7fffu + ((w >> 16) & 1u);
-  *out = static_cast<uint16_t>(w >> 16);
-}
+inline void FromFloat(float x, uint16_t* out) { *out = lacax::FloatToBf16(x); }
 
 inline v16 Max16(v16 a, v16 b) { return a < b ? b : a; }  // lane-wise std::max(a, b)
 

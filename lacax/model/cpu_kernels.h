@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -41,6 +42,23 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t total, const F& fn) {
   }
   Drain(*queue, total, fn);
   while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+// bfloat16 held as uint16_t (the top half of a float32): widening is exact; narrowing rounds to nearest even,
+// as XLA's convert does, and keeps a NaN a (quiet) NaN.
+inline float Bf16ToFloat(uint16_t b) {
+  const uint32_t w = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+inline uint16_t FloatToBf16(float x) {
+  uint32_t w;
+  std::memcpy(&w, &x, sizeof(w));
+  if ((w & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((w >> 16) | 0x40);
+  w += 0x7fffu + ((w >> 16) & 1u);
+  return static_cast<uint16_t>(w >> 16);
 }
 
 template <typename A, typename B>

@@ -25,11 +25,12 @@
 //
 // Two more entry points stream weights that are not grouped codes of an input-major matrix:
 //   LacaxDenseMatmul: y = x @ W[layer] with W a dense float32 / bfloat16 / float16 stack [L, K, N] (the
-//     decoder's float projections at decode time). K is split into chunks of consecutive rows, so each work
-//     item reads one contiguous block of W (eight rows at a time, every column, the next eight prefetched
-//     into L2) into its own partial sums [M, N]; the partial sums are added at the end. bfloat16 is widened by
-//     a shift, float16 by vcvtph2ps. Where the CPU has AVX512-BF16 and every value of x is a bfloat16 one (a
-//     bfloat16 model's activations, widened for the call), a bfloat16 W is multiplied by vdpbf16ps instead:
+//     decoder's float projections at decode time); x and y are float32 or bfloat16 (a bfloat16 y is the float32
+//     sum rounded to nearest even, as XLA's convert after the call would). K is split into chunks of
+//     consecutive rows, so each work item reads one contiguous block of W (eight rows at a time, every column,
+//     the next eight prefetched into L2) into its own partial sums [M, N]; the partial sums are added at the
+//     end. bfloat16 is widened by a shift, float16 by vcvtph2ps. Where the CPU has AVX512-BF16 and every value
+//     of x is a bfloat16 one (a bfloat16 model's activations), a bfloat16 W is multiplied by vdpbf16ps instead:
 //     rows k and k + 1 interleaved by vpunpck{l,h}wd, exact products, float32 accumulation (the same result up
 //     to float32 summation order). Measured on Zen 4: the same rate as widening when W streams from DRAM (the
 //     read bandwidth bounds both), 5-15 % faster when it is in the last-level cache.
@@ -59,6 +60,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using lacax::Bf16ToFloat;
+using lacax::FloatToBf16;
 using lacax::ParallelFor;
 using lacax::SameDims;
 
@@ -358,12 +361,6 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
 
 inline float WeightAt(const float* p) { return *p; }
 inline float WeightAt(const uint16_t* p) { return HalfToFloat(*p); }  // float16
-inline float Bf16ToFloat(uint16_t b) {  // exact: the top half of a float32
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 inline float WeightAt(const Bf16* p) { return Bf16ToFloat(p->bits); }
 
 inline v16 LoadWeights(const float* p) { return LoadAs<v16>(p); }
@@ -399,7 +396,8 @@ inline float HSum(v16 v) {
 struct DenseProblem {
   int64_t M, K, N;
   const float* x;
-  const void* w;  // [K, N] of one layer
+  const void* w;          // [K, N] of one layer
+  const uint16_t* x_bf16;  // x as bfloat16 [M, K] when the operand came as one (else null)
 };
 
 // Rows [k, k + R) of W into out [M, N] (out = the sum when `first`, else out += it).
@@ -525,12 +523,14 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   std::vector<float> partial(chunks > 1 ? (chunks - 1) * p.M * p.N : 0);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<WT, Bf16>::value) {  // row pairs need whole groups of 8 rows
-    const std::vector<uint16_t> xb = p.K % 8 == 0 ? ExactBf16(p.x, p.M * p.K) : std::vector<uint16_t>();
-    if (!xb.empty()) {
+    std::vector<uint16_t> exact;
+    if (p.K % 8 == 0 && p.x_bf16 == nullptr) exact = ExactBf16(p.x, p.M * p.K);
+    const uint16_t* xb = p.K % 8 != 0 ? nullptr : p.x_bf16 != nullptr ? p.x_bf16 : exact.empty() ? nullptr : exact.data();
+    if (xb != nullptr) {
       ParallelFor(pool, chunks, [&](int64_t c) {
         float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;
         const int64_t k1 = std::min(p.K, (c + 1) * chunk);
-        for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb.data(), k, out, k == c * chunk);
+        for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb, k, out, k == c * chunk);
       });
       AddPartials(y, partial, chunks, p.M * p.N);
       Bf16DotUnpermute(y, p.M, p.N);
@@ -549,8 +549,8 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   AddPartials(y, partial, chunks, p.M * p.N);
 }
 
-ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                       ffi::Result<ffi::AnyBuffer> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3) return Error("x must be rank 2 and w rank 3 ([layers, K, N])");
@@ -558,20 +558,43 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   if (wd[1] != K) return Error("w must be [L, K, N] with x's K");
   const auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
+  const auto xt = x.element_type(), yt = y->element_type();
+  if ((xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) || (yt != ffi::DataType::F32 && yt != ffi::DataType::BF16)) {
+    return Error("x and the result must be f32 or bf16");
+  }
   const int64_t li = layer.typed_data()[0];
   if (li < 0 || li >= L) return Error("layer index out of range");
   const auto t = w.element_type();
   const size_t item = t == ffi::DataType::F32 ? 4 : 2;
   const void* base = static_cast<const char*>(w.untyped_data()) + li * K * N * item;
-  const DenseProblem p{M, K, N, x.typed_data(), base};
+  // A bfloat16 x is widened here (M x K values) and a bfloat16 result rounded here (M x N), once each, instead
+  // of by a convert of XLA's before and after the call (two more thunks per projection of a decode step).
+  const uint16_t* x_bf16 = xt == ffi::DataType::BF16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
+  std::vector<float> x_wide, y_wide;
+  const float* xf = static_cast<const float*>(x.untyped_data());
+  if (x_bf16 != nullptr) {
+    x_wide.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) x_wide[i] = Bf16ToFloat(x_bf16[i]);
+    xf = x_wide.data();
+  }
+  float* yf = static_cast<float*>(y->untyped_data());
+  if (yt == ffi::DataType::BF16) {
+    y_wide.resize(M * N);
+    yf = y_wide.data();
+  }
+  const DenseProblem p{M, K, N, xf, base, x_bf16};
   if (t == ffi::DataType::F32) {
-    DenseRun<float>(pool, p, y->typed_data());
+    DenseRun<float>(pool, p, yf);
   } else if (t == ffi::DataType::BF16) {
-    DenseRun<Bf16>(pool, p, y->typed_data());
+    DenseRun<Bf16>(pool, p, yf);
   } else if (t == ffi::DataType::F16) {
-    DenseRun<uint16_t>(pool, p, y->typed_data());
+    DenseRun<uint16_t>(pool, p, yf);
   } else {
     return Error("w must be f32, bf16 or f16");
+  }
+  if (yt == ffi::DataType::BF16) {
+    uint16_t* out = static_cast<uint16_t*>(y->untyped_data());
+    for (int64_t i = 0; i < M * N; ++i) out[i] = FloatToBf16(y_wide[i]);
   }
   return ffi::Error::Success();
 }
@@ -907,10 +930,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxQuantMatmul, QuantMatmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDenseMatmul, DenseMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // x: f32 or bf16
                                   .Arg<ffi::AnyBuffer>()         // w [L, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+                                  .Ret<ffi::AnyBuffer>());       // y: f32 or bf16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxRowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()

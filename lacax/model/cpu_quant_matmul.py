@@ -179,9 +179,14 @@ def project_dense(data: jax.Array, layer: jax.Array, num_in: int, x: jax.Array, 
   n = int(np.prod(out_shape, dtype=np.int64))
   out_dtype = preferred_element_type or x.dtype
 
+  # float32 and bfloat16 go in and come out as they are (the kernel widens and rounds); float16 is widened here.
+  call_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+  x_dtype = x.dtype if x.dtype in call_dtypes else jnp.float32
+  y_dtype = jnp.dtype(out_dtype) if jnp.dtype(out_dtype) in call_dtypes else jnp.float32
+
   def kernel(x, data, layer):
-    y = jax.ffi.ffi_call("lacax_dense_matmul", jax.ShapeDtypeStruct((rows, n), jnp.float32),
-                         vmap_method="sequential")(x.reshape(rows, k).astype(jnp.float32),
+    y = jax.ffi.ffi_call("lacax_dense_matmul", jax.ShapeDtypeStruct((rows, n), y_dtype),
+                         vmap_method="sequential")(x.reshape(rows, k).astype(x_dtype),
                                                    data.reshape(data.shape[0], k, n), layer)
     return y.reshape(tuple(lead) + tuple(out_shape)).astype(out_dtype)
 
