@@ -217,6 +217,31 @@ class ShapesTest(absltest.TestCase):
     self.assertEqual(cfg.kv_bytes_per_token(), 131072)
 
 
+class EmbeddingRowsTest(absltest.TestCase):
+
+  def test_16bit_rows_gathered_without_a_float32_table(self):
+    """bfloat16 / float16 rows are gathered as their bits: the same rows and derivative as table[tokens], and a
+    loop that reads one row per step holds no float32 copy of the table (XLA:CPU's float normalisation of the
+    gather, hoisted out of the loop, made one before)."""
+    rng = np.random.default_rng(0)
+    V, D = 96, 40
+    tokens = jnp.asarray([[3, 95, 0, 3]], jnp.int32)
+    for dtype in (jnp.bfloat16, jnp.float16):
+      table = jnp.asarray(rng.normal(size=(V, D)), dtype)
+      np.testing.assert_array_equal(np.asarray(llama.embed_tokens(table, tokens, dtype), np.float32),
+                                    np.asarray(table[tokens], np.float32))
+      w = jnp.asarray(rng.normal(size=(1, 4, D)), jnp.float32)
+      got = jax.grad(lambda t: jnp.sum(llama.embed_tokens(t, tokens, jnp.float32) * w))(table)
+      want = jax.grad(lambda t: jnp.sum(t[tokens].astype(jnp.float32) * w))(table)
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+      def loop(table, token):
+        body = lambda i, acc: acc + llama.embed_tokens(table, token + i, jnp.float32)  # noqa: E731
+        return jax.lax.fori_loop(0, 5, body, jnp.zeros((1, D), jnp.float32))
+      hlo = jax.jit(loop).lower(table, jnp.asarray([2], jnp.int32)).compile().as_text()
+      self.assertFalse(f"f32[{V},{D}]" in hlo, f"the compiled loop holds a float32 copy of the {dtype} table")
+
+
 class BadInputTest(absltest.TestCase):
 
   def _copy(self, arch):
