@@ -82,6 +82,7 @@ from lacax.compress import calibrate
 from lacax.compress import packed
 from lacax.compress import prune
 from lacax.model import cpu_attention
+from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.weights.loader import default_model_path
 from lacax.weights.loader import load_model
@@ -397,7 +398,7 @@ def main(argv):
     print(f"\nwritten: {path}")
     return
   # Every lacax row, then every llama.cpp row, --rounds times over: each row keeps its best round.
-  dense_models, models = {}, {}
+  dense_models, models, huge_pages = {}, {}, {}
   measured: dict[tuple, dict] = {}  # row key -> {"label", "dtype", "context", "run" (the best round), "rates"}
 
   def keep(key, label, dtype, context, run):
@@ -420,6 +421,9 @@ def main(argv):
       for weights in _WEIGHTS.value:
         if (dtype, weights) not in models:
           models[dtype, weights] = with_weights(dense_model, weights, dtype)
+          # load_model backed the dense weights with huge pages; packed ones are new arrays. The bytes on them
+          # go in each row (0: the host does not allow it, or LACAX_HUGE_PAGES=0).
+          huge_pages[dtype, weights] = cpu_kernels.back_with_huge_pages(models[dtype, weights].params)
         model = models[dtype, weights]
         for kernel in _CPU_KERNEL.value:
           if kernel not in ("on", "off"):
@@ -436,7 +440,8 @@ def main(argv):
               for context in contexts:
                 got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
                 run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
-                       "cpu_kernel": used, "quant_kernel": quant_used, "context": context, **got}
+                       "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
+                       "huge_page_bytes": huge_pages[dtype, weights], **got}
                 label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
                          + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
                          + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")

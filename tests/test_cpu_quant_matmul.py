@@ -519,5 +519,45 @@ class SparseWeightTest(_KernelOn):
     self.assertEqual(a, _greedy({**params, "layers": as_sparse}, cfg, prompts))
 
 
+def _anon_huge_bytes_in(begin: int, end: int) -> int:
+  """AnonHugePages of this process's mappings that overlap [begin, end) (/proc/self/smaps; madvise splits a
+  mapping where its flags change, so a buffer can span several)."""
+  total, inside = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and ":" not in head:  # a mapping's header: start-end perms ...
+        start, stop = (int(a, 16) for a in head.split("-"))
+        inside = start < end and begin < stop
+      elif inside and line.startswith("AnonHugePages:"):
+        total += int(line.split()[1]) * 1024
+  return total
+
+
+class HugePagesTest(absltest.TestCase):
+  """`cpu_kernels.back_with_huge_pages`: the weights a decode step streams, on 2 MiB pages where Linux allows."""
+
+  def test_values_unchanged_and_only_large_arrays(self):
+    rng = np.random.default_rng(0)
+    big = jnp.asarray(rng.normal(size=(3, 1024, 1024)), jnp.float32)  # 12 MiB
+    small = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+    want_big, want_small = np.asarray(big).copy(), np.asarray(small).copy()
+    done = cpu_kernels.back_with_huge_pages({"big": big, "small": small, "none": None})
+    self.assertEqual(done % (2 << 20), 0)
+    self.assertLessEqual(done, big.nbytes)
+    np.testing.assert_array_equal(np.asarray(big), want_big)
+    np.testing.assert_array_equal(np.asarray(small), want_small)
+    np.testing.assert_array_equal(np.asarray(big * 2), want_big * 2)  # still an ordinary XLA buffer
+    if done:  # the host allowed it (Linux 6.1+, huge pages not "never", memory for them): they are huge now
+      start = big.unsafe_buffer_pointer()
+      self.assertGreaterEqual(_anon_huge_bytes_in(start, start + big.nbytes), done)
+    self.assertEqual(cpu_kernels.back_with_huge_pages({"small": small}), 0)
+
+  def test_turned_off_by_the_environment(self):
+    big = jnp.zeros((5 << 20,), jnp.uint8)
+    with mock.patch.dict(os.environ, {"LACAX_HUGE_PAGES": "0"}):
+      self.assertEqual(cpu_kernels.back_with_huge_pages(big), 0)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -231,3 +231,55 @@ def on_cpu(kernel, reference, *args):
   fn = jax.custom_jvp(kernel)
   fn.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
   return jax.lax.platform_dependent(*args, cpu=fn, default=reference)
+
+
+# --- transparent huge pages for weights that stream every step ------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1)
+
+
+def back_with_huge_pages(tree, *, min_bytes: int = 4 << 20) -> int:
+  """Asks Linux to back the large CPU arrays of `tree` with 2 MiB transparent huge pages, in place.
+
+  A decode step streams every weight once. With 4 KiB pages that is a TLB miss, and a restart of the hardware
+  prefetchers (which stop at page boundaries), every 4 KiB; with 2 MiB pages, one per 2 MiB. XLA's allocator
+  maps its buffers with 4 KiB pages, and on hosts whose transparent huge pages are `madvise`-only (the common
+  default) nothing changes that. For each array of at least `min_bytes` on a CPU device this calls
+  madvise(MADV_HUGEPAGE) and madvise(MADV_COLLAPSE) on the 2 MiB-aligned part of its buffer: the kernel copies
+  those pages into huge pages (the values and the address stay the same; the array's owner is untouched).
+  Measured on a 2-core Zen 4 host, SmolLM2-135M decode at 512 tokens, interleaved pairs in one process with the
+  same tokens: bfloat16 1.026x and 1.035x the tokens/s (medians of two runs of 8 pairs), float32 1.034x (6
+  pairs). `experiments/bench_decode.py` records the bytes each row had on huge pages.
+
+  Returns the bytes collapsed: 0 off Linux, off CPU, before Linux 6.1, where transparent huge pages are off
+  (`never`), or with `LACAX_HUGE_PAGES=0`. Collapsing is best effort (the kernel refuses a range when it finds
+  no free huge pages); nothing fails: a refused range is left as it was.
+  """
+  if os.environ.get("LACAX_HUGE_PAGES", "1") == "0" or platform.system() != "Linux":
+    return 0
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+  except (OSError, AttributeError):
+    return 0
+  madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  madvise.restype = ctypes.c_int
+  done = 0
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array) or leaf.nbytes < min_bytes or not leaf.is_fully_addressable:
+      continue
+    for shard in leaf.addressable_shards:
+      if shard.device.platform != "cpu":
+        continue
+      try:
+        start = shard.data.unsafe_buffer_pointer()
+      except Exception:  # pylint: disable=broad-except  # a buffer without a host pointer
+        continue
+      begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+      end = (start + shard.data.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+      if end <= begin:
+        continue
+      if madvise(begin, end - begin, _MADV_HUGEPAGE) == 0 and madvise(begin, end - begin, _MADV_COLLAPSE) == 0:
+        done += end - begin
+  return done

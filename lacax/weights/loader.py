@@ -13,6 +13,7 @@ import numpy as np
 
 from lacax import io
 from lacax.errors import CheckpointError, DataError
+from lacax.model import cpu_kernels
 from lacax.model.config import ModelConfig
 
 
@@ -113,6 +114,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     keep_quantized: GGUF only: keep Q8_0 / Q4_0 / Q4_1 layer projections as packed codes
       (`lacax.model.quantized.PackedWeight`, dequantized in the matmul) instead of float arrays
       (`lacax.weights.gguf.read_gguf`).
+
+  On a CPU host (one device) the large parameter arrays are backed with transparent huge pages
+  (`lacax.model.cpu_kernels.back_with_huge_pages`; `LACAX_HUGE_PAGES=0` turns it off): decode streams them
+  every step.
   """
   from lacax import sharding  # pylint: disable=g-import-not-at-top
   from lacax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -136,8 +141,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     params = checkpoint.restore_params(path, cfg, target=target)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
-    return Model(cfg=cfg, params=jax.tree.map(jnp.asarray, params), tokenizer=tokenizer,
-                 source=os.path.abspath(path), mesh_rules=mesh_rules)
+    params = jax.tree.map(jnp.asarray, params)
+    if mesh_rules is None:
+      cpu_kernels.back_with_huge_pages(params)
+    return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path), mesh_rules=mesh_rules)
 
   if os.path.isdir(path):
     from lacax.weights import hf  # pylint: disable=g-import-not-at-top
@@ -160,6 +167,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   if mesh_rules is None:  # packed codes and their scales keep their own dtypes
     params = jax.tree.map(lambda x: jnp.asarray(x) if x.dtype.kind in "iu" or x.dtype == np.float16
                           else jnp.asarray(x, cfg.jnp_dtype), params)
+    cpu_kernels.back_with_huge_pages(params)  # weights a decode step streams whole (no-op off CPU / Linux)
   elif not os.path.isdir(path):  # GGUF: the file is read whole on the host, then each device gets its blocks
     host = params
     read = lambda dest, layer: _lookup(host, dest) if layer is None else _lookup(host, dest)[layer]  # noqa: E731
