@@ -43,7 +43,9 @@ Decode tokens/s count the same thing on every side: the first generated token co
 (new_tokens - 1) tokens over the decode time. "GB/s" is (weight bytes + KV bytes read per token) x tokens/s
 (llama.cpp: the model file's bytes and a float16 cache), reported beside a measured read ceiling (`--ceiling`:
 torch's all-core sum over a 1 GiB float32 array, the best of 5; numpy's single-thread sum without
-torch).
+torch). lacax's weights are on transparent huge pages where the host allows it (`load_model` and every packed
+variant here, `lacax.model.cpu_kernels.back_with_huge_pages`); each row records the bytes collapsed and the
+process's AnonHugePages (`LACAX_HUGE_PAGES=0` measures without).
 Writes `results/bench_decode/<timestamp>.json` (with the CPU model) and prints a table.
 
   python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
@@ -165,6 +167,18 @@ def with_weights(model, weights: str, dtype: str):
   if _PACK_HEAD.value:
     params = packed.compress_head(params, model.cfg.tie_word_embeddings, bits, group_size=32)
   return dataclasses.replace(model, params=params)
+
+
+def _anon_huge_page_bytes() -> int | None:
+  """This process's anonymous memory on transparent huge pages (Linux), else None."""
+  try:
+    with open("/proc/self/smaps_rollup") as f:
+      for line in f:
+        if line.startswith("AnonHugePages:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def read_ceiling() -> dict:
@@ -421,9 +435,13 @@ def main(argv):
       for weights in _WEIGHTS.value:
         if (dtype, weights) not in models:
           models[dtype, weights] = with_weights(dense_model, weights, dtype)
-          # load_model backed the dense weights with huge pages; packed ones are new arrays. The bytes on them
-          # go in each row (0: the host does not allow it, or LACAX_HUGE_PAGES=0).
-          huge_pages[dtype, weights] = cpu_kernels.back_with_huge_pages(models[dtype, weights].params)
+          # load_model backed the dense weights with huge pages; packed ones are new arrays. Each row records
+          # the bytes this call collapsed (0 where the host does not allow it, with LACAX_HUGE_PAGES=0, or where
+          # the pages already were huge: numpy madvises its own large allocations, and float32 weights are
+          # numpy's buffers) and the process's AnonHugePages after it.
+          huge_pages[dtype, weights] = {
+              "huge_page_bytes": cpu_kernels.back_with_huge_pages(models[dtype, weights].params),
+              "process_anon_huge_page_bytes": _anon_huge_page_bytes()}
         model = models[dtype, weights]
         for kernel in _CPU_KERNEL.value:
           if kernel not in ("on", "off"):
@@ -441,7 +459,7 @@ def main(argv):
                 got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
                 run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
                        "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
-                       "huge_page_bytes": huge_pages[dtype, weights], **got}
+                       **huge_pages[dtype, weights], **got}
                 label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
                          + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
                          + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")

@@ -46,6 +46,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -506,9 +507,9 @@ inline void Bf16DotUnpermute(float* y, int64_t M, int64_t N) {
 #endif
 
 // y [size] += each of the (chunks - 1) partial sums that follow chunk 0's, in chunk order.
-inline void AddPartials(float* y, const std::vector<float>& partial, int64_t chunks, int64_t size) {
+inline void AddPartials(float* y, const float* partial, int64_t chunks, int64_t size) {
   for (int64_t c = 1; c < chunks; ++c) {
-    const float* part = partial.data() + (c - 1) * size;
+    const float* part = partial + (c - 1) * size;
     for (int64_t i = 0; i < size; ++i) y[i] += part[i];
   }
 }
@@ -520,7 +521,9 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   int64_t chunk = (p.K + 4 * threads - 1) / (4 * threads);
   chunk = std::max<int64_t>(16, (chunk + 7) / 8 * 8);
   const int64_t chunks = (p.K + chunk - 1) / chunk;
-  std::vector<float> partial(chunks > 1 ? (chunks - 1) * p.M * p.N : 0);
+  // Not zeroed: each chunk's first row group writes its partial sums (`first`); zeroing was a memset of
+  // (chunks - 1) x M x N floats per call (43 KB for SmolLM2's gate / up projections).
+  const std::unique_ptr<float[]> partial(chunks > 1 ? new float[(chunks - 1) * p.M * p.N] : nullptr);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<WT, Bf16>::value) {  // row pairs need whole groups of 8 rows
     std::vector<uint16_t> exact;
@@ -528,25 +531,25 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
     const uint16_t* xb = p.K % 8 != 0 ? nullptr : p.x_bf16 != nullptr ? p.x_bf16 : exact.empty() ? nullptr : exact.data();
     if (xb != nullptr) {
       ParallelFor(pool, chunks, [&](int64_t c) {
-        float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;
+        float* out = c == 0 ? y : partial.get() + (c - 1) * p.M * p.N;
         const int64_t k1 = std::min(p.K, (c + 1) * chunk);
         for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb, k, out, k == c * chunk);
       });
-      AddPartials(y, partial, chunks, p.M * p.N);
+      AddPartials(y, partial.get(), chunks, p.M * p.N);
       Bf16DotUnpermute(y, p.M, p.N);
       return;
     }
   }
 #endif
   ParallelFor(pool, chunks, [&](int64_t c) {
-    float* out = c == 0 ? y : partial.data() + (c - 1) * p.M * p.N;  // chunk 0 writes the result itself
+    float* out = c == 0 ? y : partial.get() + (c - 1) * p.M * p.N;  // chunk 0 writes the result itself
     const int64_t k1 = std::min(p.K, (c + 1) * chunk);
     int64_t k = c * chunk;
     bool first = true;
     for (; k + 8 <= k1; k += 8, first = false) DenseRowGroup<WT, 8>(p, k, out, first);
     for (; k < k1; ++k, first = false) DenseRowGroup<WT, 1>(p, k, out, first);
   });
-  AddPartials(y, partial, chunks, p.M * p.N);
+  AddPartials(y, partial.get(), chunks, p.M * p.N);
 }
 
 ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
@@ -570,17 +573,17 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   // A bfloat16 x is widened here (M x K values) and a bfloat16 result rounded here (M x N), once each, instead
   // of by a convert of XLA's before and after the call (two more thunks per projection of a decode step).
   const uint16_t* x_bf16 = xt == ffi::DataType::BF16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
-  std::vector<float> x_wide, y_wide;
+  std::unique_ptr<float[]> x_wide, y_wide;  // written whole before they are read
   const float* xf = static_cast<const float*>(x.untyped_data());
   if (x_bf16 != nullptr) {
-    x_wide.resize(M * K);
+    x_wide.reset(new float[M * K]);
     for (int64_t i = 0; i < M * K; ++i) x_wide[i] = Bf16ToFloat(x_bf16[i]);
-    xf = x_wide.data();
+    xf = x_wide.get();
   }
   float* yf = static_cast<float*>(y->untyped_data());
   if (yt == ffi::DataType::BF16) {
-    y_wide.resize(M * N);
-    yf = y_wide.data();
+    y_wide.reset(new float[M * N]);
+    yf = y_wide.get();
   }
   const DenseProblem p{M, K, N, xf, base, x_bf16};
   if (t == ffi::DataType::F32) {
