@@ -184,7 +184,10 @@ class LauncherTest(absltest.TestCase):
 # Runs the launcher with RunDir.save_unit holding the run after each unit it stores, so a test that signals the
 # run after its first unit cannot lose the race to the remaining units (a tiny job's whole run took 8 s).
 _HOLD_AFTER_UNIT = """
-import runpy, sys, time
+import os, runpy, sys, time
+# experiments.run would otherwise re-exec itself with glibc's huge-page tunable (lacax.memory), a fresh
+# interpreter without this shim, and the signal could again land after the last unit.
+os.environ["LACAX_HUGEPAGES"] = "0"
 from lacax import runs
 _save = runs.RunDir.save_unit
 def _save_and_hold(self, key, value):
@@ -253,6 +256,7 @@ class KillAndResumeTest(absltest.TestCase):
     run.kill_after_first_unit(sig)
     run_dir = runs.RunDir(_run_dir(killed))
     done_at_kill = run_dir.finished_units()
+    self.assertLen(done_at_kill, 1, "the run was not held after its first unit")
     status = run_dir.status()
     self.assertEqual(status["state"], expected_status, str(status))
     if sig == signal.SIGKILL:
