@@ -245,7 +245,8 @@ def back_with_huge_pages(tree, *, min_bytes: int = 4 << 20) -> int:
   A decode step streams every weight once. With 4 KiB pages that is a TLB miss, and a restart of the hardware
   prefetchers (which stop at page boundaries), every 4 KiB; with 2 MiB pages, one per 2 MiB. XLA's allocator
   maps its buffers with 4 KiB pages, and on hosts whose transparent huge pages are `madvise`-only (the common
-  default) nothing changes that. For each array of at least `min_bytes` on a CPU device this calls
+  default) nothing changes that (`lacax.memory.reexec_with_hugepages` sets glibc's tunable for a new process's
+  malloc, which the launcher uses; this works on arrays that already exist, in any process). For each array of at least `min_bytes` on a CPU device this calls
   madvise(MADV_HUGEPAGE) and madvise(MADV_COLLAPSE) on the 2 MiB-aligned part of its buffer: the kernel copies
   those pages into huge pages (the values and the address stay the same; the array's owner is untouched).
   Measured on a 2-core Zen 4 host, SmolLM2-135M decode at 512 tokens, interleaved pairs in one process with the
