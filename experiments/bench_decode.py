@@ -44,8 +44,8 @@ Decode tokens/s count the same thing on every side: the first generated token co
 (llama.cpp: the model file's bytes and a float16 cache), reported beside a measured read ceiling (`--ceiling`:
 torch's all-core sum over a 1 GiB float32 array, the best of 5; numpy's single-thread sum without
 torch). lacax's weights are on transparent huge pages where the host allows it (`load_model` and every packed
-variant here, `lacax.model.cpu_kernels.back_with_huge_pages`); each row records the bytes collapsed and the
-process's AnonHugePages (`LACAX_HUGE_PAGES=0` measures without).
+variant here, `lacax.memory.back_with_huge_pages`); each row records the bytes collapsed and the
+process's AnonHugePages (`LACAX_HUGEPAGES=0` measures without).
 Writes `results/bench_decode/<timestamp>.json` (with the CPU model) and prints a table.
 
   python -m experiments.bench_decode --policies=streaming,snapkv,pyramidkv,kvmerger --budget=256 \
@@ -78,13 +78,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax import generate as generation
+from lacax import memory
 from lacax import results as results_lib
 from lacax.cache.full import FullPolicy
 from lacax.compress import calibrate
 from lacax.compress import packed
 from lacax.compress import prune
 from lacax.model import cpu_attention
-from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.weights.loader import default_model_path
 from lacax.weights.loader import load_model
@@ -167,18 +167,6 @@ def with_weights(model, weights: str, dtype: str):
   if _PACK_HEAD.value:
     params = packed.compress_head(params, model.cfg.tie_word_embeddings, bits, group_size=32)
   return dataclasses.replace(model, params=params)
-
-
-def _anon_huge_page_bytes() -> int | None:
-  """This process's anonymous memory on transparent huge pages (Linux), else None."""
-  try:
-    with open("/proc/self/smaps_rollup") as f:
-      for line in f:
-        if line.startswith("AnonHugePages:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
 
 
 def read_ceiling() -> dict:
@@ -436,12 +424,12 @@ def main(argv):
         if (dtype, weights) not in models:
           models[dtype, weights] = with_weights(dense_model, weights, dtype)
           # load_model backed the dense weights with huge pages; packed ones are new arrays. Each row records
-          # the bytes this call collapsed (0 where the host does not allow it, with LACAX_HUGE_PAGES=0, or where
+          # the bytes this call collapsed (0 where the host does not allow it, with LACAX_HUGEPAGES=0, or where
           # the pages already were huge: numpy madvises its own large allocations, and float32 weights are
           # numpy's buffers) and the process's AnonHugePages after it.
           huge_pages[dtype, weights] = {
-              "huge_page_bytes": cpu_kernels.back_with_huge_pages(models[dtype, weights].params),
-              "process_anon_huge_page_bytes": _anon_huge_page_bytes()}
+              "huge_page_bytes": memory.back_with_huge_pages(models[dtype, weights].params),
+              "process_anon_huge_page_bytes": memory.anon_huge_page_bytes()}
         model = models[dtype, weights]
         for kernel in _CPU_KERNEL.value:
           if kernel not in ("on", "off"):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lacax import generate as generation
+from lacax import memory
 from lacax.compress import packed
 from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
@@ -535,14 +536,14 @@ def _anon_huge_bytes_in(begin: int, end: int) -> int:
 
 
 class HugePagesTest(absltest.TestCase):
-  """`cpu_kernels.back_with_huge_pages`: the weights a decode step streams, on 2 MiB pages where Linux allows."""
+  """`lacax.memory.back_with_huge_pages`: the weights a decode step streams, on 2 MiB pages where Linux allows."""
 
   def test_values_unchanged_and_only_large_arrays(self):
     rng = np.random.default_rng(0)
     big = jnp.asarray(rng.normal(size=(3, 1024, 1024)), jnp.float32)  # 12 MiB
     small = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
     want_big, want_small = np.asarray(big).copy(), np.asarray(small).copy()
-    done = cpu_kernels.back_with_huge_pages({"big": big, "small": small, "none": None})
+    done = memory.back_with_huge_pages({"big": big, "small": small, "none": None})
     self.assertEqual(done % (2 << 20), 0)
     self.assertLessEqual(done, big.nbytes)
     np.testing.assert_array_equal(np.asarray(big), want_big)
@@ -551,12 +552,12 @@ class HugePagesTest(absltest.TestCase):
     if done:  # the host allowed it (Linux 6.1+, huge pages not "never", memory for them): they are huge now
       start = big.unsafe_buffer_pointer()
       self.assertGreaterEqual(_anon_huge_bytes_in(start, start + big.nbytes), done)
-    self.assertEqual(cpu_kernels.back_with_huge_pages({"small": small}), 0)
+    self.assertEqual(memory.back_with_huge_pages({"small": small}), 0)
 
   def test_turned_off_by_the_environment(self):
     big = jnp.zeros((5 << 20,), jnp.uint8)
-    with mock.patch.dict(os.environ, {"LACAX_HUGE_PAGES": "0"}):
-      self.assertEqual(cpu_kernels.back_with_huge_pages(big), 0)
+    with mock.patch.dict(os.environ, {"LACAX_HUGEPAGES": "0"}):
+      self.assertEqual(memory.back_with_huge_pages(big), 0)
 
 
 if __name__ == "__main__":

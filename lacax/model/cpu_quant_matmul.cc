@@ -526,10 +526,14 @@ void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
   const std::unique_ptr<float[]> partial(chunks > 1 ? new float[(chunks - 1) * p.M * p.N] : nullptr);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<WT, Bf16>::value) {  // row pairs need whole groups of 8 rows
+    // x as bfloat16: as it came, or float32 x whose every value is a bfloat16 one.
     std::vector<uint16_t> exact;
-    if (p.K % 8 == 0 && p.x_bf16 == nullptr) exact = ExactBf16(p.x, p.M * p.K);
-    const uint16_t* xb = p.K % 8 != 0 ? nullptr : p.x_bf16 != nullptr ? p.x_bf16 : exact.empty() ? nullptr : exact.data();
-    if (xb != nullptr) {
+    const uint16_t* xb = p.x_bf16;
+    if (xb == nullptr && p.K % 8 == 0) {
+      exact = ExactBf16(p.x, p.M * p.K);
+      if (!exact.empty()) xb = exact.data();
+    }
+    if (xb != nullptr && p.K % 8 == 0) {
       ParallelFor(pool, chunks, [&](int64_t c) {
         float* out = c == 0 ? y : partial.get() + (c - 1) * p.M * p.N;
         const int64_t k1 = std::min(p.K, (c + 1) * chunk);

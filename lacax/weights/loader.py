@@ -13,7 +13,7 @@ import numpy as np
 
 from lacax import io
 from lacax.errors import CheckpointError, DataError
-from lacax.model import cpu_kernels
+from lacax import memory
 from lacax.model.config import ModelConfig
 
 
@@ -116,7 +116,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
       (`lacax.weights.gguf.read_gguf`).
 
   On a CPU host (one device) the large parameter arrays are backed with transparent huge pages
-  (`lacax.model.cpu_kernels.back_with_huge_pages`; `LACAX_HUGE_PAGES=0` turns it off): decode streams them
+  (`lacax.memory.back_with_huge_pages`; `LACAX_HUGEPAGES=0` turns it off): decode streams them
   every step.
   """
   from lacax import sharding  # pylint: disable=g-import-not-at-top
@@ -143,7 +143,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
     tokenizer = tokenizer_lib.Tokenizer.from_hf_dir(path) if has_tokenizer else None
     params = jax.tree.map(jnp.asarray, params)
     if mesh_rules is None:
-      cpu_kernels.back_with_huge_pages(params)
+      memory.back_with_huge_pages(params)
     return Model(cfg=cfg, params=params, tokenizer=tokenizer, source=os.path.abspath(path), mesh_rules=mesh_rules)
 
   if os.path.isdir(path):
@@ -167,7 +167,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", mesh_rules: A
   if mesh_rules is None:  # packed codes and their scales keep their own dtypes
     params = jax.tree.map(lambda x: jnp.asarray(x) if x.dtype.kind in "iu" or x.dtype == np.float16
                           else jnp.asarray(x, cfg.jnp_dtype), params)
-    cpu_kernels.back_with_huge_pages(params)  # weights a decode step streams whole (no-op off CPU / Linux)
+    memory.back_with_huge_pages(params)  # weights a decode step streams whole (no-op off CPU / Linux)
   elif not os.path.isdir(path):  # GGUF: the file is read whole on the host, then each device gets its blocks
     host = params
     read = lambda dest, layer: _lookup(host, dest) if layer is None else _lookup(host, dest)[layer]  # noqa: E731
