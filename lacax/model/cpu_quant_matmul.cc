@@ -24,9 +24,10 @@
 // portable build stays correct; the last N % 64 columns take a scalar loop.
 //
 // Two more entry points stream weights that are not grouped codes of an input-major matrix:
-//   LacaxDenseMatmul: y = x @ W[layer] with W a dense float32 / bfloat16 / float16 stack [L, K, N] (the
-//     decoder's float projections at decode time); x and y are float32 or bfloat16 (a bfloat16 y is the float32
-//     sum rounded to nearest even, as XLA's convert after the call would). K is split into chunks of
+//   LacaxDenseMatmul: y_i = x @ W_i[layer] with each W_i a dense float32 / bfloat16 / float16 stack [L, K, N_i]
+//     (the decoder's float projections at decode time; one call computes every product of one input, such as a
+//     layer's q, k and v); x and y_i are float32 or bfloat16 (a bfloat16 y_i is the float32 sum rounded to
+//     nearest even, as XLA's convert after the call would). K is split into chunks of
 //     consecutive rows, so each work item reads one contiguous block of W (eight rows at a time, every column,
 //     the next eight prefetched into L2) into its own partial sums [M, N]; the partial sums are added at the
 //     end. bfloat16 is widened by a shift, float16 by vcvtph2ps. Where the CPU has AVX512-BF16 and every value
@@ -514,94 +515,145 @@ inline void AddPartials(float* y, const float* partial, int64_t chunks, int64_t 
   }
 }
 
+// Rows [k0, k1) of one product into out [M, N]: its partial sums.
 template <typename WT>
-void DenseRun(ffi::ThreadPool& pool, const DenseProblem& p, float* y) {
-  // About four chunks per thread (the last ones balance the load), each a multiple of 8 rows.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunk = (p.K + 4 * threads - 1) / (4 * threads);
-  chunk = std::max<int64_t>(16, (chunk + 7) / 8 * 8);
-  const int64_t chunks = (p.K + chunk - 1) / chunk;
-  // Not zeroed: each chunk's first row group writes its partial sums (`first`); zeroing was a memset of
-  // (chunks - 1) x M x N floats per call (43 KB for SmolLM2's gate / up projections).
-  const std::unique_ptr<float[]> partial(chunks > 1 ? new float[(chunks - 1) * p.M * p.N] : nullptr);
+void DenseChunk(const DenseProblem& p, const uint16_t* xb, int64_t k0, int64_t k1, float* out) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same<WT, Bf16>::value) {  // row pairs need whole groups of 8 rows
-    // x as bfloat16: as it came, or float32 x whose every value is a bfloat16 one.
-    std::vector<uint16_t> exact;
-    const uint16_t* xb = p.x_bf16;
-    if (xb == nullptr && p.K % 8 == 0) {
-      exact = ExactBf16(p.x, p.M * p.K);
-      if (!exact.empty()) xb = exact.data();
-    }
-    if (xb != nullptr && p.K % 8 == 0) {
-      ParallelFor(pool, chunks, [&](int64_t c) {
-        float* out = c == 0 ? y : partial.get() + (c - 1) * p.M * p.N;
-        const int64_t k1 = std::min(p.K, (c + 1) * chunk);
-        for (int64_t k = c * chunk; k < k1; k += 8) Bf16DotRowGroup(p, xb, k, out, k == c * chunk);
-      });
-      AddPartials(y, partial.get(), chunks, p.M * p.N);
-      Bf16DotUnpermute(y, p.M, p.N);
+  if constexpr (std::is_same<WT, Bf16>::value) {
+    if (xb != nullptr) {  // the caller passes xb only where K % 8 == 0 (row pairs need whole groups of 8 rows)
+      for (int64_t k = k0; k < k1; k += 8) Bf16DotRowGroup(p, xb, k, out, k == k0);
       return;
     }
   }
 #endif
-  ParallelFor(pool, chunks, [&](int64_t c) {
-    float* out = c == 0 ? y : partial.get() + (c - 1) * p.M * p.N;  // chunk 0 writes the result itself
-    const int64_t k1 = std::min(p.K, (c + 1) * chunk);
-    int64_t k = c * chunk;
-    bool first = true;
-    for (; k + 8 <= k1; k += 8, first = false) DenseRowGroup<WT, 8>(p, k, out, first);
-    for (; k < k1; ++k, first = false) DenseRowGroup<WT, 1>(p, k, out, first);
-  });
-  AddPartials(y, partial.get(), chunks, p.M * p.N);
+  (void)xb;
+  int64_t k = k0;
+  bool first = true;
+  for (; k + 8 <= k1; k += 8, first = false) DenseRowGroup<WT, 8>(p, k, out, first);
+  for (; k < k1; ++k, first = false) DenseRowGroup<WT, 1>(p, k, out, first);
 }
 
-ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                       ffi::Result<ffi::AnyBuffer> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3) return Error("x must be rank 2 and w rank 3 ([layers, K, N])");
-  const int64_t M = xd[0], K = xd[1], L = wd[0], N = wd[2];
-  if (wd[1] != K) return Error("w must be [L, K, N] with x's K");
-  const auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("the result must be [M, N]");
-  const auto xt = x.element_type(), yt = y->element_type();
-  if ((xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) || (yt != ffi::DataType::F32 && yt != ffi::DataType::BF16)) {
-    return Error("x and the result must be f32 or bf16");
+// Chunk boundaries over K rows (multiples of 8 but the last) for `threads` threads: 2 x threads chunks of
+// 0.35 / threads of the rows each, then 2 x threads of 0.15 / threads. A caller waits at the end of a call for
+// the last item a helper took (the helpers also start a few microseconds late), so the last items are small;
+// the boundaries depend only on K and the thread count, so the float32 sums are the same in every run.
+inline std::vector<int64_t> TaperedChunks(int64_t K, int64_t threads) {
+  const int64_t units = (K + 7) / 8;
+  std::vector<int64_t> bounds{0};
+  double cum = 0.0;
+  for (int64_t c = 0; c < 4 * threads; ++c) {
+    cum += (c < 2 * threads ? 0.35 : 0.15) / static_cast<double>(threads);
+    const int64_t b = c + 1 == 4 * threads ? units : std::min(units, static_cast<int64_t>(cum * units + 0.5));
+    if (b > bounds.back()) bounds.push_back(b);
   }
-  const int64_t li = layer.typed_data()[0];
-  if (li < 0 || li >= L) return Error("layer index out of range");
-  const auto t = w.element_type();
-  const size_t item = t == ffi::DataType::F32 ? 4 : 2;
-  const void* base = static_cast<const char*>(w.untyped_data()) + li * K * N * item;
-  // A bfloat16 x is widened here (M x K values) and a bfloat16 result rounded here (M x N), once each, instead
-  // of by a convert of XLA's before and after the call (two more thunks per projection of a decode step).
+  for (int64_t& b : bounds) b = std::min(K, b * 8);
+  return bounds;
+}
+
+// y_i = x @ W_i for the products of one call (the same x; W_i [K, N_i]) in one pass over the thread pool: a
+// work item is one chunk of K rows of every product, so a call pays the pool's start and join once for a
+// layer's q / k / v or gate / up products (a decode step's k and v, in calls of their own, streamed at two
+// thirds of q's rate from that fixed cost).
+template <typename WT>
+void DenseRun(ffi::ThreadPool& pool, const std::vector<DenseProblem>& ps, const std::vector<float*>& ys) {
+  const int64_t K = ps[0].K, M = ps[0].M, count = static_cast<int64_t>(ps.size());
+  const std::vector<int64_t> bounds = TaperedChunks(K, std::max<int64_t>(1, pool.num_threads()));
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  // Partial sums of chunks 1.. of each product (chunk 0 writes the result itself). Not zeroed: each chunk's
+  // first row group writes them (`first`); zeroing was a memset of (chunks - 1) x M x N floats per product.
+  std::vector<int64_t> offset(count + 1, 0);
+  for (int64_t i = 0; i < count; ++i) offset[i + 1] = offset[i] + (chunks - 1) * M * ps[i].N;
+  const std::unique_ptr<float[]> partial(offset[count] > 0 ? new float[offset[count]] : nullptr);
+  // x as bfloat16 for the vdpbf16ps path: as it came, or float32 x whose every value is a bfloat16 one.
+  const uint16_t* xb = nullptr;
+  std::vector<uint16_t> exact;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<WT, Bf16>::value) {
+    if (K % 8 == 0) {
+      xb = ps[0].x_bf16;
+      if (xb == nullptr) {
+        exact = ExactBf16(ps[0].x, M * K);
+        if (!exact.empty()) xb = exact.data();
+      }
+    }
+  }
+#endif
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    for (int64_t i = 0; i < count; ++i) {
+      float* out = c == 0 ? ys[i] : partial.get() + offset[i] + (c - 1) * M * ps[i].N;
+      DenseChunk<WT>(ps[i], xb, bounds[c], bounds[c + 1], out);
+    }
+  });
+  for (int64_t i = 0; i < count; ++i) {
+    AddPartials(ys[i], partial.get() + offset[i], chunks, M * ps[i].N);
+#if defined(__AVX512BF16__)
+    if (xb != nullptr) Bf16DotUnpermute(ys[i], M, ps[i].N);
+#endif
+  }
+}
+
+// x [M, K], layer [], then the weights W_1.. [L, K, N_i] (one dtype) and the results y_1.. [M, N_i].
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs ws,
+                       ffi::RemainingRets ys) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return Error("x must be rank 2");
+  const int64_t M = xd[0], K = xd[1];
+  const size_t count = ws.size();
+  if (count == 0 || ys.size() != count) return Error("the call needs one result per weight, and a weight");
+  const auto xt = x.element_type();
+  if (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) return Error("x must be f32 or bf16");
+  // A bfloat16 x is widened here (M x K values, once for every product) and a bfloat16 result rounded here
+  // (M x N), instead of by a convert of XLA's before and after the call (two more thunks per projection).
   const uint16_t* x_bf16 = xt == ffi::DataType::BF16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
-  std::unique_ptr<float[]> x_wide, y_wide;  // written whole before they are read
+  std::unique_ptr<float[]> x_wide;  // written whole before it is read
   const float* xf = static_cast<const float*>(x.untyped_data());
   if (x_bf16 != nullptr) {
     x_wide.reset(new float[M * K]);
     for (int64_t i = 0; i < M * K; ++i) x_wide[i] = Bf16ToFloat(x_bf16[i]);
     xf = x_wide.get();
   }
-  float* yf = static_cast<float*>(y->untyped_data());
-  if (yt == ffi::DataType::BF16) {
-    y_wide.reset(new float[M * N]);
-    yf = y_wide.get();
+  const int64_t li = layer.typed_data()[0];
+  std::vector<DenseProblem> ps;
+  std::vector<float*> yf(count);
+  std::vector<uint16_t*> y_bf16(count, nullptr);
+  std::vector<std::unique_ptr<float[]>> y_wide(count);
+  ffi::DataType t = ffi::DataType::INVALID;
+  for (size_t i = 0; i < count; ++i) {
+    auto w = ws.get<ffi::AnyBuffer>(i);
+    auto y = ys.get<ffi::AnyBuffer>(i);
+    if (w.has_error() || y.has_error()) return Error("the weights and results must be buffers");
+    const auto wd = w->dimensions();
+    if (wd.size() != 3 || wd[1] != K) return Error("each weight must be [L, K, N] with x's K");
+    const int64_t L = wd[0], N = wd[2];
+    if (li < 0 || li >= L) return Error("layer index out of range");
+    if (i == 0) t = w->element_type();
+    if (w->element_type() != t) return Error("the weights of one call must share a dtype");
+    const auto yd = (*y)->dimensions();
+    if (yd.size() != 2 || yd[0] != M || yd[1] != N) return Error("each result must be [M, N] of its weight");
+    const auto yt = (*y)->element_type();
+    if (yt != ffi::DataType::F32 && yt != ffi::DataType::BF16) return Error("the results must be f32 or bf16");
+    const size_t item = t == ffi::DataType::F32 ? 4 : 2;
+    ps.push_back({M, K, N, xf, static_cast<const char*>(w->untyped_data()) + li * K * N * item, x_bf16});
+    if (yt == ffi::DataType::BF16) {
+      y_bf16[i] = static_cast<uint16_t*>((*y)->untyped_data());
+      y_wide[i].reset(new float[M * N]);
+      yf[i] = y_wide[i].get();
+    } else {
+      yf[i] = static_cast<float*>((*y)->untyped_data());
+    }
   }
-  const DenseProblem p{M, K, N, xf, base, x_bf16};
   if (t == ffi::DataType::F32) {
-    DenseRun<float>(pool, p, yf);
+    DenseRun<float>(pool, ps, yf);
   } else if (t == ffi::DataType::BF16) {
-    DenseRun<Bf16>(pool, p, yf);
+    DenseRun<Bf16>(pool, ps, yf);
   } else if (t == ffi::DataType::F16) {
-    DenseRun<uint16_t>(pool, p, yf);
+    DenseRun<uint16_t>(pool, ps, yf);
   } else {
     return Error("w must be f32, bf16 or f16");
   }
-  if (yt == ffi::DataType::BF16) {
-    uint16_t* out = static_cast<uint16_t*>(y->untyped_data());
-    for (int64_t i = 0; i < M * N; ++i) out[i] = FloatToBf16(y_wide[i]);
+  for (size_t i = 0; i < count; ++i) {
+    if (y_bf16[i] == nullptr) continue;
+    for (int64_t j = 0; j < M * ps[i].N; ++j) y_bf16[i][j] = FloatToBf16(y_wide[i][j]);
   }
   return ffi::Error::Success();
 }
@@ -938,9 +990,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDenseMatmul, DenseMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x: f32 or bf16
-                                  .Arg<ffi::AnyBuffer>()         // w [L, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
-                                  .Ret<ffi::AnyBuffer>());       // y: f32 or bf16
+                                  .RemainingArgs()               // the weights [L, K, N_i]
+                                  .RemainingRets());             // the results [M, N_i]: f32 or bf16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxRowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()

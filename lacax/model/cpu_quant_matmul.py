@@ -172,25 +172,48 @@ def project_dense(data: jax.Array, layer: jax.Array, num_in: int, x: jax.Array, 
   Args:
     reference: the XLA path, reference(x, data, layer) -> the product (off CPU and for derivatives).
   """
-  in_shape, out_shape = data.shape[1:1 + num_in], data.shape[1 + num_in:]
+  (y,) = project_dense_group((data,), layer, num_in, x, lambda x, datas, layer: (reference(x, datas[0], layer),),
+                             preferred_element_type)
+  return y
+
+
+def project_dense_group(datas: tuple[jax.Array, ...], layer: jax.Array, num_in: int, x: jax.Array, reference,
+                        preferred_element_type=None) -> tuple[jax.Array, ...]:
+  """`jnp.einsum(<lead><in>,<in><out_i>-><lead><out_i>, x, datas[i][layer])` for every weight, in one kernel
+  call on CPU (one pass over the thread pool for, e.g., a layer's q, k and v); each weight [L, in..., out_i...]
+  is read in place at layer `layer`, and all share a dtype and x's `num_in` input axes (call only where
+  `supports_dense` holds for each).
+
+  Args:
+    reference: the XLA path, reference(x, datas, layer) -> the tuple of products (off CPU and for derivatives).
+  """
+  if len({jnp.dtype(d.dtype) for d in datas}) != 1:
+    raise ValueError(f"project_dense_group: the weights' dtypes {[str(d.dtype) for d in datas]} differ; "
+                     "expected one dtype")
+  in_shape = datas[0].shape[1:1 + num_in]
+  if any(d.shape[1:1 + num_in] != in_shape for d in datas):
+    raise ValueError(f"project_dense_group: the weights' input axes {[d.shape[1:1 + num_in] for d in datas]} "
+                     "differ; expected x's input axes for all")
+  out_shapes = [d.shape[1 + num_in:] for d in datas]
   n_lead = x.ndim - num_in
   lead = x.shape[:n_lead]
   rows, k = _rows(x, n_lead), int(np.prod(in_shape, dtype=np.int64))
-  n = int(np.prod(out_shape, dtype=np.int64))
-  out_dtype = preferred_element_type or x.dtype
+  ns = [int(np.prod(s, dtype=np.int64)) for s in out_shapes]
+  # The einsum's result dtype (the weights share theirs).
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, datas[0].dtype))
 
   # float32 and bfloat16 go in and come out as they are (the kernel widens and rounds); float16 is widened here.
   call_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
   x_dtype = x.dtype if x.dtype in call_dtypes else jnp.float32
-  y_dtype = jnp.dtype(out_dtype) if jnp.dtype(out_dtype) in call_dtypes else jnp.float32
+  y_dtype = out_dtype if out_dtype in call_dtypes else jnp.float32
 
-  def kernel(x, data, layer):
-    y = jax.ffi.ffi_call("lacax_dense_matmul", jax.ShapeDtypeStruct((rows, n), y_dtype),
-                         vmap_method="sequential")(x.reshape(rows, k).astype(x_dtype),
-                                                   data.reshape(data.shape[0], k, n), layer)
-    return y.reshape(tuple(lead) + tuple(out_shape)).astype(out_dtype)
+  def kernel(x, datas, layer):
+    ys = jax.ffi.ffi_call("lacax_dense_matmul", [jax.ShapeDtypeStruct((rows, n), y_dtype) for n in ns],
+                          vmap_method="sequential")(x.reshape(rows, k).astype(x_dtype), layer,
+                                                    *(d.reshape(d.shape[0], k, n) for d, n in zip(datas, ns)))
+    return tuple(y.reshape(tuple(lead) + tuple(s)).astype(out_dtype) for y, s in zip(ys, out_shapes))
 
-  return cpu_kernels.on_cpu(kernel, reference, x, data, layer)
+  return cpu_kernels.on_cpu(kernel, reference, x, tuple(datas), layer)
 
 
 def supports_rows(table_shape: tuple[int, int], x: jax.Array, equation: str, *, storage_bits: int = 0,

@@ -70,7 +70,7 @@ accumulation, where XLA:CPU's dot reads a bfloat16 weight at a small fraction of
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -393,23 +393,54 @@ class StreamedWeight(ProjectedWeight):
     return w if dtype is None else w.astype(dtype)
 
   def project(self, x: jax.Array, equation: str, preferred_element_type=None) -> jax.Array:
-    def reference(x, data, layer):
+    (y,) = StreamedWeight.project_together((self,), x, equation, preferred_element_type)
+    return y
+
+  @staticmethod
+  def project_together(ws: Sequence["StreamedWeight"], x: jax.Array, equation: str,
+                       preferred_element_type=None) -> tuple[jax.Array, ...]:
+    """`w.project(x, equation)` for every w, in one kernel call where the kernel streams them all (one dtype,
+    one layer index: a decoder layer's q / k / v, or gate / up), else one product each."""
+    def einsum(x, data, layer):
       w = data if layer is None else jax.lax.dynamic_index_in_dim(data, layer, 0, False)
       return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
 
-    if self.layer is not None and "->" in equation:
-      xs, ws = equation.replace(" ", "").split("->")[0].split(",")
-      num_in = sum(1 for a in ws if a in xs)
-      if cpu_quant_matmul.supports_dense(self.shape, self.data.dtype, num_in, x, equation):
-        return cpu_quant_matmul.project_dense(self.data, self.layer, num_in, x, equation, reference,
-                                              preferred_element_type)
-    return reference(x, self.data, self.layer)
+    layer = ws[0].layer
+    if layer is not None and "->" in equation and all(_same_index(w.layer, layer) for w in ws):
+      xs, w_axes = equation.replace(" ", "").split("->")[0].split(",")
+      num_in = sum(1 for a in w_axes if a in xs)
+      if (len({jnp.dtype(w.data.dtype) for w in ws}) == 1
+          and all(cpu_quant_matmul.supports_dense(w.shape, w.data.dtype, num_in, x, equation) for w in ws)):
+        reference = lambda x, datas, layer: tuple(einsum(x, d, layer) for d in datas)  # noqa: E731
+        return cpu_quant_matmul.project_dense_group(tuple(w.data for w in ws), layer, num_in, x, reference,
+                                                    preferred_element_type)
+    if len(ws) > 1:  # not one group: each on its own (the kernel may still stream it)
+      return tuple(w.project(x, equation, preferred_element_type) for w in ws)
+    return (einsum(x, ws[0].data, ws[0].layer),)
+
+
+def _same_index(a: jax.Array | None, b: jax.Array) -> bool:
+  """Whether two layer indices are the same value: one traced value, or equal concrete ones."""
+  if a is b:
+    return True
+  if a is None or isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+    return False
+  return int(a) == int(b)
 
 
 def _streams_weights(uncached: bool, mesh_rules: Any, rows: int) -> bool:
   """Whether a forward streams its dense weights through the CPU kernel (module docstring); static."""
   return (not uncached and mesh_rules is None and rows <= cpu_quant_matmul.MAX_ROWS
           and cpu_quant_matmul.available())
+
+
+def project_group(x: jax.Array, ws: Sequence[Any], equation: str, dot_dtype=None) -> tuple[jax.Array, ...]:
+  """`project(x, w, equation)` for each of the weights of one input (a layer's q / k / v, or gate / up): where
+  all are `StreamedWeight`s of one layer, one call of the CPU weight-streaming kernel computes them all, which
+  pays its fixed cost (the thread pool's start and join, x's widening) once instead of once per weight."""
+  if len(ws) > 1 and all(isinstance(w, StreamedWeight) for w in ws):
+    return StreamedWeight.project_together(ws, x, equation)
+  return tuple(project(x, w, equation, dot_dtype=dot_dtype) for w in ws)
 
 
 def project(x: jax.Array, w: Any, equation: str, preferred_element_type=None, dot_dtype=None) -> jax.Array:
@@ -759,10 +790,18 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
     code = jnp.einsum(eq_a, inp, lora_p[name]["a"].astype(inp.dtype))
     return jnp.asarray(lora_cfg.scale, inp.dtype) * jnp.einsum(eq_b, code, lora_p[name]["b"].astype(inp.dtype))
 
+  def projections(names, inp, p, equation, lora_p, rng):
+    """The projections `names` of one input (`project_group`), each with its LoRA delta."""
+    ys = project_group(inp, [p[name] for name in names], equation, dot_dtype=options.dot_dtype)
+    out = []
+    for name, y in zip(names, ys):
+      delta = lora_delta(name, inp, lora_p, rng)
+      out.append(y if delta is None else y + delta.astype(y.dtype))
+    return tuple(out)
+
   def projection(name, inp, p, equation, lora_p, rng):
-    y = project(inp, p[name], equation, dot_dtype=options.dot_dtype)
-    delta = lora_delta(name, inp, lora_p, rng)
-    return y if delta is None else y + delta.astype(y.dtype)
+    (y,) = projections((name,), inp, p, equation, lora_p, rng)
+    return y
 
   def layer_body(kv_s, g_s, use_cpu_kernel, in_place):
     """The decoder layer for a segment of kv_s kv heads with g_s query heads each; `in_place` holds the stacked
@@ -780,9 +819,7 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
       rng = None if options.lora_rng is None else jax.random.fold_in(options.lora_rng, i)
       x_in = x
       h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-      q = projection("wq", h, p, "btd,dhk->bthk", lora_p, rng)
-      k_new = projection("wk", h, p, "btd,dhk->bthk", lora_p, rng)
-      v_new = projection("wv", h, p, "btd,dhk->bthk", lora_p, rng)
+      q, k_new, v_new = projections(("wq", "wk", "wv"), h, p, "btd,dhk->bthk", lora_p, rng)
       if cfg.attention_bias:
         q, k_new, v_new = q + p["bq"], k_new + p["bk"], v_new + p["bv"]
       q_pre = q  # [B, T, H_s, hd] before RoPE (the query moments' input)
@@ -859,9 +896,8 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
         scores_all = scores_all.at[i].set(received)
 
       h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-      gate_act = jax.nn.silu(projection("w_gate", h, p, "btd,df->btf", lora_p, rng))
-      up = projection("w_up", h, p, "btd,df->btf", lora_p, rng)
-      act = gate_act * up
+      gate_out, up = projections(("w_gate", "w_up"), h, p, "btd,df->btf", lora_p, rng)
+      act = jax.nn.silu(gate_out) * up
       if ffn_mask is not None:
         act = act * ffn_mask[:act.shape[-1]].astype(act.dtype)
       mlp = projection("w_down", act, p, "btf,fd->btd", lora_p, rng)
