@@ -266,7 +266,7 @@ class PackedModelTest(_KernelOn):
 
 @absltest.skipUnless(_HAS_COMPILER, "no C++ compiler: lacax uses the XLA path")
 class StreamingKernelTest(_KernelOn):
-  """Dense weights streamed in place (`project_dense`) and output-major tables (`project_rows`)."""
+  """Dense weights streamed in place (`project_dense_group`) and output-major tables (`project_rows`)."""
 
   def tearDown(self):
     cpu_quant_matmul.set_enabled(True)

@@ -20,7 +20,7 @@ what the XLA path computes (that path is the reference, and the path everywhere 
 The same library streams two more kinds of weight at decode time, for the same reason (XLA:CPU's dot reads a
 small-M product's weight at a fraction of the read bandwidth, and the decoder's scan copies every layer's
 slice before the dot): dense float32 / bfloat16 / float16 layer projections read in place from the stacked
-weights (`project_dense`, used through `lacax.model.quantized.StreamedWeight`), and output-major tables such
+weights (`project_dense_group`, used through `lacax.model.llama.StreamedWeight`), and output-major tables such
 as the LM head [vocab, hidden], dense or packed along hidden (`project_rows`, used by `unembed` and
 `lacax.model.quantized.PackedTable`).
 Differentiation goes through the XLA path (a custom JVP), so gradients never need the kernel. Under `vmap`
@@ -162,19 +162,6 @@ def supports_dense(w_shape: tuple[int, ...], w_dtype, num_in: int, x: jax.Array,
   if n_lead is None or tuple(x.shape[n_lead:]) != in_shape:
     return False
   return 1 <= _rows(x, n_lead) <= MAX_ROWS
-
-
-def project_dense(data: jax.Array, layer: jax.Array, num_in: int, x: jax.Array, equation: str, reference,
-                  preferred_element_type=None) -> jax.Array:
-  """`jnp.einsum(equation, x, data[layer])` with the kernel on CPU, reading layer `layer` of the stacked dense
-  weight `data` [L, in..., out...] in place (call only where `supports_dense`).
-
-  Args:
-    reference: the XLA path, reference(x, data, layer) -> the product (off CPU and for derivatives).
-  """
-  (y,) = project_dense_group((data,), layer, num_in, x, lambda x, datas, layer: (reference(x, datas[0], layer),),
-                             preferred_element_type)
-  return y
 
 
 def project_dense_group(datas: tuple[jax.Array, ...], layer: jax.Array, num_in: int, x: jax.Array, reference,

@@ -371,7 +371,7 @@ class ProjectedWeight:
 @flax.struct.dataclass
 class StreamedWeight(ProjectedWeight):
   """A dense projection weight stacked on a leading layer axis, read in place at layer `layer` by the CPU
-  weight-streaming kernel (`cpu_quant_matmul.project_dense`) where it applies, else by XLA's einsum of the
+  weight-streaming kernel (`cpu_quant_matmul.project_dense_group`) where it applies, else by XLA's einsum of the
   layer's slice. `run` wraps the dense layer weights of a decode step in it (a view: no copy, same values);
   the product equals `jnp.einsum(equation, x, data[layer])` up to float32 summation order (the kernel
   accumulates in float32 and rounds once to x's dtype)."""
