@@ -228,6 +228,7 @@ def _time_decode(model, state, statics) -> tuple[float, list[int]]:
 
   state = jax.tree.map(jnp.copy, state)  # decode donates its state; keep the prefilled one for the next repeat
   jax.block_until_ready(state)
+  memory.back_with_huge_pages(state.cache, min_bytes=memory.HUGE_PAGE_BYTES)  # as lacax.generate does
   start = time.perf_counter()
   state = generation.decode(model.params, state, **statics)
   out = np.asarray(jax.device_get(state.out))

@@ -187,6 +187,21 @@ def decode(params, state: DecodeState, *, cfg: ModelConfig, policy: CachePolicy,
   return jax.lax.while_loop(cond, body, state)
 
 
+def _cache_on_huge_pages(state: DecodeState) -> None:
+  """Backs the decode cache's buffers with huge pages before `decode` (`lacax.memory.back_with_huge_pages`).
+
+  Every decode step reads the whole cache, and `decode` updates it in place (its state is donated), so the
+  pages collapsed here serve every step. With XLA's 4 KiB pages the attention kernel's key and value loads
+  wait on TLB misses. Measured on a 2-core Zen 4 host, SmolLM2-135M bfloat16 through `generate`, pairs
+  interleaved in one process with the same tokens: 1.053x the decode tokens/s at 512 tokens of context (10
+  pairs, every one faster), 1.095x at 4096 (5 pairs); float32 at 512 0.99x (8 pairs: no change). The collapse
+  copies the pages once, about 0.3 ms per MiB (4 ms for the 512-token cache, 30 ms at 4096).
+  """
+  from lacax import memory  # pylint: disable=g-import-not-at-top
+
+  memory.back_with_huge_pages(state.cache, min_bytes=memory.HUGE_PAGE_BYTES)
+
+
 @functools.lru_cache(maxsize=64)
 def _act_hook(act, cfg: ModelConfig):
   """ACT's deployment hook, one function object per (config, model), so repeated calls reuse the compiled
@@ -274,6 +289,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   state = prefill(params, tokens_in, lengths_in, rng, decode_capacity=decode_capacity, mesh_rules=mesh_rules,
                   options=options, **statics)
   jax.block_until_ready(state)
+  _cache_on_huge_pages(state)
   mid = time.perf_counter()
   state = decode(params, state, pad_id=pad_id, options=options, **statics)
   # Every process of a multi-host job reads the whole result.
@@ -362,6 +378,7 @@ def generate_stream(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], 
   state = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                   decode_capacity=policy.run_capacity(cfg, int(lengths.max()), longest),
                   return_logprobs=return_logprobs, **statics)
+  _cache_on_huge_pages(state)
   while True:
     out, counts, done, logprobs, step = jax.device_get(
         (state.out, state.num_generated, state.done, state.logprobs, state.step))
@@ -498,6 +515,7 @@ def oneshot_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       statics = dict(cfg=cfg, policy=policies[name], max_new_tokens=max_new_tokens, stop_ids=stops)
       state = _handoff(params, jnp.asarray(tokens), cache, first, jnp.asarray(lengths),
                        decode_capacity=capacities[name], **statics)
+      _cache_on_huge_pages(state)
       state = decode(params, state, sampling=SamplingConfig(), pad_id=pad_id, **statics)
       generated, counts = jax.device_get((state.out, state.num_generated))
       decode_seconds[name] = time.perf_counter() - start

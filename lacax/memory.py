@@ -138,14 +138,15 @@ def reexec_with_hugepages(argv: list[str]) -> None:
 
 # --- huge pages for arrays that already exist (the weights a decode step streams) -----------------------------
 
-_HUGE_PAGE = 2 << 20
+HUGE_PAGE_BYTES = 2 << 20  # x86-64's transparent huge page
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h (MADV_COLLAPSE: Linux 6.1)
 
 
 def back_with_huge_pages(tree, *, min_bytes: int = 4 << 20) -> int:
   """Asks Linux to back the large CPU arrays of `tree` with 2 MiB transparent huge pages, in place.
 
-  A decode step streams every weight once. With 4 KiB pages that is a TLB miss, and a restart of the hardware
+  A decode step streams every weight once, and reads the whole KV cache (`lacax.generate` backs the decode
+  cache this way after the prefill). With 4 KiB pages that is a TLB miss, and a restart of the hardware
   prefetchers (which stop at page boundaries), every 4 KiB; with 2 MiB pages, one per 2 MiB. XLA's allocator
   maps its buffers with 4 KiB pages, and on hosts whose transparent huge pages are `madvise`-only (the common
   default) nothing changes that (`reexec_with_hugepages` sets glibc's tunable for a new process's malloc,
@@ -180,8 +181,8 @@ def back_with_huge_pages(tree, *, min_bytes: int = 4 << 20) -> int:
         start = shard.data.unsafe_buffer_pointer()
       except Exception:  # pylint: disable=broad-except  # a buffer without a host pointer
         continue
-      begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-      end = (start + shard.data.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+      begin = (start + HUGE_PAGE_BYTES - 1) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+      end = (start + shard.data.nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
       if end <= begin:
         continue
       if madvise(begin, end - begin, _MADV_HUGEPAGE) == 0 and madvise(begin, end - begin, _MADV_COLLAPSE) == 0:

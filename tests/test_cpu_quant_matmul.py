@@ -15,12 +15,15 @@ import numpy as np
 
 from lacax import generate as generation
 from lacax import memory
+from lacax.cache.kv_cache import KVCache
+from lacax.cache.full import FullPolicy
 from lacax.compress import packed
 from lacax.model import cpu_kernels
 from lacax.model import cpu_quant_matmul
 from lacax.model import llama
 from lacax.model.config import ModelConfig
 from lacax.model.quantized import PackedTable, PackedWeight, SparseWeight
+from lacax.sampling import SamplingConfig
 from lacax.weights import gguf as gguf_weights
 
 _HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -586,6 +589,29 @@ class HugePagesTest(absltest.TestCase):
       start = big.unsafe_buffer_pointer()
       self.assertGreaterEqual(_anon_huge_bytes_in(start, start + big.nbytes), done)
     self.assertEqual(memory.back_with_huge_pages({"small": small}), 0)
+
+  def test_generate_backs_the_decode_cache_which_decode_updates_in_place(self):
+    cfg, params = _tiny_model()
+    seen = []
+    real = memory.back_with_huge_pages
+
+    def spy(tree, **kwargs):
+      seen.append(tree)
+      return real(tree, **kwargs)
+
+    with mock.patch.object(memory, "back_with_huge_pages", spy):
+      generation.generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=6, bucket=8)
+    self.assertLen(seen, 1)
+    self.assertIsInstance(seen[0], KVCache)
+    # The pages are worth collapsing only if decode keeps the buffers: its donated state's cache is updated in
+    # place, every leaf at the address it had.
+    tokens, lengths = generation.pad_prompts([[1, 2, 3]], bucket=8)
+    statics = dict(cfg=cfg, policy=FullPolicy(), sampling=SamplingConfig(), max_new_tokens=4, stop_ids=())
+    state = generation.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0),
+                               decode_capacity=16, **statics)
+    before = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.cache)]
+    state = generation.decode(params, state, **statics)
+    self.assertEqual([x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.cache)], before)
 
   def test_turned_off_by_the_environment(self):
     big = jnp.zeros((5 << 20,), jnp.uint8)
