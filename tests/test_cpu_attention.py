@@ -64,6 +64,12 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       (6, 2, 1, 700, 3, 3, 64, True, "bfloat16", "bfloat16"),
       (7, 1, 2, 300, 2, 2, 128, False, "float32", "bfloat16"),
       (8, 2, 1, 65, 2, 2, 32, True, "bfloat16", "float32"),
+      # bfloat16 queries and cache: with AVX-512 BF16, bfloat16 products (keys read in place, or rotated and
+      # rounded; blocks and groups cut short; value slots in pairs, an odd one left)
+      (13, 1, 1, 4224, 3, 3, 64, False, "bfloat16", "bfloat16"),
+      (14, 2, 2, 77, 1, 8, 128, True, "bfloat16", "bfloat16"),
+      (15, 2, 1, 301, 2, 4, 32, False, "bfloat16", "bfloat16"),
+      (16, 1, 3, 5, 2, 2, 64, True, "bfloat16", "bfloat16"),
       # More than 64 query rows: the blocked (prefill) path.
       (9, 2, 40, 300, 3, 3, 64, True, "float32", "float32"),
       (10, 2, 33, 130, 2, 4, 32, False, "bfloat16", "bfloat16"),
@@ -91,8 +97,10 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       # Every query, padding included (both give the uniform distribution over all slots).
       if cache_dtype == "float32":
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
-      else:  # the result is rounded to bfloat16 (8 significant bits)
+      elif q_dtype == "float32" or not cpu_attention.bf16_products():  # the result rounded to bfloat16
         np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=1e-3, rtol=2 ** -8)
+      else:  # and the weights and rotated keys too (2^-9 relative each), as the model's own bfloat16 path does
+        np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=2 ** -8, rtol=2 ** -8)
 
   @parameterized.parameters((False, "float32"), (True, "float32"), (True, "bfloat16"))
   def test_blocked_prefill_of_a_causal_prompt_equals_reference(self, rotate, dtype):

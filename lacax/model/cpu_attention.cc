@@ -18,7 +18,10 @@
 // query_pos [B, T] s32; layer [] s32; cos, sin [S, hd] f32 (ignored unless rotate), rows as
 // `lacax.model.rope.rope_table` builds them: both halves of a row are equal, and only the first is read.
 // Result: [B, T, KV, G, hd] in the cache's dtype. With bfloat16 the reference rounds the rotated keys and the
-// probabilities to bfloat16 before their products; this kernel keeps them in float32 (closer to exact).
+// probabilities to bfloat16 before their products. Where the CPU has AVX-512 BF16 and the queries and the cache
+// are bfloat16, this kernel does too (the weights it rounds are relative to the running maximum, not yet
+// normalised) and takes both products in bfloat16 pairs with float32 sums (vdpbf16ps); elsewhere it keeps them
+// in float32 (closer to exact).
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +30,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -244,6 +248,67 @@ void AccumulateValueRows(const float* w, int64_t rows, int64_t sb, const KT* v, 
   }
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dots = true;
+
+// The bfloat16 form of the values pass (AccumulateValues): acc_i[0..HD) += sum_s w_i[s] * v[s][0..HD) for R
+// query rows, two slots per vdpbf16ps. wp holds each row's weights rounded to bfloat16 in pairs (slots 2k and
+// 2k + 1 in one 32-bit word; rows kBlock / 2 words apart); the two slots' value rows are interleaved word by
+// word (vpermt2w), so that each lane of a product holds (v[s][d], v[s + 1][d]). An odd sb pairs its last slot
+// with zeros.
+template <int HD, int R>
+inline void AccumulateValuePairs(const uint32_t* wp, int64_t sb, const uint16_t* v, int64_t stride, float* acc) {
+  constexpr int NV = HD / 16, NB = HD / 32;
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  __m512 o[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) o[i][c] = _mm512_loadu_ps(acc + i * HD + c * 16);
+  for (int64_t s = 0; s < sb; s += 2) {
+    __m512i x[NV];
+    for (int c = 0; c < NB; ++c) {
+      const __m512i a = _mm512_loadu_si512(v + s * stride + c * 32);
+      const __m512i b = s + 1 < sb ? _mm512_loadu_si512(v + (s + 1) * stride + c * 32) : _mm512_setzero_si512();
+      x[2 * c] = _mm512_permutex2var_epi16(a, lo, b);
+      x[2 * c + 1] = _mm512_permutex2var_epi16(a, hi, b);
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(wp[i * (kBlock / 2) + s / 2]));
+      for (int c = 0; c < NV; ++c) o[i][c] = _mm512_dpbf16_ps(o[i][c], w, (__m512bh)x[c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + i * HD + c * 16, o[i][c]);
+}
+
+template <int HD, int R>
+void AccumulateValuePairsUpTo(int64_t rem, const uint32_t* wp, int64_t sb, const uint16_t* v, int64_t stride,
+                              float* acc) {
+  if constexpr (R > 1) {
+    if (rem < R) return AccumulateValuePairsUpTo<HD, R - 1>(rem, wp, sb, v, stride, acc);
+  }
+  AccumulateValuePairs<HD, R>(wp, sb, v, stride, acc);
+}
+
+// Rounds the first sb weights of each of `rows` rows (kBlock apart) to bfloat16 pairs (kBlock / 2 words apart);
+// an odd sb's missing partner is 0.
+inline void WeightPairs(float* w, int64_t rows, int64_t sb, uint32_t* wp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = w + r * kBlock;
+    if (sb % 2) x[sb] = 0.0f;
+    for (int64_t k = 0; k < sb; k += 32) {
+      const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(x + k));
+      _mm512_storeu_si512(wp + r * (kBlock / 2) + k / 2, (__m512i)b);
+    }
+  }
+}
+#else
+constexpr bool kBf16Dots = false;
+#endif
+
 // Online-softmax partial result of one (batch row, slot chunk): per query row r = j * n + t * G + g,
 // the running max m, the running sum l and the unnormalised output acc[hd].
 //
@@ -258,14 +323,16 @@ void AccumulateValueRows(const float* w, int64_t rows, int64_t sb, const KT* v, 
 // one thread, SmolLM2's 3 kv heads x 3 queries, bfloat16: 72 -> 55 ns per slot from L2; 2 threads over 30
 // layers of 4128 slots: 250-300 -> 200-230 us per layer (scratch harness; the decode rows of
 // experiments/bench_decode.py measure the effect on the model).
-template <int HD, typename KT>
+template <int HD, typename KT, bool kDot = false>
 void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, const float* qs, const KT* K,
                  const KT* V, const int32_t* P, const int32_t* QP, const float* cos_t, const float* sin_t,
-                 bool rotate, float* m, float* l, float* acc) {
+                 bool rotate, float* m, float* l, float* acc, const uint16_t* qb = nullptr, float scale = 1.0f) {
   constexpr int NV = HD / 16, HV = NV / 2;
   const int64_t rows = sh.KV * sh.n, KV = sh.KV, n = sh.n, G = sh.G;
   alignas(64) float logits[kDecodeRows * kBlock];  // n <= rows <= kDecodeRows (checked by the caller)
-  std::vector<float> kf(KV * kGroup * HD);  // one group's keys, rotated, in float32: [KV][kGroup][HD]
+  // One group's keys: kDot: [kGroup][KV][HD] bfloat16 (rotated, or a partial group padded with zeros; a whole
+  // unrotated group is read in place), else [KV][kGroup][HD] float32.
+  std::vector<float> kf(KV * kGroup * HD / (kDot ? 2 : 1));
   int32_t qp[kDecodeRows];
   int32_t q_max = -1, q_min = INT32_MAX;  // q_min < 0 when some query is padding
   for (int64_t a = 0; a < n; ++a) {
@@ -313,26 +380,74 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
             }
           }
         }
+        if constexpr (kDot) {
+          if (!rotate && gs == kGroup) continue;  // read in place
+        }
+        v16 co[HV], si[HV];  // the slot's rotation (every head's)
+        if (rotate && ds < gs) {
+          for (int c = 0; c < HV; ++c) {
+            co[c] = Load16(cos_t + s * HD + c * 16);
+            si[c] = Load16(sin_t + s * HD + c * 16);
+          }
+        }
         for (int64_t j = 0; j < KV; ++j) {
-          float* dst = kf.data() + (j * kGroup + ds) * HD;
+          float* dst = kf.data() + (kDot ? (ds * KV + j) * HD / 2 : (j * kGroup + ds) * HD);
           if (ds >= gs) {
-            std::fill(dst, dst + HD, 0.0f);
+            std::fill(dst, dst + (kDot ? HD / 2 : HD), 0.0f);
             continue;
           }
           const KT* kr = K + (s * KV + j) * HD;
           v16 k[NV];
           for (int c = 0; c < NV; ++c) k[c] = Load16(kr + c * 16);
           if (rotate) {
-            const float* cs = cos_t + s * HD;
-            const float* sn = sin_t + s * HD;
             for (int c = 0; c < HV; ++c) {
-              const v16 x1 = k[c], x2 = k[c + HV], co = Load16(cs + c * 16), si = Load16(sn + c * 16);
-              k[c] = x1 * co - x2 * si;
-              k[c + HV] = x2 * co + x1 * si;
+              const v16 x1 = k[c], x2 = k[c + HV];
+              k[c] = x1 * co[c] - x2 * si[c];
+              k[c + HV] = x2 * co[c] + x1 * si[c];
             }
           }
-          for (int c = 0; c < NV; ++c) Store16(dst + c * 16, k[c]);
+          if constexpr (kDot) {
+#if defined(__AVX512BF16__)
+            for (int c = 0; c < NV / 2; ++c)  // rounded to bfloat16, as the reference rounds the rotated keys
+              _mm512_storeu_si512(dst + c * 16, (__m512i)_mm512_cvtne2ps_pbh((__m512)k[2 * c + 1], (__m512)k[2 * c]));
+#endif
+          } else {
+            for (int c = 0; c < NV; ++c) Store16(dst + c * 16, k[c]);
+          }
         }
+      }
+      if constexpr (kDot) {
+#if defined(__AVX512BF16__)
+        const uint16_t* kg = !rotate && gs == kGroup ? reinterpret_cast<const uint16_t*>(K) + (s0 + g0) * KV * HD
+                                                     : reinterpret_cast<const uint16_t*>(kf.data());
+        for (int64_t j = 0; j < KV; ++j) {
+          i32x16 kpv = {};
+          if (!unmasked) {
+            for (int64_t ds = 0; ds < kGroup; ++ds) kpv[ds] = ds < gs ? pb[(g0 + ds) * KV + j] : -1;
+          }
+          for (int64_t a = 0; a < n; ++a) {
+            __m512bh qv[HD / 32];
+            for (int c = 0; c < HD / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + (j * n + a) * HD + c * 32);
+            v16 part[kGroup];
+            for (int ds = 0; ds < kGroup; ++ds) {
+              const uint16_t* kr = kg + (ds * KV + j) * HD;
+              __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
+              for (int c = 1; c < HD / 32; ++c)
+                sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(kr + c * 32));
+              part[ds] = (v16)sum;
+            }
+            const v16 dots = LaneSums16(part) * scale;
+            float* dst = logits + (j * n + a) * kBlock + g0;
+            if (unmasked) {
+              Store16(dst, dots);
+            } else {
+              const i32x16 visible = (kpv >= 0) & (kpv <= qp[a]) & (qp[a] >= 0 ? -1 : 0);
+              Store16(dst, visible ? dots : v16{} - INFINITY);
+            }
+          }
+        }
+        continue;
+#endif
       }
       for (int64_t j = 0; j < KV; ++j) {
         i32x16 kpv = {};
@@ -362,8 +477,22 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
       }
     }
     for (int64_t r = 0; r < rows; ++r) SoftmaxUpdate<HD>(logits + r * kBlock, sb, m[r], l[r], acc + r * HD);
-    for (int64_t j = 0; j < KV; ++j)
-      AccumulateValueRows<HD, KT>(logits + j * n * kBlock, n, sb, V + (s0 * KV + j) * HD, KV * HD, acc + j * n * HD);
+    if constexpr (kDot) {
+#if defined(__AVX512BF16__)
+      alignas(64) uint32_t wp[kDecodeRows * kBlock / 2];
+      WeightPairs(logits, rows, sb, wp);
+      constexpr int R = HD / 16 >= 8 ? 2 : 16 / (HD / 16);
+      for (int64_t j = 0; j < KV; ++j)
+        for (int64_t r = 0; r < n; r += R)
+          AccumulateValuePairsUpTo<HD, R>(std::min<int64_t>(R, n - r), wp + (j * n + r) * (kBlock / 2), sb,
+                                          reinterpret_cast<const uint16_t*>(V) + (s0 * KV + j) * HD, KV * HD,
+                                          acc + (j * n + r) * HD);
+#endif
+    } else {
+      for (int64_t j = 0; j < KV; ++j)
+        AccumulateValueRows<HD, KT>(logits + j * n * kBlock, n, sb, V + (s0 * KV + j) * HD, KV * HD,
+                                    acc + j * n * HD);
+    }
   }
 }
 
@@ -391,15 +520,23 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   KT* out = static_cast<KT*>(op.out);
   const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S, n = sh.n, rows = KV * n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
-  // Scaled queries regrouped per kv head: qs[b][j * n + t * G + g][d].
-  std::vector<float> qs(B * rows * HD);
+  // bfloat16 queries and cache: the products in bfloat16 pairs (vdpbf16ps), the queries as they are (the
+  // scale goes on the logits). Otherwise float32 queries, scaled.
+  constexpr bool kDot = kBf16Dots && std::is_same_v<QT, uint16_t> && std::is_same_v<KT, uint16_t>;
+  // The queries regrouped per kv head: [b][j * n + t * G + g][d].
+  std::vector<float> qs(kDot ? 0 : B * rows * HD);
+  std::vector<uint16_t> qb(kDot ? B * rows * HD : 0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < KV; ++j)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < HD; ++d)
-            qs[(b * rows + j * n + t * G + g) * HD + d] =
-                ToFloat(q[(((b * T + t) * KV + j) * G + g) * HD + d]) * scale;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t to = (b * rows + j * n + t * G + g) * HD, from = (((b * T + t) * KV + j) * G + g) * HD;
+          if constexpr (kDot) {
+            std::memcpy(qb.data() + to, q + from, HD * sizeof(uint16_t));
+          } else {
+            for (int64_t d = 0; d < HD; ++d) qs[to + d] = ToFloat(q[from + d]) * scale;
+          }
+        }
   const int64_t chunks = (S + kChunk - 1) / kChunk;
   const int64_t stride = rows * (HD + 2);  // per (b, chunk): m[rows], l[rows], acc[rows * HD]
   std::vector<float> partial(B * chunks * stride);
@@ -407,10 +544,10 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   ParallelFor(pool, B * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
     float* p = partial.data() + item * stride;
-    AttendChunk<HD, KT>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), qs.data() + b * rows * HD,
-                    k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
-                    pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
-                    p + 2 * rows);
+    AttendChunk<HD, KT, kDot>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), kDot ? nullptr : qs.data() + b * rows * HD,
+                              k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
+                              pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
+                              p + 2 * rows, kDot ? qb.data() + b * rows * HD : nullptr, scale);
   });
   // Merge the chunks' partial softmaxes.
   for (int64_t b = 0; b < B; ++b) {
@@ -744,3 +881,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Ret<ffi::AnyBuffer>()         // out
                                   .Attr<int64_t>("rotate"));
+
+// 1 where the decode path takes bfloat16 queries and caches in bfloat16 products (`cpu_attention.bf16_products`).
+extern "C" int LacaxAttentionBf16Products() { return kBf16Dots ? 1 : 0; }

@@ -62,6 +62,13 @@ def available() -> bool:
   return KERNELS.available()
 
 
+def bf16_products() -> bool:
+  """Whether the decode path takes bfloat16 queries and caches in bfloat16 products (vdpbf16ps: the build has
+  AVX-512 BF16), rounding the weights and the rotated keys to bfloat16 as the model's bfloat16 reference does;
+  otherwise it computes in float32."""
+  return KERNELS.query("LacaxAttentionBf16Products") == 1
+
+
 def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mode: str) -> bool:
   """Static check: can the kernel compute this attention (T new tokens, KV kv heads of G queries each)?"""
   floats = (jnp.float32, jnp.bfloat16)

@@ -226,6 +226,16 @@ class KernelLibrary:
       return bool(self._state["built"])
 
 
+  def query(self, symbol: str) -> int | None:
+    """What the built library's `extern "C" int symbol(void)` returns (a compile-time property of the build,
+    such as which instructions it uses), or None where the library is not available."""
+    if not self.available():
+      return None
+    fn = getattr(self._state["library"], symbol)
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
 def on_cpu(kernel, reference, *args):
   """kernel(*args) on XLA:CPU, reference(*args) on other backends; derivatives always from the reference."""
   fn = jax.custom_jvp(kernel)
