@@ -897,7 +897,9 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
 
       h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
       gate_out, up = projections(("w_gate", "w_up"), h, p, "btd,df->btf", lora_p, rng)
-      act = jax.nn.silu(gate_out) * up
+      # silu in float32, rounded once, as PyTorch computes it for a bfloat16 tensor (XLA:CPU otherwise rounds after
+      # each of its five ops: a 4-9 us fusion per bfloat16 decode layer, and further from Hugging Face's logits).
+      act = jax.nn.silu(gate_out.astype(jnp.float32)).astype(gate_out.dtype) * up
       if ffn_mask is not None:
         act = act * ffn_mask[:act.shape[-1]].astype(act.dtype)
       mlp = projection("w_down", act, p, "btf,fd->btd", lora_p, rng)
