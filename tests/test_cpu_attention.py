@@ -102,6 +102,32 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       else:  # and the weights and rotated keys too (2^-9 relative each), as the model's own bfloat16 path does
         np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=2 ** -8, rtol=2 ** -8)
 
+  def test_portable_build_computes_the_same(self):
+    """Built without -march=native (the generic vector code; bfloat16 queries and caches in float32 products, as
+    on CPUs without AVX-512 BF16), the decode path gives the reference's result, and the native one's."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    with mock.patch.dict(os.environ, {"LACAX_CACHE_DIR": tmp}):
+      library = ctypes.CDLL(str(cpu_kernels.build(cpu_attention.SOURCE, flag_sets=(["-O3"],))))
+    library.LacaxAttentionBf16Products.restype = ctypes.c_int
+    self.assertEqual(library.LacaxAttentionBf16Products(), 0)
+    jax.ffi.register_ffi_target("lacax_decode_attention_portable",
+                                jax.ffi.pycapsule(library.LacaxDecodeAttention), platform="cpu")
+    L, B, T, S, KV, G, hd = 2, 2, 1, 301, 3, 3, 64
+    q, k_all, v_all, pos, query_pos = _stacked_inputs(21, L, B, T, S, KV, G, hd, held=[S - 3, S // 2])
+    q, k_all, v_all = q.astype(jnp.bfloat16), k_all.astype(jnp.bfloat16), v_all.astype(jnp.bfloat16)
+    inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+    cos, sin = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32), inv_freq)
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))
+    for rotate in (False, True):
+      args = (q, k_all, v_all, pos, query_pos, jnp.int32(1), cos, sin)
+      native = cpu_attention._call(*args, rotate=rotate)  # pylint: disable=protected-access
+      portable = cpu_attention._call(*args, rotate=rotate, target="lacax_decode_attention_portable")  # pylint: disable=protected-access
+      want = llama._cached_layer_attention(*(a.astype(jnp.float32) for a in (q, k_all, v_all)), pos, query_pos,
+                                           jnp.int32(1), *((cos, sin) if rotate else (None, None)))
+      np.testing.assert_allclose(f32(portable), f32(want), atol=1e-3, rtol=2 ** -8)
+      np.testing.assert_allclose(f32(portable), f32(native), atol=2 ** -7, rtol=2 ** -7)
+
   @parameterized.parameters((False, "float32"), (True, "float32"), (True, "bfloat16"))
   def test_blocked_prefill_of_a_causal_prompt_equals_reference(self, rotate, dtype):
     """A prompt written from slot 0 (slot = position): key blocks in a tile's future are skipped, blocks it

@@ -76,8 +76,8 @@ def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mo
           and G <= MAX_GROUP and rope_mode in ("slot", "stored"))
 
 
-def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool):
-  return jax.ffi.ffi_call("lacax_decode_attention", jax.ShapeDtypeStruct(q.shape, v_all.dtype),
+def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool, target: str = "lacax_decode_attention"):
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, v_all.dtype),
                           vmap_method="sequential")(
       q, k_all, v_all, pos_all, query_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32), cos, sin,
       rotate=np.int64(rotate))
