@@ -121,8 +121,8 @@ class CpuAttentionKernelTest(parameterized.TestCase):
     f32 = lambda x: np.asarray(x.astype(jnp.float32))
     for rotate in (False, True):
       args = (q, k_all, v_all, pos, query_pos, jnp.int32(1), cos, sin)
-      native = cpu_attention._call(*args, rotate=rotate)  # pylint: disable=protected-access
-      portable = cpu_attention._call(*args, rotate=rotate, target="lacax_decode_attention_portable")  # pylint: disable=protected-access
+      call = cpu_attention._call  # pylint: disable=protected-access
+      native, portable = call(*args, rotate=rotate), call(*args, rotate=rotate, target="lacax_decode_attention_portable")
       want = llama._cached_layer_attention(*(a.astype(jnp.float32) for a in (q, k_all, v_all)), pos, query_pos,
                                            jnp.int32(1), *((cos, sin) if rotate else (None, None)))
       np.testing.assert_allclose(f32(portable), f32(want), atol=1e-3, rtol=2 ** -8)

@@ -544,7 +544,8 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   ParallelFor(pool, B * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
     float* p = partial.data() + item * stride;
-    AttendChunk<HD, KT, kDot>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk), kDot ? nullptr : qs.data() + b * rows * HD,
+    AttendChunk<HD, KT, kDot>(sh, b, c * kChunk, std::min(S, (c + 1) * kChunk),
+                              kDot ? nullptr : qs.data() + b * rows * HD,
                               k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
                               pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
                               p + 2 * rows, kDot ? qb.data() + b * rows * HD : nullptr, scale);
