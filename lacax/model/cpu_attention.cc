@@ -309,6 +309,38 @@ inline void WeightPairs(float* w, int64_t rows, int64_t sb, uint32_t* wp) {
 constexpr bool kBf16Dots = false;
 #endif
 
+// One query's (scaled, float32) dot products with a group's 16 float32 keys ([kGroup][HD] at k).
+template <int HD>
+inline v16 GroupDots(const float* q, const float* k) {
+  constexpr int NV = HD / 16;
+  v16 qv[NV];
+  for (int c = 0; c < NV; ++c) qv[c] = Load16(q + c * 16);
+  v16 part[kGroup];
+  for (int ds = 0; ds < kGroup; ++ds) {
+    v16 sum = qv[0] * Load16(k + ds * HD);
+    for (int c = 1; c < NV; ++c) sum += qv[c] * Load16(k + ds * HD + c * 16);
+    part[ds] = sum;
+  }
+  return LaneSums16(part);
+}
+
+#if defined(__AVX512BF16__)
+// The same for a bfloat16 query (unscaled) and 16 bfloat16 keys `stride` elements apart, in bfloat16 pairs.
+template <int HD>
+inline v16 GroupDotsBf16(const uint16_t* q, const uint16_t* k, int64_t stride) {
+  __m512bh qv[HD / 32];
+  for (int c = 0; c < HD / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + c * 32);
+  v16 part[kGroup];
+  for (int ds = 0; ds < kGroup; ++ds) {
+    const uint16_t* kr = k + ds * stride;
+    __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
+    for (int c = 1; c < HD / 32; ++c) sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(kr + c * 32));
+    part[ds] = (v16)sum;
+  }
+  return LaneSums16(part);
+}
+#endif
+
 // Online-softmax partial result of one (batch row, slot chunk): per query row r = j * n + t * G + g,
 // the running max m, the running sum l and the unnormalised output acc[hd].
 //
@@ -383,7 +415,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
         if constexpr (kDot) {
           if (!rotate && gs == kGroup) continue;  // read in place
         }
-        v16 co[HV], si[HV];  // the slot's rotation (every head's)
+        v16 co[HV] = {}, si[HV] = {};  // the slot's rotation (every head's)
         if (rotate && ds < gs) {
           for (int c = 0; c < HV; ++c) {
             co[c] = Load16(cos_t + s * HD + c * 16);
@@ -416,56 +448,26 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
           }
         }
       }
+      // kDot: the group's bfloat16 keys, in place (a whole unrotated group) or in kf ([kGroup][KV][HD]).
+      const uint16_t* kg = nullptr;
       if constexpr (kDot) {
-#if defined(__AVX512BF16__)
-        const uint16_t* kg = !rotate && gs == kGroup ? reinterpret_cast<const uint16_t*>(K) + (s0 + g0) * KV * HD
-                                                     : reinterpret_cast<const uint16_t*>(kf.data());
-        for (int64_t j = 0; j < KV; ++j) {
-          i32x16 kpv = {};
-          if (!unmasked) {
-            for (int64_t ds = 0; ds < kGroup; ++ds) kpv[ds] = ds < gs ? pb[(g0 + ds) * KV + j] : -1;
-          }
-          for (int64_t a = 0; a < n; ++a) {
-            __m512bh qv[HD / 32];
-            for (int c = 0; c < HD / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qb + (j * n + a) * HD + c * 32);
-            v16 part[kGroup];
-            for (int ds = 0; ds < kGroup; ++ds) {
-              const uint16_t* kr = kg + (ds * KV + j) * HD;
-              __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(kr));
-              for (int c = 1; c < HD / 32; ++c)
-                sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(kr + c * 32));
-              part[ds] = (v16)sum;
-            }
-            const v16 dots = LaneSums16(part) * scale;
-            float* dst = logits + (j * n + a) * kBlock + g0;
-            if (unmasked) {
-              Store16(dst, dots);
-            } else {
-              const i32x16 visible = (kpv >= 0) & (kpv <= qp[a]) & (qp[a] >= 0 ? -1 : 0);
-              Store16(dst, visible ? dots : v16{} - INFINITY);
-            }
-          }
-        }
-        continue;
-#endif
+        kg = !rotate && gs == kGroup ? reinterpret_cast<const uint16_t*>(K) + (s0 + g0) * KV * HD
+                                     : reinterpret_cast<const uint16_t*>(kf.data());
       }
       for (int64_t j = 0; j < KV; ++j) {
         i32x16 kpv = {};
         if (!unmasked) {
           for (int64_t ds = 0; ds < kGroup; ++ds) kpv[ds] = ds < gs ? pb[(g0 + ds) * KV + j] : -1;
         }
-        const float* kj = kf.data() + j * kGroup * HD;
         for (int64_t a = 0; a < n; ++a) {
-          const float* qa = qs + (j * n + a) * HD;
-          v16 qv[NV];
-          for (int c = 0; c < NV; ++c) qv[c] = Load16(qa + c * 16);
-          v16 part[kGroup];
-          for (int ds = 0; ds < kGroup; ++ds) {
-            v16 sum = qv[0] * Load16(kj + ds * HD);
-            for (int c = 1; c < NV; ++c) sum += qv[c] * Load16(kj + ds * HD + c * 16);
-            part[ds] = sum;
+          v16 dots = {};
+          if constexpr (kDot) {
+#if defined(__AVX512BF16__)
+            dots = GroupDotsBf16<HD>(qb + (j * n + a) * HD, kg + j * HD, KV * HD) * scale;
+#endif
+          } else {
+            dots = GroupDots<HD>(qs + (j * n + a) * HD, kf.data() + j * kGroup * HD);
           }
-          const v16 dots = LaneSums16(part);
           float* dst = logits + (j * n + a) * kBlock + g0;
           if (unmasked) {
             Store16(dst, dots);
