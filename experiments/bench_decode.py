@@ -37,7 +37,10 @@ builds its vendored llama.cpp from source: PyPI has no Linux wheel).
 `--rounds=N` measures every lacax row and then every llama.cpp row N times over, alternating: on a shared
 machine whose memory bandwidth drifts (a 2-core EPYC's bfloat16 decode moved between 58 and 85 tok/s from one
 run to the next), both sides then meet the same drift instead of one side the quiet minute and the other the
-busy one. Each row reports its best round and keeps every round's rate (`round_rates`).
+busy one. Each row reports its best round and keeps every round's rate (`round_rates`). The run ends with the
+decode targets judged from those rates (`experiments.decode_targets`: lacax at each precision against
+llama.cpp's best at the matching one, bfloat16 against 1.7x and int4 against 2.5x lacax float32), by the
+median over rounds of the ratio within a round; JSON `targets`.
 
 Decode tokens/s count the same thing on every side: the first generated token comes from the prefill, so
 (new_tokens - 1) tokens over the decode time. "GB/s" is (weight bytes + KV bytes read per token) x tokens/s
@@ -77,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import decode_targets
 from lacax import generate as generation
 from lacax import memory
 from lacax import results as results_lib
@@ -448,6 +452,7 @@ def main(argv):
                 got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
                 run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
                        "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
+                       "pack_head": weights not in _PACKED or _PACK_HEAD.value,
                        **huge_pages[dtype, weights], **got}
                 label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
                          + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
@@ -487,6 +492,9 @@ def main(argv):
   for run in record["runs"]:
     if run["impl"] == "lacax" and run["context"] in torch_speed:
       run["ratio_vs_transformers"] = run["decode_tokens_per_second"] / torch_speed[run["context"]]
+  record["targets"] = decode_targets.judge(record["runs"])
+  if record["targets"]:
+    print("\n" + decode_targets.table(record["targets"]))
   record["load_average_end"] = os.getloadavg()  # a shared machine makes every ratio noisy: say how busy it was
   path = results_lib.timestamped_path(_OUT.value)
   results_lib.write_json(path, record)
