@@ -453,11 +453,9 @@ def main(argv):
                 run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
                        "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
                        "pack_head": weights not in _PACKED or _PACK_HEAD.value,
+                       **({"sparsity": _SPARSITY.value} if weights == "sparse" else {}),
                        **huge_pages[dtype, weights], **got}
-                label = (f"lacax/{rope_mode}" + ("" if used else "/jnp") + ("" if weights == "dense" else f"/{weights}")
-                         + ("" if quant_used else ("/xla" if weights == "dense" else "/dequant"))
-                         + ("/head=float" if weights in _PACKED and not _PACK_HEAD.value else "")
-                         + (f"/s={_SPARSITY.value:g}" if weights == "sparse" else ""))
+                label = decode_targets.lacax_label(run)
                 keep(("lacax", label, dtype, context), label, dtype, context, run)
                 print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
                       flush=True)

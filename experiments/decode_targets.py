@@ -47,14 +47,20 @@ TARGETS = (
     Target("int4 >= 2.5x lacax float32", ("int4", "q4_1"), None, (), 2.5),
 )
 
-def _label(run: dict[str, Any]) -> str:
-  """The row's label as bench_decode prints it (lacax rows: from the run's fields)."""
-  if run["impl"] != "lacax":
-    return run["impl"]
-  dense = run.get("weights", "dense") == "dense"
+def lacax_label(run: dict[str, Any]) -> str:
+  """A lacax row's label, as bench_decode prints it: key storage, then what differs from the default row (the
+  pure-JAX attention, packed or sparse weights, XLA's matmuls, a float LM head on packed weights)."""
+  weights = run.get("weights", "dense")
+  dense = weights == "dense"
   return (f"lacax/{run.get('rope_mode', 'slot')}" + ("" if run.get("cpu_kernel", True) else "/jnp")
-          + ("" if dense else f"/{run['weights']}")
-          + ("" if run.get("quant_kernel", True) else ("/xla" if dense else "/dequant")))
+          + ("" if dense else f"/{weights}")
+          + ("" if run.get("quant_kernel", True) else ("/xla" if dense else "/dequant"))
+          + ("" if run.get("pack_head", True) else "/head=float")
+          + (f"/s={run['sparsity']:g}" if "sparsity" in run else ""))
+
+
+def _label(run: dict[str, Any]) -> str:
+  return lacax_label(run) if run["impl"] == "lacax" else run["impl"]
 
 
 def _rates(run: dict[str, Any]) -> list[float]:
