@@ -2,7 +2,7 @@
 
   python -m experiments.bench_decode [--contexts=512,4096] [--new_tokens=32] [--dtypes=float32,bfloat16]
                                     [--rope_modes=slot,stored] [--cpu_kernel=on,off]
-                                    [--weights=dense,int8,int4,q4_1] [--quant_kernel=on,off]
+                                    [--weights=dense,int8,int4,q4_1] [--quant_kernel=on,off] [--kv_bits=16,8]
   python -m experiments.bench_decode --dtypes=float32,bfloat16 --weights=dense --rope_modes=slot --torch=false \
       --llama_cpp_python=<venv>/bin/python --llama_cpp_types=F32,F16,BF16 --rounds=3   # lacax vs llama.cpp
   python -m experiments.bench_decode --contexts=512,4096,8192 --dtypes=float32 --rope_modes=slot \
@@ -28,6 +28,10 @@ smaller than packed int8; a speed row only, no calibration, so its perplexity me
 `--quant_kernel=on,off` measures every row with and without the XLA:CPU weight kernels of
 `lacax.model.cpu_quant_matmul`: packed rows marked "/dequant" have XLA dequantize every step; float rows
 marked "/xla" multiply by XLA's dot instead of the weight-streaming kernel.
+`--kv_bits=16,8` measures every row with the model's float cache (16: its dtype, float32 or bfloat16) and
+with an int8 KV cache (per-token scales, `lacax.cache.int8`; rows marked "/kv=int8", which the decode-attention
+kernel reads one byte per element). The decode targets judge the float-cache rows; an int4 row with an int8
+cache is judged beside them against the same lacax float32 row (float32 cache).
 `--llama_cpp_python=<python>` adds llama.cpp rows on the same GGUF and prompts, converted by llama.cpp itself
 to each of `--llama_cpp_types` (default F32, F16, BF16, Q8_0, Q4_1; from the embedded Q4_1 file the float
 types hold exactly the dequantized weights lacax's float rows load), flash attention off and on, all cores,
@@ -67,6 +71,7 @@ policy's decode speed relative to StreamingLLM's in the same run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -84,6 +89,7 @@ from experiments import decode_targets
 from lacax import generate as generation
 from lacax import memory
 from lacax import results as results_lib
+from lacax.cache import int8 as int8_kv
 from lacax.cache.full import FullPolicy
 from lacax.compress import calibrate
 from lacax.compress import packed
@@ -108,6 +114,9 @@ _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "--weights=sparse: the fraction 
 _QUANT_KERNEL = flags.DEFINE_list(
     "quant_kernel", ["on"], "on: packed weights multiply through the XLA:CPU low-bit matmul kernel; off: XLA "
     "dequantizes them every step (lacax.model.cpu_quant_matmul). Both: one row each.")
+_KV_BITS = flags.DEFINE_list(
+    "kv_bits", ["16"], "16: the cache in the model's dtype; 8: an int8 KV cache with per-token scales "
+    "(lacax.cache.int8). Both: one row each.")
 _MODEL = flags.DEFINE_string("model", "", "Model path (default: the embedded SmolLM2-135M-Instruct GGUF).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _ROUNDS = flags.DEFINE_integer(
@@ -192,9 +201,11 @@ def read_ceiling() -> dict:
   return {"GBps": n * 4 / best / 1e9, "how": how}
 
 
-def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot") -> dict:
+def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot",
+                kv_bits: int | None = None) -> dict:
   prompt = [_prompt(context, model.cfg.vocab_size)]
-  kwargs = dict(max_new_tokens=new_tokens, policy=FullPolicy(rope_mode=rope_mode), bucket=128)
+  policy = int8_kv.with_kv_bits(FullPolicy(rope_mode=rope_mode), kv_bits)
+  kwargs = dict(max_new_tokens=new_tokens, policy=policy, bucket=128)
   generation.generate(model.params, model.cfg, prompt, **kwargs)  # compile
   best, prefill_seconds = None, []
   for _ in range(repeats):
@@ -203,7 +214,10 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
     if best is None or r.decode_seconds < best.decode_seconds:
       best = r
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-  kv_bytes = model.cfg.kv_bytes_per_token() * (context + new_tokens / 2)
+  kv_per_token = model.cfg.kv_bytes_per_token()
+  if kv_bits == 8:  # one byte per element and a float32 scale per token and head
+    kv_per_token = model.cfg.kv_bytes_per_token(1) * (1 + 4 / model.cfg.head_dim)
+  kv_bytes = kv_per_token * (context + new_tokens / 2)
   # The first generated token comes from the prefill: (tokens - 1) decode steps, as the other sides count.
   decode_rate = (best.generated_tokens - len(prompt)) / max(best.decode_seconds, 1e-9)
   return {
@@ -405,6 +419,11 @@ def main(argv):
     print(f"\nwritten: {path}")
     return
   # Every lacax row, then every llama.cpp row, --rounds times over: each row keeps its best round.
+  kv_bit_widths = []
+  for bits in _KV_BITS.value:
+    if bits not in ("8", "16"):
+      raise ValueError(f"--kv_bits: got {bits!r}, expected 16 (the model's dtype) or 8 (int8 KV)")
+    kv_bit_widths.append(8 if bits == "8" else None)
   dense_models, models, huge_pages = {}, {}, {}
   measured: dict[tuple, dict] = {}  # row key -> {"label", "dtype", "context", "run" (the best round), "rates"}
 
@@ -447,18 +466,17 @@ def main(argv):
             jax.clear_caches()  # the choice is made at trace time
             used = kernel == "on" and cpu_attention.available()
             quant_used = quant_kernel == "on" and cpu_quant_matmul.available()
-            for rope_mode in _ROPE_MODES.value:
-              for context in contexts:
-                got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode)
-                run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
-                       "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
-                       "pack_head": weights not in _PACKED or _PACK_HEAD.value,
-                       **({"sparsity": _SPARSITY.value} if weights == "sparse" else {}),
-                       **huge_pages[dtype, weights], **got}
-                label = decode_targets.lacax_label(run)
-                keep(("lacax", label, dtype, context), label, dtype, context, run)
-                print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
-                      flush=True)
+            for rope_mode, kv_bits, context in itertools.product(_ROPE_MODES.value, kv_bit_widths, contexts):
+              got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode, kv_bits)
+              run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
+                     "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
+                     "pack_head": weights not in _PACKED or _PACK_HEAD.value,
+                     **({"sparsity": _SPARSITY.value} if weights == "sparse" else {}),
+                     **({"kv_bits": 8} if kv_bits == 8 else {}), **huge_pages[dtype, weights], **got}
+              label = decode_targets.lacax_label(run)
+              keep(("lacax", label, dtype, context), label, dtype, context, run)
+              print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
+                    flush=True)
       cpu_attention.set_enabled(True)
       cpu_quant_matmul.set_enabled(True)
     if _LLAMA_CPP_PYTHON.value:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lacax.cache.kv_cache import init_cache
+from lacax.cache.kv_cache import init_cache, quantize_kv
 from lacax.model import config as config_lib
 from lacax.model import cpu_attention
 from lacax.model import cpu_kernels
@@ -102,6 +102,58 @@ class CpuAttentionKernelTest(parameterized.TestCase):
       else:  # and the weights and rotated keys too (2^-9 relative each), as the model's own bfloat16 path does
         np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=2 ** -8, rtol=2 ** -8)
 
+  @parameterized.parameters(
+      # seed, B, T, S, KV, G, hd, rotate, query dtype: an int8 cache with per-token scales
+      (30, 1, 1, 4224, 3, 3, 64, False, "float32"),
+      (31, 2, 1, 300, 3, 3, 64, True, "float32"),
+      (32, 2, 2, 77, 1, 8, 128, True, "bfloat16"),
+      (33, 1, 1, 700, 3, 3, 64, False, "bfloat16"),
+      (34, 2, 1, 65, 2, 2, 32, True, "bfloat16"),
+      (35, 1, 3, 5, 2, 2, 64, True, "bfloat16"),
+      (36, 2, 40, 300, 3, 3, 64, True, "float32"),  # blocked (prefill) path
+      (37, 2, 33, 130, 2, 4, 32, False, "bfloat16"),
+  )
+  def test_int8_cache_equals_dequantized_reference(self, seed, B, T, S, KV, G, hd, rotate, q_dtype):
+    """Keys and values read as int8 times their slot's scale: the reference on the dequantized layer (float32
+    arithmetic), every query, padding included; the result in the queries' dtype."""
+    L = 2
+    q, k_all, v_all, pos, query_pos = _stacked_inputs(seed, L, B, T, S, KV, G, hd, held=[S - 3, S // 2])
+    q = q.astype(q_dtype)
+    (k_q, k_s), (v_q, v_s) = quantize_kv(k_all), quantize_kv(v_all)
+    tables = (jnp.zeros((1, hd)),) * 2
+    if rotate:
+      inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
+      tables = rope_lib.rope_table(jnp.arange(S, dtype=jnp.int32), inv_freq)
+    for layer in range(L):
+      layer = jnp.int32(layer)
+      got = jax.jit(lambda *a: cpu_attention._call(*a, rotate=rotate))(
+          q, k_q, v_q, pos, query_pos, layer, *tables, k_s, v_s)
+      self.assertEqual(got.dtype, q.dtype)
+      want = llama._cached_layer_attention(q.astype(jnp.float32), k_q, v_q, pos, query_pos, layer,
+                                           *(tables if rotate else (None, None)), k_s, v_s)
+      got, want = np.asarray(got.astype(jnp.float32)), np.asarray(want)
+      if q_dtype == "float32":
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+      else:  # the result rounded to bfloat16, and with bfloat16 products the rotated keys too (2^-9 each)
+        np.testing.assert_allclose(got, want, atol=2 ** -8, rtol=2 ** -8)
+
+  def test_int8_dispatch_checks_its_scales(self):
+    L, B, T, S, KV, G, hd = 2, 1, 1, 40, 2, 2, 64
+    q, k_all, v_all, pos, query_pos = _stacked_inputs(40, L, B, T, S, KV, G, hd, held=[30])
+    (k_q, k_s), (v_q, v_s) = quantize_kv(k_all), quantize_kv(v_all)
+    call = lambda *a, **kw: cpu_attention.decode_attention(q, *a, pos, query_pos, jnp.int32(0),
+                                                           llama._cached_layer_attention, **kw)
+    with self.assertRaisesRegex(ValueError, "int8 cache takes k_scale and v_scale"):
+      call(k_q, v_q)
+    with self.assertRaisesRegex(ValueError, "k_scale"):
+      call(k_all, v_all, k_scale=k_s, v_scale=v_s)
+    want = llama._cached_layer_attention(q, k_q, v_q, pos, query_pos, jnp.int32(0), None, None, k_s, v_s)
+    np.testing.assert_allclose(np.asarray(call(k_q, v_q, k_scale=k_s, v_scale=v_s)), np.asarray(want), atol=2e-6)
+    with self.assertRaises(Exception):  # the kernel's own shape check: scales [L, B, S, KV]
+      jax.jit(lambda *a: cpu_attention._call(*a, rotate=False))(
+          q, k_q, v_q, pos, query_pos, jnp.int32(0), jnp.zeros((1, hd)), jnp.zeros((1, hd)), k_s[:, :, :-1],
+          v_s).block_until_ready()
+
   def test_portable_build_computes_the_same(self):
     """Built without -march=native (the generic vector code; bfloat16 queries and caches in float32 products, as
     on CPUs without AVX-512 BF16), the decode path gives the reference's result, and the native one's."""
@@ -127,6 +179,15 @@ class CpuAttentionKernelTest(parameterized.TestCase):
                                            jnp.int32(1), *((cos, sin) if rotate else (None, None)))
       np.testing.assert_allclose(f32(portable), f32(want), atol=1e-3, rtol=2 ** -8)
       np.testing.assert_allclose(f32(portable), f32(native), atol=2 ** -7, rtol=2 ** -7)
+    # An int8 cache (the generic int8 widening): the dequantized reference.
+    jax.ffi.register_ffi_target("lacax_decode_attention_int8_portable",
+                                jax.ffi.pycapsule(library.LacaxDecodeAttentionInt8), platform="cpu")
+    (k_q, k_s), (v_q, v_s) = quantize_kv(k_all), quantize_kv(v_all)
+    args = (q, k_q, v_q, pos, query_pos, jnp.int32(1), cos, sin, k_s, v_s)
+    portable = cpu_attention._call(*args, rotate=True, target="lacax_decode_attention_int8_portable")  # pylint: disable=protected-access
+    want = llama._cached_layer_attention(q.astype(jnp.float32), k_q, v_q, pos, query_pos, jnp.int32(1), cos, sin,
+                                         k_s, v_s)
+    np.testing.assert_allclose(f32(portable), f32(want), atol=1e-3, rtol=2 ** -8)
 
   @parameterized.parameters((False, "float32"), (True, "float32"), (True, "bfloat16"))
   def test_blocked_prefill_of_a_causal_prompt_equals_reference(self, rotate, dtype):
@@ -194,7 +255,7 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     jax.clear_caches()
     super().tearDown()
 
-  def _run(self, cfg, params, rope_mode, enabled, prompt_len=12):
+  def _run(self, cfg, params, rope_mode, enabled, prompt_len=12, cache_dtype=None):
     """(logits of a prefill of `prompt_len` tokens (row 1: 3 fewer) and 6 decode steps, whether the kernel is
     in the compiled decode step, whether it is in the compiled prefill)."""
     cpu_attention.set_enabled(enabled)
@@ -205,7 +266,7 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     prompt = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, n)), jnp.int32)
     positions = jnp.asarray(np.where(np.arange(n)[None] < np.array([[n], [n - 3]]), np.arange(n)[None], -1),
                             jnp.int32)
-    cache = init_cache(cfg, 2, n + 28, rope_mode=rope_mode)
+    cache = init_cache(cfg, 2, n + 28, rope_mode=rope_mode, dtype=cache_dtype)
     prefill_text = fwd.lower(params, prompt, positions, cache, cfg=cfg).as_text()
     logits, cache = fwd(params, prompt, positions, cache, cfg=cfg)
     steps = [np.asarray(logits)]
@@ -236,6 +297,26 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
       else:  # bfloat16 activations: the two paths round at different points
         np.testing.assert_allclose(g, w, atol=0.05 * np.abs(w).max())
 
+  @parameterized.parameters(("slot", "float32", 12), ("stored", "bfloat16", 12), ("slot", "bfloat16", 90))
+  def test_int8_cache_decode_logits_match_the_pure_jax_path(self, rope_mode, dtype, prompt_len):
+    """An int8 KV cache (lacax.cache.int8): the kernel reads the int8 layer and its scales in prefill and decode;
+    the pure-JAX path dequantizes the layer first."""
+    cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_layers=3, num_heads=4,
+                                 num_kv_heads=2, head_dim=64, dtype=dtype)
+    params = llama.init_params(cfg, jax.random.PRNGKey(2), std=0.1)
+    got, used, prefill_used = self._run(cfg, params, rope_mode, enabled=True, prompt_len=prompt_len,
+                                        cache_dtype=jnp.int8)
+    self.assertTrue(used)
+    self.assertTrue(prefill_used)
+    want, used_without, _ = self._run(cfg, params, rope_mode, enabled=False, prompt_len=prompt_len,
+                                      cache_dtype=jnp.int8)
+    self.assertFalse(used_without)
+    for g, w in zip(got, want):
+      if dtype == "float32":
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+      else:  # the reference dequantizes to bfloat16 and rounds the weights; the kernel keeps float32
+        np.testing.assert_allclose(g, w, atol=0.05 * np.abs(w).max())
+
   def test_not_used_where_it_does_not_apply(self):
     cfg = config_lib.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=16)  # head_dim 16: not compiled
@@ -245,6 +326,8 @@ class CpuAttentionInForwardTest(parameterized.TestCase):
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float32, jnp.float32, "original"))
     self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.float16, jnp.float16, "slot"))
     self.assertTrue(cpu_attention.supports(64, 2, 2, 64, jnp.float32, jnp.float32, "slot"))  # prefill rows
+    self.assertTrue(cpu_attention.supports(1, 2, 2, 64, jnp.bfloat16, jnp.int8, "slot"))  # int8 cache
+    self.assertFalse(cpu_attention.supports(1, 2, 2, 64, jnp.int8, jnp.int8, "slot"))
     self.assertFalse(cpu_attention.supports(8, 1, 65, 64, jnp.float32, jnp.float32, "slot"))  # 65 heads per kv
 
 

@@ -70,6 +70,21 @@ class JudgeTest(absltest.TestCase):
     self.assertAlmostEqual(got["int8 >= llama.cpp Q8_0", 512]["median_round_ratio"], 2.0)
     self.assertEqual(got["int8 >= llama.cpp Q8_0", 512]["rounds"], 1)
 
+  def test_int8_kv_rows_are_judged_only_by_their_own_target(self):
+    runs = [lacax("float32", 4096, [30.0, 30.0]), lacax("float32", 4096, [90.0, 90.0], kv_bits=8),
+            lacax("bfloat16", 4096, [70.0, 72.0], weights="int4"),
+            lacax("bfloat16", 4096, [84.0, 81.0], weights="int4", kv_bits=8),
+            llama("Q4_1", 4096, [80.0, 80.0])]
+    got = by_name(decode_targets.judge(runs))
+    plain = got["int4 >= 2.5x lacax float32", 4096]
+    self.assertEqual(plain["lacax"]["label"], "lacax/slot/int4")
+    self.assertAlmostEqual(plain["median_round_ratio"], 71.0 / 30.0)  # the float32 row with a float32 cache
+    with_kv = got["int4 + int8 KV >= 2.5x lacax float32", 4096]
+    self.assertEqual(with_kv["lacax"]["label"], "lacax/slot/int4/kv=int8")
+    self.assertAlmostEqual(with_kv["median_round_ratio"], (2.8 + 2.7) / 2)
+    self.assertTrue(with_kv["met"])
+    self.assertAlmostEqual(got["int4 >= llama.cpp Q4_1", 4096]["median_round_ratio"], 71.0 / 80.0)
+
   def test_table_has_a_line_per_judged_target(self):
     runs = [lacax("float32", 512, [50.0, 52.0]), llama("F32", 512, [48.0, 50.0])]
     judged = decode_targets.judge(runs)

@@ -7,7 +7,7 @@
 // operand), once, with an online softmax, split over slot ranges on XLA's intra-op thread pool. The
 // pure-JAX formulation in llama.py stays the reference and the path on every other backend.
 //
-// Semantics (as `lacax.model.llama.attention`; float32 arithmetic, float32 or bfloat16 storage):
+// Semantics (as `lacax.model.llama.attention`; float32 arithmetic, float32, bfloat16 or int8 storage):
 //   a query (t, kv head j, group member g) at original position qp attends slot s of head j iff
 //   pos[s, j] >= 0 and pos[s, j] <= qp and qp >= 0, with logits q . k / sqrt(hd); a query that sees no slot
 //   gets the uniform distribution over all S slots (what the masked reference softmax gives).
@@ -22,6 +22,13 @@
 // are bfloat16, this kernel does too (the weights it rounds are relative to the running maximum, not yet
 // normalised) and takes both products in bfloat16 pairs with float32 sums (vdpbf16ps); elsewhere it keeps them
 // in float32 (closer to exact).
+//
+// int8 caches (`lacax_decode_attention_int8`, two more operands k_scale, v_scale [L, B, S, KV] f32): a stored
+// key or value is q * scale (one scale per token and kv head, lacax.cache.kv_cache.quantize_kv), dequantized
+// here as it is read; the result has the queries' dtype. The key scale multiplies the widened key before its
+// rotation, the value scale multiplies the slot's softmax weight (sum_s p_s * (v_s * c_s) = sum_s (p_s * c_s) *
+// v_s), so the values pass reads one byte per element. With bfloat16 products the dequantized, rotated keys are
+// rounded to bfloat16 (as the reference rounds them) and the values pass stays in float32.
 
 #include <algorithm>
 #include <atomic>
@@ -78,8 +85,28 @@ inline v16 Load16(const uint16_t* p) {
   return v;
 }
 
+// 16 int8 values widened to float32 (exact): one vpmovsxbd from memory and a convert.
+inline v16 Load16(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  v16 v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  typedef int8_t i8x16 __attribute__((vector_size(16)));
+  i8x16 b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, v16);
+#endif
+}
+
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) { return lacax::Bf16ToFloat(x); }
+inline float ToFloat(int8_t x) { return static_cast<float>(x); }
+
+// The dtype of the result for queries QT and cache KT: the cache's, except for an int8 cache (the queries').
+template <typename QT, typename KT>
+using OutType = std::conditional_t<std::is_same_v<KT, int8_t>, QT, KT>;
 
 inline void FromFloat(float x, float* out) { *out = x; }
 inline void FromFloat(float x, uint16_t* out) { *out = lacax::FloatToBf16(x); }
@@ -164,13 +191,24 @@ inline void SoftmaxUpdate(float* x, int64_t sb, float& m, float& l, float* acc) 
 }
 
 // What a query that sees no slot gets (the reference's uniform distribution over all S slots): the mean of
-// the S value rows at v (rows `stride` elements apart), written to dst.
-template <int HD, typename KT>
-void MeanValues(const KT* v, int64_t S, int64_t stride, KT* dst) {
+// the S value rows at v (rows `stride` elements apart; an int8 row s times its scale vs[s * scale_stride]),
+// written to dst.
+template <int HD, typename KT, typename OT>
+void MeanValues(const KT* v, int64_t S, int64_t stride, OT* dst, const float* vs = nullptr,
+                int64_t scale_stride = 0) {
   float sum[HD] = {};
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t d = 0; d < HD; ++d) sum[d] += ToFloat(v[s * stride + d]);
+  for (int64_t s = 0; s < S; ++s) {
+    const float c = vs == nullptr ? 1.0f : vs[s * scale_stride];
+    for (int64_t d = 0; d < HD; ++d) sum[d] += ToFloat(v[s * stride + d]) * c;
+  }
   for (int64_t d = 0; d < HD; ++d) FromFloat(sum[d] / static_cast<float>(S), dst + d);
+}
+
+// w[r * row_stride + s] *= c[s] for `rows` rows of sb weights: an int8 cache's value scales folded into the
+// softmax weights of one kv head's query rows.
+inline void ScaleWeights(float* w, int64_t rows, int64_t row_stride, int64_t sb, const float* c) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t s = 0; s < sb; ++s) w[r * row_stride + s] *= c[s];
 }
 
 constexpr int64_t kDecodeRows = 64;  // KV * T * G up to which the decode path runs (more: AttendBlocked)
@@ -388,8 +426,10 @@ inline v16 GroupDotsBf16(const uint16_t* q, const uint16_t* k, int64_t stride) {
 template <int HD, typename KT, bool kDot = false>
 void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, const float* qs, const KT* K,
                  const KT* V, const int32_t* P, const int32_t* QP, const float* cos_t, const float* sin_t,
-                 bool rotate, float* m, float* l, float* acc, const uint16_t* qb = nullptr, float scale = 1.0f) {
+                 bool rotate, float* m, float* l, float* acc, const uint16_t* qb = nullptr, float scale = 1.0f,
+                 const float* KS = nullptr, const float* VS = nullptr) {
   constexpr int NV = HD / 16, HV = NV / 2;
+  constexpr bool kInt8 = std::is_same_v<KT, int8_t>;  // KS, VS: the slots' scales [S][KV]
   const int64_t rows = sh.KV * sh.n, KV = sh.KV, n = sh.n, G = sh.G;
   alignas(64) float logits[kDecodeRows * kBlock];  // n <= rows <= kDecodeRows (checked by the caller)
   // One group's keys: kDot: [kGroup][KV][HD] bfloat16 (rotated, or a partial group padded with zeros; a whole
@@ -427,6 +467,10 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
     views[i] = {seen > 0, p_min >= 0 && p_max <= q_min};
     if (seen > 0) {
       touched |= TouchLines(K + s0 * KV * HD, sb * row_bytes) | TouchLines(V + s0 * KV * HD, sb * row_bytes);
+      if constexpr (kInt8) {
+        const int64_t scale_bytes = sb * KV * static_cast<int64_t>(sizeof(float));
+        touched |= TouchLines(KS + s0 * KV, scale_bytes) | TouchLines(VS + s0 * KV, scale_bytes);
+      }
     }
   }
   KeepAlive(touched);
@@ -454,7 +498,7 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
             }
           }
         }
-        if constexpr (kDot) {
+        if constexpr (kDot && !kInt8) {
           if (!rotate && gs == kGroup) continue;  // read in place
         }
         v16 co[HV] = {}, si[HV] = {};  // the slot's rotation (every head's)
@@ -473,6 +517,10 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
           const KT* kr = K + (s * KV + j) * HD;
           v16 k[NV];
           for (int c = 0; c < NV; ++c) k[c] = Load16(kr + c * 16);
+          if constexpr (kInt8) {
+            const float ks = KS[s * KV + j];
+            for (int c = 0; c < NV; ++c) k[c] *= ks;
+          }
           if (rotate) {
             for (int c = 0; c < HV; ++c) {
               const v16 x1 = k[c], x2 = k[c + HV];
@@ -490,10 +538,10 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
           }
         }
       }
-      // kDot: the group's bfloat16 keys, in place (a whole unrotated group) or in kf ([kGroup][KV][HD]).
+      // kDot: the group's bfloat16 keys, in place (a whole unrotated bfloat16 group) or in kf ([kGroup][KV][HD]).
       const uint16_t* kg = nullptr;
       if constexpr (kDot) {
-        kg = !rotate && gs == kGroup ? reinterpret_cast<const uint16_t*>(K) + (s0 + g0) * KV * HD
+        kg = !kInt8 && !rotate && gs == kGroup ? reinterpret_cast<const uint16_t*>(K) + (s0 + g0) * KV * HD
                                      : reinterpret_cast<const uint16_t*>(kf.data());
       }
       for (int64_t j = 0; j < KV; ++j) {
@@ -521,7 +569,14 @@ void AttendChunk(const Shapes& sh, int64_t b, int64_t s_begin, int64_t s_end, co
       }
     }
     for (int64_t r = 0; r < rows; ++r) SoftmaxUpdate<HD>(logits + r * kBlock, sb, m[r], l[r], acc + r * HD);
-    if constexpr (kDot) {
+    if constexpr (kInt8) {  // the value scales into the weights (l keeps the unscaled sum)
+      for (int64_t j = 0; j < KV; ++j) {
+        float c[kBlock];
+        for (int64_t ds = 0; ds < sb; ++ds) c[ds] = VS[(s0 + ds) * KV + j];
+        ScaleWeights(logits + j * n * kBlock, n, kBlock, sb, c);
+      }
+    }
+    if constexpr (kDot && !kInt8) {
 #if defined(__AVX512BF16__)
       alignas(64) uint32_t wp[kDecodeRows * kBlock / 2];
       WeightPairs(logits, rows, sb, wp);
@@ -551,6 +606,8 @@ struct Operands {
   const float* sin_t;
   bool rotate;
   void* out;
+  const float* k_scale = nullptr;  // int8 caches: [L, B, S, KV]
+  const float* v_scale = nullptr;
 };
 
 template <int HD, typename QT, typename KT>
@@ -561,12 +618,15 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   const int32_t *pos_all = op.pos_all, *query_pos = op.query_pos;
   const float *cos_t = op.cos_t, *sin_t = op.sin_t;
   const bool rotate = op.rotate;
-  KT* out = static_cast<KT*>(op.out);
+  using OT = OutType<QT, KT>;
+  OT* out = static_cast<OT*>(op.out);
   const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S, n = sh.n, rows = KV * n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
-  // bfloat16 queries and cache: the products in bfloat16 pairs (vdpbf16ps), the queries as they are (the
-  // scale goes on the logits). Otherwise float32 queries, scaled.
-  constexpr bool kDot = kBf16Dots && std::is_same_v<QT, uint16_t> && std::is_same_v<KT, uint16_t>;
+  // bfloat16 queries and a bfloat16 or int8 cache: the key products in bfloat16 pairs (vdpbf16ps), the queries
+  // as they are (the scale goes on the logits). Otherwise float32 queries, scaled.
+  constexpr bool kDot = kBf16Dots && std::is_same_v<QT, uint16_t> && !std::is_same_v<KT, float>;
+  const bool int8 = std::is_same_v<KT, int8_t>;
+  auto scales = [&](const float* all, int64_t b) { return int8 ? all + (layer * sh.B + b) * S * KV : nullptr; };
   // The queries regrouped per kv head: [b][j * n + t * G + g][d].
   std::vector<float> qs(kDot ? 0 : B * rows * HD);
   std::vector<uint16_t> qb(kDot ? B * rows * HD : 0);
@@ -592,23 +652,25 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
                               kDot ? nullptr : qs.data() + b * rows * HD,
                               k_all + layer_offset(b) * KV * HD, v_all + layer_offset(b) * KV * HD,
                               pos_all + layer_offset(b) * KV, query_pos + b * T, cos_t, sin_t, rotate, p, p + rows,
-                              p + 2 * rows, kDot ? qb.data() + b * rows * HD : nullptr, scale);
+                              p + 2 * rows, kDot ? qb.data() + b * rows * HD : nullptr, scale,
+                              scales(op.k_scale, b), scales(op.v_scale, b));
   });
   // Merge the chunks' partial softmaxes.
   for (int64_t b = 0; b < B; ++b) {
     const KT* V = v_all + layer_offset(b) * KV * HD;
+    const float* VS = scales(op.v_scale, b);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < KV; ++j)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = j * n + t * G + g;
-          KT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
+          OT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
           float total_max = -INFINITY;
           for (int64_t c = 0; c < chunks; ++c) {
             const float* p = partial.data() + (b * chunks + c) * stride;
             if (p[rows + r] > 0.0f) total_max = std::max(total_max, p[r]);
           }
           if (total_max == -INFINITY) {  // sees no slot
-            MeanValues<HD, KT>(V + j * HD, S, KV * HD, dst);
+            MeanValues<HD, KT, OT>(V + j * HD, S, KV * HD, dst, VS == nullptr ? nullptr : VS + j, KV);
             continue;
           }
           float denom = 0.0f;
@@ -692,8 +754,10 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
   const QT* q = static_cast<const QT*>(op.q);
   const KT* k_all = static_cast<const KT*>(op.k_all);
   const KT* v_all = static_cast<const KT*>(op.v_all);
-  KT* out = static_cast<KT*>(op.out);
+  using OT = OutType<QT, KT>;
+  OT* out = static_cast<OT*>(op.out);
   const int64_t B = sh.B, T = sh.T, KV = sh.KV, G = sh.G, S = sh.S;
+  constexpr bool kInt8 = std::is_same_v<KT, int8_t>;  // op.k_scale, op.v_scale: [L, B, S, KV]
   const int64_t blocks = (S + kKeys - 1) / kKeys;
   const int64_t tokens_per_item = std::max<int64_t>(1, kRows / G);
   const int64_t token_blocks = (T + tokens_per_item - 1) / tokens_per_item;
@@ -726,16 +790,17 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
           bi.all = false;
         }
         const KT* kr = K + (s * KV + j) * HD;
+        const float c = kInt8 ? op.k_scale[(layer_offset(b) + s) * KV + j] : 1.0f;
         if (op.rotate) {
           const float* cs = op.cos_t + s * HD;
           const float* sn = op.sin_t + s * HD;
           for (int64_t d = 0; d < HD / 2; ++d) {
-            const float x1 = ToFloat(kr[d]), x2 = ToFloat(kr[d + HD / 2]);
+            const float x1 = ToFloat(kr[d]) * c, x2 = ToFloat(kr[d + HD / 2]) * c;
             dst[d * kKeys + ds] = x1 * cs[d] - x2 * sn[d];
             dst[(d + HD / 2) * kKeys + ds] = x2 * cs[d] + x1 * sn[d];  // the halves of a table row are equal
           }
         } else {
-          for (int64_t d = 0; d < HD; ++d) dst[d * kKeys + ds] = ToFloat(kr[d]);
+          for (int64_t d = 0; d < HD; ++d) dst[d * kKeys + ds] = ToFloat(kr[d]) * c;
         }
       }
       info[(b * KV + j) * blocks + blk] = bi;
@@ -748,6 +813,7 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
     const int64_t rows = (t1 - t0) * G, tiles = (rows + 3) / 4, padded = tiles * 4;
     const KT* V = v_all + layer_offset(b) * KV * HD + j * HD;
     const int32_t* P = op.pos_all + layer_offset(b) * KV + j;
+    const float* VS = kInt8 ? op.v_scale + layer_offset(b) * KV + j : nullptr;
     // On the heap: 80 KiB at head_dim 128 is more than a pool thread's stack should be asked for.
     std::unique_ptr<float[]> buffer(new float[kRows * (2 * HD + kKeys)]);
     float* qs = buffer.get();
@@ -795,14 +861,19 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
         }
       }
       for (int64_t r = 0; r < padded; ++r) SoftmaxUpdate<HD>(w + r * kKeys, sb, m[r], l[r], acc + r * HD);
+      if constexpr (kInt8) {  // the value scales into the weights (l keeps the unscaled sum)
+        float c[kKeys];
+        for (int64_t ds = 0; ds < sb; ++ds) c[ds] = VS[(s0 + ds) * KV];
+        ScaleWeights(w, padded, kKeys, sb, c);
+      }
       for (int64_t i = 0; i < tiles; ++i)
         ValuesTile<HD, KT>(w + i * 4 * kKeys, sb, V + s0 * KV * HD, KV * HD, acc + i * 4 * HD);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = t0 + r / G, g = r % G;
-      KT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
+      OT* dst = out + (((b * T + t) * KV + j) * G + g) * HD;
       if (!(l[r] > 0.0f)) {  // sees no slot
-        MeanValues<HD, KT>(V, S, KV * HD, dst);
+        MeanValues<HD, KT, OT>(V, S, KV * HD, dst, VS, KV);
         continue;
       }
       const float inv = 1.0f / l[r];
@@ -813,64 +884,99 @@ void AttendBlocked(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const
 
 using AttendFn = void (*)(ffi::ThreadPool&, const Shapes&, int64_t, const Operands&);
 
+// The cache's element type: float32, bfloat16 (uint16_t) or int8 (with scales).
+enum class Cache { kF32, kBf16, kInt8 };
+
+template <int HD, typename QT, typename KT>
+AttendFn PickPath(bool blocked) {
+  return blocked ? &AttendBlocked<HD, QT, KT> : &Attend<HD, QT, KT>;
+}
+
+template <int HD, typename QT>
+AttendFn PickCache(Cache cache, bool blocked) {
+  switch (cache) {
+    case Cache::kF32: return PickPath<HD, QT, float>(blocked);
+    case Cache::kBf16: return PickPath<HD, QT, uint16_t>(blocked);
+    case Cache::kInt8: return PickPath<HD, QT, int8_t>(blocked);
+  }
+  return nullptr;
+}
+
 // The instantiation for (head_dim, query dtype, cache dtype); uint16_t holds bfloat16.
 template <int HD>
-AttendFn Pick(bool q_bf16, bool kv_bf16, bool blocked) {
-  if (blocked) {
-    if (q_bf16) return kv_bf16 ? &AttendBlocked<HD, uint16_t, uint16_t> : &AttendBlocked<HD, uint16_t, float>;
-    return kv_bf16 ? &AttendBlocked<HD, float, uint16_t> : &AttendBlocked<HD, float, float>;
-  }
-  if (q_bf16) return kv_bf16 ? &Attend<HD, uint16_t, uint16_t> : &Attend<HD, uint16_t, float>;
-  return kv_bf16 ? &Attend<HD, float, uint16_t> : &Attend<HD, float, float>;
+AttendFn Pick(bool q_bf16, Cache cache, bool blocked) {
+  return q_bf16 ? PickCache<HD, uint16_t>(cache, blocked) : PickCache<HD, float>(cache, blocked);
 }
 
 bool IsFloat(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::Error Invalid(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
+
+// Both handlers: k_scale / v_scale are null for a float cache.
+ffi::Error Run(ffi::ThreadPool& pool, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k_all,
+               const ffi::AnyBuffer& v_all, const ffi::Buffer<ffi::S32>& pos_all,
+               const ffi::Buffer<ffi::S32>& query_pos, const ffi::Buffer<ffi::S32>& layer,
+               const ffi::Buffer<ffi::F32>& cos_t, const ffi::Buffer<ffi::F32>& sin_t, ffi::AnyBuffer& out,
+               int64_t rotate, const ffi::Buffer<ffi::F32>* k_scale, const ffi::Buffer<ffi::F32>* v_scale) {
+  const auto qd = q.dimensions();
+  const auto kd = k_all.dimensions();
+  if (qd.size() != 5 || kd.size() != 5) return Invalid("q and the cache must be rank 5");
+  const bool int8 = k_scale != nullptr;
+  if (int8) {
+    if (!IsFloat(q.element_type()) || k_all.element_type() != ffi::DataType::S8 ||
+        v_all.element_type() != ffi::DataType::S8 || out.element_type() != q.element_type()) {
+      return Invalid("int8 cache: q float32 or bfloat16, k and v int8, the result of q's dtype");
+    }
+  } else if (!IsFloat(q.element_type()) || !IsFloat(k_all.element_type()) ||
+             v_all.element_type() != k_all.element_type() || out.element_type() != k_all.element_type()) {
+    return Invalid("q and the cache must be float32 or bfloat16, v and the result of the cache's dtype");
+  }
+  const Shapes sh{qd[0], qd[1], qd[2], qd[3], kd[2], qd[1] * qd[3]};
+  const int64_t hd = qd[4], L = kd[0];
+  if (kd[1] != sh.B || kd[3] != sh.KV || kd[4] != hd) return Invalid("cache/query shapes do not match");
+  const auto pd = pos_all.dimensions();
+  const auto qpd = query_pos.dimensions();
+  if (pd.size() != 4 || pd[0] != kd[0] || pd[1] != sh.B || pd[2] != sh.S || pd[3] != sh.KV || qpd.size() != 2 ||
+      qpd[0] != sh.B || qpd[1] != sh.T || !SameDims(v_all.dimensions(), kd)) {
+    return Invalid("positions, query positions or values do not match");
+  }
+  if (int8 && (!SameDims(k_scale->dimensions(), pd) || !SameDims(v_scale->dimensions(), pd))) {
+    return Invalid("int8 cache: the scales must be [L, B, S, KV], as the positions");
+  }
+  const bool blocked = sh.KV * sh.n > kDecodeRows;  // prefill: many query rows
+  if (blocked && sh.G > kRows) return Invalid("more than 64 query heads per kv head");
+  const int64_t li = layer.typed_data()[0];
+  if (li < 0 || li >= L) return Invalid("layer index out of range");
+  const bool rot = rotate != 0;
+  if (rot && (cos_t.dimensions()[0] != sh.S || cos_t.dimensions()[1] != hd)) {
+    return Invalid("rotation tables must be [S, head_dim]");
+  }
+  const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
+  const Cache cache = int8 ? Cache::kInt8 : k_all.element_type() == ffi::DataType::BF16 ? Cache::kBf16 : Cache::kF32;
+  AttendFn attend = hd == 32 ? Pick<32>(q_bf16, cache, blocked)
+                    : hd == 64 ? Pick<64>(q_bf16, cache, blocked)
+                    : hd == 128 ? Pick<128>(q_bf16, cache, blocked) : nullptr;
+  if (attend == nullptr) return Invalid("head_dim must be 32, 64 or 128");
+  attend(pool, sh, li,
+         Operands{q.untyped_data(), k_all.untyped_data(), v_all.untyped_data(), pos_all.typed_data(),
+                  query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out.untyped_data(),
+                  int8 ? k_scale->typed_data() : nullptr, int8 ? v_scale->typed_data() : nullptr});
+  return ffi::Error::Success();
+}
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_all, ffi::AnyBuffer v_all,
                            ffi::Buffer<ffi::S32> pos_all, ffi::Buffer<ffi::S32> query_pos,
                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> cos_t, ffi::Buffer<ffi::F32> sin_t,
                            ffi::Result<ffi::AnyBuffer> out, int64_t rotate) {
-  const auto qd = q.dimensions();
-  const auto kd = k_all.dimensions();
-  if (qd.size() != 5 || kd.size() != 5) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and the cache must be rank 5");
-  }
-  if (!IsFloat(q.element_type()) || !IsFloat(k_all.element_type()) ||
-      v_all.element_type() != k_all.element_type() || out->element_type() != k_all.element_type()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "q and the cache must be float32 or bfloat16, v and the result of the cache's dtype");
-  }
-  const Shapes sh{qd[0], qd[1], qd[2], qd[3], kd[2], qd[1] * qd[3]};
-  const int64_t hd = qd[4], L = kd[0];
-  if (kd[1] != sh.B || kd[3] != sh.KV || kd[4] != hd) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cache/query shapes do not match");
-  }
-  const auto pd = pos_all.dimensions();
-  const auto qpd = query_pos.dimensions();
-  if (pd.size() != 4 || pd[0] != kd[0] || pd[1] != sh.B || pd[2] != sh.S || pd[3] != sh.KV || qpd.size() != 2 ||
-      qpd[0] != sh.B || qpd[1] != sh.T || !SameDims(v_all.dimensions(), kd)) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "positions, query positions or values do not match");
-  }
-  const bool blocked = sh.KV * sh.n > kDecodeRows;  // prefill: many query rows
-  if (blocked && sh.G > kRows) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "more than 64 query heads per kv head");
-  }
-  const int64_t li = layer.typed_data()[0];
-  if (li < 0 || li >= L) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "layer index out of range");
-  const bool rot = rotate != 0;
-  if (rot && (cos_t.dimensions()[0] != sh.S || cos_t.dimensions()[1] != hd)) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "rotation tables must be [S, head_dim]");
-  }
-  const bool q_bf16 = q.element_type() == ffi::DataType::BF16;
-  const bool kv_bf16 = k_all.element_type() == ffi::DataType::BF16;
-  AttendFn attend = hd == 32 ? Pick<32>(q_bf16, kv_bf16, blocked)
-                    : hd == 64 ? Pick<64>(q_bf16, kv_bf16, blocked)
-                    : hd == 128 ? Pick<128>(q_bf16, kv_bf16, blocked) : nullptr;
-  if (attend == nullptr) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "head_dim must be 32, 64 or 128");
-  attend(pool, sh, li,
-         Operands{q.untyped_data(), k_all.untyped_data(), v_all.untyped_data(), pos_all.typed_data(),
-                  query_pos.typed_data(), cos_t.typed_data(), sin_t.typed_data(), rot, out->untyped_data()});
-  return ffi::Error::Success();
+  return Run(pool, q, k_all, v_all, pos_all, query_pos, layer, cos_t, sin_t, *out, rotate, nullptr, nullptr);
+}
+
+ffi::Error DecodeAttentionInt8(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_all, ffi::AnyBuffer v_all,
+                               ffi::Buffer<ffi::S32> pos_all, ffi::Buffer<ffi::S32> query_pos,
+                               ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> cos_t,
+                               ffi::Buffer<ffi::F32> sin_t, ffi::Buffer<ffi::F32> k_scale,
+                               ffi::Buffer<ffi::F32> v_scale, ffi::Result<ffi::AnyBuffer> out, int64_t rotate) {
+  return Run(pool, q, k_all, v_all, pos_all, query_pos, layer, cos_t, sin_t, *out, rotate, &k_scale, &v_scale);
 }
 
 // Writes new keys or values into one layer of the stacked cache, in place (the result aliases `cache`).
@@ -924,6 +1030,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Attr<int64_t>("rotate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttentionInt8, DecodeAttentionInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // q
+                                  .Arg<ffi::AnyBuffer>()         // k_all (int8)
+                                  .Arg<ffi::AnyBuffer>()         // v_all (int8)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos_all
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_scale
                                   .Ret<ffi::AnyBuffer>()         // out
                                   .Attr<int64_t>("rotate"));
 

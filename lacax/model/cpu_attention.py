@@ -10,7 +10,9 @@ It is an implementation detail of `lacax.model.llama.forward`, used only where i
 pure-JAX formulation computes (`llama.attention` is the reference, and the path everywhere else):
   * XLA:CPU (`lax.platform_dependent`: other backends never see the custom call), float32 or bfloat16
     queries and cache (arithmetic in float32: with bfloat16 the reference rounds rotated keys and
-    probabilities to bfloat16 first, the kernel does not);
+    probabilities to bfloat16 first, the kernel does not), or an int8 cache with per-token scales
+    (lacax.cache.int8: the kernel dequantizes as it reads, one byte per element, where the reference
+    dequantizes the whole layer to the model's dtype first; the result has the queries' dtype);
   * any number of query rows: up to 64 (T * KV * G, decode) an online softmax split over slot ranges; more
     (prefill, chunked prefill) a blocked kernel over tiles of 64 query rows x 64 slots that skips key blocks
     no query of a tile can see (the causal future of a prefill) and masks only blocks that need it;
@@ -43,7 +45,8 @@ import numpy as np
 from lacax.model import cpu_kernels
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-_TARGETS = {"lacax_decode_attention": "LacaxDecodeAttention", "lacax_cache_write": "LacaxCacheWrite"}
+_TARGETS = {"lacax_decode_attention": "LacaxDecodeAttention", "lacax_decode_attention_int8": "LacaxDecodeAttentionInt8",
+            "lacax_cache_write": "LacaxCacheWrite"}
 HEAD_DIMS = (32, 64, 128)
 DECODE_ROWS = 64  # T * KV * G up to which the decode path runs; more rows take the blocked (prefill) path
 MAX_GROUP = 64  # query heads per kv head
@@ -72,42 +75,53 @@ def bf16_products() -> bool:
 def supports(T: int, KV: int, G: int, head_dim: int, dtype, cache_dtype, rope_mode: str) -> bool:
   """Static check: can the kernel compute this attention (T new tokens, KV kv heads of G queries each)?"""
   floats = (jnp.float32, jnp.bfloat16)
-  return (jnp.dtype(dtype) in floats and jnp.dtype(cache_dtype) in floats and head_dim in HEAD_DIMS
+  return (jnp.dtype(dtype) in floats and jnp.dtype(cache_dtype) in floats + (jnp.int8,) and head_dim in HEAD_DIMS
           and G <= MAX_GROUP and rope_mode in ("slot", "stored"))
 
 
-def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, rotate: bool, target: str = "lacax_decode_attention"):
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, v_all.dtype),
-                          vmap_method="sequential")(
-      q, k_all, v_all, pos_all, query_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32), cos, sin,
+def _call(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, *scales, rotate: bool, target: str | None = None):
+  """The custom call; `scales` = (k_scale, v_scale) for an int8 cache (the result then has q's dtype)."""
+  default, out_dtype = ("lacax_decode_attention_int8", q.dtype) if scales else ("lacax_decode_attention", v_all.dtype)
+  target = target or default
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, out_dtype), vmap_method="sequential")(
+      q, k_all, v_all, pos_all, query_pos.astype(jnp.int32), jnp.asarray(layer, jnp.int32), cos, sin, *scales,
       rotate=np.int64(rotate))
 
 
 def decode_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: jax.Array, query_pos: jax.Array,
                      layer: jax.Array, reference, slot_cos: jax.Array | None = None,
-                     slot_sin: jax.Array | None = None) -> jax.Array:
+                     slot_sin: jax.Array | None = None, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
   """Attention of q over layer `layer` of the stacked cache: the kernel on CPU, `reference` elsewhere.
 
   Args:
     q: [B, T, KV, G, hd] rotated queries (float32 or bfloat16).
     k_all, v_all: [L, B, S, KV, hd] the stacked cache (keys pre-RoPE when slot tables are given); the result
-      has their dtype.
+      has their dtype (q's for an int8 cache).
     pos_all: [L, B, S, KV] int32 original positions (-1 empty).
     query_pos: [B, T] int32 (-1 padding).
     layer: int32 scalar layer index.
     reference: the pure-JAX equivalent, a function of the same arguments (used on other backends and for
       derivatives).
     slot_cos, slot_sin: [S, hd] rotation tables at the slot indices (rope_mode "slot"), or None.
+    k_scale, v_scale: [L, B, S, KV] float32 scales of an int8 cache (lacax.cache.kv_cache.quantize_kv), else
+      None; `reference` then takes them as two more arguments.
   """
   rotate = slot_cos is not None
   if not rotate:
     slot_cos = slot_sin = jnp.zeros((1, q.shape[-1]), jnp.float32)
+  scales = () if k_scale is None else (k_scale, v_scale)
+  if (k_scale is None) != (v_scale is None) or (jnp.dtype(k_all.dtype) == jnp.int8) != bool(scales):
+    raise ValueError(f"decode_attention: an int8 cache takes k_scale and v_scale, a float one neither (cache "
+                     f"{k_all.dtype}, k_scale {None if k_scale is None else k_scale.shape}, v_scale "
+                     f"{None if v_scale is None else v_scale.shape})")
 
-  def _reference(q, k_all, v_all, pos_all, query_pos, layer, cos, sin):
-    return reference(q, k_all, v_all, pos_all, query_pos, layer, *((cos, sin) if rotate else (None, None)))
+  def _reference(q, k_all, v_all, pos_all, query_pos, layer, cos, sin, *scales):
+    return reference(q, k_all, v_all, pos_all, query_pos, layer, *((cos, sin) if rotate else (None, None)), *scales)
 
   kernel = lambda *args: _call(*args, rotate=rotate)
-  return cpu_kernels.on_cpu(kernel, _reference, q, k_all, v_all, pos_all, query_pos, layer, slot_cos, slot_sin)
+  return cpu_kernels.on_cpu(kernel, _reference, q, k_all, v_all, pos_all, query_pos, layer, slot_cos, slot_sin,
+                            *scales)
 
 
 # Cache dtypes whose writes go through the kernel library: XLA:CPU's float normalisation turns a 16-bit

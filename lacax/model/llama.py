@@ -327,13 +327,17 @@ def _write_layer(cache: jax.Array, update: jax.Array, layer: jax.Array, slots: j
 
 def _cached_layer_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, pos_all: jax.Array,
                             query_pos: jax.Array, layer: jax.Array, slot_cos: jax.Array | None,
-                            slot_sin: jax.Array | None) -> jax.Array:
-  """`attention` over layer `layer` of the stacked cache, keys rotated at their slots when tables are given:
-  the pure-JAX definition of what the CPU decode kernel computes (lacax.model.cpu_attention)."""
-  k = k_all[layer]
+                            slot_sin: jax.Array | None, k_scale: jax.Array | None = None,
+                            v_scale: jax.Array | None = None) -> jax.Array:
+  """`attention` over layer `layer` of the stacked cache, keys rotated at their slots when tables are given (an
+  int8 cache dequantized to q's dtype first): the pure-JAX definition of what the CPU decode kernel computes
+  (lacax.model.cpu_attention)."""
+  k, v = k_all[layer], v_all[layer]
+  if k_scale is not None:
+    k, v = dequantize_kv(k, k_scale[layer], q.dtype), dequantize_kv(v, v_scale[layer], q.dtype)
   if slot_cos is not None:
     k = rope_lib.rotate(k, slot_cos[None, :, None, :], slot_sin[None, :, None, :])
-  return attention(q, k, v_all[layer], pos_all[layer], query_pos, need_probs=False)[0]
+  return attention(q, k, v, pos_all[layer], query_pos, need_probs=False)[0]
 
 
 # --- extension points ---------------------------------------------------------------------------------------
@@ -856,8 +860,9 @@ def run(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache 
 
         if use_cpu_kernel:  # reads the layer straight from the stacked cache (see lacax.model.cpu_attention)
           tables = slot_rows if rope_mode == "slot" else ()
+          scales = dict(k_scale=ks_all, v_scale=vs_all) if quantized else {}
           out = cpu_attention.decode_attention(pad_heads(q), k_all, v_all, pos_all, positions, i,
-                                               _cached_layer_attention, *tables)
+                                               _cached_layer_attention, *tables, **scales)
           out = out[:, :, :kv_s] if pad else out
           probs = None
         else:
