@@ -38,6 +38,9 @@ types hold exactly the dequantized weights lacax's float rows load), flash atten
 measured by `experiments/llamacpp_worker.py` in that Python (a venv with `pip install llama-cpp-python`, which
 builds its vendored llama.cpp from source: PyPI has no Linux wheel).
 
+`--interleave` prefills and compiles every lacax row once and then times one decode of each per round, the
+rows seconds apart (a round of whole `generate` calls takes minutes at 4096 tokens): for the targets between
+lacax's own rows on a drifting host.
 `--rounds=N` measures every lacax row and then every llama.cpp row N times over, alternating: on a shared
 machine whose memory bandwidth drifts (a 2-core EPYC's bfloat16 decode moved between 58 and 85 tok/s from one
 run to the next), both sides then meet the same drift instead of one side the quiet minute and the other the
@@ -123,6 +126,11 @@ _ROUNDS = flags.DEFINE_integer(
     "rounds", 1, "Measure every lacax row and then every llama.cpp row this many times over, alternating, so "
     "that a shared machine's drifting memory bandwidth falls on both sides alike; each row reports its best "
     "round and keeps every round's rate (`round_rates`).")
+_INTERLEAVE = flags.DEFINE_bool(
+    "interleave", False, "Prefill and compile every lacax row once, then time one decode of each row per round "
+    "(`--rounds`), the rows seconds apart (and llama.cpp's rows after them), instead of a whole generate per row "
+    "and round: on a host whose bandwidth drifts within minutes, the ratios between lacax rows then compare the "
+    "same minute. Needs --cpu_kernel=on and --quant_kernel=on (the kernel choice is made at trace time).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also measure transformers.")
 _OUT = flags.DEFINE_string("out", "results/bench_decode", "Output folder.")
 _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"],
@@ -213,11 +221,6 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
     prefill_seconds.append(r.prefill_seconds)
     if best is None or r.decode_seconds < best.decode_seconds:
       best = r
-  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-  kv_per_token = model.cfg.kv_bytes_per_token()
-  if kv_bits == 8:  # one byte per element and a float32 scale per token and head
-    kv_per_token = model.cfg.kv_bytes_per_token(1) * (1 + 4 / model.cfg.head_dim)
-  kv_bytes = kv_per_token * (context + new_tokens / 2)
   # The first generated token comes from the prefill: (tokens - 1) decode steps, as the other sides count.
   decode_rate = (best.generated_tokens - len(prompt)) / max(best.decode_seconds, 1e-9)
   return {
@@ -225,9 +228,57 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
       # The best prefill of the repeats, as for transformers (each repeat's time is kept: the spread).
       "prefill_tokens_per_second": context / min(prefill_seconds),
       "prefill_seconds": prefill_seconds,
-      "bandwidth_GBps": (weight_bytes + kv_bytes) * decode_rate / 1e9,
+      "bandwidth_GBps": _bytes_per_step(model, context, new_tokens, kv_bits) * decode_rate / 1e9,
       "tokens": best.tokens[0],
   }
+
+
+def _bytes_per_step(model, context: int, new_tokens: int, kv_bits: int | None) -> float:
+  """The bytes a decode step reads: every weight, and the cache at the run's mean length."""
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+  kv_per_token = model.cfg.kv_bytes_per_token()
+  if kv_bits == 8:  # one byte per element and a float32 scale per token and head
+    kv_per_token = model.cfg.kv_bytes_per_token(1) * (1 + 4 / model.cfg.head_dim)
+  return weight_bytes + kv_per_token * (context + new_tokens / 2)
+
+
+@dataclasses.dataclass
+class _PrefilledRow:
+  """A lacax row of `--interleave`: prefilled and compiled once, its decode timed once per round."""
+  model: object
+  state: object
+  statics: dict
+  kv_bits: int | None
+  fields: dict  # the run's fields other than the decode measurement
+
+
+def prefilled_row(model, context: int, new_tokens: int, repeats: int, rope_mode: str, kv_bits: int | None,
+                  fields: dict) -> _PrefilledRow:
+  """The prefill of a row's prompt, timed `repeats` times after a compiling one (the best is reported), and its
+  decode loop compiled."""
+  policy = int8_kv.with_kv_bits(FullPolicy(rope_mode=rope_mode), kv_bits)
+  capacity = policy.run_capacity(model.cfg, context, new_tokens)  # as lacax.generate sizes it
+  seconds = []
+  for _ in range(1 + repeats):
+    start = time.perf_counter()
+    state, statics = _policy_state(model, policy, context, new_tokens, capacity)
+    seconds.append(time.perf_counter() - start)
+  _time_decode(model, state, statics)  # compile
+  fields = {**fields, "interleaved": True, "prefill_seconds": seconds[1:],
+            "prefill_tokens_per_second": context / min(seconds[1:])}
+  return _PrefilledRow(model, state, statics, kv_bits, fields)
+
+
+def time_prefilled(row: _PrefilledRow, repeats: int) -> dict:
+  """The row's run: its best of `repeats` decodes from the kept prefilled state."""
+  times, tokens = [], None
+  for _ in range(repeats):
+    seconds, tokens = _time_decode(row.model, row.state, row.statics)
+    times.append(seconds)
+  new_tokens, context = row.statics["max_new_tokens"], row.fields["context"]
+  rate = (new_tokens - 1) / min(times)  # the first generated token comes from the prefill
+  return {**row.fields, "decode_tokens_per_second": rate, "decode_seconds": times, "tokens": tokens,
+          "bandwidth_GBps": _bytes_per_step(row.model, context, new_tokens, row.kv_bits) * rate / 1e9}
 
 
 def _policy_state(model, policy, context: int, new_tokens: int, capacity: int):
@@ -436,25 +487,60 @@ def main(argv):
     if rate > entry["run"]["decode_tokens_per_second"]:
       entry["run"] = run
 
+  def model_for(dtype, weights):
+    if dtype not in dense_models:
+      dense_models[dtype] = load_model(_MODEL.value or None, dtype=dtype)
+    record["model"] = dense_models[dtype].cfg.name
+    if (dtype, weights) not in models:
+      models[dtype, weights] = with_weights(dense_models[dtype], weights, dtype)
+      # load_model backed the dense weights with huge pages; packed ones are new arrays. Each row records
+      # the bytes this call collapsed (0 where the host does not allow it, with LACAX_HUGEPAGES=0, or where
+      # the pages already were huge: numpy madvises its own large allocations, and float32 weights are
+      # numpy's buffers) and the process's AnonHugePages after it.
+      huge_pages[dtype, weights] = {
+          "huge_page_bytes": memory.back_with_huge_pages(models[dtype, weights].params),
+          "process_anon_huge_page_bytes": memory.anon_huge_page_bytes()}
+    return models[dtype, weights]
+
+  def run_fields(dtype, weights, rope_mode, kv_bits, context, used=True, quant_used=True):
+    return {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
+            "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
+            "pack_head": weights not in _PACKED or _PACK_HEAD.value,
+            **({"sparsity": _SPARSITY.value} if weights == "sparse" else {}),
+            **({"kv_bits": 8} if kv_bits == 8 else {}), **huge_pages[dtype, weights]}
+
+  def llama_cpp_round():
+    if _LLAMA_CPP_PYTHON.value:
+      cfg = dense_models[_DTYPES.value[0]].cfg
+      kv16 = cfg.kv_bytes_per_token() * 2 / np.dtype(cfg.jnp_dtype).itemsize
+      for run in _llama_cpp_runs(contexts, cfg.vocab_size, kv16):
+        label = f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}"
+        keep(("llama.cpp", label, run["type"], run["context"]), label, run["type"], run["context"], run)
+
+  prefilled = []
+  if _INTERLEAVE.value:
+    if _CPU_KERNEL.value != ["on"] or _QUANT_KERNEL.value != ["on"]:
+      raise ValueError(f"--interleave needs --cpu_kernel=on and --quant_kernel=on; got --cpu_kernel="
+                       f"{','.join(_CPU_KERNEL.value)} --quant_kernel={','.join(_QUANT_KERNEL.value)}")
+    for dtype, weights, rope_mode, kv_bits, context in itertools.product(
+        _DTYPES.value, _WEIGHTS.value, _ROPE_MODES.value, kv_bit_widths, contexts):
+      model = model_for(dtype, weights)
+      fields = run_fields(dtype, weights, rope_mode, kv_bits, context, cpu_attention.available(),
+                          cpu_quant_matmul.available())
+      prefilled.append(prefilled_row(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode, kv_bits, fields))
+      print(f"prefilled {decode_targets.lacax_label(fields)} {dtype} ctx={context}", flush=True)
+
   for round_index in range(_ROUNDS.value):
     if _ROUNDS.value > 1:
       print(f"round {round_index + 1} of {_ROUNDS.value}", flush=True)
-    for dtype in _DTYPES.value:
-      if dtype not in dense_models:
-        dense_models[dtype] = load_model(_MODEL.value or None, dtype=dtype)
-      dense_model = dense_models[dtype]
-      record["model"] = dense_model.cfg.name
+    for row in prefilled:
+      run = time_prefilled(row, _REPEATS.value)
+      label, dtype, context = decode_targets.lacax_label(run), run["dtype"], run["context"]
+      keep(("lacax", label, dtype, context), label, dtype, context, run)
+      print(f"{label} {dtype} ctx={context}: decode {run['decode_tokens_per_second']:.2f} tok/s", flush=True)
+    for dtype in [] if _INTERLEAVE.value else _DTYPES.value:
       for weights in _WEIGHTS.value:
-        if (dtype, weights) not in models:
-          models[dtype, weights] = with_weights(dense_model, weights, dtype)
-          # load_model backed the dense weights with huge pages; packed ones are new arrays. Each row records
-          # the bytes this call collapsed (0 where the host does not allow it, with LACAX_HUGEPAGES=0, or where
-          # the pages already were huge: numpy madvises its own large allocations, and float32 weights are
-          # numpy's buffers) and the process's AnonHugePages after it.
-          huge_pages[dtype, weights] = {
-              "huge_page_bytes": memory.back_with_huge_pages(models[dtype, weights].params),
-              "process_anon_huge_page_bytes": memory.anon_huge_page_bytes()}
-        model = models[dtype, weights]
+        model = model_for(dtype, weights)
         for kernel in _CPU_KERNEL.value:
           if kernel not in ("on", "off"):
             raise ValueError(f"--cpu_kernel: got {kernel!r}, expected 'on' or 'off'")
@@ -468,23 +554,14 @@ def main(argv):
             quant_used = quant_kernel == "on" and cpu_quant_matmul.available()
             for rope_mode, kv_bits, context in itertools.product(_ROPE_MODES.value, kv_bit_widths, contexts):
               got = bench_lacax(model, context, _NEW_TOKENS.value, _REPEATS.value, rope_mode, kv_bits)
-              run = {"impl": "lacax", "dtype": dtype, "weights": weights, "rope_mode": rope_mode,
-                     "cpu_kernel": used, "quant_kernel": quant_used, "context": context,
-                     "pack_head": weights not in _PACKED or _PACK_HEAD.value,
-                     **({"sparsity": _SPARSITY.value} if weights == "sparse" else {}),
-                     **({"kv_bits": 8} if kv_bits == 8 else {}), **huge_pages[dtype, weights], **got}
+              run = {**run_fields(dtype, weights, rope_mode, kv_bits, context, used, quant_used), **got}
               label = decode_targets.lacax_label(run)
               keep(("lacax", label, dtype, context), label, dtype, context, run)
               print(f"{label} {dtype} ctx={context}: decode {got['decode_tokens_per_second']:.2f} tok/s",
                     flush=True)
       cpu_attention.set_enabled(True)
       cpu_quant_matmul.set_enabled(True)
-    if _LLAMA_CPP_PYTHON.value:
-      cfg = dense_models[_DTYPES.value[0]].cfg
-      kv16 = cfg.kv_bytes_per_token() * 2 / np.dtype(cfg.jnp_dtype).itemsize
-      for run in _llama_cpp_runs(contexts, cfg.vocab_size, kv16):
-        label = f"llama.cpp/fa={'on' if run['flash_attn'] else 'off'}"
-        keep(("llama.cpp", label, run["type"], run["context"]), label, run["type"], run["context"], run)
+    llama_cpp_round()
   for entry in measured.values():
     entry["run"]["round_rates"] = entry["rates"]  # every round's tokens/s, in round order
     record["runs"].append(entry["run"])
