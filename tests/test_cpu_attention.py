@@ -375,7 +375,7 @@ class KernelCacheTest(absltest.TestCase):
     if not load:  # a library this process has mapped must not be corrupted in place afterwards
       return
     loaded = ctypes.CDLL(str(library))
-    for symbol in ("LacaxDecodeAttention", "LacaxCacheWrite"):
+    for symbol in ("LacaxDecodeAttention", "LacaxDecodeAttentionInt8", "LacaxCacheWrite"):
       self.assertTrue(hasattr(loaded, symbol), symbol)
 
   def corrupt_and_rebuild(self, corrupt):

@@ -53,7 +53,8 @@ Extension points (`ForwardOptions`; every field at its default is the plain forw
     need no attention probabilities (the CPU decode kernel still serves the attention); a cache without
     `stats` runs exactly the forward without them.
   * int8 KV cache (a cache from `init_cache(..., dtype=jnp.int8)`, any policy): new keys / values are
-    quantized per token and kv head when written and dequantized when a layer reads the cache.
+    quantized per token and kv head when written and dequantized when a layer reads the cache (by the CPU
+    decode kernel as it reads each slot, elsewhere the whole layer first).
   * placement: `mesh_rules` (a `lacax.sharding.MeshRules`; default the cache's) keeps activations and the cache
     in the rules' layout; also for the cache-less forward.
 
