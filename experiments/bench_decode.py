@@ -212,8 +212,7 @@ def read_ceiling() -> dict:
 def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: str = "slot",
                 kv_bits: int | None = None) -> dict:
   prompt = [_prompt(context, model.cfg.vocab_size)]
-  policy = int8_kv.with_kv_bits(FullPolicy(rope_mode=rope_mode), kv_bits)
-  kwargs = dict(max_new_tokens=new_tokens, policy=policy, bucket=128)
+  kwargs = dict(max_new_tokens=new_tokens, policy=_row_policy(rope_mode, kv_bits), bucket=128)
   generation.generate(model.params, model.cfg, prompt, **kwargs)  # compile
   best, prefill_seconds = None, []
   for _ in range(repeats):
@@ -231,6 +230,11 @@ def bench_lacax(model, context: int, new_tokens: int, repeats: int, rope_mode: s
       "bandwidth_GBps": _bytes_per_step(model, context, new_tokens, kv_bits) * decode_rate / 1e9,
       "tokens": best.tokens[0],
   }
+
+
+def _row_policy(rope_mode: str, kv_bits: int | None):
+  """A row's cache: the full cache with keys stored as `rope_mode` says, int8 for kv_bits=8."""
+  return int8_kv.with_kv_bits(FullPolicy(rope_mode=rope_mode), kv_bits)
 
 
 def _bytes_per_step(model, context: int, new_tokens: int, kv_bits: int | None) -> float:
@@ -256,7 +260,7 @@ def prefilled_row(model, context: int, new_tokens: int, repeats: int, rope_mode:
                   fields: dict) -> _PrefilledRow:
   """The prefill of a row's prompt, timed `repeats` times after a compiling one (the best is reported), and its
   decode loop compiled."""
-  policy = int8_kv.with_kv_bits(FullPolicy(rope_mode=rope_mode), kv_bits)
+  policy = _row_policy(rope_mode, kv_bits)
   capacity = policy.run_capacity(model.cfg, context, new_tokens)  # as lacax.generate sizes it
   seconds = []
   for _ in range(1 + repeats):

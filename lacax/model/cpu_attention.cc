@@ -625,8 +625,6 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   // bfloat16 queries and a bfloat16 or int8 cache: the key products in bfloat16 pairs (vdpbf16ps), the queries
   // as they are (the scale goes on the logits). Otherwise float32 queries, scaled.
   constexpr bool kDot = kBf16Dots && std::is_same_v<QT, uint16_t> && !std::is_same_v<KT, float>;
-  const bool int8 = std::is_same_v<KT, int8_t>;
-  auto scales = [&](const float* all, int64_t b) { return int8 ? all + (layer * sh.B + b) * S * KV : nullptr; };
   // The queries regrouped per kv head: [b][j * n + t * G + g][d].
   std::vector<float> qs(kDot ? 0 : B * rows * HD);
   std::vector<uint16_t> qb(kDot ? B * rows * HD : 0);
@@ -645,6 +643,9 @@ void Attend(ffi::ThreadPool& pool, const Shapes& sh, int64_t layer, const Operan
   const int64_t stride = rows * (HD + 2);  // per (b, chunk): m[rows], l[rows], acc[rows * HD]
   std::vector<float> partial(B * chunks * stride);
   auto layer_offset = [&](int64_t b) { return (layer * B + b) * S; };
+  // An int8 cache's scales of row b's layer ([S][KV], as the positions); null for a float cache.
+  constexpr bool kInt8 = std::is_same_v<KT, int8_t>;
+  auto scales = [&](const float* all, int64_t b) { return kInt8 ? all + layer_offset(b) * KV : nullptr; };
   ParallelFor(pool, B * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
     float* p = partial.data() + item * stride;
@@ -1019,34 +1020,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxCacheWrite, CacheWrite,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Ret<ffi::AnyBuffer>());       // cache, updated (aliased)
 
+// The operands both attention handlers share, in order; the int8 one adds k_scale and v_scale after them.
+static auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()          // q
+      .Arg<ffi::AnyBuffer>()          // k_all
+      .Arg<ffi::AnyBuffer>()          // v_all
+      .Arg<ffi::Buffer<ffi::S32>>()   // pos_all
+      .Arg<ffi::Buffer<ffi::S32>>()   // query_pos
+      .Arg<ffi::Buffer<ffi::S32>>()   // layer
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos
+      .Arg<ffi::Buffer<ffi::F32>>();  // sin
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttention, DecodeAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // q
-                                  .Arg<ffi::AnyBuffer>()         // k_all
-                                  .Arg<ffi::AnyBuffer>()         // v_all
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos_all
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_pos
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
-                                  .Ret<ffi::AnyBuffer>()         // out
-                                  .Attr<int64_t>("rotate"));
+                              AttentionBinding().Ret<ffi::AnyBuffer>().Attr<int64_t>("rotate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LacaxDecodeAttentionInt8, DecodeAttentionInt8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // q
-                                  .Arg<ffi::AnyBuffer>()         // k_all (int8)
-                                  .Arg<ffi::AnyBuffer>()         // v_all (int8)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos_all
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_pos
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                              AttentionBinding()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k_scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_scale
-                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Ret<ffi::AnyBuffer>()         // out, in q's dtype
                                   .Attr<int64_t>("rotate"));
 
 // 1 where the decode path takes bfloat16 queries and caches in bfloat16 products (`cpu_attention.bf16_products`).
